@@ -1,0 +1,3 @@
+from ditdeploy.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""Artifacts on disk: atomic writes, sha256, and the JSON manifest that sits beside every exported file.
+
+A manifest ``<artifact>.json`` (e.g. ``s2.onnx`` -> ``s2.onnx.json``) records what the artifact is (variant/config,
+input size, channels, classes, precision, opset, calibration hash, tool versions), the sha256 of every file it
+consists of, and parity numbers measured at export. ``load_manifest`` verifies those hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def manifest_path(artifact: str | os.PathLike) -> Path:
+    """Path of the manifest that belongs to ``artifact``."""
+    p = Path(artifact)
+    return p.with_name(p.name + ".json")
+
+
+def _check_writable_dir(d: Path) -> None:
+    if not d.exists():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DitDeployError(f"cannot create output directory {d}: {e.strerror}") from e
+    if not os.access(d, os.W_OK):
+        raise DitDeployError(f"output directory {d} is not writable: choose another --out")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the final file's directory; rename it onto ``final`` only on success.
+
+    On any exception the temporary file is removed and ``final`` is untouched, so an interrupted or failed write
+    never leaves a partial file at the final path.
+    """
+    final = Path(final)
+    _check_writable_dir(final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        if isinstance(e, OSError) and not isinstance(e, DitDeployError):
+            raise DitDeployError(f"could not write {final}: {e.strerror or e}") from e
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
+    """Yield a temporary directory; on success move each named file from it to its final path.
+
+    Used for multi-file artifacts (an ONNX model with external data plus its manifest). Files are moved
+    data-first and the manifest last, so a reader never sees a manifest without its data.
+    """
+    finals = [Path(p) for p in final_files]
+    parent = finals[0].parent
+    _check_writable_dir(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".ditdeploy-", dir=parent))
+    try:
+        yield tmp
+        for f in finals:
+            src = tmp / f.name
+            if src.exists():
+                os.replace(src, f)
+    except BaseException as e:
+        if isinstance(e, OSError) and not isinstance(e, DitDeployError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DitDeployError(f"could not write {parent}: {e.strerror or e}") from e
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as pretty JSON atomically."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the libraries that matter for reproducing an artifact (only those already importable)."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in ("ditdeploy", "torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "openvino",
+                 "tensorrt", "numpy"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[dist] = md.version(dist)
+    return out
+
+
+def safe_member(base: Path, name: str) -> Path:
+    """Resolve a file name from a manifest inside ``base``; refuse names that escape it (``..``, absolute)."""
+    if not name or os.path.isabs(name) or Path(name).drive:
+        raise ArtifactError(f"manifest names an unsafe path {name!r}: only files beside the artifact are allowed")
+    p = (base / name).resolve()
+    if p != base.resolve() and base.resolve() not in p.parents:
+        raise ArtifactError(f"manifest names a path outside its directory: {name!r}")
+    return p
+
+
+def make_manifest(artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> dict[str, Any]:
+    """Build a manifest dict for ``artifact``: ``fields`` plus sha256 and size of every file (names relative)."""
+    artifact = Path(artifact)
+    entries = {}
+    for f in files:
+        f = Path(f)
+        entries[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "artifact": artifact.name,
+        "files": entries,
+        "tools": tool_versions(),
+        **fields,
+    }
+
+
+def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bool = True) -> dict[str, Any] | None:
+    """Read the manifest beside ``artifact`` and (by default) verify every file's sha256.
+
+    Raises ArtifactError with a one-line reason when the manifest is missing (if ``required``), unreadable, names an
+    unsafe path, or a hash does not match.
+    """
+    artifact = Path(artifact)
+    mp = manifest_path(artifact)
+    if not mp.exists():
+        if required:
+            raise ArtifactError(f"no manifest {mp.name} beside {artifact}: re-export it with `ditdeploy export`")
+        return None
+    try:
+        m = json.loads(mp.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"manifest {mp} is not valid JSON ({e}); re-export the artifact") from e
+    if not isinstance(m, dict) or "files" not in m:
+        raise ArtifactError(f"manifest {mp} lacks the 'files' table; re-export the artifact")
+    if verify:
+        verify_manifest(artifact, m)
+    return m
+
+
+def verify_manifest(artifact: str | os.PathLike, m: dict[str, Any]) -> None:
+    """Check that every file listed in manifest ``m`` exists beside ``artifact`` with the recorded sha256."""
+    base = Path(artifact).parent
+    for name, meta in m.get("files", {}).items():
+        p = safe_member(base, name)
+        if not p.exists():
+            raise ArtifactError(f"{p} listed in the manifest is missing: copy it next to {Path(artifact).name}")
+        want = meta.get("sha256") if isinstance(meta, dict) else meta
+        got = sha256_file(p)
+        if got != want:
+            raise ArtifactError(
+                f"sha256 mismatch for {p.name} (manifest {str(want)[:12]}…, file {got[:12]}…): "
+                "the file is corrupt or was modified; re-export it"
+            )

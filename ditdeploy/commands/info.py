@@ -1,0 +1,36 @@
+"""`ditdeploy info`: versions, available backends, variants, and what an artifact's manifest says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("info")
+    def info(
+        artifact: Path = typer.Argument(None, help="An exported artifact (.onnx/.xml/.plan/.safetensors) to describe."),
+    ) -> None:
+        """Show versions, available runtimes and variants, or an artifact's manifest."""
+        import importlib.util
+        import json
+
+        from ditdeploy import __version__
+        from ditdeploy.artifacts import load_manifest, tool_versions
+
+        if artifact is not None:
+            m = load_manifest(artifact, verify=True)
+            typer.echo(json.dumps(m, indent=2, sort_keys=True))
+            return
+        typer.echo(f"ditdeploy {__version__}")
+        for k, v in tool_versions().items():
+            typer.echo(f"  {k:16s} {v}")
+        typer.echo("runtimes:")
+        for mod, name in (("torch", "torch"), ("onnxruntime", "onnxruntime"), ("openvino", "openvino"),
+                          ("tensorrt", "tensorrt")):
+            ok = importlib.util.find_spec(mod) is not None
+            typer.echo(f"  {name:16s} {'available' if ok else 'not installed'}")
+        from ditdeploy.variants import VARIANTS
+
+        typer.echo("variants: " + ", ".join(VARIANTS))
