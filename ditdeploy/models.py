@@ -317,12 +317,12 @@ class DiT(nn.Module):
         """Classifier-free guidance over a [cond; uncond] batch (official semantics).
 
         Both halves are evaluated on the first half's x; ``uncond + s * (cond - uncond)`` is applied to channels 0..2
-        (the official quirk) or, with ``guide_all_channels``, to all ``in_channels`` eps channels. The remaining
-        channels are returned unguided.
+        (the official quirk; ``min(3, in_channels)`` so that models with fewer channels never guide the variance) or,
+        with ``guide_all_channels``, to all ``in_channels`` eps channels. The remaining channels are returned unguided.
         """
         half = x[: len(x) // 2]
         out = self.forward(torch.cat([half, half], dim=0), t, y)
-        k = self.in_channels if guide_all_channels else 3
+        k = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = out[:, :k], out[:, k:]
         cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond + cfg_scale * (cond - uncond)
