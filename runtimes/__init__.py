@@ -1,1 +1,131 @@
-"""ditdeploy.runtimes."""
+"""ditdeploy.runtimes: run an exported DiT denoiser (and VAE decoder) on torch, ONNX Runtime, OpenVINO or TensorRT.
+
+One protocol for all backends::
+
+    from ditdeploy.runtimes import load, load_decoder
+    den = load("s2.onnx")                      # backend from the suffix, or load(p, backend="openvino")
+    out = den(x, t, y)                         # x float32 (N,C,H,W), t/y int64 (N,) -> (N, out_C, H, W)
+    den.name, den.config, den.manifest         # "onnxruntime:CPUExecutionProvider:fp32", DiTConfig, dict
+    dec = load_decoder("vae.onnx")             # (N,4,h,w) raw latents -> (N,3,8h,8w) images in [-1, 1]
+
+Backends are imported lazily: importing this package pulls no runtime and never torch (only the ``torch``
+backend imports torch, when it is selected).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.runtimes.base import Timed
+from ditdeploy.variants import DiTConfig
+
+__all__ = ["BACKENDS", "Decoder", "Denoiser", "Timed", "load", "load_decoder", "resolve_backend"]
+
+# backend name -> module (imported only when chosen)
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "ditdeploy.runtimes.onnxruntime",
+    "openvino": "ditdeploy.runtimes.openvino",
+    "tensorrt": "ditdeploy.runtimes.tensorrt",
+    "torch": "ditdeploy.runtimes.torch",
+}
+ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch"}
+SUFFIX_BACKEND = {
+    ".onnx": "onnxruntime",
+    ".xml": "openvino",
+    ".plan": "tensorrt",
+    ".engine": "tensorrt",
+    ".trt": "tensorrt",
+    ".safetensors": "torch",
+    ".pt": "torch",
+    ".pth": "torch",
+}
+# which files each backend can read
+READS = {
+    "onnxruntime": (".onnx",),
+    "openvino": (".xml", ".onnx"),
+    "tensorrt": (".plan", ".engine", ".trt"),
+    "torch": (".safetensors", ".pt", ".pth"),
+}
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``denoiser(x, t, y) -> np.ndarray``: x float32 (N,C,H,W), t int64 original timesteps, y int64 labels."""
+
+    name: str
+    config: DiTConfig
+    manifest: dict[str, Any]
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """``decoder(latents) -> images``: raw latents (N,4,h,w) float32 -> (N,3,8h,8w) float32 in [-1, 1]."""
+
+    name: str
+    manifest: dict[str, Any]
+
+    def __call__(self, latents: np.ndarray) -> np.ndarray: ...
+
+
+def resolve_backend(path: str | os.PathLike, backend: str | None = None) -> str:
+    """The backend for ``path``: ``backend`` if given (checked against what it can read), else by suffix."""
+    suffix = Path(path).suffix.lower()
+    if backend:
+        b = ALIASES.get(backend.lower(), backend.lower())
+        if b not in BACKENDS:
+            raise DitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if suffix not in READS[b]:
+            raise DitDeployError(
+                f"the {b} backend cannot read {suffix or 'suffix-less'} files ({Path(path).name}); "
+                f"it reads {', '.join(READS[b])}"
+            )
+        return b
+    if suffix not in SUFFIX_BACKEND:
+        raise DitDeployError(
+            f"cannot tell the backend for {Path(path).name}: use a known suffix "
+            f"({', '.join(SUFFIX_BACKEND)}) or pass --backend"
+        )
+    return SUFFIX_BACKEND[suffix]
+
+
+def _module(backend: str):
+    return importlib.import_module(BACKENDS[backend])
+
+
+def _check_exists(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"no such file: {p}")
+    if p.is_dir():
+        raise ArtifactError(f"{p} is a directory, expected a model file")
+    return p
+
+
+def load(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> Denoiser:
+    """Load a denoiser artifact on a backend (by suffix or name); verifies its manifest and input shapes.
+
+    ``opts`` go to the backend: e.g. ``threads``, ``providers`` (onnxruntime), ``precision_hint`` /
+    ``performance_hint`` (openvino), ``cuda_graph`` (tensorrt), ``image_size`` (torch, for bare .pt files),
+    ``verify`` (sha256 check, default True).
+    """
+    p = _check_exists(path)
+    b = resolve_backend(p, backend)
+    return _module(b).load_denoiser(p, **opts)
+
+
+def load_decoder(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> Decoder:
+    """Load a VAE decoder artifact (``kind: decoder``) on a backend chosen like :func:`load`."""
+    p = _check_exists(path)
+    b = resolve_backend(p, backend)
+    mod = _module(b)
+    if not hasattr(mod, "load_decoder"):
+        raise DitDeployError(f"the {b} backend has no VAE decoder support; export the decoder to ONNX")
+    return mod.load_decoder(p, **opts)

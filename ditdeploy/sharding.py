@@ -1,0 +1,193 @@
+"""Multi-process sampling for large N (e.g. 50K images for FID): split, run shards, merge their npz parts.
+
+Every image has a global index ``0..N-1``; its initial noise and its per-step sampler noise derive from
+``(seed, global index)`` only, so how the N images are split over shards and batches does not change them.
+Shard ``i`` of ``k`` takes the contiguous range :func:`shard_range`, writes ``<npz stem>.part-i-of-k.npz``
+atomically (``arr_0``, ``labels``, ``index``), and :func:`merge_parts` streams the parts into the final npz in
+global index order (memory: one part at a time).
+
+Two ways to run shards:
+- ``ditdeploy sample --shards K``: this process spawns K worker processes (``--shard i/K``), each with
+  ``cores // K`` threads, waits, and merges.
+- under ``torchrun`` (or any launcher that sets ``RANK`` / ``WORLD_SIZE``): every rank samples its range and
+  writes its part; rank 0 then waits for the other parts and merges. No torch import is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ditdeploy.artifacts import atomic_path
+from ditdeploy.errors import DitDeployError
+
+__all__ = ["PerImageNoise", "initial_noise", "dist_env", "merge_parts", "parse_shard", "part_path", "run_workers", "shard_range", "wait_for_parts"]
+
+
+def initial_noise(seed: int, indices: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """x_T for the images with global ``indices``: image i's noise comes from ``default_rng([seed, i, 0])``."""
+    out = np.empty((len(indices), *shape), dtype=np.float32)
+    for k, i in enumerate(indices):
+        out[k] = np.random.default_rng([int(seed), int(i), 0]).standard_normal(shape, dtype=np.float32)
+    return out
+
+
+class PerImageNoise:
+    """The sampler's per-step noise (``noise_fn(step_index, shape)``) drawn per image from ``(seed, i, 1)``.
+
+    DDPM / DDIM(eta>0) noise for image i is then the same whichever batch or shard it is sampled in.
+    """
+
+    def __init__(self, seed: int, indices: Sequence[int] | np.ndarray):
+        self.gens = [np.random.default_rng([int(seed), int(i), 1]) for i in indices]
+
+    def __call__(self, step_index: int, shape: tuple[int, ...]) -> np.ndarray:
+        if shape[0] != len(self.gens):
+            raise ValueError(f"noise for a batch of {shape[0]} requested, {len(self.gens)} images set up")
+        out = np.empty(shape, dtype=np.float32)
+        for k, g in enumerate(self.gens):
+            out[k] = g.standard_normal(shape[1:], dtype=np.float32)
+        return out
+
+
+def shard_range(n: int, index: int, count: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of shard ``index`` of ``count`` over ``n`` items (sizes differ by at most 1)."""
+    if count < 1 or not 0 <= index < count:
+        raise DitDeployError(f"shard {index}/{count} is invalid: need 0 <= index < count")
+    base, extra = divmod(n, count)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/k"`` -> ``(i, k)``."""
+    try:
+        i, k = (int(v) for v in spec.split("/"))
+    except ValueError as e:
+        raise DitDeployError(f"--shard takes INDEX/COUNT like 0/4, got {spec!r}") from e
+    shard_range(0, i, k)  # validates
+    return i, k
+
+
+def dist_env() -> tuple[int, int] | None:
+    """``(rank, world_size)`` from torchrun-style environment variables, or None when not launched so."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError as e:
+        raise DitDeployError(f"RANK/WORLD_SIZE are not integers: {e}") from e
+    return (rank, world) if world > 1 else None
+
+
+def part_path(final: str | os.PathLike, index: int, count: int) -> Path:
+    """Where shard ``index`` of ``count`` writes its part of ``final``."""
+    f = Path(final)
+    stem = f.name[: -len(".npz")] if f.name.endswith(".npz") else f.name
+    return f.with_name(f"{stem}.part-{index:05d}-of-{count:05d}.npz")
+
+
+def _npy_header(fp, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    try:
+        np.lib.format.write_array_header_1_0(fp, d)
+    except ValueError:  # header too large for format 1.0
+        np.lib.format.write_array_header_2_0(fp, d)
+
+
+def merge_parts(final: str | os.PathLike, parts: Sequence[str | os.PathLike], n: int | None = None,
+                remove: bool = True) -> tuple[int, tuple[int, ...]]:
+    """Merge shard parts into ``final`` (``arr_0`` uint8 NHWC, ``labels``) in global index order.
+
+    Checks that the parts' ``index`` arrays cover ``0..n-1`` exactly once. Streams ``arr_0`` part by part into the
+    zip member, so peak memory is one part. Returns ``(N, image shape)``. Removes the parts on success if
+    ``remove``.
+    """
+    infos = []
+    for p in parts:
+        p = Path(p)
+        if not p.exists():
+            raise DitDeployError(f"shard part {p} is missing: a shard failed or has not finished")
+        with np.load(p) as z:
+            for k in ("arr_0", "labels", "index"):
+                if k not in z.files:
+                    raise DitDeployError(f"shard part {p} lacks {k!r}: not written by `ditdeploy sample`")
+            idx = z["index"]
+            shape = z["arr_0"].shape
+            dtype = z["arr_0"].dtype
+        infos.append((int(idx.min()) if idx.size else 0, p, idx, shape, dtype))
+    infos.sort(key=lambda r: r[0])
+    # parts in order of their first index, each sorted, must spell out 0..n-1: contiguous, no gaps/duplicates
+    ordered = np.concatenate([np.sort(r[2]) for r in infos]) if infos else np.zeros(0, np.int64)
+    total = int(ordered.size)
+    if n is None:
+        n = total
+    if total != n or not np.array_equal(ordered, np.arange(n)):
+        raise DitDeployError(
+            f"shard parts cover {total} images with gaps, overlaps or interleaving; expected indices 0..{n - 1}"
+        )
+    shapes = {r[3][1:] for r in infos if r[3][0]}
+    if len(shapes) > 1:
+        raise DitDeployError(f"shard parts have different image shapes {sorted(shapes)}")
+    img_shape = shapes.pop() if shapes else (0, 0, 0)
+    dtype = infos[0][4] if infos else np.dtype(np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    with atomic_path(final, suffix=".npz") as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as fp:
+                _npy_header(fp, (n, *img_shape), dtype)
+                for _, p, idx, _, _ in infos:
+                    with np.load(p) as z:
+                        arr, lab = z["arr_0"], z["labels"]
+                    order = np.argsort(idx, kind="stable")
+                    arr, idx_sorted = arr[order], idx[order]
+                    labels[idx_sorted] = lab[order]
+                    fp.write(np.ascontiguousarray(arr).tobytes())
+            with zf.open("labels.npy", "w", force_zip64=True) as fp:
+                np.lib.format.write_array(fp, labels)
+    if remove:
+        for _, p, *_ in infos:
+            Path(p).unlink(missing_ok=True)
+    return n, tuple(img_shape)
+
+
+def wait_for_parts(parts: Sequence[Path], timeout: float = 24 * 3600.0, poll: float = 2.0) -> None:
+    """Block until every part exists (torchrun rank 0 waiting for the others); DitDeployError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [p for p in parts if not Path(p).exists()]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise DitDeployError(f"timed out waiting for {len(missing)} shard part(s), e.g. {missing[0]}")
+        time.sleep(poll)
+
+
+def run_workers(argv: Sequence[str], count: int, threads_each: int, env: dict[str, str] | None = None) -> None:
+    """Run ``python -m ditdeploy sample <argv> --shard i/count --threads T`` for every shard, in parallel.
+
+    Waits for all; a failing shard raises a one-line DitDeployError with its last stderr line.
+    """
+    procs = []
+    base_env = {**os.environ, **(env or {})}
+    base_env.pop("WORLD_SIZE", None)  # workers must not think they run under torchrun
+    base_env.pop("RANK", None)
+    for i in range(count):
+        cmd = [sys.executable, "-m", "ditdeploy", "sample", *argv, "--shard", f"{i}/{count}",
+               "--threads", str(threads_each), "--no-progress"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env,
+                                      text=True))
+    errors = []
+    for i, p in enumerate(procs):
+        _, err = p.communicate()
+        if p.returncode != 0:
+            lines = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
+            errors.append(f"shard {i}/{count} failed (exit {p.returncode}): {lines[-1] if lines else 'no output'}")
+    if errors:
+        raise DitDeployError("; ".join(errors))

@@ -1,0 +1,235 @@
+"""Pieces every backend shares: manifest reading, input checks, batch chunking, and the timing wrapper.
+
+Numpy + stdlib only (the deploy path must not import torch).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.artifacts import load_manifest
+from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
+from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
+
+DENOISER_INPUTS = ("x", "t", "y")
+DENOISER_OUTPUT = "out"
+DECODER_INPUT = "latents"
+DECODER_OUTPUT = "image"
+
+
+def missing(module: str, message: str) -> MissingDependencyError:
+    """A MissingDependencyError with a custom one-line message (for packages that are not a ditdeploy extra)."""
+    err = MissingDependencyError(module, "dev")
+    err.args = (message,)
+    return err
+
+
+def physical_cores() -> int:
+    """Physical cores usable by this process (affinity-aware); the default intra-op thread count."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover - psutil is a core dependency
+        n = os.cpu_count() or 1
+    try:
+        n = min(n, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        pass
+    return max(1, int(n))
+
+
+def read_manifest(path: str | os.PathLike, kind: str, verify: bool = True) -> dict[str, Any]:
+    """Load and sha256-verify the manifest beside ``path`` and check it describes a ``kind`` artifact."""
+    m = load_manifest(path, verify=verify)
+    assert m is not None
+    got = m.get("kind")
+    if got != kind:
+        raise ArtifactError(f"{Path(path).name} is a {got!r} artifact according to its manifest, expected a {kind}")
+    return m
+
+
+def config_from_manifest(m: dict[str, Any], path: str | os.PathLike) -> DiTConfig:
+    """The DiTConfig recorded in a denoiser manifest."""
+    c = m.get("config")
+    if not isinstance(c, dict):
+        raise ArtifactError(f"manifest of {Path(path).name} has no model 'config': re-export the artifact")
+    try:
+        return DiTConfig.from_dict(c)
+    except (DitDeployError, TypeError) as e:
+        raise ArtifactError(f"manifest of {Path(path).name} has an invalid model config: {e}") from e
+
+
+def max_batch_from_manifest(m: dict[str, Any]) -> int | None:
+    """The largest batch the artifact accepts (``batch.max``), or None when it is unbounded."""
+    b = m.get("batch")
+    if isinstance(b, dict) and b.get("max"):
+        return int(b["max"])
+    return None
+
+
+def check_dims(what: str, declared: Sequence[Any], expected: Sequence[int | None], path: str | os.PathLike) -> None:
+    """Compare an artifact's declared tensor dims with those the manifest implies.
+
+    ``declared`` entries that are not positive ints (symbolic names, None, -1) are dynamic and accepted;
+    ``expected`` entries that are None are not checked.
+    """
+    if len(declared) != len(expected):
+        raise ArtifactError(
+            f"{Path(path).name}: input {what!r} has rank {len(declared)}, the manifest implies {len(expected)}"
+        )
+    for d, e in zip(declared, expected, strict=True):
+        if isinstance(d, (int, np.integer)) and int(d) > 0 and e is not None and int(d) != e:
+            raise ArtifactError(
+                f"{Path(path).name}: {what!r} has shape {list(declared)}, but its manifest's config implies "
+                f"{['N' if x is None else x for x in expected]}: the artifact and manifest do not belong together"
+            )
+
+
+def denoiser_shapes(cfg: DiTConfig) -> dict[str, tuple[int | None, ...]]:
+    """Expected I/O shapes (None = batch) of a denoiser for ``cfg``."""
+    s, c = cfg.input_size, cfg.in_channels
+    return {"x": (None, c, s, s), "t": (None,), "y": (None,), "out": (None, cfg.out_channels, s, s)}
+
+
+def chunked(fn: Callable[..., np.ndarray], arrays: Sequence[np.ndarray], max_batch: int | None) -> np.ndarray:
+    """Call ``fn(*arrays)`` in slices of at most ``max_batch`` rows and concatenate the results."""
+    n = arrays[0].shape[0]
+    if not max_batch or n <= max_batch:
+        return fn(*arrays)
+    outs = [fn(*(a[i : i + max_batch] for a in arrays)) for i in range(0, n, max_batch)]
+    return np.concatenate(outs, axis=0)
+
+
+def prepare_denoiser_inputs(
+    x: Any, t: Any, y: Any, cfg: DiTConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cast to the contract dtypes (x float32, t/y int64), make contiguous, and check shapes against ``cfg``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise DitDeployError(f"denoiser input x must be (N, C, H, W), got shape {x.shape}")
+    n = x.shape[0]
+    t = np.asarray(t)
+    if t.ndim == 0:
+        t = np.full((n,), t)
+    y = np.asarray(y)
+    if y.ndim == 0:
+        y = np.full((n,), y)
+    t = np.ascontiguousarray(t, dtype=np.int64)
+    y = np.ascontiguousarray(y, dtype=np.int64)
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(x.shape[1:]) != want:
+        raise DitDeployError(f"denoiser input x has shape {x.shape}, the model takes (N, {', '.join(map(str, want))})")
+    if t.shape != (n,) or y.shape != (n,):
+        raise DitDeployError(f"t and y must have shape ({n},), got {t.shape} and {y.shape}")
+    return x, t, y
+
+
+class DenoiserBase:
+    """Common behaviour of all backends: input checks and chunking to the artifact's max batch.
+
+    Subclasses set ``name``, ``config``, ``manifest``, ``max_batch`` and implement ``_run(x, t, y)`` for a batch
+    that fits.
+    """
+
+    name: str = "denoiser"
+    config: DiTConfig
+    manifest: dict[str, Any]
+    max_batch: int | None = None
+    path: Path | None = None
+
+    def __call__(self, x: Any, t: Any, y: Any) -> np.ndarray:
+        x, t, y = prepare_denoiser_inputs(x, t, y, self.config)
+        return chunked(self._run, (x, t, y), self.max_batch)
+
+    def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release runtime resources (sessions, device buffers)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.config.variant} max_batch={self.max_batch}>"
+
+
+class DecoderBase:
+    """Common behaviour of VAE decoders: ``(latents (N, 4, h, w) float32) -> images (N, 3, 8h, 8w) in [-1, 1]``."""
+
+    name: str = "decoder"
+    manifest: dict[str, Any]
+    max_batch: int | None = None
+    latent_channels: int = LATENT_CHANNELS
+    path: Path | None = None
+
+    def __call__(self, latents: Any) -> np.ndarray:
+        z = np.ascontiguousarray(latents, dtype=np.float32)
+        if z.ndim != 4 or z.shape[1] != self.latent_channels:
+            raise DitDeployError(
+                f"decoder input must be (N, {self.latent_channels}, h, w) latents, got shape {z.shape}"
+            )
+        return chunked(self._run, (z,), self.max_batch)
+
+    def _run(self, z: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release runtime resources."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+
+def decoder_latent_channels(m: dict[str, Any]) -> int:
+    """Latent channels a decoder manifest declares (``latent_channels`` or ``config.latent_channels``), else 4."""
+    for src in (m, m.get("config") if isinstance(m.get("config"), dict) else {}):
+        v = src.get("latent_channels") if isinstance(src, dict) else None
+        if v:
+            return int(v)
+    return LATENT_CHANNELS
+
+
+class Timed:
+    """Wrap a denoiser/decoder callable and accumulate wall time and call counts spent inside it.
+
+    Attribute access (``name``, ``config``, ``manifest``…) is forwarded to the wrapped object, so a Timed denoiser
+    can be handed to the sampler in place of the original.
+    """
+
+    def __init__(self, fn: Callable[..., np.ndarray]):
+        self.fn = fn
+        self.seconds = 0.0
+        self.calls = 0
+        self.rows = 0
+
+    def __call__(self, *args: Any) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+            if args:
+                self.rows += int(np.shape(args[0])[0]) if np.ndim(args[0]) else 1
+
+    def __getattr__(self, item: str) -> Any:
+        if item == "fn":  # during unpickling / before __init__
+            raise AttributeError(item)
+        return getattr(self.fn, item)

@@ -1,0 +1,186 @@
+"""ONNX Runtime backend: providers TensorRT EP > CUDA EP > CPU by availability (overridable), throughput settings.
+
+Session options: all graph optimisations, intra-op threads = physical cores (override ``threads=``), sequential
+execution. On GPU providers the output is bound on the device with I/O binding and copied back once per call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.runtimes.base import (
+    DECODER_INPUT,
+    DENOISER_INPUTS,
+    DecoderBase,
+    DenoiserBase,
+    check_dims,
+    config_from_manifest,
+    decoder_latent_channels,
+    denoiser_shapes,
+    max_batch_from_manifest,
+    missing,
+    physical_cores,
+    read_manifest,
+)
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+SHORT = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
+         "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
+              "tensor(int32)": np.int32}
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise missing(
+            "onnxruntime",
+            "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA), "
+            "not both",
+        ) from e
+    return ort
+
+
+def choose_providers(requested: str | list[str] | tuple[str, ...] | None = None,
+                     available: list[str] | None = None) -> list[str]:
+    """Providers to use: ``requested`` (names or short names cpu/cuda/tensorrt, in order) or the best available.
+
+    Raises a one-line DitDeployError when a requested provider is not available in this ONNX Runtime build.
+    """
+    if available is None:
+        available = _ort().get_available_providers()
+    if requested:
+        if isinstance(requested, str):
+            requested = [r for r in requested.split(",") if r.strip()]
+        out = []
+        for r in requested:
+            name = SHORT.get(r.strip().lower(), r.strip())
+            if name not in available:
+                raise DitDeployError(
+                    f"ONNX Runtime provider {name} is not available here (available: {', '.join(available)}); "
+                    "GPU providers need onnxruntime-gpu"
+                )
+            out.append(name)
+        if "CPUExecutionProvider" not in out:
+            out.append("CPUExecutionProvider")  # fallback for nodes a GPU provider does not take
+        return out
+    return [p for p in PREFERENCE if p in available] or ["CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: list[str], threads: int | None, trt_cache: str | None,
+             precision: str) -> Any:
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = int(threads) if threads else physical_cores()
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    prov: list[Any] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider":
+            cache = trt_cache or os.path.join(os.path.expanduser("~"), ".cache", "ditdeploy", "ort-trt")
+            os.makedirs(cache, exist_ok=True)
+            prov.append((p, {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                             "trt_fp16_enable": precision == "fp16"}))
+        else:
+            prov.append(p)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=prov)
+    except Exception as e:  # onnxruntime raises its own exception types (InvalidGraph, Fail, …)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {msg}") from e
+
+
+def _io(sess: Any) -> tuple[dict[str, Any], list[Any]]:
+    return {i.name: i for i in sess.get_inputs()}, list(sess.get_outputs())
+
+
+class OrtDenoiser(DenoiserBase):
+    """A denoiser ONNX artifact on an ONNX Runtime session."""
+
+    def __init__(self, path: str | os.PathLike, *, providers: str | list[str] | None = None,
+                 threads: int | None = None, verify: bool = True, io_binding: bool | None = None,
+                 trt_cache: str | None = None, max_batch: int | None = None, **_: Any):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, "denoiser", verify=verify)
+        self.config = config_from_manifest(self.manifest, self.path)
+        precision = str(self.manifest.get("precision", "fp32"))
+        self.providers = choose_providers(providers)
+        self.session = _session(self.path, self.providers, threads, trt_cache, precision)
+        ins, outs = _io(self.session)
+        missing_in = [n for n in DENOISER_INPUTS if n not in ins]
+        if missing_in:
+            raise ArtifactError(f"{self.path.name} lacks inputs {missing_in} (has {sorted(ins)}): not a denoiser")
+        shapes = denoiser_shapes(self.config)
+        for n in DENOISER_INPUTS:
+            check_dims(n, ins[n].shape, shapes[n], self.path)
+        check_dims(outs[0].name, outs[0].shape, shapes["out"], self.path)
+        self._types = {n: _ORT_TYPES.get(ins[n].type, np.float32) for n in DENOISER_INPUTS}
+        self._out = outs[0].name
+        used = self.session.get_providers()[0]
+        self.name = f"onnxruntime:{used}:{precision}"
+        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self.io_binding = (used in GPU_PROVIDERS) if io_binding is None else bool(io_binding)
+
+    def _feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+        arrs = {"x": x, "t": t, "y": y}
+        return {n: (a if a.dtype == self._types[n] else a.astype(self._types[n])) for n, a in arrs.items()}
+
+    def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        feeds = self._feeds(x, t, y)
+        if not self.io_binding:
+            return np.asarray(self.session.run([self._out], feeds)[0], dtype=np.float32)
+        b = self.session.io_binding()
+        for n, a in feeds.items():
+            b.bind_cpu_input(n, a)
+        b.bind_output(self._out, "cuda")
+        self.session.run_with_iobinding(b)
+        return np.asarray(b.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class OrtDecoder(DecoderBase):
+    """A VAE decoder ONNX artifact (input ``latents``, output ``image``) on ONNX Runtime."""
+
+    def __init__(self, path: str | os.PathLike, *, providers: str | list[str] | None = None,
+                 threads: int | None = None, verify: bool = True, trt_cache: str | None = None,
+                 max_batch: int | None = None, **_: Any):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, "decoder", verify=verify)
+        precision = str(self.manifest.get("precision", "fp32"))
+        self.providers = choose_providers(providers)
+        self.session = _session(self.path, self.providers, threads, trt_cache, precision)
+        ins, outs = _io(self.session)
+        if DECODER_INPUT not in ins:
+            raise ArtifactError(f"{self.path.name} lacks the input {DECODER_INPUT!r} (has {sorted(ins)})")
+        self.latent_channels = decoder_latent_channels(self.manifest)
+        check_dims(DECODER_INPUT, ins[DECODER_INPUT].shape, (None, self.latent_channels, None, None), self.path)
+        self._out = outs[0].name
+        self.name = f"onnxruntime:{self.session.get_providers()[0]}:{precision}"
+        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+
+    def _run(self, z: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run([self._out], {DECODER_INPUT: z})[0], dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+def load_denoiser(path: str | os.PathLike, **opts: Any) -> OrtDenoiser:
+    """Backend entry point used by :func:`ditdeploy.runtimes.load`."""
+    return OrtDenoiser(path, **opts)
+
+
+def load_decoder(path: str | os.PathLike, **opts: Any) -> OrtDecoder:
+    """Backend entry point used by :func:`ditdeploy.runtimes.load_decoder`."""
+    return OrtDecoder(path, **opts)
