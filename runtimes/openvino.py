@@ -2,7 +2,7 @@
 
 Precision: OpenVINO's CPU plugin silently executes fp32 models in bf16 on CPUs that support it (AVX-512 BF16 /
 AMX), which costs ~2% rel-L2 on a DiT. This backend therefore sets ``INFERENCE_PRECISION_HINT=f32`` by default for
-parity with torch; pass ``precision_hint="bf16"`` (CLI ``--precision-hint bf16``) to trade accuracy for ~1.9x speed,
+parity with torch (or the hint recorded at export in the manifest); pass ``precision_hint="bf16"`` (CLI ``--precision-hint bf16``) to trade accuracy for ~1.9x speed,
 or ``"default"`` to leave OpenVINO's own choice.
 """
 
@@ -56,6 +56,14 @@ def compile_config(precision_hint: str | None = "f32", performance_hint: str = "
         cfg["INFERENCE_PRECISION_HINT"] = PRECISION_HINTS[key]
     cfg["INFERENCE_NUM_THREADS"] = int(threads) if threads else physical_cores()
     return cfg
+
+
+def _default_hint(m: dict[str, Any], precision_hint: str | None) -> str | None:
+    """Explicit hint, else the one recorded at export (``openvino.inference_precision_hint``), else f32."""
+    if precision_hint is not None:
+        return precision_hint
+    rec = m.get("openvino") if isinstance(m.get("openvino"), dict) else {}
+    return rec.get("inference_precision_hint") or "f32"
 
 
 def _manifest_for(path: Path, kind: str, verify: bool) -> dict[str, Any]:
@@ -117,13 +125,14 @@ def _precision_name(manifest_precision: str, exec_precision: str) -> str:
 class OpenVINODenoiser(DenoiserBase):
     """A denoiser (.xml IR or .onnx) compiled by OpenVINO."""
 
-    def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = "f32",
+    def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = None,
                  performance_hint: str = "LATENCY", threads: int | None = None, verify: bool = True,
                  max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "denoiser", verify)
         self.config = config_from_manifest(self.manifest, self.path)
-        self.compile_config = compile_config(precision_hint, performance_hint, threads)
+        hint = _default_hint(self.manifest, precision_hint)
+        self.compile_config = compile_config(hint, performance_hint, threads)
         self._m = _Compiled(self.path, device, self.compile_config)
         ins = self._m.inputs()
         missing_in = [n for n in DENOISER_INPUTS if n not in ins]
@@ -148,12 +157,13 @@ class OpenVINODenoiser(DenoiserBase):
 class OpenVINODecoder(DecoderBase):
     """A VAE decoder (.xml or .onnx) compiled by OpenVINO."""
 
-    def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = "f32",
+    def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = None,
                  performance_hint: str = "LATENCY", threads: int | None = None, verify: bool = True,
                  max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "decoder", verify)
-        self._m = _Compiled(self.path, device, compile_config(precision_hint, performance_hint, threads))
+        hint = _default_hint(self.manifest, precision_hint)
+        self._m = _Compiled(self.path, device, compile_config(hint, performance_hint, threads))
         ins = self._m.inputs()
         if DECODER_INPUT not in ins:
             raise ArtifactError(f"{self.path.name} lacks the input {DECODER_INPUT!r} (has {sorted(ins)})")

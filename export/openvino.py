@@ -1,0 +1,113 @@
+"""ONNX -> OpenVINO IR (.xml + .bin) with a manifest beside it, parity measured against ONNX Runtime.
+
+``export_openvino(onnx_path, out_xml, precision_hint=None)``: ``ov.convert_model`` + ``ov.save_model`` with
+``compress_to_fp16=False`` (OpenVINO's default would silently store fp16 weights), written atomically (data first,
+manifest last). The manifest copies the ONNX manifest's model fields (kind, config, precision, batch, calibration
+hash…) and records the OpenVINO version and the default ``INFERENCE_PRECISION_HINT`` the runtime will use
+(``f32`` unless given: OpenVINO would otherwise run bf16 on CPUs that have it). Parity: the IR on OpenVINO CPU vs
+the ONNX on ONNX Runtime CPU, on seeded random inputs at batch 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.artifacts import (
+    atomic_dir,
+    load_manifest,
+    make_manifest,
+    manifest_path,
+    sha256_file,
+    write_json_atomic,
+)
+from ditdeploy.errors import ArtifactError, DitDeployError, require
+
+# fields of the ONNX manifest that describe the model and carry over to the IR's manifest
+_CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint",
+          "source_checkpoint", "latent_channels", "scaling_factor", "image_size", "name")
+
+
+def _parity_inputs(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if m.get("kind") == "decoder":
+        c = int(m.get("latent_channels") or 4)
+        cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+        s = int(cfg.get("latent_size") or cfg.get("input_size") or 4)
+        return {"latents": rng.standard_normal((batch, c, s, s), dtype=np.float32)}
+    cfg = m["config"]
+    s, c, k = int(cfg["input_size"]), int(cfg["in_channels"]), int(cfg["num_classes"])
+    return {
+        "x": rng.standard_normal((batch, c, s, s), dtype=np.float32),
+        "t": rng.integers(0, 1000, size=batch).astype(np.int64),
+        "y": np.array([i % (k + 1) for i in range(batch)], dtype=np.int64),  # includes the null class at k
+    }
+
+
+def _parity(onnx_path: Path, xml: Path, m: dict[str, Any], hint: str) -> dict[str, Any]:
+    from ditdeploy import metrics
+    from ditdeploy.runtimes.openvino import compile_config
+
+    ov = require("openvino", "openvino", "OpenVINO export")
+    ort = require("onnxruntime", "dev", "the parity check")
+    feeds = _parity_inputs(m)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    compiled = ov.Core().compile_model(str(xml), "CPU", compile_config(hint))
+    got = np.asarray(compiled(feeds)[compiled.output(0)])
+    return {"reference": f"onnxruntime CPU on {onnx_path.name}", "backend": f"openvino CPU {hint}",
+            "batch": int(next(iter(feeds.values())).shape[0]), **metrics.compare(got, ref)}
+
+
+def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, precision_hint: str | None = None,
+                    verify: bool = True) -> dict[str, Any]:
+    """Convert an exported ONNX artifact to OpenVINO IR at ``out_xml`` (+ ``.bin`` + ``.xml.json`` manifest).
+
+    ``precision_hint``: the default ``INFERENCE_PRECISION_HINT`` recorded for the runtime (f32 | bf16 | f16;
+    None = f32). ``verify``: measure parity vs ONNX Runtime (recorded under ``parity``). Returns the manifest.
+    """
+    from ditdeploy.runtimes.openvino import PRECISION_HINTS
+
+    src = Path(onnx_path)
+    xml = Path(out_xml)
+    if not src.exists():
+        raise ArtifactError(f"no such ONNX file: {src}")
+    if xml.suffix.lower() != ".xml":
+        raise DitDeployError(f"OpenVINO IR output must end in .xml, got {xml.name}")
+    hint_key = (precision_hint or "f32").lower()
+    if hint_key not in PRECISION_HINTS or PRECISION_HINTS[hint_key] is None:
+        raise DitDeployError(f"precision hint {precision_hint!r}: choose f32, bf16 or f16")
+    hint = PRECISION_HINTS[hint_key]
+    src_m = load_manifest(src, verify=True)
+    assert src_m is not None
+    if src_m.get("kind") not in ("denoiser", "decoder"):
+        raise ArtifactError(f"{src.name}'s manifest has kind {src_m.get('kind')!r}: expected denoiser or decoder")
+    ov = require("openvino", "openvino", "OpenVINO export")
+    try:
+        model = ov.convert_model(str(src))
+    except Exception as e:  # openvino's conversion errors are multi-line RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"OpenVINO could not convert {src.name}: {first}") from e
+    bin_path = xml.with_suffix(".bin")
+    mpath = manifest_path(xml)
+    with atomic_dir([bin_path, xml, mpath]) as tmp:
+        txml = tmp / xml.name
+        ov.save_model(model, str(txml), compress_to_fp16=False)
+        fields = {k: src_m[k] for k in _CARRY if k in src_m}
+        dec = src_m.get("decoder")
+        if dec and (xml.parent / dec).exists():
+            fields["decoder"] = dec
+        fields.update(
+            format="openvino",
+            openvino={"version": ov.__version__, "inference_precision_hint": hint, "compress_to_fp16": False},
+            source={"onnx": src.name, "sha256": sha256_file(src)},
+        )
+        if verify:
+            fields["parity"] = _parity(src, txml, src_m, hint)
+        manifest = make_manifest(xml, [tmp / bin_path.name, txml], **fields)
+        write_json_atomic(tmp / mpath.name, manifest)
+    return manifest

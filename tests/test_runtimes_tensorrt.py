@@ -1,0 +1,119 @@
+"""TensorRT backend: the pure-python parts (manifest/engine compatibility, profile parsing, chunking) on CPU.
+
+Running an engine needs an NVIDIA GPU with TensorRT + cuda-python; that test skips with the reason here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+import numpy as np
+import pytest
+
+from ditdeploy.artifacts import make_manifest, write_json_atomic
+from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
+from ditdeploy.runtimes import load, resolve_backend
+from ditdeploy.runtimes.base import chunked
+from ditdeploy.runtimes.tensorrt import check_engine_compat, engine_build_info, profile_max_batch
+from ditdeploy.variants import DIGITS
+
+H100 = ("NVIDIA H100 80GB HBM3", (9, 0))
+MANIFEST = {"tensorrt": {"version": "10.13.0.35", "gpu": {"name": H100[0], "compute_capability": [9, 0]}}}
+
+
+def test_build_info_reads_several_layouts():
+    assert engine_build_info(MANIFEST) == {
+        "trt_version": "10.13.0.35", "gpu_name": H100[0], "compute_capability": (9, 0),
+        "version_compatible": False, "hardware_compatible": False,
+    }
+    flat = {"tensorrt": {"trt_version": "11.2.0", "gpu_name": "NVIDIA L4", "compute_capability": "8.9"}}
+    info = engine_build_info(flat)
+    assert (info["trt_version"], info["gpu_name"], info["compute_capability"]) == ("11.2.0", "NVIDIA L4", (8, 9))
+    top = {"tools": {"tensorrt": "10.8.0"}, "gpu": {"name": "A100", "compute_capability": "sm_80"}}
+    info = engine_build_info(top)
+    assert (info["trt_version"], info["compute_capability"]) == ("10.8.0", (8, 0))
+
+
+def test_compat_accepts_the_same_version_and_gpu():
+    check_engine_compat(MANIFEST, "10.13.0.35", *H100)
+    check_engine_compat(MANIFEST, "10.13.0", *H100)  # build number not recorded by the runtime is fine
+
+
+@pytest.mark.parametrize("running", ["10.13.1", "10.12.0", "11.0.0"])
+def test_compat_rejects_another_trt_version(running):
+    with pytest.raises(ArtifactError, match=r"built with TensorRT 10\.13\.0, running TensorRT"):
+        check_engine_compat(MANIFEST, running, *H100)
+
+
+def test_version_compatible_engines_need_only_the_same_major():
+    m = {"tensorrt": {**MANIFEST["tensorrt"], "version_compatible": True}}
+    check_engine_compat(m, "10.14.1", *H100)
+    with pytest.raises(ArtifactError):
+        check_engine_compat(m, "11.0.0", *H100)
+
+
+def test_compat_rejects_another_gpu():
+    with pytest.raises(ArtifactError, match=r"compute capability 9\.0 .* this GPU is 8\.9"):
+        check_engine_compat(MANIFEST, "10.13.0", "NVIDIA L4", (8, 9))
+    with pytest.raises(ArtifactError, match="built on NVIDIA H100"):
+        check_engine_compat(MANIFEST, "10.13.0", "NVIDIA H100 PCIe", (9, 0))
+    check_engine_compat(MANIFEST, "10.13.0", "NVIDIA H100 PCIe", (9, 0), strict_gpu_name=False)
+    hw = {"tensorrt": {**MANIFEST["tensorrt"], "hardware_compatibility_level": "AMPERE_PLUS"}}
+    check_engine_compat(hw, "10.13.0", "NVIDIA L4", (8, 9))
+
+
+def test_compat_needs_a_recorded_version():
+    with pytest.raises(ArtifactError, match="does not record the TensorRT version"):
+        check_engine_compat({"gpu": {"name": "x"}}, "10.13.0", *H100)
+
+
+def test_profile_max_batch():
+    assert profile_max_batch([(1, 4, 32, 32), (8, 4, 32, 32), (16, 4, 32, 32)]) == 16
+    with pytest.raises(ArtifactError):
+        profile_max_batch([])
+
+
+def test_chunking_respects_max_batch_and_order():
+    seen = []
+
+    def fn(x, t):
+        seen.append(len(x))
+        return x * 2 + t[:, None]
+
+    x = np.arange(11 * 3, dtype=np.float32).reshape(11, 3)
+    t = np.arange(11, dtype=np.float32)
+    out = chunked(fn, (x, t), 4)
+    assert seen == [4, 4, 3]
+    np.testing.assert_array_equal(out, x * 2 + t[:, None])
+    seen.clear()
+    chunked(fn, (x, t), None)
+    assert seen == [11]
+
+
+def test_suffixes_pick_tensorrt(tmp_path):
+    for s in (".plan", ".engine"):
+        assert resolve_backend(tmp_path / f"m{s}") == "tensorrt"
+    with pytest.raises(DitDeployError, match="cannot read .onnx"):
+        resolve_backend(tmp_path / "m.onnx", "trt")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_missing_tensorrt_is_one_line_naming_the_extra(tmp_path):
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"not a real engine")
+    m = make_manifest(plan, [plan], kind="denoiser", format="tensorrt", precision="fp16",
+                      config=dataclasses.asdict(DIGITS), batch={"min": 1, "opt": 8, "max": 16}, **MANIFEST)
+    write_json_atomic(tmp_path / "m.plan.json", m)
+    with pytest.raises(MissingDependencyError) as e:
+        load(plan)
+    msg = str(e.value)
+    assert "\n" not in msg and "ditdeploy[tensorrt]" in msg
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="TensorRT is not installable on this machine (no NVIDIA GPU); the engine path is "
+                           "covered by the compatibility/chunking tests above and needs a GPU run")
+def test_engine_runs_on_gpu():  # pragma: no cover - needs a GPU
+    pytest.skip("needs a TensorRT engine built by `ditdeploy export --fmt trt` on this GPU")
