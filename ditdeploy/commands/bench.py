@@ -1,14 +1,188 @@
-"""`ditdeploy bench` (not implemented yet)."""
+"""`ditdeploy bench`: speed, memory, size and roofline of artifacts per backend, precision and batch.
+
+The harness lives in ``ditdeploy.bench`` (the repository's ``bench/`` folder); this module only wires the CLI.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def _parse_batches(spec: str) -> list[int]:
+    from ditdeploy.errors import DitDeployError
+
+    try:
+        out = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as e:
+        raise DitDeployError(f"--batch takes comma-separated integers like 1,2,8, got {spec!r}") from e
+    if not out or any(b < 1 for b in out):
+        raise DitDeployError(f"--batch needs positive sizes, got {spec!r}")
+    return sorted(dict.fromkeys(out))
+
+
+def default_backends(path: Path) -> list[str]:
+    """Backends that read ``path``: ONNX on ONNX Runtime and OpenVINO (f32, plus the bf16 hint on CPUs with native
+    bf16), OpenVINO IR on OpenVINO, engines on TensorRT."""
+    import importlib.util
+
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        out = ["onnxruntime"]
+        if importlib.util.find_spec("openvino") is not None:
+            out.append("openvino")
+            if _cpu_has_bf16():
+                out.append("openvino:bf16")
+        return out
+    if suffix == ".xml":
+        return ["openvino"] + (["openvino:bf16"] if _cpu_has_bf16() else [])
+    if suffix in (".plan", ".engine", ".trt"):
+        return ["tensorrt"]
+    return ["torch"]
+
+
+def _cpu_has_bf16() -> bool:
+    from ditdeploy.bench.machine import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def register(app: typer.Typer) -> None:
     @app.command("bench")
-    def bench() -> None:
-        """Not implemented yet."""
+    def bench(
+        engine: list[Path] = typer.Option(None, "--engine", "-e",
+                                          help="Artifact(s) to bench; repeat the option. Default: the shipped digits."),
+        backends: str = typer.Option(
+            None, "--backends",
+            help="Comma-separated backends for every engine (onnxruntime, openvino, openvino:bf16, tensorrt). "
+                 "Default: every installed backend that reads the file."),
+        batch: str = typer.Option("1,2,8", "--batch", help="Denoiser batch sizes, comma-separated."),
+        steps: int = typer.Option(10, "--steps", help="Sampling steps of the end-to-end run."),
+        repeats: int = typer.Option(10, "--repeats", help="Timed denoiser calls per batch (after warm-up)."),
+        warmup: int = typer.Option(2, "--warmup", help="Untimed calls before timing."),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Guidance of the end-to-end run (doubles the batch)."),
+        sampler: str = typer.Option("ddim", "--sampler", help="Sampler of the end-to-end run."),
+        e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also time a full sampling run per batch."),
+        torch_baseline: bool = typer.Option(
+            True, "--torch/--no-torch",
+            help="Time torch eager fp32 on the same model for the speed-up column (when torch is installed)."),
+        reference: Path = typer.Option(
+            None, "--reference",
+            help="Checkpoint for the torch baseline (default: the manifest's, the shipped digits, or random weights "
+                 "of the same config: speed does not depend on the weights)."),
+        vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for the end-to-end run (default: manifest's)."),
+        threads: int = typer.Option(None, "--threads",
+                                    help="Intra-op threads for every backend (default: each runtime's, = physical cores)."),
+        probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure this machine's matmul peak per precision."),
+        probe_size: int = typer.Option(2048, "--probe-size", help="n of the n x n x n GEMM peak probe."),
+        in_process: bool = typer.Option(False, "--in-process",
+                                        help="Run targets in this process (faster start; RSS then accumulates)."),
+        json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON."),
+        csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row."),
+        plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
+    ) -> None:
+        """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch."""
+        import importlib.util
+
+        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.bench import harness, report
         from ditdeploy.errors import DitDeployError
 
-        raise DitDeployError("'bench' is not implemented yet")
+        batches = _parse_batches(batch)
+        for name, v in (("--steps", steps), ("--repeats", repeats)):
+            if v < 1:
+                raise DitDeployError(f"{name} must be >= 1, got {v}")
+        if warmup < 0:
+            raise DitDeployError("--warmup must be >= 0")
+        engines = list(engine or [])
+        if not engines:
+            from ditdeploy.commands.sample import default_engine
+
+            engines = [default_engine(None)]
+        targets: list[harness.Target] = []
+        baselines: dict[str, harness.Target] = {}
+        have_torch = importlib.util.find_spec("torch") is not None
+        for p in engines:
+            if not p.exists():
+                raise DitDeployError(f"no such artifact: {p}")
+            specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_backends(p)
+            m, cfg = _manifest_and_config(p)
+            dec = _decoder_for(p, m, vae)
+            for spec in specs:
+                name, opts, label = harness.parse_backend_spec(spec)
+                if threads:
+                    opts["threads"] = threads
+                if name == "torch":
+                    continue  # the torch row is the baseline below
+                targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
+                                              backend=name, path=str(p), opts=opts, decoder=dec))
+            if torch_baseline and have_torch and cfg is not None:
+                key = cfg.to_json()
+                if key not in baselines:
+                    ref = _torch_reference(p, m, cfg, reference)
+                    baselines[key] = harness.Target(
+                        label="torch eager" + (f" {cfg.variant}" if len(engines) > 1 else ""), backend="torch",
+                        path=str(ref) if ref else None, config=None if ref else _asdict(cfg), decoder=dec,
+                        baseline=True, opts={"threads": threads} if threads else {})
+        targets = list(baselines.values()) + targets
+        if not targets:
+            raise DitDeployError("nothing to bench: no backend reads the given artifact(s)")
+        settings = harness.Settings(batches=batches, steps=steps, repeats=repeats, warmup=warmup,
+                                    cfg_scale=cfg_scale, sampler=sampler, e2e=e2e)
+        result = harness.run_bench(targets, settings, probe=probe, probe_size=probe_size, in_process=in_process)
+        typer.echo(report.format_table(result))
+        if json_out is not None:
+            write_json_atomic(json_out, result)
+        if csv_out is not None:
+            report.write_csv(result, csv_out)
+        if plot is not None:
+            report.write_plot(result, plot)
+        if not result["rows"]:
+            raise DitDeployError("every bench target failed: " + "; ".join(
+                f"{e['target']}: {e['error']}" for e in result["errors"]))
+
+
+def _asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def _manifest_and_config(p: Path):
+    from ditdeploy.artifacts import load_manifest
+    from ditdeploy.variants import DiTConfig
+
+    m = load_manifest(p, verify=False, required=False) or {}
+    c = m.get("config")
+    return m, (DiTConfig.from_dict(c) if isinstance(c, dict) else None)
+
+
+def _decoder_for(p: Path, m: dict, vae: Path | None) -> str | None:
+    if vae is not None:
+        return str(vae)
+    name = m.get("decoder")
+    if not name:
+        return None
+    from ditdeploy.artifacts import safe_member
+
+    d = safe_member(p.parent, name)
+    return str(d) if d.exists() else None
+
+
+def _torch_reference(p: Path, m: dict, cfg, reference: Path | None) -> Path | None:
+    """A checkpoint for the torch baseline: --reference, the manifest's, the shipped digits, or None (random)."""
+    if reference is not None:
+        return reference
+    src = m.get("checkpoint")
+    if isinstance(src, dict):
+        src = src.get("path")
+    if src:
+        for cand in (p.parent / src, Path(src)):
+            if cand.exists():
+                return cand
+    if cfg.variant == "digits":
+        from ditdeploy.checking import shipped_digits
+
+        return shipped_digits()
+    return None

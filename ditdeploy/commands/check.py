@@ -1,14 +1,185 @@
-"""`ditdeploy check` (not implemented yet)."""
+"""`ditdeploy check`: prove an exported artifact computes what the PyTorch reference computes.
+
+The comparison itself lives in ``ditdeploy.checking``; this module only wires the CLI (typer + stdlib at import).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("check")
-    def check() -> None:
-        """Not implemented yet."""
-        from ditdeploy.errors import DitDeployError
+    def check(
+        engine: Path = typer.Option(None, "--engine", "-e", help="Artifact to check (.onnx, .xml, .plan)."),
+        backend: str = typer.Option(None, "--backend", "-b",
+                                    help="Runtime for the artifact (onnxruntime, openvino, tensorrt); default by suffix."),
+        reference: Path = typer.Option(
+            None, "--reference", "-r",
+            help="PyTorch checkpoint (.safetensors/.pt) of the same model. Default: the checkpoint named in the "
+                 "artifact's manifest, or the shipped digits weights for the digits model."),
+        golden: Path = typer.Option(None, "--golden",
+                                    help="Compare against a golden file instead of torch (no torch needed)."),
+        save_golden: Path = typer.Option(None, "--save-golden",
+                                         help="Write the reference's inputs and outputs to this .npz (needs torch)."),
+        vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for image metrics (default: manifest's)."),
+        sampler: str = typer.Option("ddim", "--sampler", help=f"End-to-end sampler: {', '.join(SAMPLERS)}."),
+        steps: int = typer.Option(25, "--steps", help="End-to-end sampling steps."),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale (end to end)."),
+        batch: int = typer.Option(4, "--batch", help="Images in the end-to-end run (probes use 2x: both CFG halves)."),
+        timesteps: int = typer.Option(8, "--timesteps", help="Per-call probes at this many timesteps over 0..999."),
+        seed: int = typer.Option(0, "--seed", help="Seed of noise, labels and stochastic samplers."),
+        precision: str = typer.Option(
+            None, "--precision",
+            help="Thresholds to apply (fp32, fp16, bf16, int8). Default: what the runtime reports it runs."),
+        precision_hint: str = typer.Option(None, "--precision-hint",
+                                           help="OpenVINO inference precision hint (f32, bf16, f16)."),
+        per_call_only: bool = typer.Option(False, "--per-call-only", help="Skip the end-to-end sampling run."),
+        th_call_rel_l2: float = typer.Option(None, "--threshold-call-rel-l2", help="Override: max per-call rel-L2."),
+        th_call_cosine: float = typer.Option(None, "--threshold-call-cosine", help="Override: min per-call cosine."),
+        th_latent_rel_l2: float = typer.Option(None, "--threshold-latent-rel-l2",
+                                               help="Override: max end-to-end latent rel-L2."),
+        th_psnr: float = typer.Option(None, "--threshold-psnr", help="Override: min end-to-end image PSNR (dB)."),
+        th_ssim: float = typer.Option(None, "--threshold-ssim", help="Override: min end-to-end image SSIM."),
+        json_out: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+    ) -> None:
+        """Compare an artifact with the PyTorch reference per denoiser call and end to end; exit 1 on failure."""
+        from ditdeploy import checking
+        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.errors import DitDeployError, NumericsError
 
-        raise DitDeployError("'check' is not implemented yet")
+        if golden is not None and save_golden is not None:
+            raise DitDeployError("--golden and --save-golden exclude each other: save on a torch machine, check elsewhere")
+        if engine is None and save_golden is None:
+            raise DitDeployError("nothing to check: pass --engine FILE (or --save-golden FILE with --reference)")
+        if sampler not in SAMPLERS:
+            raise DitDeployError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        for name, v in (("--steps", steps), ("--batch", batch), ("--timesteps", timesteps)):
+            if v < 1:
+                raise DitDeployError(f"{name} must be >= 1, got {v}")
+
+        art = _load_artifact(engine, backend, precision_hint) if engine is not None else None
+
+        if golden is not None:
+            g = checking.load_golden(golden)
+            ref_name = f"golden {golden.name} ({g.meta.get('reference', '?')})"
+            g.meta["reference"] = ref_name
+        else:
+            ref_path = _resolve_reference(reference, art)
+            ref = _load_reference(ref_path)
+            if art is not None and ref.config != art.config:
+                raise DitDeployError(
+                    f"the reference {ref_path.name} ({ref.config.variant}) is not the artifact's model "
+                    f"({art.config.variant}): configs differ; pass the right --reference")
+            decoder = _load_decoder(vae, art)
+            typer.echo(f"reference: {ref.name} from {ref_path}", err=True)
+            g = checking.make_golden(ref, ref.config, method=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                                     batch=batch, n_timesteps=timesteps, decoder=decoder,
+                                     reference_name=f"{ref.name} {ref_path.name}",
+                                     extra_meta={"reference_path": str(ref_path)})
+            if save_golden is not None:
+                checking.save_golden(save_golden, g)
+                typer.echo(f"golden file written: {save_golden} ({g.probe_t.shape[0]} timesteps x "
+                           f"{g.probe_t.shape[1]} rows, {g.noise.shape[0]} end-to-end samples)")
+            if art is None:
+                return
+
+        assert art is not None
+        if g.config != art.config:
+            raise DitDeployError(f"the golden file was made for {g.config.variant} {g.config.input_size}px latents, "
+                                 f"the artifact is {art.config.variant} {art.config.input_size}: configs differ")
+        decoder = _load_decoder(vae, art)
+        prec = precision or checking.effective_precision(art)
+        th = checking.thresholds_for(prec).replace(
+            call_rel_l2=th_call_rel_l2, call_cosine=th_call_cosine, latent_rel_l2=th_latent_rel_l2,
+            psnr=th_psnr, ssim=th_ssim)
+        rep = checking.check(art, g, thresholds=th, precision=prec, backend=art.name, artifact=str(engine),
+                             decoder=decoder, run_e2e=not per_call_only, progress=True)
+        typer.echo(checking.format_report(rep))
+        if json_out is not None:
+            write_json_atomic(json_out, rep.to_dict())
+        if not rep.passed:
+            more = f" (+{len(rep.failures) - 1} more)" if len(rep.failures) > 1 else ""
+            raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more}")
+
+
+def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None):
+    from ditdeploy.runtimes import load, resolve_backend
+
+    b = resolve_backend(engine, backend)
+    opts = {}
+    if precision_hint is not None:
+        if b != "openvino":
+            from ditdeploy.errors import DitDeployError
+
+            raise DitDeployError("--precision-hint applies to the openvino backend only")
+        opts["precision_hint"] = precision_hint
+    return load(engine, backend=b, **opts)
+
+
+def _resolve_reference(reference: Path | None, art) -> Path:
+    """--reference, else the checkpoint the manifest names (beside the artifact or absolute), else shipped digits."""
+    from ditdeploy.errors import DitDeployError
+
+    if reference is not None:
+        if not reference.exists():
+            raise DitDeployError(f"reference checkpoint {reference} not found")
+        return reference
+    if art is not None:
+        m = art.manifest or {}
+        src = m.get("checkpoint")
+        if src is None and isinstance(m.get("source"), dict):
+            src = m["source"].get("checkpoint")
+        if isinstance(src, dict):
+            src = src.get("path")
+        if src:
+            p = Path(src)
+            for cand in ((p,) if p.is_absolute() else (Path(art.path).parent / p, p)):
+                if cand.exists():
+                    return cand
+        if art.config.variant == "digits":
+            from ditdeploy.checking import shipped_digits
+
+            p = shipped_digits()
+            if p is not None:
+                return p
+        hint = f" (the manifest names {src}, which is not here)" if src else ""
+        raise DitDeployError(f"no PyTorch reference for {Path(art.path).name}{hint}: pass --reference CHECKPOINT, "
+                             "or --golden FILE written by `ditdeploy check --save-golden` on a machine with torch")
+    raise DitDeployError("--save-golden without --engine needs --reference CHECKPOINT")
+
+
+def _load_reference(path: Path):
+    import importlib.util
+
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes import load
+
+    if importlib.util.find_spec("torch") is None:
+        raise DitDeployError("the PyTorch reference needs torch, which is not installed here: check against a golden "
+                             "file instead (`ditdeploy check --save-golden g.npz` on a machine with torch, then "
+                             "`--golden g.npz` here)")
+    try:
+        return load(path, backend="torch")
+    except ImportError as e:
+        raise DitDeployError(f"the PyTorch reference could not be loaded ({e}): use --golden FILE") from e
+
+
+def _load_decoder(vae: Path | None, art):
+    from ditdeploy.runtimes import load_decoder
+
+    if vae is not None:
+        return load_decoder(vae)
+    if art is None or art.config.space == "pixel":
+        return None
+    name = (art.manifest or {}).get("decoder")
+    if not name:
+        return None
+    from ditdeploy.artifacts import safe_member
+
+    p = safe_member(Path(art.path).parent, name)
+    return load_decoder(p) if p.exists() else None
