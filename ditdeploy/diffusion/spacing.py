@@ -59,6 +59,24 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     return set(kept)
 
 
+def _logsnr_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """``steps`` distinct integer timesteps, ascending, uniform in log-SNR between T-1 and 0 (see below)."""
+    from ditdeploy.diffusion.schedule import base_schedule
+
+    abar = base_schedule(num_timesteps).alphas_cumprod
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))  # decreasing in t
+    target = np.linspace(lam[-1], lam[0], steps)  # high noise -> low noise
+    t_cont = np.interp(target, lam[::-1], np.arange(num_timesteps, dtype=np.float64)[::-1])
+    ts = np.round(t_cont).astype(np.int64)
+    ts[0] = num_timesteps - 1
+    if steps > 1:
+        ts[-1] = 0
+    for k in range(steps - 2, -1, -1):  # strictly decreasing from the low-noise end
+        ts[k] = max(ts[k], ts[k + 1] + 1)
+    ts = np.minimum(ts, num_timesteps - 1 - np.arange(steps))  # and within range from the high-noise end
+    return ts[::-1].copy()
+
+
 def spacing_rule(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
     """The respacing string a sampler uses for ``steps`` steps (see ``sampling_timesteps``)."""
     if method == "ddim" and _ddim_stride_steps(num_timesteps, steps) is not None:
@@ -66,7 +84,7 @@ def spacing_rule(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTE
     if method in ("ddim", "ddpm"):
         return str(steps)
     if method == "dpm-solver++":
-        return f"linspace{steps}"
+        return f"logsnr{steps}"
     raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
@@ -77,15 +95,17 @@ def sampling_timesteps(method: str, steps: int, num_timesteps: int = NUM_TRAIN_T
       (N=1, and many N above 500, e.g. 999) it falls back to the evenly rounded ``"N"`` rule, so the sampler always
       takes exactly N steps; ``spacing_rule()`` tells which rule was used.
     - ``"ddpm"``: the evenly rounded ``"N"`` rule (N=250 -> 0, 4, 8, ..., 995, 999).
-    - ``"dpm-solver++"``: ``round(linspace(T-1, 0, N))`` (N=1 -> [T-1]): N evaluations from T-1 down to and including
-      t=0, then a final first-order step to sigma=0 (which returns the x_0 prediction at t=0, like DDIM's last step).
-      Ending at t=0 makes the solver converge to the same probability-flow answer as DDIM with all 1000 steps.
+    - ``"dpm-solver++"``: N timesteps uniform in log-SNR ``lambda = log(sqrt(abar) / sqrt(1 - abar))`` from t=T-1 down
+      to t=0 (N=1 -> [T-1]), each rounded to the nearest integer timestep and then nudged to be strictly decreasing
+      (needed only for large N, where steps at high noise would collide). Equal lambda steps keep the 2M
+      extrapolation ratio r = h_prev/h near 1 (well conditioned); a time-uniform grid makes the last lambda step ~5x
+      the previous one and measured 2-10x larger errors on a Gaussian test problem at 10-25 steps. After the
+      evaluation at t=0 a final first-order step to sigma=0 returns its x_0 prediction (as DDIM's last step does), so
+      the solver converges to the same probability-flow answer as DDIM with all 1000 steps.
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
     rule = spacing_rule(method, steps, num_timesteps)
-    if rule.startswith("linspace"):
-        ts = np.unique(np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int64))
-        assert ts.size == steps, "rounded linspace produced duplicate timesteps"
-        return ts
+    if rule.startswith("logsnr"):
+        return _logsnr_timesteps(num_timesteps, steps)
     return np.array(sorted(space_timesteps(num_timesteps, rule)), dtype=np.int64)
