@@ -331,6 +331,16 @@ def test_cfg_needs_num_classes(x_T):
         sample(den, x_T, np.zeros(4, np.int64), cfg_scale=4.0, steps=2)
     sample(den, x_T, np.zeros(4, np.int64), cfg_scale=1.0, steps=2)  # no guidance: not needed
 
+    class NoNull:
+        config = type("Cfg", (), {"num_classes": 10, "class_dropout_prob": 0.0})()
+
+        def __call__(self, x, t, y):
+            return np.zeros_like(x)
+
+    with pytest.raises(DitDeployError, match="null class"):
+        sample(NoNull(), x_T, np.zeros(4, np.int64), cfg_scale=4.0, steps=2)
+    sample(NoNull(), x_T, np.zeros(4, np.int64), steps=2)
+
 
 # --------------------------------------------------------------------------------------------------- API behaviour
 @pytest.mark.parametrize("method", ["ddpm", "ddim"])

@@ -184,6 +184,8 @@ def sample(
         raise DitDeployError(
             "cfg_scale != 1 needs num_classes (the null class id used for the unconditional half); pass num_classes="
         )
+    if cfg_scale != 1.0 and getattr(getattr(denoiser, "config", None), "class_dropout_prob", None) == 0:
+        raise DitDeployError("this model was built without a null class (class_dropout_prob=0): use cfg_scale=1")
 
     if noise_fn is None:
         gen = rng if rng is not None else np.random.default_rng(seed)
