@@ -18,6 +18,7 @@ import typer
 IMAGENET_DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
 DEFAULT_PER_LABEL_SMALL = 6  # images per class for models with few classes (digits: 10 x 6 grid)
 DEFAULT_BATCH = 64
+DEFAULT_CFG = 4.0
 GRID_MAX = 256  # images shown in the PNG grid when sampling many (the npz holds all)
 
 
@@ -114,7 +115,7 @@ def run_sample(
     num_per_label: int | None = None,
     sampler: str = "ddim",
     steps: int = 50,
-    cfg_scale: float = 4.0,
+    cfg_scale: float | None = None,
     eta: float = 0.0,
     seed: int = 0,
     batch_size: int | None = None,
@@ -144,7 +145,7 @@ def run_sample(
         raise DitDeployError(f"unknown sampler {sampler!r}: choose one of {', '.join(METHODS)}")
     if steps <= 0 or steps > 1000:
         raise DitDeployError(f"--steps must be in 1..1000, got {steps}")
-    if not cfg_scale >= 0 or cfg_scale != cfg_scale or cfg_scale == float("inf"):
+    if cfg_scale is not None and (not cfg_scale >= 0 or cfg_scale == float("inf")):
         raise DitDeployError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}")
     if eta < 0 or (eta != 0 and sampler != "ddim"):
         raise DitDeployError("--eta must be >= 0 and is only used by --sampler ddim")
@@ -199,6 +200,8 @@ def run_sample(
     decoder = _resolve_decoder(den, vae, b, opts)
     t_load = time.perf_counter() - t0
 
+    if cfg_scale is None:  # DiT's sample.py default, when the model has a null class to guide against
+        cfg_scale = DEFAULT_CFG if cfg.class_dropout_prob > 0 else 1.0
     all_labels, row_len = parse_labels(labels, num_per_label, cfg.num_classes)
     n_total = len(all_labels)
     start, stop = sharding.shard_range(n_total, *my_shard) if my_shard else (0, n_total)
@@ -307,9 +310,10 @@ def _run_sharded(*, locals_for_workers: dict[str, Any], shards: int, threads: in
         tmpdir = tempfile.mkdtemp(prefix=".ditdeploy-shards-", dir=base)
         final_npz = Path(tmpdir) / "samples.npz"
     argv = ["--engine", str(a["engine"]), "--backend", a["backend"], "--sampler", a["sampler"],
-            "--steps", str(a["steps"]), "--cfg-scale", repr(float(a["cfg_scale"])), "--eta", repr(float(a["eta"])),
-            "--seed", str(a["seed"]), "--npz", str(final_npz), "--no-out"]
-    for flag, key in (("--vae", "vae"), ("--labels", "labels"), ("--num-per-label", "num_per_label"),
+            "--steps", str(a["steps"]), "--eta", repr(float(a["eta"])), "--seed", str(a["seed"]),
+            "--npz", str(final_npz), "--no-out"]
+    for flag, key in (("--cfg-scale", "cfg_scale"), ("--vae", "vae"), ("--labels", "labels"),
+                      ("--num-per-label", "num_per_label"),
                       ("--batch-size", "batch_size"), ("--provider", "provider"),
                       ("--precision-hint", "precision_hint"), ("--image-size", "image_size")):
         if a[key] is not None:
@@ -377,7 +381,8 @@ def register(app: typer.Typer) -> None:
                                           "--labels)."),
         sampler: str = typer.Option("ddim", "--sampler", help="ddpm | ddim | dpm-solver++"),
         steps: int = typer.Option(50, "--steps", help="Sampling steps (model evaluations)."),
-        cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale (1 = off)."),
+        cfg_scale: float = typer.Option(None, "--cfg-scale", help=f"Classifier-free guidance scale (1 = off; "
+                                        f"default {DEFAULT_CFG:g}, or 1 for models without a null class)."),
         eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
         seed: int = typer.Option(0, "--seed", help="Seed; image i's noise derives from (seed, i)."),
         batch_size: int = typer.Option(None, "--batch-size", help=f"Images per sampler batch (default "
