@@ -1,0 +1,79 @@
+"""torch.distributed set-up for ``torchrun`` (gloo on CPU, nccl on GPU) and the few collectives training needs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ditdeploy.errors import DitDeployError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group if WORLD_SIZE > 1.
+
+    ``device``: "auto" (CUDA if available), "cpu" or "cuda". The backend is nccl on CUDA, gloo on CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise DitDeployError("--device cuda but no CUDA GPU is visible: use --device cpu")
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise DitDeployError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def mean_across(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    """Average a float tensor over ranks (identity for one process)."""
+    if info.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= info.world_size
+    return values
+
+
+def any_across(info: DistInfo, flag: bool) -> bool:
+    """True if ``flag`` is true on any rank."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
