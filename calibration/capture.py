@@ -1,0 +1,397 @@
+"""Calibration-set capture: the denoiser inputs (x_t, t, y) seen while the real sampler runs.
+
+INT8 ranges must come from the activations the deployed model will see, so the set is recorded from the floating-point
+model running ``ditdeploy.diffusion.sample`` with the deployment's sampler, step count and guidance scale
+(REFERENCE §3, PTQ4DiT / Q-DiT):
+
+- both classifier-free-guidance halves: with ``cfg_scale != 1`` the sampler calls ``denoiser([x; x], t, [y; null])``
+  and both halves are kept;
+- the whole trajectory: of the ``steps`` denoiser calls of each trajectory, ``timesteps`` calls evenly spread from the
+  first (t near 999) to the last (t near 0) are kept (all of them when ``steps <= timesteps``);
+- labels spread evenly over all classes (each class equally often, order shuffled by the seed);
+- a held-out validation set drawn the same way from another seed, for error curves and quantizer checks.
+
+Stored as an ``.npz`` (arrays ``x, t, y, step, sample`` and ``val_x, val_t, val_y, val_step, val_sample``) with a JSON
+manifest beside it (seed, sampler, counts, per-timestep counts, source artifact and sha256), written atomically.
+Numpy only: this module never imports torch (the source denoiser may be a torch reference or any runtime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.artifacts import (
+    atomic_dir,
+    load_manifest,
+    make_manifest,
+    manifest_path,
+    sha256_file,
+    write_json_atomic,
+)
+from ditdeploy.errors import ArtifactError, DitDeployError
+
+__all__ = [
+    "CalibrationSet",
+    "CaptureSettings",
+    "capture_calibration_set",
+    "capture_inputs",
+    "load_calibration",
+    "select_steps",
+    "spread_labels",
+]
+
+KIND = "calibration"
+ARRAYS = ("x", "t", "y", "step", "sample")
+VAL_PREFIX = "val_"
+MIN_TIMESTEPS = 25  # REFERENCE §3: at least 25 timesteps spread over the trajectory
+VAL_SEED_OFFSET = 1_000_003  # default validation seed = seed + this (a different noise stream)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """How a calibration set is drawn. Defaults match ``ditdeploy sample`` (DDIM, 50 steps, cfg 4)."""
+
+    samples: int = 32
+    steps: int = 50
+    sampler: str = "ddim"
+    cfg_scale: float = 4.0
+    eta: float = 0.0
+    seed: int = 0
+    timesteps: int = MIN_TIMESTEPS
+    batch_size: int = 16
+    val_samples: int = 8
+    val_seed: int | None = None
+    guide_all_channels: bool = False
+
+    def resolved_val_seed(self) -> int:
+        return self.seed + VAL_SEED_OFFSET if self.val_seed is None else int(self.val_seed)
+
+    def validate(self) -> None:
+        """One-line DitDeployError for values that cannot work."""
+        from ditdeploy.diffusion import METHODS
+
+        if self.sampler not in METHODS:
+            raise DitDeployError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(METHODS)}")
+        if not 1 <= self.steps <= 1000:
+            raise DitDeployError(f"--steps must be in 1..1000, got {self.steps}")
+        if self.samples < 1:
+            raise DitDeployError(f"--samples must be >= 1, got {self.samples}")
+        if self.val_samples < 0:
+            raise DitDeployError(f"--val-samples must be >= 0, got {self.val_samples}")
+        if self.timesteps < 1:
+            raise DitDeployError(f"--timesteps must be >= 1, got {self.timesteps}")
+        if self.batch_size < 1:
+            raise DitDeployError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.cfg_scale >= 0 and np.isfinite(self.cfg_scale)):
+            raise DitDeployError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
+        if self.eta < 0 or (self.eta != 0 and self.sampler != "ddim"):
+            raise DitDeployError("--eta must be >= 0 and is only used by --sampler ddim")
+        if self.seed < 0 or self.resolved_val_seed() < 0:
+            raise DitDeployError("seeds must be >= 0")
+        if self.val_samples and self.resolved_val_seed() == self.seed:
+            raise DitDeployError("the validation seed must differ from --seed (a held-out set needs other noise)")
+
+
+def spread_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
+    """``n`` labels covering the classes evenly (counts differ by at most one), in a seeded random order.
+
+    With ``n < num_classes`` the labels are evenly spaced over 0..num_classes-1 (so both ends of the class range
+    are represented); with ``n >= num_classes`` every class appears ``n // num_classes`` or one more times.
+    """
+    if n < 0 or num_classes < 1:
+        raise DitDeployError(f"cannot spread {n} labels over {num_classes} classes")
+    labels = (np.arange(n, dtype=np.int64) * num_classes) // max(n, 1)
+    return np.random.default_rng(seed).permutation(labels).astype(np.int64)
+
+
+def select_steps(n_calls: int, keep: int) -> np.ndarray:
+    """Indices of ``keep`` calls evenly spread over ``0..n_calls-1`` (first and last included); all if fewer."""
+    if n_calls <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if keep >= n_calls:
+        return np.arange(n_calls, dtype=np.int64)
+    if keep == 1:
+        return np.array([0], dtype=np.int64)
+    # spacing (n-1)/(keep-1) >= 1, so rounding keeps the indices distinct
+    return np.round(np.linspace(0, n_calls - 1, keep)).astype(np.int64)
+
+
+class _Recorder:
+    """A denoiser wrapper that keeps a copy of every (x, t, y) it is called with."""
+
+    def __init__(self, denoiser: Callable[..., np.ndarray], on_call: Callable[[], None] | None = None):
+        self.denoiser = denoiser
+        self.calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.on_call = on_call
+        # the sampler reads name / config / num_classes from the denoiser
+        self.name = getattr(denoiser, "name", "denoiser")
+        self.config = getattr(denoiser, "config", None)
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        self.calls.append((np.array(x, dtype=np.float32, copy=True), np.array(t, dtype=np.int64, copy=True),
+                           np.array(y, dtype=np.int64, copy=True)))
+        out = self.denoiser(x, t, y)
+        if self.on_call is not None:
+            self.on_call()
+        return out
+
+
+def capture_inputs(
+    denoiser: Callable[..., np.ndarray],
+    config: Any,
+    *,
+    samples: int,
+    seed: int,
+    steps: int = 50,
+    sampler: str = "ddim",
+    cfg_scale: float = 4.0,
+    eta: float = 0.0,
+    timesteps: int = MIN_TIMESTEPS,
+    batch_size: int = 16,
+    guide_all_channels: bool = False,
+    progress: Any = None,
+) -> dict[str, np.ndarray]:
+    """Run the sampler on ``samples`` trajectories and return the kept denoiser inputs.
+
+    Returns arrays ``x`` (N, C, H, W) float32, ``t`` (N,) int64 original timesteps, ``y`` (N,) int64 (null class =
+    ``config.num_classes`` for the unconditional half), ``step`` (N,) the call's index in its trajectory and
+    ``sample`` (N,) the trajectory's index. Noise of batch ``b`` comes from ``default_rng([seed, b])``; the
+    sampler's own randomness (DDPM, DDIM eta > 0) from seed ``[seed, b, 1]``. ``progress`` is a tqdm-like object
+    with ``update(n)`` (one unit per denoiser call) or None.
+    """
+    from ditdeploy.diffusion import sample as diffusion_sample
+
+    c, s = config.in_channels, config.input_size
+    labels_all = spread_labels(samples, config.num_classes, seed)
+    keep_x, keep_t, keep_y, keep_step, keep_sample = [], [], [], [], []
+    for b, start in enumerate(range(0, samples, batch_size)):
+        labels = labels_all[start:start + batch_size]
+        n = labels.shape[0]
+        noise = np.random.default_rng([seed, b]).standard_normal((n, c, s, s), dtype=np.float32)
+        rec = _Recorder(denoiser, (lambda: progress.update(1)) if progress is not None else None)
+        diffusion_sample(rec, noise, labels, method=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta,
+                         rng=np.random.default_rng([seed, b, 1]), num_classes=config.num_classes,
+                         guide_all_channels=guide_all_channels)
+        for i in select_steps(len(rec.calls), timesteps):
+            x, t, y = rec.calls[int(i)]
+            m = x.shape[0]
+            keep_x.append(x)
+            keep_t.append(t)
+            keep_y.append(y)
+            keep_step.append(np.full(m, i, dtype=np.int32))
+            keep_sample.append((start + np.arange(m) % n).astype(np.int32))
+    return {
+        "x": np.concatenate(keep_x).astype(np.float32, copy=False),
+        "t": np.concatenate(keep_t).astype(np.int64, copy=False),
+        "y": np.concatenate(keep_y).astype(np.int64, copy=False),
+        "step": np.concatenate(keep_step),
+        "sample": np.concatenate(keep_sample),
+    }
+
+
+def _counts(arr: np.ndarray) -> dict[str, int]:
+    vals, cnt = np.unique(arr, return_counts=True)
+    return {str(int(v)): int(k) for v, k in zip(vals, cnt, strict=True)}
+
+
+def _summary(a: dict[str, np.ndarray], null_class: int) -> dict[str, Any]:
+    uncond = int((a["y"] == null_class).sum())
+    return {
+        "inputs": int(a["x"].shape[0]),
+        "samples": int(np.unique(a["sample"]).size) if a["sample"].size else 0,
+        "timesteps": int(np.unique(a["t"]).size),
+        "cond": int(a["x"].shape[0]) - uncond,
+        "uncond": uncond,
+    }
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez must not append ".npz" to the temp name
+        np.savez(f, **arrays)
+
+
+def capture_calibration_set(
+    denoiser: Callable[..., np.ndarray],
+    out: str | os.PathLike,
+    settings: CaptureSettings | None = None,
+    *,
+    val_out: str | os.PathLike | None = None,
+    source: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Capture a calibration set (and a held-out validation set) from ``denoiser`` into ``out`` (.npz).
+
+    ``denoiser`` needs a ``config`` (DiTConfig) attribute, like every ``ditdeploy.runtimes`` denoiser. The
+    validation arrays go into the same file (``val_*``) unless ``val_out`` names a second .npz. ``source`` is
+    recorded in the manifest (e.g. ``{"path": ..., "sha256": ..., "backend": ...}``). Returns the manifest.
+    """
+    settings = settings or CaptureSettings()
+    settings.validate()
+    cfg = getattr(denoiser, "config", None)
+    if cfg is None:
+        raise DitDeployError("the calibration source has no model config: load it with ditdeploy.runtimes.load")
+    out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise DitDeployError(f"the calibration set is an .npz file: --out {out.name} should end in .npz")
+    val_out = Path(val_out) if val_out is not None else None
+    if val_out is not None and val_out.suffix.lower() != ".npz":
+        raise DitDeployError(f"--val-out {val_out.name} should end in .npz")
+    if val_out is not None and val_out.resolve() == out.resolve():
+        raise DitDeployError("--val-out must differ from --out (omit it to store the validation set in --out)")
+
+    val_seed = settings.resolved_val_seed()
+    calls_per_batch = settings.steps
+    n_batches = -(-settings.samples // settings.batch_size) + -(-settings.val_samples // settings.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches * calls_per_batch, desc="calibrate", unit="call", dynamic_ncols=True)
+    common = dict(steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale, eta=settings.eta,
+                  timesteps=settings.timesteps, batch_size=settings.batch_size,
+                  guide_all_channels=settings.guide_all_channels, progress=bar)
+    try:
+        calib = capture_inputs(denoiser, cfg, samples=settings.samples, seed=settings.seed, **common)
+        val = (capture_inputs(denoiser, cfg, samples=settings.val_samples, seed=val_seed, **common)
+               if settings.val_samples else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    base_fields: dict[str, Any] = {
+        "kind": KIND,
+        "format": "npz",
+        "config": dataclasses.asdict(cfg),
+        "sampler": {"method": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+                    "eta": settings.eta, "guide_all_channels": settings.guide_all_channels},
+        "timesteps_per_trajectory": int(min(settings.timesteps, settings.steps)),
+        "batch_size": settings.batch_size,
+        "noise": "x_T of batch b ~ numpy default_rng([seed, b]).standard_normal; sampler rng [seed, b, 1]",
+        "source": source or {"name": getattr(denoiser, "name", "denoiser")},
+    }
+    calib_fields = {
+        **base_fields,
+        "role": "calibration",
+        "seed": settings.seed,
+        "counts": _summary(calib, cfg.null_class),
+        "per_timestep": _counts(calib["t"]),
+        "labels": _counts(calib["y"]),
+        "arrays": {k: list(v.shape) for k, v in calib.items()},
+    }
+    if val is not None:
+        calib_fields["validation"] = {
+            "seed": val_seed,
+            "file": val_out.name if val_out is not None else out.name,
+            "prefix": "" if val_out is not None else VAL_PREFIX,
+            "counts": _summary(val, cfg.null_class),
+            "per_timestep": _counts(val["t"]),
+        }
+    if settings.steps < MIN_TIMESTEPS:
+        calib_fields["warning"] = (
+            f"only {settings.steps} sampling steps: fewer than the recommended {MIN_TIMESTEPS} timesteps covered"
+        )
+
+    if val is not None and val_out is not None:
+        val_fields = {**base_fields, "role": "validation", "seed": val_seed, "counts": _summary(val, cfg.null_class),
+                      "per_timestep": _counts(val["t"]), "labels": _counts(val["y"]),
+                      "arrays": {k: list(v.shape) for k, v in val.items()}}
+        _write_set(val_out, val, val_fields)
+    arrays = dict(calib)
+    if val is not None and val_out is None:
+        arrays.update({VAL_PREFIX + k: v for k, v in val.items()})
+    return _write_set(out, arrays, calib_fields)
+
+
+def _write_set(out: Path, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> dict[str, Any]:
+    mp = manifest_path(out)
+    with atomic_dir([out, mp]) as tmp:
+        tnpz = tmp / out.name
+        _write_npz(tnpz, arrays)
+        manifest = make_manifest(out, [tnpz], **fields)
+        write_json_atomic(tmp / mp.name, manifest)
+    return manifest
+
+
+@dataclass
+class CalibrationSet:
+    """A loaded calibration set: arrays, optional validation arrays, manifest and the npz's sha256."""
+
+    x: np.ndarray
+    t: np.ndarray
+    y: np.ndarray
+    step: np.ndarray
+    sample: np.ndarray
+    manifest: dict[str, Any]
+    sha256: str
+    path: Path
+    val: dict[str, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(np.unique(self.t).size)
+
+    def validation(self) -> dict[str, np.ndarray]:
+        """The held-out validation arrays (x, t, y, step, sample); ArtifactError if the set has none."""
+        if self.val is None:
+            raise ArtifactError(f"{self.path.name} has no validation set: recapture with --val-samples > 0")
+        return self.val
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a readable calibration .npz ({e}); recapture it") from e
+
+
+def load_calibration(path: str | os.PathLike, verify: bool = True) -> CalibrationSet:
+    """Load a calibration set written by :func:`capture_calibration_set` (manifest and sha256 checked)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no such calibration set: {path} (create one with `ditdeploy calibrate`)")
+    m = load_manifest(path, verify=verify)
+    assert m is not None
+    if m.get("kind") != KIND:
+        raise ArtifactError(f"{path.name} is a {m.get('kind')!r} artifact, not a calibration set")
+    arrays = _read_npz(path)
+    missing = [k for k in ARRAYS if k not in arrays]
+    if missing:
+        raise ArtifactError(f"{path.name} lacks arrays {missing}: recapture it with `ditdeploy calibrate`")
+    n = arrays["x"].shape[0]
+    if arrays["x"].ndim != 4 or any(arrays[k].shape != (n,) for k in ARRAYS[1:]):
+        raise ArtifactError(f"{path.name} has inconsistent array shapes: recapture it")
+    val = None
+    vinfo = m.get("validation")
+    if VAL_PREFIX + "x" in arrays:
+        val = {k: arrays[VAL_PREFIX + k] for k in ARRAYS if VAL_PREFIX + k in arrays}
+    elif isinstance(vinfo, dict) and vinfo.get("file") and vinfo.get("file") != path.name:
+        vpath = path.parent / Path(str(vinfo["file"])).name
+        if vpath.exists():
+            vm = load_manifest(vpath, verify=verify)
+            if vm is not None and vm.get("role") == "validation":
+                val = _read_npz(vpath)
+    sha = m["files"][path.name]["sha256"] if path.name in m.get("files", {}) else sha256_file(path)
+    return CalibrationSet(x=arrays["x"], t=arrays["t"], y=arrays["y"], step=arrays["step"], sample=arrays["sample"],
+                          manifest=m, sha256=sha, path=path, val=val)
+
+
+def describe(m: dict[str, Any]) -> str:
+    """One-line summary of a calibration manifest for CLI output."""
+    c = m.get("counts", {})
+    s = m.get("sampler", {})
+    v = m.get("validation", {}).get("counts", {}) if isinstance(m.get("validation"), dict) else {}
+    return (f"{c.get('inputs')} inputs ({c.get('cond')} cond + {c.get('uncond')} uncond) from {c.get('samples')} "
+            f"trajectories x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
+            f"{c.get('timesteps')} distinct t, cfg {s.get('cfg_scale')}; validation {v.get('inputs', 0)} inputs "
+            f"(seed {m.get('validation', {}).get('seed', '-') if isinstance(m.get('validation'), dict) else '-'})")

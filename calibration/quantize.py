@@ -1,0 +1,606 @@
+"""INT8 denoiser ONNX: explicit QuantizeLinear/DequantizeLinear (static, calibrated) or dynamic INT8 for CPUs.
+
+``quantize_int8(onnx_in, onnx_out, calibration=..., mode="static")`` turns the fp32 ONNX denoiser into an explicitly
+quantized (Q/DQ) graph with ``onnxruntime.quantization.quantize_static`` (QDQ format):
+
+- weights: int8, per output channel, symmetric (zero point 0);
+- activations: int8 symmetric by default (what TensorRT's explicit quantization needs: zero point 0), or uint8
+  asymmetric (``activations="uint8"``, ONNX Runtime CPU only); ranges from the calibration set by percentile
+  (default 99.99 % of |x|) or entropy over histograms, not by plain max;
+- only the GEMM inputs are quantized (Q/DQ on the activation and the weight of MatMul/Gemm/Conv, none on their
+  outputs): the bias add, LayerNorm, modulation, GELU and softmax stay in floating point, and ONNX Runtime fuses
+  each DQ->MatMul into ``MatMulIntegerToFloat`` (an int8 GEMM with a float output);
+- sensitive nodes stay in floating point by default (``calibration.nodes``: embedders, adaLN modulation, the final
+  layer, attention QK^T / AV); the excluded node names are listed in the manifest; ``exclude=`` overrides.
+
+The activation ranges are collected here rather than by ``quantize_static``'s own calibrator: ORT's histogram
+calibrators record every input/output tensor of every MatMul (the 256x256 attention maps included) for the whole
+calibration set before histogramming, which does not fit in memory for XL/2, and histogram by sorting. Here only the
+activation inputs of the nodes to quantize are exposed, streaming histograms are accumulated batch by batch
+(``calibration.ranges``), and the resulting ranges are handed to ``quantize_static`` as its calibration cache.
+
+External-data models (XL/2: 2.7 GB of weights) work: the graph (without its weights) is staged as a hidden temporary
+file beside the source so its data resolves (ONNX and ORT refuse symlinked or hard-linked data), removed afterwards, ``quant_pre_process`` is not used (it fails on external
+data, REFERENCE §4), and the output is written with external data (``<out>.data``) when the source had it.
+
+``mode="dynamic"``: ``quantize_dynamic`` (per-channel int8 weights, uint8 activations quantized at run time,
+MatMul/Gemm with constant weights) for ONNX Runtime CPU; no calibration needed. The same node exclusions apply (ORT
+renames a Gemm to ``<name>_MatMul`` when it converts it, which silently defeats a plain ``nodes_to_exclude``; both
+names are passed).
+
+Every output is checked at the end against the fp32 source on ONNX Runtime CPU (held-out validation inputs, per
+timestep); the numbers go into the manifest's ``parity``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.artifacts import (
+    atomic_dir,
+    load_manifest,
+    make_manifest,
+    manifest_path,
+    sha256_file,
+    write_json_atomic,
+)
+from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
+from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
+
+__all__ = [
+    "MODES",
+    "Int8Options",
+    "collect_ranges",
+    "count_qdq",
+    "external_data_files",
+    "quantize_int8",
+    "stratified_subset",
+]
+
+MODES = ("static", "dynamic")
+ACTIVATIONS = ("int8", "uint8")
+METHODS = ("percentile", "entropy", "minmax")
+# The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: a correct int8
+# DiT gives per-call cosine ~0.999+ vs fp32 (see README), a wrong scale gives < 0.9.
+MIN_COSINE = 0.95
+_CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space")
+log = logging.getLogger("ditdeploy.calibration")
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Options:
+    """Knobs of :func:`quantize_int8` (recorded in the manifest)."""
+
+    mode: str = "static"
+    activations: str = "int8"
+    calibrate_method: str = "percentile"
+    percentile: float = 99.99
+    per_channel: bool = True
+    max_inputs: int = 512
+    batch_size: int = 8
+    num_bins: int = 2048
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise DitDeployError(f"unknown int8 mode {self.mode!r}: choose static (Q/DQ, calibrated) or dynamic")
+        if self.activations not in ACTIVATIONS:
+            raise DitDeployError(f"activations must be int8 (symmetric, TensorRT) or uint8 (ORT CPU), not "
+                                 f"{self.activations!r}")
+        if self.calibrate_method not in METHODS:
+            raise DitDeployError(f"unknown calibration method {self.calibrate_method!r}: choose {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise DitDeployError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.max_inputs < 1 or self.batch_size < 1:
+            raise DitDeployError("max_inputs and batch_size must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ graph staging
+
+
+def external_data_files(model) -> list[str]:
+    """Relative locations of the external data files an ``onnx.ModelProto`` (loaded without data) refers to."""
+    from onnx import TensorProto
+
+    locs: list[str] = []
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            for kv in init.external_data:
+                if kv.key == "location" and kv.value not in locs:
+                    locs.append(kv.value)
+    return locs
+
+
+@contextlib.contextmanager
+def _stage(src: Path, workdir: Path) -> Iterator[tuple[Path, Any]]:
+    """A graph-only copy of ``src`` whose external data resolves, plus its ModelProto (loaded without data).
+
+    ONNX and ONNX Runtime only read external data from the model file's own directory and refuse symlinks and hard
+    links, so the copy is a hidden temporary file beside ``src`` (removed afterwards). If that directory is not
+    writable, the data files are copied into ``workdir`` instead.
+    """
+    import onnx
+
+    from ditdeploy.artifacts import safe_member
+
+    model = onnx.load(str(src), load_external_data=False)
+    locs = external_data_files(model)
+    for loc in locs:
+        if not safe_member(src.parent, loc).exists():
+            raise ArtifactError(f"{src.name} refers to external data {loc!r} that is missing beside it")
+    if not locs:
+        staged = workdir / "source.onnx"
+        onnx.save(model, str(staged))
+        yield staged, model
+        return
+    if os.access(src.parent, os.W_OK):
+        fd, name = tempfile.mkstemp(prefix=f".{src.stem}.int8-stage.", suffix=".onnx", dir=src.parent)
+        os.close(fd)
+        staged = Path(name)
+        inferred = staged.with_name(staged.stem + "-inferred.onnx")  # what quantize_static writes beside it
+        try:
+            onnx.save(model, str(staged))
+            yield staged, model
+        finally:
+            for p in (staged, inferred, staged.with_name(staged.stem + ".ranges.onnx")):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        return
+    for loc in locs:
+        dst = workdir / loc
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(safe_member(src.parent, loc), dst)
+    staged = workdir / "source.onnx"
+    onnx.save(model, str(staged))
+    yield staged, model
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def stratified_subset(t: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of ``n`` items balanced over the distinct values of ``t`` (round-robin over shuffled groups)."""
+    if n >= t.shape[0]:
+        return np.arange(t.shape[0])
+    rng = np.random.default_rng(seed)
+    groups = [rng.permutation(np.flatnonzero(t == v)) for v in np.unique(t)]
+    out: list[int] = []
+    depth = 0
+    while len(out) < n:
+        for g in groups:
+            if depth < g.shape[0]:
+                out.append(int(g[depth]))
+                if len(out) == n:
+                    break
+        depth += 1
+    return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def _feeds(x: np.ndarray, t: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for i in range(0, x.shape[0], batch_size):
+        yield {"x": np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32),
+               "t": np.ascontiguousarray(t[i:i + batch_size], dtype=np.int64),
+               "y": np.ascontiguousarray(y[i:i + batch_size], dtype=np.int64)}
+
+
+def _synthetic_inputs(cfg: Any, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Validation inputs when no calibration set is given: x ~ N(0, 1), t spread over 0..999, labels + null."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
+    t = np.rint(np.linspace(0, 999, n)).astype(np.int64)
+    y = rng.integers(0, cfg.num_classes, n).astype(np.int64)
+    y[1::2] = cfg.num_classes
+    return {"x": x, "t": t, "y": y}
+
+
+# ------------------------------------------------------------------------------------------------ ranges
+
+
+def _session(path: Path, threads: int | None = None, optimize: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        so.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {msg}") from e
+
+
+def collect_ranges(
+    staged: Path,
+    model,
+    tensors: Sequence[str],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    symmetric: bool = True,
+    num_bins: int = 2048,
+    progress: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """Activation ranges ``{tensor: (low, high)}`` of ``tensors`` over ``feeds``.
+
+    ``staged`` is a graph file whose external data resolves from its directory; ``model`` its ModelProto (loaded
+    without data). The tensors are added as graph outputs of a temporary copy, run batch by batch on ONNX Runtime
+    CPU, and accumulated in streaming histograms (:mod:`ditdeploy.calibration.ranges`).
+    """
+    import onnx
+
+    from ditdeploy.calibration.ranges import RangeHistogram
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    existing = {o.name for o in aug.graph.output}
+    for name in tensors:
+        if name not in existing:
+            aug.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    aug_path = staged.with_name(staged.stem + ".ranges.onnx")
+    onnx.save(aug, str(aug_path))
+    try:
+        sess = _session(aug_path)
+        names = list(tensors)
+        hists = {n: RangeHistogram(num_bins) for n in names}
+        it: Any = feeds
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(feeds, desc="int8 ranges", unit="batch", dynamic_ncols=True)
+        for feed in it:
+            outs = sess.run(names, feed)
+            for n, o in zip(names, outs, strict=True):
+                a = np.asarray(o, dtype=np.float32)
+                if not np.isfinite(a).all():
+                    raise NumericsError(f"the fp32 model produced NaN/Inf in {n} on a calibration input")
+                hists[n].add(a)
+        del sess
+    finally:
+        aug_path.unlink(missing_ok=True)
+    if method == "percentile":
+        return {n: h.percentile(percentile, symmetric=symmetric) for n, h in hists.items()}
+    if method == "entropy":
+        if not symmetric:
+            raise DitDeployError("entropy calibration gives symmetric ranges: use it with int8 activations")
+        return {n: h.entropy() for n, h in hists.items()}
+    return {n: h.minmax(symmetric=symmetric) for n, h in hists.items()}
+
+
+def _write_cache(path: Path, ranges: dict[str, tuple[Any, Any]], method: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    cm = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
+          "minmax": CalibrationMethod.MinMax}[method]
+    data = {n: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
+            for n, (lo, hi) in ranges.items()}
+    save_tensors_data(TensorsData(cm, data), path)
+    return cm
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def count_qdq(model) -> dict[str, int]:
+    """Counts of QuantizeLinear / DequantizeLinear / integer ops in an ``onnx.ModelProto``."""
+    c: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                         "ConvInteger", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+            c[n.op_type] = c.get(n.op_type, 0) + 1
+    return c
+
+
+def _quantized_weight_nodes(model) -> set[str]:
+    """Names of nodes whose weight input is fed by DequantizeLinear of an int8 initializer (static Q/DQ)."""
+    inits = {i.name for i in model.graph.initializer}
+    dq_of_const = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    return {n.name for n in model.graph.node if any(i in dq_of_const for i in n.input)}
+
+
+def _check_static_graph(model, quantized: Sequence[NodeRole], excluded: Sequence[NodeRole]) -> dict[str, Any]:
+    counts = count_qdq(model)
+    fed = _quantized_weight_nodes(model)
+    missing = [r.name for r in quantized if r.name not in fed]
+    leaked = [r.name for r in excluded if r.name in fed]
+    if leaked:
+        raise NumericsError(f"excluded nodes got quantized weights: {leaked[:4]}")
+    if missing:
+        log.warning("%d selected nodes were not quantized by onnxruntime: %s", len(missing), missing[:4])
+    return {"qdq_counts": counts, "not_quantized": missing}
+
+
+def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, Any]:
+    from ditdeploy.calibration.report import error_curve, summarize_curve
+
+    ref_s, q_s = _session(src), _session(out)
+
+    def run(s):
+        return lambda x, t, y: s.run(None, {"x": x, "t": t, "y": y})[0]
+
+    curve = error_curve(run(ref_s), run(q_s), inputs["x"], inputs["t"], inputs["y"], batch_size=batch_size)
+    ov = curve["overall"]
+    if not ov["finite"]:
+        raise NumericsError(f"the int8 model {out.name} returns NaN/Inf on validation inputs")
+    if ov["per_call_cosine_min"] < MIN_COSINE:
+        raise NumericsError(
+            f"the int8 model {out.name} deviates from fp32: per-call cosine down to {ov['per_call_cosine_min']:.4f} "
+            f"(< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
+        )
+    return {"reference": "onnxruntime CPU on the fp32 source", "backend": "onnxruntime CPU int8",
+            **ov, **summarize_curve(curve), "per_timestep": curve["per_timestep"]}
+
+
+# ------------------------------------------------------------------------------------------------ main entry
+
+
+@contextlib.contextmanager
+def _quiet_ort_logging():
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.ERROR)  # ORT's quantizer warns about pre-processing on the root logger
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
+def _config_of(src_m: dict[str, Any]):
+    from ditdeploy.variants import DiTConfig
+
+    try:
+        return DiTConfig.from_dict(src_m["config"])
+    except (KeyError, TypeError, DitDeployError) as e:
+        raise ArtifactError(f"the source manifest has no valid model 'config' ({e}): re-export the ONNX") from e
+
+
+def quantize_int8(
+    onnx_in: str | os.PathLike,
+    onnx_out: str | os.PathLike,
+    calibration: str | os.PathLike | None = None,
+    *,
+    mode: str = "static",
+    exclude: Sequence[str] | None = None,
+    activations: str = "int8",
+    calibrate_method: str = "percentile",
+    percentile: float = 99.99,
+    per_channel: bool = True,
+    max_inputs: int = 512,
+    batch_size: int = 8,
+    verify: bool = True,
+    progress: bool = True,
+    log_fn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Quantize the fp32 denoiser ONNX ``onnx_in`` to INT8 at ``onnx_out`` (+ manifest); returns the manifest.
+
+    ``mode="static"`` needs ``calibration`` (an .npz from ``ditdeploy calibrate``) and writes explicit Q/DQ
+    (TensorRT-ready with the default ``activations="int8"``); ``mode="dynamic"`` needs none (ORT CPU only).
+    ``exclude``: see :func:`ditdeploy.calibration.nodes.resolve_exclusions` (None = embedders, adaLN, final layer,
+    attention). ``max_inputs`` calibration inputs (balanced over timesteps) are used for the ranges.
+    ``verify`` compares the result with the source on ONNX Runtime CPU and records ``parity``.
+    """
+    opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
+                       per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size)
+    opts.validate()
+    say = log_fn or (lambda s: log.info(s))
+    onnx = require("onnx", "export", "INT8 quantization")
+    require("onnxruntime.quantization", "export", "INT8 quantization")
+    src = Path(onnx_in)
+    out = Path(onnx_out)
+    if not src.exists():
+        raise ArtifactError(f"no such ONNX file: {src}")
+    if out.suffix.lower() != ".onnx":
+        raise DitDeployError(f"the INT8 model is an ONNX file: {out.name} should end in .onnx")
+    if out.resolve() == src.resolve():
+        raise DitDeployError("the INT8 output must not overwrite its fp32 source")
+    src_m = load_manifest(src, verify=True)
+    assert src_m is not None
+    if src_m.get("kind") != "denoiser":
+        raise ArtifactError(f"{src.name} is a {src_m.get('kind')!r} artifact; INT8 applies to the denoiser")
+    if str(src_m.get("precision", "fp32")) == "int8":
+        raise DitDeployError(f"{src.name} is already INT8: quantize the fp32 export")
+    cfg = _config_of(src_m)
+
+    calib = None
+    if calibration is not None:
+        from ditdeploy.calibration.capture import load_calibration
+
+        calib = load_calibration(calibration)
+        cc = calib.manifest.get("config", {})
+        for k in ("in_channels", "input_size", "num_classes"):
+            if cc.get(k) != getattr(cfg, k):
+                raise DitDeployError(
+                    f"calibration set {calib.path.name} was captured from a model with {k}={cc.get(k)}, but "
+                    f"{src.name} has {k}={getattr(cfg, k)}: capture it from this model"
+                )
+    elif opts.mode == "static":
+        raise DitDeployError("static INT8 needs a calibration set: pass --calibration calib.npz "
+                             "(from `ditdeploy calibrate`) or use --int8-mode dynamic")
+
+    t_start = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DitDeployError(f"cannot create output directory {out.parent}: {e.strerror}") from e
+    with tempfile.TemporaryDirectory(prefix=".ditdeploy-int8-", dir=out.parent) as work_s, \
+            contextlib.ExitStack() as stack:
+        work = Path(work_s)
+        staged, model = stack.enter_context(_stage(src, work))
+        ext = bool(external_data_files(model))
+        roles = classify_nodes(model)
+        quantized, excluded = resolve_exclusions(roles, exclude)
+        if opts.mode == "dynamic":  # dynamic int8 needs a constant weight: activation x activation stays float
+            skipped = [r for r in quantized if r.weight is None or r.op_type == "Conv"]
+            quantized = [r for r in quantized if r not in skipped]
+            excluded = excluded + skipped
+        if not quantized:
+            raise DitDeployError("nothing to quantize: every MatMul/Gemm/Conv is excluded")
+        how = sorted({r.how for r in roles})
+        say(f"int8 {opts.mode}: {len(quantized)} nodes quantized ({role_counts(quantized)}), "
+            f"{len(excluded)} kept in float ({role_counts(excluded)}); roles from {'+'.join(how)}")
+        fields: dict[str, Any] = {}
+        tmp_q = work / out.name
+        with _quiet_ort_logging():
+            if opts.mode == "static":
+                assert calib is not None
+                fields.update(_static(staged, model, tmp_q, work, calib, quantized, excluded, opts, ext, progress,
+                                         say))
+            else:
+                _dynamic(staged, tmp_q, quantized, excluded, opts, ext)
+        qmodel = onnx.load(str(tmp_q), load_external_data=False)
+        if opts.mode == "static":
+            fields["graph_check"] = _check_static_graph(qmodel, quantized, excluded)
+        else:
+            fields["graph_check"] = {"qdq_counts": count_qdq(qmodel)}
+        t_quant = time.perf_counter() - t_start
+
+        if verify:
+            if calib is not None and calib.val is not None:
+                vin = calib.val
+                vsrc = "calibration set's held-out validation inputs"
+            elif calib is not None:
+                idx = stratified_subset(calib.t, 32, seed=1)
+                vin = {"x": calib.x[idx], "t": calib.t[idx], "y": calib.y[idx]}
+                vsrc = "32 calibration inputs (the set has no validation part)"
+            else:
+                vin = _synthetic_inputs(cfg)
+                vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
+            fields["parity"] = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size)}
+            p = fields["parity"]
+            say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
+                f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
+
+        data_name = out.name + ".data"
+        files = [tmp_q] + ([work / data_name] if (work / data_name).exists() else [])
+        carry = {k: src_m[k] for k in _CARRY if k in src_m}
+        dec = src_m.get("decoder")
+        if dec and not (out.parent / str(dec)).exists():
+            carry.pop("decoder", None)
+        fields.update(
+            format="onnx",
+            precision="int8",
+            int8={
+                "mode": opts.mode,
+                "format": "QDQ" if opts.mode == "static" else "dynamic (MatMulInteger)",
+                "weights": "int8 symmetric, per output channel" if opts.per_channel else "int8 symmetric, per tensor",
+                "activations": (("int8 symmetric (zero point 0)" if opts.activations == "int8"
+                                 else "uint8 asymmetric") if opts.mode == "static"
+                                else "uint8 asymmetric, quantized at run time"),
+                "calibrate_method": opts.calibrate_method if opts.mode == "static" else None,
+                "percentile": opts.percentile if opts.mode == "static" and opts.calibrate_method == "percentile"
+                else None,
+                "quantizer": f"onnxruntime.quantization.quantize_{opts.mode}",
+                "quantized_nodes": len(quantized),
+                "quantized_roles": role_counts(quantized),
+                "excluded_roles": role_counts(excluded),
+                "roles_from": "+".join(how),
+                "external_data": (work / data_name).exists(),
+                "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8",
+                "seconds": round(t_quant, 2),
+            },
+            excluded_nodes=[r.name for r in excluded],
+            excluded_modules=sorted({r.module for r in excluded if r.module}),
+            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32")},
+        )
+        if calib is not None:
+            fields["calibration_sha256"] = calib.sha256
+            fields["calibration"] = {"file": calib.path.name, "inputs": len(calib),
+                                     "timesteps": calib.num_timesteps,
+                                     "sampler": calib.manifest.get("sampler"),
+                                     "seed": calib.manifest.get("seed")}
+        mp = manifest_path(out)
+        finals = [out.parent / f.name for f in files if f != tmp_q] + [out, mp]
+        with atomic_dir(finals) as tmp:
+            for f in files:
+                shutil.move(str(f), str(tmp / f.name))
+            manifest = make_manifest(out, [tmp / f.name for f in files], **carry, **fields)
+            write_json_atomic(tmp / mp.name, manifest)
+    return manifest
+
+
+def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequence[NodeRole],
+            excluded: Sequence[NodeRole], opts: Int8Options, ext: bool, progress: bool,
+            say: Callable[[str], None]) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    inits = {i.name for i in model.graph.initializer}
+    const_like = set(inits)
+    by_name = {n.name: n for n in model.graph.node}
+    tensors: list[str] = []
+    for r in quantized:
+        for i in by_name[r.name].input[:2]:
+            if i and i not in const_like and i != r.weight and i not in tensors:
+                tensors.append(i)
+    idx = stratified_subset(calib.t, opts.max_inputs, seed=opts.seed)
+    feeds = list(_feeds(calib.x[idx], calib.t[idx], calib.y[idx], opts.batch_size))
+    symmetric = opts.activations == "int8"
+    t0 = time.perf_counter()
+    ranges = collect_ranges(staged, model, tensors, feeds, method=opts.calibrate_method, percentile=opts.percentile,
+                            symmetric=symmetric, num_bins=opts.num_bins, progress=progress)
+    t_ranges = time.perf_counter() - t0
+    say(f"activation ranges of {len(tensors)} tensors from {idx.shape[0]} calibration inputs "
+        f"({opts.calibrate_method}) in {t_ranges:.1f} s")
+    cache = work / "ranges.json"
+    method = _write_cache(cache, ranges, opts.calibrate_method)
+    op_types = sorted({r.op_type for r in quantized})
+    quantize_static(
+        str(staged), str(tmp_q),
+        calibration_data_reader=None,
+        calibration_cache_path=str(cache),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=op_types,
+        per_channel=opts.per_channel,
+        reduce_range=False,
+        activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_quantize=[r.name for r in quantized],
+        nodes_to_exclude=[r.name for r in excluded],
+        use_external_data_format=ext,
+        calibrate_method=method,
+        extra_options={
+            "ActivationSymmetric": symmetric,
+            "WeightSymmetric": True,
+            # Q/DQ on GEMM inputs only: outputs stay float (bias add, residuals, LayerNorm); ORT then fuses
+            # DQ->MatMul into MatMulIntegerToFloat, TensorRT fuses DQ->GEMM->bias.
+            "OpTypesToExcludeOutputQuantization": op_types,
+        },
+    )
+    amax = {n: float(max(abs(float(lo)), abs(float(hi)))) for n, (lo, hi) in ranges.items()}
+    return {"ranges": {"tensors": len(tensors), "inputs": int(idx.shape[0]), "seconds": round(t_ranges, 2),
+                       "amax_max": max(amax.values()) if amax else 0.0,
+                       "amax_median": float(np.median(list(amax.values()))) if amax else 0.0}}
+
+
+def _dynamic(staged: Path, tmp_q: Path, quantized: Sequence[NodeRole], excluded: Sequence[NodeRole],
+             opts: Int8Options, ext: bool) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    def both(names: list[str]) -> list[str]:  # ORT renames a Gemm it converts to MatMul: <name>_MatMul
+        return names + [n + "_MatMul" for n in names]
+
+    quantize_dynamic(
+        str(staged), str(tmp_q),
+        op_types_to_quantize=sorted({r.op_type for r in quantized}),
+        per_channel=opts.per_channel,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        nodes_to_quantize=both([r.name for r in quantized]),
+        nodes_to_exclude=both([r.name for r in excluded]),
+        use_external_data_format=ext,
+        extra_options={"MatMulConstBOnly": True},
+    )
