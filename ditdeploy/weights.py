@@ -38,6 +38,7 @@ __all__ = [
     "official_name",
     "official_path_hint",
     "resolve_cache_dir",
+    "resolve_checkpoint",
 ]
 
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/DiT/models"
@@ -208,3 +209,32 @@ def _download(url: str, dest: Path, digest: Any, progress: bool, timeout: float,
     if total is not None and got != total:
         raise ArtifactError(f"download of {label} from {url} broke off after {got} of {total} bytes: try again")
 
+
+
+def resolve_checkpoint(
+    spec: str | os.PathLike,
+    *,
+    download: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Turn a ``--checkpoint`` argument into an existing file.
+
+    An existing path is returned as is. Otherwise, if its file name is an official one ("DiT-XL-2-256x256.pt",
+    with or without ".pt"), the cached copy is used, or (``download=True``) fetched with ``fetch_official``. Anything
+    else, or an official file that is absent while ``download=False``, raises a one-line ``ArtifactError`` that says
+    where to put the file.
+    """
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p
+    name = p.name if p.name.endswith(".pt") else p.name + ".pt"
+    if name not in OFFICIAL_WEIGHTS:
+        raise ArtifactError(f"checkpoint {p} does not exist: check the path")
+    if not download:
+        cached = cached_official(name, cache_dir)
+        if cached is not None:
+            return fetch_official(name, cache_dir=cache_dir, progress=progress)  # verifies the sha256 record
+        raise ArtifactError(f"official weights {name} are not here; {official_path_hint(name, cache_dir)}")
+    return fetch_official(name, cache_dir=cache_dir, base_url=base_url, progress=progress)

@@ -22,6 +22,7 @@ from ditdeploy.weights import (
     official_name,
     official_path_hint,
     resolve_cache_dir,
+    resolve_checkpoint,
 )
 
 NAME = "DiT-XL-2-256x256.pt"
@@ -176,3 +177,20 @@ def test_registry_names_hints_and_cache_location(tmp_path, monkeypatch):
         fetch_official("DiT-XL-4-256x256.pt", cache_dir=tmp_path)
     with pytest.raises(DitDeployError):
         fetch_official(NAME, cache_dir=tmp_path, expected_sha256="abc")
+
+
+def test_resolve_checkpoint(server, tmp_path):
+    own = tmp_path / "mine.pt"
+    own.write_bytes(b"x")
+    assert resolve_checkpoint(own) == own
+    with pytest.raises(ArtifactError) as e:
+        resolve_checkpoint(tmp_path / "missing.pt")
+    assert "does not exist" in str(e.value)
+    cache = tmp_path / "cache"
+    with pytest.raises(ArtifactError) as e:  # offline mode: say where to put it
+        resolve_checkpoint(NAME, download=False, cache_dir=cache)
+    assert "put it at" in str(e.value) and _listing(cache) == []
+    server.routes[f"/{NAME}"] = (200, PAYLOAD, None)
+    got = resolve_checkpoint("DiT-XL-2-256x256", cache_dir=cache, base_url=server.url, progress=False)
+    assert got == cache / NAME and got.read_bytes() == PAYLOAD
+    assert resolve_checkpoint(NAME, download=False, cache_dir=cache, progress=False) == got
