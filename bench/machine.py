@@ -140,7 +140,9 @@ def _openvino_matmul(n: int, hint: str) -> Callable[[], Any] | None:
 
 
 def _torch_matmul(n: int, dtype: str) -> Callable[[], Any] | None:
-    if importlib.util.find_spec("torch") is None:
+    from ditdeploy.checking import has_torch
+
+    if not has_torch():
         return None
     try:
         import torch

@@ -83,8 +83,6 @@ def register(app: typer.Typer) -> None:
         plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
     ) -> None:
         """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch."""
-        import importlib.util
-
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.bench import harness, report
         from ditdeploy.errors import DitDeployError
@@ -102,7 +100,9 @@ def register(app: typer.Typer) -> None:
             engines = [default_engine(None)]
         targets: list[harness.Target] = []
         baselines: dict[str, harness.Target] = {}
-        have_torch = importlib.util.find_spec("torch") is not None
+        from ditdeploy.checking import has_torch
+
+        have_torch = has_torch()
         for p in engines:
             if not p.exists():
                 raise DitDeployError(f"no such artifact: {p}")
@@ -174,9 +174,11 @@ def _torch_reference(p: Path, m: dict, cfg, reference: Path | None) -> Path | No
     """A checkpoint for the torch baseline: --reference, the manifest's, the shipped digits, or None (random)."""
     if reference is not None:
         return reference
-    src = m.get("checkpoint")
+    src = m.get("checkpoint") or m.get("source_checkpoint")
+    if src is None and isinstance(m.get("source"), dict):
+        src = m["source"].get("checkpoint") or m["source"].get("path")
     if isinstance(src, dict):
-        src = src.get("path")
+        src = src.get("path") or src.get("name")
     if src:
         for cand in (p.parent / src, Path(src)):
             if cand.exists():

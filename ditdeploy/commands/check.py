@@ -131,11 +131,11 @@ def _resolve_reference(reference: Path | None, art) -> Path:
         return reference
     if art is not None:
         m = art.manifest or {}
-        src = m.get("checkpoint")
+        src = m.get("checkpoint") or m.get("source_checkpoint")
         if src is None and isinstance(m.get("source"), dict):
-            src = m["source"].get("checkpoint")
+            src = m["source"].get("checkpoint") or m["source"].get("path")
         if isinstance(src, dict):
-            src = src.get("path")
+            src = src.get("path") or src.get("name")
         if src:
             p = Path(src)
             for cand in ((p,) if p.is_absolute() else (Path(art.path).parent / p, p)):
@@ -154,12 +154,11 @@ def _resolve_reference(reference: Path | None, art) -> Path:
 
 
 def _load_reference(path: Path):
-    import importlib.util
-
+    from ditdeploy.checking import has_torch
     from ditdeploy.errors import DitDeployError
     from ditdeploy.runtimes import load
 
-    if importlib.util.find_spec("torch") is None:
+    if not has_torch():
         raise DitDeployError("the PyTorch reference needs torch, which is not installed here: check against a golden "
                              "file instead (`ditdeploy check --save-golden g.npz` on a machine with torch, then "
                              "`--golden g.npz` here)")

@@ -1,0 +1,390 @@
+"""Head-to-head on the same work: diffusers' ``DiTPipeline`` vs an official-style torch eager loop vs ditdeploy.
+
+The work: class-conditional sampling of ``--batch`` images at 256 px with a DiT-XL/2-sized model (random weights,
+built in-process, nothing downloaded), ``--steps`` DPM-Solver++ (2M) steps, classifier-free guidance ``--cfg-scale``
+(denoiser batch = 2 x images), then an SD-VAE-sized ``AutoencoderKL`` decode to pixels. Contenders:
+
+* ``diffusers``: ``DiTPipeline(DiTTransformer2DModel(XL/2 config), AutoencoderKL(SD-VAE config),
+  DPMSolverMultistepScheduler)`` in torch eager fp32: what users run today.
+* ``torch``: the official-style loop: ``ditdeploy.models.DiT`` (official numerics) in torch eager fp32, guidance via
+  the doubled batch, the same DPM-Solver++ sampler (``ditdeploy.diffusion``), the same VAE decoded in torch.
+* ``ort-fp32``, ``ov-bf16``, ``ort-int8``, ...: ditdeploy's exported denoiser on ONNX Runtime / OpenVINO (fp32, the
+  bf16 inference hint, dynamic INT8) with the VAE decoder exported to ONNX, run by ``ditdeploy.diffusion.sample``.
+
+Each contender runs in its own subprocess (XL/2 weights are 2.7 GB; the machine's memory is shared), ``--repeats``
+times after nothing but model construction/loading (the first run pays one-off costs such as ORT's arena growth; the
+median is reported and every run is kept). For the ditdeploy contenders, the final latents are also compared with the
+torch contender's (same noise, same weights) so the accuracy price of bf16/INT8 is in the same table.
+
+Usage (heavy: ~10-20 min on 2 cores; run when the machine is quiet)::
+
+    python -m ditdeploy.bench.h2h_diffusers --out bench/results/h2h_xl2_256.json
+    python -m ditdeploy.bench.h2h_diffusers --model S/2 --steps 5 --contenders diffusers,torch,ort-fp32  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULT_TAG = "DITDEPLOY_H2H_RESULT "
+ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8")
+DEFAULT_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-bf16", "ort-int8")
+
+# SD VAE (stabilityai/sd-vae-ft-*) architecture, random weights
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
+
+
+@dataclasses.dataclass
+class Work:
+    model: str = "XL/2"
+    image_size: int = 256
+    batch: int = 1
+    steps: int = 25
+    cfg_scale: float = 4.0
+    seed: int = 0
+    repeats: int = 1
+    threads: int | None = None
+    workdir: str = ""
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _config(w: Work):
+    from ditdeploy.variants import variant_config
+
+    return variant_config(w.model, image_size=w.image_size)
+
+
+def _labels(w: Work, num_classes: int) -> np.ndarray:
+    demo = np.array([207, 360, 387, 974, 88, 979, 417, 279], dtype=np.int64) % num_classes
+    return np.resize(demo, w.batch)
+
+
+def _noise(w: Work, cfg) -> np.ndarray:
+    rng = np.random.default_rng(w.seed)
+    return rng.standard_normal((w.batch, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
+
+
+def _set_threads(w: Work) -> None:
+    if w.threads:
+        import torch
+
+        torch.set_num_threads(w.threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared random weights (built once, saved in the workdir, so every contender runs the same numbers)
+# ----------------------------------------------------------------------------------------------------------------
+def _dit_model(w: Work):
+    """ditdeploy's DiT with deterministic random weights (``ditdeploy.export.randomize``: the zero-initialised adaLN
+    and final layers filled too, so outputs are not identically zero and parity numbers mean something)."""
+    from ditdeploy.export.randomize import random_model
+
+    return random_model(w.model, image_size=w.image_size, seed=w.seed)
+
+
+def _vae_dir(w: Work) -> Path:
+    d = Path(w.workdir) / "vae"
+    if not (d / "config.json").exists():
+        import torch
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(w.seed + 1)
+        AutoencoderKL(**SD_VAE_CONFIG).save_pretrained(d)
+    return d
+
+
+def _checkpoint(w: Work) -> Path:
+    p = Path(w.workdir) / f"dit-{w.model.replace('/', '')}-{w.image_size}-random.safetensors"
+    if not p.exists():
+        from ditdeploy.checkpoints import save_safetensors
+
+        m = _dit_model(w)
+        save_safetensors(m, p, m.config)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# contenders (each runs inside its own subprocess)
+# ----------------------------------------------------------------------------------------------------------------
+def run_diffusers(w: Work) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    _set_threads(w)
+    cfg = _config(w)
+    torch.manual_seed(w.seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes)
+    vae = AutoencoderKL.from_pretrained(_vae_dir(w))
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2)
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    labels = [int(v) for v in _labels(w, cfg.num_classes)]
+    calls = {"n": 0, "s": 0.0}
+    orig_forward = transformer.forward
+
+    def counted(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return orig_forward(*a, **k)
+        finally:
+            calls["n"] += 1
+            calls["s"] += time.perf_counter() - t0
+
+    transformer.forward = counted
+    times, den_s = [], []
+    for _ in range(w.repeats):
+        calls.update(n=0, s=0.0)
+        g = torch.Generator().manual_seed(w.seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            img = pipe(class_labels=labels, guidance_scale=w.cfg_scale, generator=g,
+                       num_inference_steps=w.steps, output_type="np").images
+        times.append(time.perf_counter() - t0)
+        den_s.append(calls["s"])
+    return {"runtime": f"diffusers {__import__('diffusers').__version__} DiTPipeline torch eager fp32",
+            "times_s": times, "denoiser_s": den_s, "denoiser_calls": calls["n"],
+            "image_shape": list(np.asarray(img).shape), "peak_rss_mb": _rss_mb()}
+
+
+def _run_ditdeploy_loop(w: Work, den, dec, label: str) -> dict[str, Any]:
+    from ditdeploy.diffusion import sample
+    from ditdeploy.runtimes.base import Timed
+
+    cfg = den.config
+    noise, labels = _noise(w, cfg), _labels(w, cfg.num_classes)
+    times, den_s, dec_s = [], [], []
+    lat = None
+    for _ in range(w.repeats):
+        td, tdec = Timed(den), Timed(dec)
+        t0 = time.perf_counter()
+        lat = sample(td, noise, labels, method="dpm-solver++", steps=w.steps, cfg_scale=w.cfg_scale, seed=w.seed,
+                     num_classes=cfg.num_classes)
+        img = tdec(lat)
+        times.append(time.perf_counter() - t0)
+        den_s.append(td.seconds)
+        dec_s.append(tdec.seconds)
+    out = Path(w.workdir) / f"latents-{label}.npy"
+    np.save(out, lat)
+    return {"runtime": f"{den.name} + decoder {dec.name}", "times_s": times, "denoiser_s": den_s,
+            "decoder_s": dec_s, "denoiser_calls": td.calls, "image_shape": list(np.asarray(img).shape),
+            "peak_rss_mb": _rss_mb(), "latents": str(out)}
+
+
+def run_torch(w: Work) -> dict[str, Any]:
+    from diffusers import AutoencoderKL
+
+    from ditdeploy.runtimes import load
+    from ditdeploy.runtimes.torch import TorchDecoder
+
+    _set_threads(w)
+    den = load(_checkpoint(w), backend="torch", **({"threads": w.threads} if w.threads else {}))
+    dec = TorchDecoder(AutoencoderKL.from_pretrained(_vae_dir(w)))
+    return _run_ditdeploy_loop(w, den, dec, "torch")
+
+
+def _onnx_paths(w: Work) -> tuple[Path, Path]:
+    d = Path(w.workdir)
+    return d / f"dit-{w.model.replace('/', '')}-{w.image_size}.onnx", d / "vae-decoder.onnx"
+
+
+def prepare_exports(w: Work, need_int8: bool) -> dict[str, Any]:
+    """Export the denoiser (fp32 ONNX) and the VAE decoder once; dynamic INT8 when asked. Returns timings."""
+    from ditdeploy import export as ex
+
+    onnx_path, vae_path = _onnx_paths(w)
+    info: dict[str, Any] = {}
+    if not onnx_path.exists():
+        from ditdeploy.checkpoints import load_model
+
+        model = load_model(_checkpoint(w))
+        t0 = time.perf_counter()
+        ex.export_denoiser_onnx(model, onnx_path, precision="fp32")
+        info["export_s"] = time.perf_counter() - t0
+    if not vae_path.exists():
+        t0 = time.perf_counter()
+        ex.export_decoder_onnx(_vae_dir(w), vae_path)
+        info["decoder_export_s"] = time.perf_counter() - t0
+    int8 = onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx")
+    if need_int8 and not int8.exists():
+        from ditdeploy.calibration.quantize import quantize_int8
+
+        t0 = time.perf_counter()
+        quantize_int8(onnx_path, int8, mode="dynamic", progress=False)
+        info["int8_quantize_s"] = time.perf_counter() - t0
+    info["peak_rss_mb"] = _rss_mb()
+    return info
+
+
+def run_exported(w: Work, which: str) -> dict[str, Any]:
+    from ditdeploy.runtimes import load, load_decoder
+
+    onnx_path, vae_path = _onnx_paths(w)
+    th = {"threads": w.threads} if w.threads else {}
+    if which == "ort-fp32":
+        den, dec = load(onnx_path, backend="onnxruntime", **th), load_decoder(vae_path, backend="onnxruntime", **th)
+    elif which in ("ov-f32", "ov-bf16"):
+        hint = which.split("-")[1]
+        den = load(onnx_path, backend="openvino", precision_hint=hint, **th)
+        dec = load_decoder(vae_path, backend="openvino", precision_hint=hint, **th)
+    elif which == "ort-int8":
+        int8 = onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx")
+        den, dec = load(int8, backend="onnxruntime", **th), load_decoder(vae_path, backend="onnxruntime", **th)
+    else:
+        raise ValueError(which)
+    return _run_ditdeploy_loop(w, den, dec, which)
+
+
+def _child(which: str, w: Work) -> dict[str, Any]:
+    if which == "prepare":
+        return prepare_exports(w, need_int8=True)
+    if which == "prepare-noint8":
+        return prepare_exports(w, need_int8=False)
+    if which == "diffusers":
+        return run_diffusers(w)
+    if which == "torch":
+        return run_torch(w)
+    return run_exported(w, which)
+
+
+def _spawn(which: str, w: Work, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--child", which,
+           "--work-json", json.dumps(dataclasses.asdict(w))]
+    print(f"[h2h] {which} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(RESULT_TAG):
+            res = json.loads(line[len(RESULT_TAG):])
+            res["wall_incl_startup_s"] = time.perf_counter() - t0
+            print(f"[h2h] {which}: {res.get('times_s')}", file=sys.stderr, flush=True)
+            return res
+    tail = "\n".join(p.stderr.strip().splitlines()[-15:])
+    return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1], "stderr_tail": tail}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="XL/2")
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1, help="images (denoiser batch is 2x with guidance)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg-scale", type=float, default=4.0)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                    help=f"comma-separated subset of {', '.join(ALL_CONTENDERS)}")
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/ditdeploy/h2h"))
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
+    ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--work-json", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.child:
+        w = Work(**json.loads(a.work_json))
+        print(RESULT_TAG + json.dumps(_child(a.child, w), default=float), flush=True)
+        return 0
+
+    contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    bad = [c for c in contenders if c not in ALL_CONTENDERS]
+    if bad:
+        ap.error(f"unknown contenders {bad}; choose from {', '.join(ALL_CONTENDERS)}")
+    wd = Path(a.workdir) / f"{a.model.replace('/', '')}-{a.image_size}-seed{a.seed}"
+    wd.mkdir(parents=True, exist_ok=True)
+    w = Work(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, cfg_scale=a.cfg_scale,
+             seed=a.seed, repeats=a.repeats, threads=a.threads, workdir=str(wd))
+
+    from ditdeploy import metrics
+    from ditdeploy.bench.machine import machine_info
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    info = machine_info()
+    results: dict[str, Any] = {}
+    if any(c not in ("diffusers", "torch") for c in contenders):
+        results["prepare"] = _spawn("prepare" if "ort-int8" in contenders else "prepare-noint8", w, a.timeout)
+    for c in contenders:
+        results[c] = _spawn(c, w, a.timeout)
+
+    # accuracy of the ditdeploy contenders vs the torch eager loop (same weights, noise, sampler)
+    ref = results.get("torch", {}).get("latents")
+    for c, r in results.items():
+        if r.get("latents") and ref and c != "torch":
+            a_, b_ = np.load(r["latents"]), np.load(ref)
+            r["latent_rel_l2_vs_torch"] = metrics.rel_l2(a_, b_)
+            r["latent_cosine_vs_torch"] = metrics.cosine(a_, b_)
+    base = results.get("diffusers", {}).get("times_s")
+    base_med = float(np.median(base)) if base else None
+    rows = []
+    for c in contenders:
+        r = results[c]
+        if "times_s" not in r:
+            rows.append({"contender": c, "error": r.get("error")})
+            continue
+        med = float(np.median(r["times_s"]))
+        rows.append({
+            "contender": c, "runtime": r["runtime"], "e2e_s_median": med, "images_per_s": w.batch / med,
+            "denoiser_s": float(np.median(r["denoiser_s"])), "decoder_s":
+                float(np.median(r["decoder_s"])) if r.get("decoder_s") else None,
+            "speedup_vs_diffusers": (base_med / med) if base_med else None, "peak_rss_mb": r["peak_rss_mb"],
+            "latent_rel_l2_vs_torch": r.get("latent_rel_l2_vs_torch"),
+        })
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = {"created": started, "work": dataclasses.asdict(w), "machine": info, "rows": rows, "raw": results,
+           "denoiser_macs_per_sample": int(_config(w).macs())}
+    print(format_h2h(out))
+    if a.out:
+        from ditdeploy.artifacts import write_json_atomic
+
+        write_json_atomic(a.out, out)
+    return 0
+
+
+def format_h2h(out: dict[str, Any]) -> str:
+    w = out["work"]
+    m = out["machine"]
+    lines = [f"{w['model']} {w['image_size']}px, {w['batch']} image(s), {w['steps']} DPM-Solver++ steps, cfg "
+             f"{w['cfg_scale']}, SD-VAE decode; {m.get('cpu')} ({m.get('usable_cpus')} cpus, load "
+             f"{m.get('load_avg_1_5_15')} -> {m.get('load_avg_end')}); median of {w['repeats']} run(s)",
+             f"{'contender':<11} {'e2e s':>8} {'denoiser s':>10} {'decode s':>9} {'x diffusers':>11} "
+             f"{'RSS MB':>8} {'rel-L2 vs torch':>15}  runtime"]
+    for r in out["rows"]:
+        if r.get("error"):
+            lines.append(f"{r['contender']:<11} error: {r['error']}")
+            continue
+
+        def f(v, spec):
+            return "-" if v is None else format(v, spec)
+
+        lines.append(f"{r['contender']:<11} {r['e2e_s_median']:>8.1f} {r['denoiser_s']:>10.1f} "
+                     f"{f(r['decoder_s'], '.1f'):>9} {f(r['speedup_vs_diffusers'], '.2f'):>11} "
+                     f"{r['peak_rss_mb']:>8.0f} {f(r['latent_rel_l2_vs_torch'], '.2e'):>15}  {r['runtime']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
