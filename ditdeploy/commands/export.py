@@ -1,14 +1,128 @@
-"""`ditdeploy export` (not implemented yet)."""
+"""`ditdeploy export`: a DiT checkpoint (or the shipped digits model) -> verified ONNX / OpenVINO / TensorRT.
+
+Imports only typer + stdlib at module import; torch and the exporters load inside the command.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import typer
+
+_EPILOG = (
+    "Examples: ditdeploy export --model digits | "
+    "ditdeploy export --model XL/2 --checkpoint DiT-XL-2-256x256.pt --precision fp16 | "
+    "ditdeploy export --model S/2 --random-weights --fmt openvino | "
+    "ditdeploy export --vae ./sd-vae-ft-ema --out vae_decoder.onnx"
+)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("export")
-    def export() -> None:
-        """Not implemented yet."""
+    @app.command("export", epilog=_EPILOG)
+    def export(
+        model: str = typer.Option(None, "--model", "-m", help="Variant S/2 .. XL/8, or 'digits' (the shipped model)."),
+        checkpoint: str = typer.Option(None, "--checkpoint", "-c",
+                                       help="Official .pt (e.g. DiT-XL-2-256x256.pt) or ditdeploy .safetensors."),
+        random_weights: bool = typer.Option(False, "--random-weights",
+                                            help="Export untrained random weights (benchmarking only)."),
+        download: bool = typer.Option(False, "--download",
+                                      help="Fetch the official weights into the cache when they are absent."),
+        image_size: int = typer.Option(None, "--image-size", help="256 or 512 (latent models; default 256)."),
+        conditioning: str = typer.Option(None, "--conditioning",
+                                         help="Block design for --random-weights: adaln-zero|adaln|in-context|"
+                                              "cross-attn."),
+        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt."),
+        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17: LayerNormalization as one node)."),
+        batch_max: int = typer.Option(None, "--batch-max", help="Largest batch the artifact is built for "
+                                      "(TensorRT profile; recorded in the manifest)."),
+        vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
+                                 "(alone when no --model is given)."),
+        calibration: Path = typer.Option(None, "--calibration", help="Calibration set (.npz from `ditdeploy "
+                                         "calibrate`) for --precision int8."),
+        int8_mode: str = typer.Option("static", "--int8-mode", help="static (Q/DQ, calibrated) | dynamic (ORT CPU)."),
+        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ORT-vs-torch parity check (not "
+                                       "recommended; the manifest records verified: false)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of --random-weights and of the verification inputs."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output file (default <variant>-<res>-<precision>.onnx "
+                                 "/ .xml / .plan in the current directory)."),
+    ) -> None:
+        """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
         from ditdeploy.errors import DitDeployError
 
-        raise DitDeployError("'export' is not implemented yet")
+        fmt_ = fmt.lower()
+        prec = precision.lower()
+        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt"):
+            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino or trt")
+        fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
+        if prec not in ("fp32", "fp16", "int8"):
+            raise DitDeployError(f"--precision {precision!r}: choose fp32, fp16 or int8")
+        if opset < 17:
+            raise DitDeployError(f"--opset {opset}: needs >= 17 (LayerNormalization as one node)")
+        if batch_max is not None and batch_max < 1:
+            raise DitDeployError("--batch-max must be >= 1")
+        if model is None and vae is None:
+            raise DitDeployError("nothing to export: pass --model VARIANT|digits (and/or --vae DIR)")
+        if prec == "int8" and int8_mode == "static" and calibration is None:
+            raise DitDeployError("--precision int8 needs --calibration FILE.npz (from `ditdeploy calibrate`), "
+                                 "or --int8-mode dynamic for ONNX Runtime CPU")
+        verify = not no_verify
+        if no_verify:
+            typer.secho("warning: --no-verify: the exported graph is NOT checked against torch "
+                        "(manifest records verified: false)", fg="yellow", err=True)
+
+        from ditdeploy.export import pipeline
+
+        def say(s: str) -> None:
+            typer.echo(s, err=True)
+
+        latent_size = (image_size or 256) // 8
+        if model is None:  # decoder only
+            dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt_ if fmt_ != 'trt' else 'onnx']}")
+            if fmt_ == "trt":
+                raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
+            m = pipeline.export_decoder(str(vae), dec_out, fmt_, opset=opset, verify=verify,
+                                        latent_size=latent_size, progress=sys.stderr.isatty())
+            _summary(dec_out, m)
+            return
+
+        net, source = pipeline.load_denoiser_model(
+            model, checkpoint, random_weights=random_weights, image_size=image_size, conditioning=conditioning,
+            seed=seed, download=download, say=say,
+        )
+        if source["kind"] == "random":
+            say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
+        target = out or pipeline.default_out(net.config, prec, fmt_)
+        decoder_name = None
+        if vae is not None:
+            if net.config.space == "pixel":
+                raise DitDeployError(f"{model} is a pixel-space model: it has no VAE decoder (drop --vae)")
+            dec_fmt = "openvino" if fmt_ == "openvino" else "onnx"
+            dec_out = target.with_name(pipeline.DECODER_NAME + pipeline.FORMATS[dec_fmt])
+            dm = pipeline.export_decoder(str(vae), dec_out, dec_fmt, opset=opset, verify=verify,
+                                         latent_size=net.config.input_size, progress=sys.stderr.isatty())
+            _summary(dec_out, dm)
+            decoder_name = dec_out.name
+        m = pipeline.export_denoiser(
+            net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
+            decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
+            seed=seed, progress=sys.stderr.isatty(),
+        )
+        _summary(target, m)
+
+
+def _summary(path: Path, m: dict) -> None:
+    """One line per artifact: path, size, parity, time."""
+    size = sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values() if isinstance(f, dict))
+    parity = m.get("parity") or {}
+    worst = parity.get("worst") or {}
+    if worst.get("rel_l2") is not None:
+        par = f"rel-L2 {worst['rel_l2']:.2e} vs {parity.get('reference', 'reference')}"
+    elif parity:
+        par = "parity recorded"
+    else:
+        par = "NOT verified"
+    t = m.get("export_seconds")
+    typer.echo(f"wrote {path} ({size / 1e6:.1f} MB, {m.get('precision', '?')}, {par}"
+               + (f", {t:.1f} s" if isinstance(t, (int, float)) else "") + ")")

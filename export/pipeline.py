@@ -1,0 +1,214 @@
+"""What ``ditdeploy export`` does, as plain functions: pick the weights, name the output, dispatch by format.
+
+- weights: ``--checkpoint FILE`` (official .pt or our safetensors, via ``ditdeploy.checkpoints.load_model``), the
+  official file by name (from the cache, or downloaded with ``--download`` via ``ditdeploy.weights``), the shipped
+  ``digits`` model, or ``--random-weights`` (benchmarking only; must be asked for explicitly);
+- formats: ``onnx`` (here), ``openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``), ``trt``
+  (ONNX, then ``ditdeploy.export.tensorrt.build_engine``); ``--precision int8`` goes through the fp32 ONNX and
+  ``ditdeploy.calibration.quantize.quantize_int8``. The ONNX intermediates of the non-ONNX paths live in a hidden
+  temporary folder beside the output and are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "trt": ".plan"}
+DECODER_NAME = "vae_decoder"
+
+
+def shipped_digits() -> Path:
+    """Path of the shipped default model's weights (``ditdeploy/assets/digits.safetensors``)."""
+    import ditdeploy
+
+    return Path(ditdeploy.__file__).resolve().parent / "assets" / "digits.safetensors"
+
+
+def slug(config: Any) -> str:
+    """``XL/2`` at 256 px -> ``dit-xl-2-256``; ``digits`` -> ``digits``; custom configs -> ``dit-custom-<px>``."""
+    v = str(getattr(config, "variant", "custom") or "custom")
+    if v.lower() == "digits":
+        return "digits"
+    return f"dit-{v.lower().replace('/', '-')}-{config.image_size}"
+
+
+def default_out(config: Any, precision: str, fmt: str) -> Path:
+    """``<variant-slug>-<res>-<precision><ext>`` in the current directory (conditioning appended if not official)."""
+    name = slug(config)
+    cond = getattr(config, "conditioning", "adaln-zero")
+    if cond != "adaln-zero":
+        name += f"-{cond}"
+    return Path(f"{name}-{precision}{FORMATS[fmt]}")
+
+
+def resolve_checkpoint(checkpoint: str, download: bool, say: Callable[[str], None] = print) -> Path:
+    """An existing checkpoint path; an official file name is looked up in the weights cache or downloaded."""
+    p = Path(checkpoint).expanduser()
+    if p.exists():
+        return p
+    from ditdeploy import weights
+
+    name = p.name if p.name.endswith(".pt") else p.name + ".pt"
+    if name in weights.OFFICIAL_WEIGHTS:
+        if download or weights.cached_official(name) is not None:
+            if download and weights.cached_official(name) is None:
+                say(f"downloading {name} ({weights.LICENSE}) into {weights.resolve_cache_dir()} ...")
+            return weights.fetch_official(name)
+        raise ArtifactError(f"{checkpoint} not found: {weights.official_path_hint(name)}; "
+                            "or rerun with --download to fetch it (sha256 recorded on first use)")
+    raise ArtifactError(f"checkpoint {p} does not exist: check the path")
+
+
+def load_denoiser_model(
+    model: str | None,
+    checkpoint: str | None = None,
+    *,
+    random_weights: bool = False,
+    image_size: int | None = None,
+    conditioning: str | None = None,
+    seed: int = 0,
+    download: bool = False,
+    say: Callable[[str], None] = print,
+) -> tuple[Any, dict[str, Any]]:
+    """The torch DiT to export and a ``source`` description for the manifest."""
+    from ditdeploy.artifacts import sha256_file
+
+    is_digits = (model or "").lower() == "digits"
+    if is_digits and image_size is not None:
+        raise DitDeployError("the digits model is 8x8 pixel-space: --image-size does not apply to it")
+    if checkpoint and random_weights:
+        raise DitDeployError("--checkpoint and --random-weights exclude each other")
+    if checkpoint is None and not random_weights and not is_digits:
+        from ditdeploy import weights
+
+        official = weights.official_name(model or "", image_size or 256) if model else None
+        if download and official:
+            checkpoint = official
+        else:
+            hint = f" (official weights: --checkpoint {official}, add --download to fetch them)" if official else ""
+            raise DitDeployError(
+                f"no weights for {model}: pass --checkpoint FILE{hint}, or --random-weights to export untrained "
+                "weights for benchmarking"
+            )
+    if random_weights:
+        if model is None:
+            raise DitDeployError("--random-weights needs --model VARIANT")
+        from ditdeploy.export.randomize import random_model
+
+        net = random_model(model, image_size=image_size or 256, seed=seed,
+                           **({"conditioning": conditioning} if conditioning else {}))
+        return net, {"kind": "random", "seed": seed, "note": "random weights (benchmarking only)"}
+    from ditdeploy.checkpoints import load_model
+
+    if checkpoint is None:  # digits, shipped
+        path = shipped_digits()
+        if not path.exists():
+            raise ArtifactError(f"the shipped digits model {path} is missing: train it with "
+                                "`ditdeploy train --preset digits` or reinstall ditdeploy")
+        kind = "shipped"
+    else:
+        path = resolve_checkpoint(checkpoint, download, say)
+        kind = "checkpoint"
+    net = load_model(path, model=model, image_size=image_size)
+    if conditioning and net.config.conditioning != conditioning:
+        raise DitDeployError(f"{path.name} is a {net.config.conditioning} model, not {conditioning}: drop "
+                             "--conditioning (it only selects the block design of --random-weights)")
+    return net, {"kind": kind, "path": str(path), "name": path.name, "sha256": sha256_file(path),
+                 "bytes": path.stat().st_size}
+
+
+def _optional(module: str, attr: str, what: str) -> Callable[..., Any]:
+    """``module.attr`` or a one-line DitDeployError saying that part is not available yet."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise DitDeployError(f"{what} is not available in this ditdeploy ({module} missing: {e})") from e
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise DitDeployError(f"{what} is not available in this ditdeploy ({module}.{attr} missing)")
+    return fn
+
+
+@contextlib.contextmanager
+def scratch_dir(near: Path) -> Iterator[Path]:
+    """A hidden temporary folder beside ``near`` (same filesystem), removed afterwards."""
+    near.parent.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=".ditdeploy-export-", dir=near.parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def export_decoder(vae_dir: str, out: Path, fmt: str, *, opset: int, verify: bool, latent_size: int,
+                   progress: bool) -> dict[str, Any]:
+    """VAE decoder to ONNX (or OpenVINO IR through ONNX) at ``out``; returns its manifest."""
+    from ditdeploy.export.vae import export_vae_decoder_onnx
+
+    if fmt == "openvino":
+        export_ov = _optional("ditdeploy.export.openvino", "export_openvino", "OpenVINO export")
+        with scratch_dir(out) as tmp:
+            onnx_path = tmp / (out.stem + ".onnx")
+            export_vae_decoder_onnx(vae_dir, onnx_path, opset=opset, verify=verify, latent_sizes=(latent_size,),
+                                    progress=progress)
+            return export_ov(onnx_path, out, verify=verify)
+    return export_vae_decoder_onnx(vae_dir, out, opset=opset, verify=verify, latent_sizes=(latent_size,),
+                                   progress=progress)
+
+
+def export_denoiser(
+    net: Any,
+    out: Path,
+    fmt: str,
+    precision: str,
+    *,
+    opset: int,
+    verify: bool,
+    batch_max: int | None,
+    source: dict[str, Any],
+    decoder: str | None,
+    calibration: str | None = None,
+    int8_mode: str = "static",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest."""
+    from ditdeploy.export.onnx import export_denoiser_onnx
+
+    extra = {"source_checkpoint": ({"name": source.get("name"), "sha256": source.get("sha256")}
+                                   if source.get("sha256") else None),
+             "random_weights": source.get("kind") == "random"}
+    onnx_precision = "fp32" if precision == "int8" else precision
+
+    def onnx_export(path: Path) -> dict[str, Any]:
+        return export_denoiser_onnx(net, path, precision=onnx_precision, opset=opset, verify=verify,
+                                    batch_max=batch_max, seed=seed, source=source, decoder=decoder, extra=extra,
+                                    progress=progress)
+
+    if fmt == "onnx" and precision != "int8":
+        return onnx_export(out)
+    with scratch_dir(out) as tmp:
+        onnx_path = tmp / (out.stem + ".onnx")
+        onnx_export(onnx_path)
+        if precision == "int8":
+            quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")
+            target = out if fmt == "onnx" else tmp / (out.stem + "-int8.onnx")
+            m = quantize(onnx_path, target, calibration, mode=int8_mode, verify=verify, progress=progress)
+            if fmt == "onnx":
+                return m
+            onnx_path = target
+        if fmt == "openvino":
+            export_ov = _optional("ditdeploy.export.openvino", "export_openvino", "OpenVINO export")
+            return export_ov(onnx_path, out, verify=verify)
+        if fmt == "trt":
+            build = _optional("ditdeploy.export.tensorrt", "build_engine", "TensorRT engine building")
+            return build(onnx_path, out, batch_max=batch_max, verify=verify)
+    raise DitDeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

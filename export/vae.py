@@ -1,0 +1,216 @@
+"""diffusers ``AutoencoderKL`` decoder -> verified ONNX (``latents`` -> ``image`` in [-1, 1]).
+
+The graph takes the sampler's raw latents (N, 4, h, w) float32 and does everything after sampling: divide by the
+VAE's ``scaling_factor`` (0.18215 for the SD VAEs DiT uses; plus ``shift_factor`` where a VAE config has one),
+``post_quant_conv``, the decoder, and a clamp to [-1, 1]. Batch, height and width are dynamic, so one file serves
+256 px (32x32 latents) and 512 px (64x64). Verification compares ONNX Runtime CPU with diffusers'
+``vae.decode(latents / scaling_factor).sample`` (clamped) — the library's own API, not this module's wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ditdeploy.errors import ArtifactError, DitDeployError, require
+
+DECODER_INPUT = "latents"
+DECODER_OUTPUT = "image"
+# fp32 decoder: convolution reassociation only (~1e-6); the clamp hides nothing below 1e-4.
+DECODER_TOLERANCE = {"rel_l2": 1e-4, "cosine": 0.99999}
+
+
+def load_vae(vae_dir: str | os.PathLike) -> Any:
+    """``AutoencoderKL.from_pretrained(vae_dir)`` (local files only) with a one-line error when that fails."""
+    diffusers = require("diffusers", "vae", "VAE decoder export")
+    d = Path(vae_dir)
+    if not d.exists():
+        raise ArtifactError(f"VAE directory {d} does not exist: pass the folder holding config.json and the weights")
+    if d.is_file() or not (d / "config.json").exists():
+        sub = d / "vae"
+        if sub.is_dir() and (sub / "config.json").exists():
+            d = sub  # a full pipeline folder: use its vae/ subfolder
+        else:
+            raise ArtifactError(f"{d} is not a diffusers AutoencoderKL folder (no config.json): e.g. a local "
+                                "copy of stabilityai/sd-vae-ft-ema")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            vae = diffusers.AutoencoderKL.from_pretrained(str(d), local_files_only=True)
+        except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
+            raise ArtifactError(f"cannot load an AutoencoderKL from {d}: {str(e).splitlines()[0][:200]}") from e
+    return vae.float().eval()
+
+
+class VaeDecoderGraph(nn.Module):
+    """``latents -> clamp(decoder(post_quant_conv(latents / scaling_factor + shift)), -1, 1)``."""
+
+    def __init__(self, vae: Any, scaling_factor: float | None = None, shift_factor: float | None = None):
+        super().__init__()
+        cfg = vae.config
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        sf = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(sf) if sf is not None else None
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
+        self.decoder = vae.decoder
+
+    def forward(self, latents):
+        z = latents / self.scaling_factor
+        if self.shift_factor is not None:
+            z = z + self.shift_factor
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).clamp(-1.0, 1.0)
+
+
+def _diffusers_reference(vae: Any, scaling_factor: float, shift_factor: float | None):
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        z = torch.from_numpy(feed[DECODER_INPUT]) / scaling_factor
+        if shift_factor is not None:
+            z = z + shift_factor
+        with torch.inference_mode():
+            return vae.decode(z).sample.clamp(-1.0, 1.0).float().numpy()
+
+    return run
+
+
+def decoder_inputs(latent_channels: int, sizes: Sequence[int], batch_sizes: Sequence[int], seed: int = 0):
+    """Feeds ``{"latents"}``: N(0, 1) like sampled (scaled) latents, one per (batch, size) pair, zipped cyclically."""
+    rng = np.random.default_rng(seed)
+    n = max(len(sizes), len(batch_sizes))
+    feeds = []
+    for i in range(n):
+        b, s = batch_sizes[i % len(batch_sizes)], sizes[i % len(sizes)]
+        feeds.append({DECODER_INPUT: rng.standard_normal((b, latent_channels, s, s)).astype(np.float32)})
+    return feeds
+
+
+def export_vae_decoder_onnx(
+    vae: Any,
+    out_path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    verify: bool = True,
+    latent_sizes: Sequence[int] = (32,),
+    batch_sizes: Sequence[int] = (1, 2),
+    scaling_factor: float | None = None,
+    tolerance: dict[str, float] | None = None,
+    seed: int = 0,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Export a VAE decoder to ONNX at ``out_path`` (+ manifest, ``kind: "decoder"``); return the manifest.
+
+    ``vae``: a diffusers ``AutoencoderKL`` or a local directory to load one from. ``latent_sizes`` x
+    ``batch_sizes`` (zipped) are the verification shapes (ORT CPU vs diffusers ``decode``); a failed check raises
+    ``NumericsError`` and leaves nothing at ``out_path``.
+    """
+    from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, sha256_file, write_json_atomic
+    from ditdeploy.export.onnx import (
+        MIN_OPSET,
+        PeakRSS,
+        _stage_bar,
+        check_out_path,
+        cleanup,
+        dynamo_export,
+        graph_stats,
+        move_into_place,
+        readable,
+        save_model,
+        set_metadata,
+    )
+    from ditdeploy.export.verify import check_parity
+
+    if opset < MIN_OPSET:
+        raise DitDeployError(f"opset {opset} < {MIN_OPSET}")
+    vae_dir = None
+    if isinstance(vae, (str, os.PathLike)):
+        vae_dir = Path(vae)
+        vae = load_vae(vae_dir)
+    if not hasattr(vae, "decoder") or not hasattr(vae, "config"):
+        raise DitDeployError("export_vae_decoder_onnx needs a diffusers AutoencoderKL or its directory")
+    out = check_out_path(out_path)
+    data_final = out.with_name(out.name + ".data")
+    man_final = manifest_path(out)
+    graph = VaeDecoderGraph(vae, scaling_factor).eval()
+    latent_channels = int(vae.config.latent_channels)
+    up = 2 ** (len(vae.config.block_out_channels) - 1)
+    if source is None and vae_dir is not None:
+        source = {"vae_dir": str(vae_dir)}
+        weights = sorted(p for p in (vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir).glob("*")
+                         if p.suffix in (".safetensors", ".bin"))
+        if weights:
+            source["weights"] = {p.name: sha256_file(p) for p in weights}
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    with PeakRSS() as rss, atomic_dir([data_final, out, man_final]) as tmp:
+        bar = _stage_bar(3, progress, f"export {out.name}")
+        t0 = time.perf_counter()
+        s = max(2, min(latent_sizes))
+        ir_model = dynamo_export(
+            graph, (torch.randn(2, latent_channels, s, s),), (DECODER_INPUT,), (DECODER_OUTPUT,),
+            {DECODER_INPUT: {0: "batch", 2: "height", 3: "width"},
+             DECODER_OUTPUT: {0: "batch", 2: "image_height", 3: "image_width"}}, opset,
+        )
+        changes = cleanup(ir_model)
+        stats = graph_stats(ir_model)
+        set_metadata(ir_model, {"ditdeploy.kind": "decoder", "ditdeploy.scaling_factor": repr(graph.scaling_factor)})
+        files = save_model(ir_model, tmp / out.name)
+        del ir_model
+        timings["export_s"] = time.perf_counter() - t0
+        bar.update(1)
+        parity = None
+        if verify:
+            t0 = time.perf_counter()
+            feeds = decoder_inputs(latent_channels, latent_sizes, batch_sizes, seed)
+            parity = check_parity(tmp / out.name, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
+                                  feeds, tolerance=tolerance or DECODER_TOLERANCE, what="VAE decoder ONNX")
+            parity["reference"] = "diffusers AutoencoderKL.decode (fp32, clamped)"
+            for b, f in zip(parity["batches"], feeds, strict=True):
+                b["latent_shape"] = list(f[DECODER_INPUT].shape)
+            timings["verify_s"] = time.perf_counter() - t0
+        else:
+            warnings.warn(f"{out.name}: verification skipped (--no-verify): parity is NOT checked", stacklevel=2)
+        bar.update(1)
+        timings["total_s"] = time.perf_counter() - t_start
+        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
+               if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+        cfg["latent_size"] = int(latent_sizes[0])
+        manifest = make_manifest(
+            tmp / out.name, files,
+            kind="decoder",
+            format="onnx",
+            precision="fp32",
+            opset=opset,
+            config=cfg,
+            latent_channels=latent_channels,
+            upsample=up,
+            scaling_factor=graph.scaling_factor,
+            shift_factor=graph.shift_factor,
+            io={"inputs": {DECODER_INPUT: ["batch", latent_channels, "height", "width"]},
+                "outputs": {DECODER_OUTPUT: ["batch", int(vae.config.out_channels), f"{up}*height", f"{up}*width"]},
+                "range": [-1.0, 1.0]},
+            batch={"min": 1, "opt": max(batch_sizes), "max": None},
+            parity=parity,
+            verified=parity is not None,
+            graph={"nodes": stats["nodes"], "ops": stats["ops"], "cleanup": changes},
+            weight_bytes=stats["initializer_bytes"],
+            source=source,
+            export_seconds=round(timings["total_s"], 3),
+            timings={k: round(v, 3) for k, v in timings.items()},
+            peak_rss_bytes=rss.peak,
+        )
+        write_json_atomic(tmp / man_final.name, manifest)
+        readable(*files, tmp / man_final.name)
+        bar.update(1)
+        bar.close()
+    move_into_place(files, out, stale=[data_final])
+    return manifest

@@ -1,0 +1,127 @@
+"""Parity at export: run the freshly written ONNX file on ONNX Runtime CPU and compare it with the torch model.
+
+The inputs are deterministic (seeded): x ~ N(0, 1) like a diffusion state x_t, timesteps spread evenly over 0..999
+across all checked samples, labels random with the null class (``num_classes``) in every batch of two or more and in
+every other single-sample batch. Each batch size is one ``session.run`` on the same file, so the dynamic batch
+dimension is exercised too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.errors import NumericsError
+from ditdeploy.metrics import compare
+
+# Default tolerances (rel-L2 of the whole output vs the fp32 torch model; cosine as a second guard).
+# fp32: reassociation differences between torch and ORT kernels stay near 1e-6 even for 28 blocks; a wrong graph
+#       (e.g. the legacy exporter's) is >= 1e-2, so 1e-4 separates the two with margin.
+# fp16: 10-bit mantissa (unit roundoff 4.9e-4) on every GEMM input/output: rel-L2 a few 1e-4 is expected,
+#       we fail at 5e-3 (an order of magnitude of margin, still far below a broken graph).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"rel_l2": 1e-4, "cosine": 0.99999},
+    "fp16": {"rel_l2": 5e-3, "cosine": 0.9999},
+}
+
+
+def denoiser_inputs(config: Any, batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Deterministic denoiser feeds ``{"x", "t", "y"}`` for each batch size, for a ``DiTConfig``."""
+    rng = np.random.default_rng(seed)
+    total = int(sum(batch_sizes))
+    ts = np.rint(np.linspace(0, 999, total)).astype(np.int64)
+    ts = ts[rng.permutation(total)] if total > 2 else ts
+    feeds, k = [], 0
+    for i, b in enumerate(batch_sizes):
+        x = rng.standard_normal((b, config.in_channels, config.input_size, config.input_size)).astype(np.float32)
+        y = rng.integers(0, config.num_classes, size=b).astype(np.int64)
+        if b >= 2:
+            y[1] = config.null_class
+        elif i % 2 == 1:
+            y[0] = config.null_class
+        feeds.append({"x": x, "t": ts[k:k + b].copy(), "y": y})
+        k += b
+    return feeds
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime CPU session for ``path`` (external data resolved from the model's directory)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    onnx_path: str | os.PathLike,
+    reference: Callable[[dict[str, np.ndarray]], np.ndarray],
+    feeds: Sequence[dict[str, np.ndarray]],
+    *,
+    tolerance: dict[str, float] | None = None,
+    output: str | None = None,
+    what: str = "ONNX",
+) -> dict[str, Any]:
+    """Run every feed through ORT and ``reference``; return per-batch metrics; raise NumericsError on failure.
+
+    The returned dict (the manifest's ``parity``) holds ``backend``, ``reference``, ``tolerance``, ``batches`` (one
+    entry per feed with batch size, timesteps, labels, rel_l2, cosine, max_abs, finite) and the worst values.
+    """
+    sess = ort_session(onnx_path)
+    names = [i.name for i in sess.get_inputs()]
+    batches = []
+    for feed in feeds:
+        ref = np.asarray(reference(feed), dtype=np.float32)
+        got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
+        if got.shape != ref.shape:
+            raise NumericsError(f"{what} output shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
+        entry = {"batch": int(next(iter(feed.values())).shape[0]), **compare(got, ref)}
+        for k in ("t", "y"):
+            if k in feed:
+                entry[k] = feed[k].tolist()
+        batches.append(entry)
+    del sess
+    tol = tolerance or {}
+    worst = {
+        "rel_l2": max(b["rel_l2"] for b in batches),
+        "cosine": min(b["cosine"] for b in batches),
+        "max_abs": max(b["max_abs"] for b in batches),
+    }
+    result = {"backend": "onnxruntime-cpu", "reference": "torch-fp32", "tolerance": tol, "batches": batches,
+              "worst": worst, "passed": True}
+    bad = [b for b in batches if not b["finite"]]
+    if bad:
+        raise NumericsError(f"{what} produced NaN/Inf at batch {bad[0]['batch']}: export failed verification")
+    if "rel_l2" in tol and worst["rel_l2"] > tol["rel_l2"]:
+        raise NumericsError(
+            f"{what} differs from torch: rel-L2 {worst['rel_l2']:.3g} > tolerance {tol['rel_l2']:g} "
+            f"(cosine {worst['cosine']:.6f}); nothing was written"
+        )
+    if "cosine" in tol and worst["cosine"] < tol["cosine"]:
+        raise NumericsError(
+            f"{what} differs from torch: cosine {worst['cosine']:.6f} < {tol['cosine']}; nothing was written"
+        )
+    return result
+
+
+def torch_reference(module: Any, names: Sequence[str] = ("x", "t", "y")) -> Callable[[dict], np.ndarray]:
+    """Wrap a torch module taking ``names`` positionally into a feed -> numpy function (fp32, no grad)."""
+    import torch
+
+    def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(*[torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names])
+        return out.float().numpy()
+
+    return run
+
+
+def file_bytes(paths: Sequence[Path]) -> int:
+    """Total size of existing files."""
+    return sum(p.stat().st_size for p in paths if p.exists())
