@@ -423,7 +423,10 @@ def load_model(
         raise ArtifactError(
             f"{Path(path).name}: checkpoint is {_describe(cfg)}, not {image_size}px: pass --image-size {cfg.image_size}"
         )
-    net = DiT(**cfg.model_kwargs())
+    with torch.device("meta"):  # skip the random init (seconds for XL/2): every tensor is loaded strictly below
+        net = DiT(**cfg.model_kwargs())
+    # ...which is only complete when the model has no buffers (a non-persistent one would stay uninitialised)
+    net = net.to_empty(device="cpu") if not any(True for _ in net.buffers()) else DiT(**cfg.model_kwargs())
     try:
         net.load_state_dict(sd, strict=True)
     except RuntimeError as e:  # pragma: no cover - validate_against checks names and shapes first
