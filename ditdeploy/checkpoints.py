@@ -425,10 +425,15 @@ def load_model(
         )
     with torch.device("meta"):  # skip the random init (seconds for XL/2): every tensor is loaded strictly below
         net = DiT(**cfg.model_kwargs())
-    # ...which is only complete when the model has no buffers (a non-persistent one would stay uninitialised)
-    net = net.to_empty(device="cpu") if not any(True for _ in net.buffers()) else DiT(**cfg.model_kwargs())
+    # Adopt the loaded fp32 tensors as the parameters (no second copy: peak memory ~1x the weights); other dtypes
+    # are copied into fp32. Only complete when the model has no buffers (a non-persistent one would stay unset).
+    adopt = all(v.dtype == torch.float32 and v.is_contiguous() for v in sd.values())
+    if any(True for _ in net.buffers()):
+        net, adopt = DiT(**cfg.model_kwargs()), False
+    elif not adopt:
+        net = net.to_empty(device="cpu")
     try:
-        net.load_state_dict(sd, strict=True)
+        net.load_state_dict(sd, strict=True, assign=adopt)
     except RuntimeError as e:  # pragma: no cover - validate_against checks names and shapes first
         raise ArtifactError(f"{Path(path).name}: {str(e).splitlines()[0]}") from e
     net.config = cfg
