@@ -77,6 +77,10 @@ def test_bare_state_dict_round_trip(tmp_path, official_sd):
     model = load_model(path)
     assert not model.training
     assert model.config == CFG
+    # loaded tensors are adopted as parameters: flags as in a freshly built model (pos_embed frozen)
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == [
+        (n, p.requires_grad) for n, p in DiT(num_heads=4, **ARCH).named_parameters()]
+    assert not model.pos_embed.requires_grad
     assert torch.equal(_out(model), _reference_out(official_sd))
 
 
