@@ -409,13 +409,13 @@ def load_model(
     sd, info = read_state_dict(path)
     stored: DiTConfig | None = info.get("config")
     hint = stored or info.get("hint")
-    if isinstance(model, DiTConfig):
-        cfg = model
-    elif model:
-        cfg = _expected_config(model, image_size, infer_config(sd, hint))
-    else:
-        cfg = stored or infer_config(sd, hint)
     try:
+        if isinstance(model, DiTConfig):
+            cfg = model
+        elif model:
+            cfg = _expected_config(model, image_size, infer_config(sd, hint))
+        else:
+            cfg = stored or infer_config(sd, hint)
         validate_against(cfg, sd)
     except ArtifactError as e:
         raise ArtifactError(f"{Path(path).name}: {e}") from e

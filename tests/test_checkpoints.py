@@ -224,10 +224,14 @@ def test_infer_config_flags_and_hints():
     assert infer_config(_meta_sd(odd), hint=odd) == odd
 
 
-def test_infer_config_rejects_non_dit():
+def test_infer_config_rejects_non_dit(tmp_path):
     with pytest.raises(ArtifactError) as e:
         infer_config({"encoder.weight": torch.zeros(2, 2)})
     assert "x_embedder.proj.weight" in _one_line_error(e)
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "unet.pt")
+    with pytest.raises(ArtifactError) as e:
+        load_model(tmp_path / "unet.pt")
+    assert _one_line_error(e).startswith("unet.pt: not a DiT state dict")
 
 
 # ------------------------------------------------------------------------------------------------ mismatches
