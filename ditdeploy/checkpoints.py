@@ -223,6 +223,11 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None 
     ``class_dropout_prob == 0`` (table without a null row) and ``space``. ``variant`` is the matching name
     ("XL/2", "digits") or the hint's, else "custom".
     """
+    return _infer(state_dict, hint, need_heads=True)
+
+
+def _infer(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None, need_heads: bool) -> DiTConfig:
+    """``infer_config``; with ``need_heads=False`` unknown heads become 0 (only for comparing/describing)."""
     w = _need(state_dict, "x_embedder.proj.weight")
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
         raise ArtifactError(f"x_embedder.proj.weight has shape {tuple(w.shape)}, not (hidden, C, p, p): not a DiT")
@@ -272,6 +277,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None 
         heads = hint.num_heads
     elif hidden in _HEADS_BY_HIDDEN:
         heads = _HEADS_BY_HIDDEN[hidden]
+    elif not need_heads:
+        heads = 0
     else:
         raise ArtifactError(
             f"cannot tell the number of attention heads of a DiT with hidden size {hidden}: use a .safetensors "
@@ -329,14 +336,11 @@ def validate_against(config: DiTConfig, state_dict: Mapping[str, torch.Tensor]) 
     "checkpoint is DiT-B/4 at 256px (hidden 768, patch 4, depth 12), not XL/2: pass --model B/4", then checks
     every parameter name and shape (first few missing/unexpected keys listed).
     """
-    found = infer_config(state_dict, hint=config)
+    found = _infer(state_dict, config, need_heads=False)
     want_name = config.variant if config.variant != "custom" else "the requested config"
     problems = []
     if _arch(found, heads=False) != _arch(config, heads=False):
-        try:  # describe the checkpoint on its own terms, not through the requested config
-            found = infer_config(state_dict)
-        except ArtifactError:
-            pass
+        found = _infer(state_dict, None, need_heads=False)  # describe it on its own terms
         fix = f": pass --model {found.variant}" if found.variant in VARIANTS or found.variant == DIGITS.variant else ""
         problems.append(
             f"checkpoint is {_describe(found)} (hidden {found.hidden_size}, patch {found.patch_size}, depth "
@@ -413,7 +417,7 @@ def load_model(
         if isinstance(model, DiTConfig):
             cfg = model
         elif model:
-            cfg = _expected_config(model, image_size, infer_config(sd, hint))
+            cfg = _expected_config(model, image_size, _infer(sd, hint, need_heads=False))
         else:
             cfg = stored or infer_config(sd, hint)
         validate_against(cfg, sd)

@@ -292,6 +292,12 @@ def test_load_model_with_wrong_model_or_size(tmp_path, official_sd):
     with pytest.raises(ArtifactError) as e:
         load_model(s8, "B/8")
     assert "pass --model S/8" in _one_line_error(e)
+    # heads of an unknown hidden size are not needed to name the mismatch
+    odd = tmp_path / "odd.pt"
+    torch.save(DiT(input_size=8, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10).state_dict(), odd)
+    with pytest.raises(ArtifactError) as e:
+        load_model(odd, "digits")
+    assert "(hidden 32, patch 2, depth 1, in_channels 1), not digits" in _one_line_error(e)
 
 
 # ------------------------------------------------------------------------------------------- corrupt inputs
