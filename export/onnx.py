@@ -120,13 +120,34 @@ def dynamo_export(module: Any, args: tuple, input_names: Sequence[str], output_n
 def cleanup(model: Any) -> dict[str, Any]:
     """In-place graph cleanup on an ``onnx_ir.Model``; returns what changed.
 
-    - single-operand Einsum that only permutes axes (the DiT unpatchify) -> Transpose (plainer for every backend).
+    - single-operand Einsum that only permutes axes (the DiT unpatchify) -> Transpose (plainer for every backend);
+    - opset 17: ``Split(num_outputs=k)`` (an opset-18 attribute the exporter's down-conversion leaves behind, which
+      ORT rejects) -> ``Split`` with an explicit sizes input.
     Constant folding, shape inference, dead-node removal, CSE already ran in the exporter's optimizer.
     """
+    import numpy as np
     import onnx_ir as ir
 
     rewrites = 0
+    splits = 0
+    opset = model.opset_imports.get("", DEFAULT_OPSET)
     for node in list(model.graph):
+        if opset < 18 and node.op_type == "Split" and node.domain in ("", "ai.onnx") and "num_outputs" in node.attributes:
+            k = int(node.attributes.pop("num_outputs").value)
+            axis = int(node.attributes["axis"].value) if "axis" in node.attributes else 0
+            shape = node.inputs[0].shape
+            dim = shape[axis] if shape is not None else None
+            if not isinstance(dim, int):
+                raise DitDeployError(f"opset {opset}: cannot rewrite {node.name} (Split over a dynamic axis); "
+                                     "use --opset 18")
+            chunk = -(-dim // k)
+            sizes = [min(chunk, dim - i * chunk) for i in range(k)]
+            const = ir.Value(name=f"{node.name}_sizes", const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
+            model.graph.register_initializer(const)
+            node.resize_inputs(2)
+            node.replace_input_with(1, const)
+            splits += 1
+            continue
         if node.op_type == "Einsum" and node.domain in ("", "ai.onnx") and len(node.inputs) == 1:
             eq = node.attributes["equation"].value.replace(" ", "")
             if "->" not in eq or "." in eq:
@@ -139,7 +160,10 @@ def cleanup(model: Any) -> dict[str, Any]:
             node.attributes.pop("equation")
             node.attributes["perm"] = ir.AttrInt64s("perm", perm)
             rewrites += 1
-    return {"einsum_to_transpose": rewrites}
+    out = {"einsum_to_transpose": rewrites}
+    if splits:
+        out["split_num_outputs_to_sizes"] = splits
+    return out
 
 
 def graph_stats(model: Any) -> dict[str, Any]:

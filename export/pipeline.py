@@ -50,21 +50,22 @@ def default_out(config: Any, precision: str, fmt: str) -> Path:
 
 
 def resolve_checkpoint(checkpoint: str, download: bool, say: Callable[[str], None] = print) -> Path:
-    """An existing checkpoint path; an official file name is looked up in the weights cache or downloaded."""
-    p = Path(checkpoint).expanduser()
-    if p.exists():
-        return p
+    """An existing checkpoint path; an official file name is taken from the weights cache or, with ``download``,
+    fetched (``ditdeploy.weights.resolve_checkpoint``). Absent and not downloadable: a one-line error saying where
+    to put the file and that ``--download`` fetches it."""
     from ditdeploy import weights
 
+    p = Path(checkpoint).expanduser()
     name = p.name if p.name.endswith(".pt") else p.name + ".pt"
-    if name in weights.OFFICIAL_WEIGHTS:
-        if download or weights.cached_official(name) is not None:
-            if download and weights.cached_official(name) is None:
-                say(f"downloading {name} ({weights.LICENSE}) into {weights.resolve_cache_dir()} ...")
-            return weights.fetch_official(name)
-        raise ArtifactError(f"{checkpoint} not found: {weights.official_path_hint(name)}; "
-                            "or rerun with --download to fetch it (sha256 recorded on first use)")
-    raise ArtifactError(f"checkpoint {p} does not exist: check the path")
+    official = not p.exists() and name in weights.OFFICIAL_WEIGHTS
+    if official and download and weights.cached_official(name) is None:
+        say(f"downloading {name} ({weights.LICENSE}) into {weights.resolve_cache_dir()} ...")
+    try:
+        return weights.resolve_checkpoint(checkpoint, download=download)
+    except ArtifactError as e:
+        if official and not download:
+            raise ArtifactError(f"{e}; or rerun with --download to fetch it") from e
+        raise
 
 
 def load_denoiser_model(
