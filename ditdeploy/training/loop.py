@@ -311,11 +311,12 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                                  "or choose a new --out")
     barrier(info)
 
-    torch.manual_seed(args.seed * info.world_size + info.rank)  # anything not drawn from the per-step generator
     source, cfg = _build_source(args, info, out)
     order = EpochOrder(len(source), args.global_batch, args.seed, info.world_size, info.rank)
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and for any number of ranks
     model = create_model(cfg).to(dev)
+    torch.manual_seed(args.seed * info.world_size + info.rank)  # anything not drawn from the per-step generator
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=args.precision == "fp16")
@@ -429,7 +430,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                         "scaler": scaler.state_dict(), "args": args.to_dict(), "config": dataclasses.asdict(cfg),
                         "step": done, "rng": ckstate.rng_state(), "data": order.state(done),
                         "log": {"sums": win_sums.tolist(), "count": win_n}, "world_size": info.world_size,
-                        "torch_version": torch.__version__,
+                        "torch_version": str(torch.__version__),
                     })
                     ckstate.prune(ckdir, args.keep)
                 barrier(info)
