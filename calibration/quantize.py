@@ -343,7 +343,9 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
             f"(< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
         )
     return {"reference": "onnxruntime CPU on the fp32 source", "backend": "onnxruntime CPU int8",
-            **ov, **summarize_curve(curve), "per_timestep": curve["per_timestep"]}
+            **ov, **summarize_curve(curve), "min_cosine_allowed": MIN_COSINE,
+            "worst": {"rel_l2": ov["per_call_rel_l2_max"], "cosine": ov["per_call_cosine_min"]},
+            "per_timestep": curve["per_timestep"]}
 
 
 # ------------------------------------------------------------------------------------------------ main entry
