@@ -17,7 +17,6 @@ The JSON holds every raw timing, the machine, and the load average during the ru
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

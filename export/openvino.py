@@ -10,6 +10,7 @@ the ONNX on ONNX Runtime CPU, on seeded random inputs at batch 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -110,4 +111,14 @@ def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, pr
             fields["parity"] = _parity(src, txml, src_m, hint)
         manifest = make_manifest(xml, [tmp / bin_path.name, txml], **fields)
         write_json_atomic(tmp / mpath.name, manifest)
+    readable([bin_path, xml, mpath])
     return manifest
+
+
+def readable(paths: list[Path]) -> None:
+    """Give exported files the umask's normal mode (temp files are created 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.chmod(p, 0o644 & ~mask)

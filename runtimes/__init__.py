@@ -122,7 +122,15 @@ def load(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> De
 
 
 def load_decoder(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> Decoder:
-    """Load a VAE decoder artifact (``kind: decoder``) on a backend chosen like :func:`load`."""
+    """Load a VAE decoder artifact (``kind: decoder``) on a backend chosen like :func:`load`.
+
+    A directory is a diffusers ``AutoencoderKL`` folder, run by the torch backend (the reference decoder).
+    """
+    p = Path(path)
+    if p.is_dir():
+        if backend and ALIASES.get(backend.lower(), backend.lower()) != "torch":
+            raise DitDeployError(f"{p} is a diffusers VAE folder: only the torch backend reads it")
+        return _module("torch").load_decoder(p, **opts)
     p = _check_exists(path)
     b = resolve_backend(p, backend)
     mod = _module(b)

@@ -58,20 +58,26 @@ class TorchDenoiser(DenoiserBase):
 
 
 class TorchDecoder(DecoderBase):
-    """Wrap a torch VAE as a decoder with the artifact contract: raw latents in, images in [-1, 1] out.
+    """Wrap a torch VAE as a decoder with the artifact contract: raw latents in, images clamped to [-1, 1] out.
 
-    ``module`` is a diffusers ``AutoencoderKL`` (``decode(z / scaling).sample``) or any callable module mapping
-    already-scaled latents to images.
+    ``module`` is a diffusers ``AutoencoderKL`` (``decode(z / scaling_factor).sample``; the scaling factor from its
+    config unless given) or any callable module mapping already-scaled latents to images.
     """
 
-    def __init__(self, module: Any, *, scaling: float = 0.18215, latent_channels: int = 4, device: str = "cpu"):
+    def __init__(self, module: Any, *, scaling: float | None = None, latent_channels: int | None = None,
+                 device: str = "cpu", threads: int | None = None, path: Path | None = None):
         torch = _torch()
+        if threads:
+            torch.set_num_threads(int(threads))
         self.torch = torch
         self.device = torch.device(device)
-        self.module = module.to(self.device).eval()
-        self.scaling = float(scaling)
-        self.latent_channels = latent_channels
-        self.manifest = {"kind": "decoder", "format": "torch", "precision": "fp32"}
+        self.module = module.to(self.device).float().eval()
+        cfg = getattr(module, "config", None)
+        self.scaling = float(scaling if scaling is not None else getattr(cfg, "scaling_factor", 0.18215))
+        self.latent_channels = int(latent_channels or getattr(cfg, "latent_channels", 4))
+        self.path = path
+        self.manifest = {"kind": "decoder", "format": "torch", "precision": "fp32",
+                         "latent_channels": self.latent_channels, "scaling_factor": self.scaling}
         self.name = f"torch:{self.device.type}:fp32"
 
     def _run(self, z: np.ndarray) -> np.ndarray:
@@ -80,7 +86,20 @@ class TorchDecoder(DecoderBase):
             zt = torch.from_numpy(z).to(self.device) / self.scaling
             out = self.module.decode(zt) if hasattr(self.module, "decode") else self.module(zt)
             out = getattr(out, "sample", out)
-        return out.detach().float().cpu().numpy()
+        return out.detach().float().clamp(-1.0, 1.0).cpu().numpy()
+
+
+def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 **_: Any) -> TorchDecoder:
+    """A diffusers ``AutoencoderKL`` folder (local files only) as the reference decoder."""
+    _torch()
+    diffusers = require("diffusers", "vae", "the torch VAE decoder")
+    p = Path(path)
+    try:
+        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # diffusers raises OSError/ValueError variants
+        raise DitDeployError(f"cannot load a diffusers AutoencoderKL from {p}: {str(e).splitlines()[0][:200]}") from e
+    return TorchDecoder(vae, device=device, threads=threads, path=p)
 
 
 def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, verify: bool = True,

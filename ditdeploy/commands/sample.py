@@ -93,6 +93,8 @@ def _resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, A
         )
     if not Path(path).exists():
         raise DitDeployError(f"VAE decoder {path} not found")
+    if Path(path).is_dir():  # a diffusers AutoencoderKL folder: the torch reference decoder
+        return load_decoder(path, backend="torch", **({"threads": opts["threads"]} if "threads" in opts else {}))
     dec_backend = backend if Path(path).suffix.lower() in READS.get(backend, ()) else None
     dec_opts = {k: v for k, v in opts.items() if k in ("threads", "providers", "precision_hint")}
     if dec_backend is None:
