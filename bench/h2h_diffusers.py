@@ -210,7 +210,8 @@ def _onnx_paths(w: Work) -> tuple[Path, Path]:
 
 def prepare_exports(w: Work, need_int8: bool) -> dict[str, Any]:
     """Export the denoiser (fp32 ONNX) and the VAE decoder once; dynamic INT8 when asked. Returns timings."""
-    from ditdeploy import export as ex
+    from ditdeploy.export.onnx import export_denoiser_onnx
+    from ditdeploy.export.vae import export_vae_decoder_onnx
 
     onnx_path, vae_path = _onnx_paths(w)
     info: dict[str, Any] = {}
@@ -219,11 +220,11 @@ def prepare_exports(w: Work, need_int8: bool) -> dict[str, Any]:
 
         model = load_model(_checkpoint(w))
         t0 = time.perf_counter()
-        ex.export_denoiser_onnx(model, onnx_path, precision="fp32")
+        export_denoiser_onnx(model, onnx_path, precision="fp32", source={"checkpoint": _checkpoint(w).name})
         info["export_s"] = time.perf_counter() - t0
     if not vae_path.exists():
         t0 = time.perf_counter()
-        ex.export_decoder_onnx(_vae_dir(w), vae_path)
+        export_vae_decoder_onnx(str(_vae_dir(w)), vae_path, latent_sizes=(w.image_size // 8,), batch_sizes=(1,))
         info["decoder_export_s"] = time.perf_counter() - t0
     int8 = onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx")
     if need_int8 and not int8.exists():

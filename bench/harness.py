@@ -213,16 +213,25 @@ def attach_derived(rows: list[dict[str, Any]], peaks: dict[str, dict[str, Any]])
         flops = 2.0 * r["macs_per_sample"] * r["batch"]
         r["flops_per_call"] = flops
         r["gflops"] = flops / (r["denoiser_ms_median"] / 1e3) / 1e9
-        key = peak_for(r["precision"])
-        pk = (peaks.get(key) or {}).get("gflops")
-        if pk is None and key != "fp32":  # no probe for this precision here: compare with the fp32 roof, say so
-            key, pk = "fp32", (peaks.get("fp32") or {}).get("gflops")
-        r["peak_key"] = key
-        r["peak_gflops"] = pk
-        r["pct_of_peak"] = 100.0 * r["gflops"] / pk if pk else None
+        if r["backend"] == "tensorrt" or any(g in r.get("runtime", "") for g in ("CUDA", "Tensorrt", ":GPU")):
+            # the probes measure this machine's CPU; a GPU row has no roof here (say so rather than divide wrongly)
+            r["peak_key"], r["peak_gflops"], r["pct_of_peak"] = None, None, None
+        else:
+            _attach_peak(r, peaks, peak_for)
         b = base.get((json.dumps(r["config"], sort_keys=True), r["batch"]))
         r["torch_fp32_ms"] = b
         r["speedup_vs_torch_fp32"] = b / r["denoiser_ms_median"] if b else None
+
+
+def _attach_peak(r: dict[str, Any], peaks: dict[str, dict[str, Any]], peak_for) -> None:
+    """% of the measured matmul peak of the row's precision (int8 without an int8 probe: vs the fp32 roof)."""
+    key = peak_for(r["precision"])
+    pk = (peaks.get(key) or {}).get("gflops")
+    if pk is None and key != "fp32":  # no probe for this precision here: compare with the fp32 roof, say so
+        key, pk = "fp32", (peaks.get("fp32") or {}).get("gflops")
+    r["peak_key"] = key
+    r["peak_gflops"] = pk
+    r["pct_of_peak"] = 100.0 * r["gflops"] / pk if pk else None
 
 
 def run_bench(targets: list[Target], s: Settings, *, probe: bool = True, probe_size: int = 2048,

@@ -134,6 +134,38 @@ def has_torch() -> bool:
         return False
 
 
+def reference_checkpoint(artifact: str | Path, manifest: dict[str, Any] | None, _depth: int = 0) -> Path | None:
+    """The torch checkpoint an artifact was made from, as its manifest records it: ``checkpoint`` /
+    ``source_checkpoint`` / ``source.checkpoint`` (a path, relative to the artifact's folder or absolute), following
+    ``source.onnx`` (INT8 and OpenVINO artifacts made from an ONNX) through that file's manifest. None if unknown."""
+    import json as _json
+
+    m = manifest or {}
+    base = Path(artifact).parent
+    src: Any = m.get("checkpoint") or m.get("source_checkpoint")
+    source = m.get("source") if isinstance(m.get("source"), dict) else {}
+    if src is None:
+        src = source.get("checkpoint") or source.get("path")
+    if isinstance(src, dict):
+        src = src.get("path") or src.get("name")
+    if src:
+        p = Path(str(src))
+        for cand in ((p,) if p.is_absolute() else (base / p, p)):
+            if cand.is_file():
+                return cand
+    parent = source.get("onnx")
+    if parent and _depth < 3:
+        pa = base / Path(str(parent)).name
+        mp = pa.with_name(pa.name + ".json")
+        if mp.is_file():
+            try:
+                pm = _json.loads(mp.read_text())
+            except (OSError, ValueError):
+                return None
+            return reference_checkpoint(pa, pm, _depth + 1)
+    return None
+
+
 def shipped_digits() -> Path | None:
     """The shipped digits checkpoint (``ditdeploy/assets/digits.safetensors``), if present."""
     p = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
@@ -303,8 +335,9 @@ def load_golden(path: str | Path) -> Golden:
     try:
         with np.load(p, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{p} is not a readable golden .npz ({e})") from e
+    except Exception as e:  # OSError, ValueError (pickled arrays refused), zipfile.BadZipFile, EOFError, ...
+        raise ArtifactError(f"{p} is not a readable golden .npz ({type(e).__name__}: {e}); write it again with "
+                            "--save-golden") from e
     missing = {"meta", "probe_x", "probe_t", "probe_y", "probe_out", "noise", "labels", "ref_latents"} - set(d)
     if missing:
         raise ArtifactError(f"golden file {p} lacks {sorted(missing)}: write it again with --save-golden")
@@ -314,6 +347,11 @@ def load_golden(path: str | Path) -> Golden:
         raise ArtifactError(f"golden file {p} has unreadable metadata ({e})") from e
     if meta.get("golden_version") != GOLDEN_VERSION:
         raise ArtifactError(f"golden file {p} has version {meta.get('golden_version')}, expected {GOLDEN_VERSION}")
+    bad = [n for n in ("probe_x", "probe_out", "noise", "ref_latents", "ref_images")
+           if n in d and d[n].dtype.kind == "f" and not np.isfinite(d[n]).all()]
+    if bad:
+        raise ArtifactError(f"golden file {p} has NaN/Inf in {', '.join(bad)}: the reference run was broken; "
+                            "write it again with --save-golden")
     k, m = d["probe_t"].shape
     if d["probe_x"].shape[:2] != (k, m) or d["probe_out"].shape[:2] != (k, m) or d["probe_y"].shape != (k, m):
         raise ArtifactError(f"golden file {p} has inconsistent probe shapes")

@@ -174,17 +174,11 @@ def _torch_reference(p: Path, m: dict, cfg, reference: Path | None) -> Path | No
     """A checkpoint for the torch baseline: --reference, the manifest's, the shipped digits, or None (random)."""
     if reference is not None:
         return reference
-    src = m.get("checkpoint") or m.get("source_checkpoint")
-    if src is None and isinstance(m.get("source"), dict):
-        src = m["source"].get("checkpoint") or m["source"].get("path")
-    if isinstance(src, dict):
-        src = src.get("path") or src.get("name")
-    if src:
-        for cand in (p.parent / src, Path(src)):
-            if cand.exists():
-                return cand
-    if cfg.variant == "digits":
-        from ditdeploy.checking import shipped_digits
+    from ditdeploy.checking import reference_checkpoint, shipped_digits
 
+    found = reference_checkpoint(p, m)
+    if found is not None:
+        return found
+    if cfg.variant == "digits":
         return shipped_digits()
     return None

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
             ref_name = f"golden {golden.name} ({g.meta.get('reference', '?')})"
             g.meta["reference"] = ref_name
         else:
-            ref_path = _resolve_reference(reference, art)
+            ref_path = _resolve_reference(reference, art, engine)
             ref = _load_reference(ref_path)
             if art is not None and ref.config != art.config:
                 raise DitDeployError(
@@ -121,7 +121,7 @@ def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None
     return load(engine, backend=b, **opts)
 
 
-def _resolve_reference(reference: Path | None, art) -> Path:
+def _resolve_reference(reference: Path | None, art, engine: Path | None) -> Path:
     """--reference, else the checkpoint the manifest names (beside the artifact or absolute), else shipped digits."""
     from ditdeploy.errors import DitDeployError
 
@@ -130,25 +130,17 @@ def _resolve_reference(reference: Path | None, art) -> Path:
             raise DitDeployError(f"reference checkpoint {reference} not found")
         return reference
     if art is not None:
-        m = art.manifest or {}
-        src = m.get("checkpoint") or m.get("source_checkpoint")
-        if src is None and isinstance(m.get("source"), dict):
-            src = m["source"].get("checkpoint") or m["source"].get("path")
-        if isinstance(src, dict):
-            src = src.get("path") or src.get("name")
-        if src:
-            p = Path(src)
-            for cand in ((p,) if p.is_absolute() else (Path(art.path).parent / p, p)):
-                if cand.exists():
-                    return cand
-        if art.config.variant == "digits":
-            from ditdeploy.checking import shipped_digits
+        from ditdeploy.checking import reference_checkpoint, shipped_digits
 
+        found = reference_checkpoint(engine or art.path, art.manifest)
+        if found is not None:
+            return found
+        if art.config.variant == "digits":
             p = shipped_digits()
             if p is not None:
                 return p
-        hint = f" (the manifest names {src}, which is not here)" if src else ""
-        raise DitDeployError(f"no PyTorch reference for {Path(art.path).name}{hint}: pass --reference CHECKPOINT, "
+        raise DitDeployError(f"no PyTorch reference for {Path(engine or art.path).name} (its manifest names no checkpoint "
+                             "that is here): pass --reference CHECKPOINT, "
                              "or --golden FILE written by `ditdeploy check --save-golden` on a machine with torch")
     raise DitDeployError("--save-golden without --engine needs --reference CHECKPOINT")
 
@@ -180,5 +172,5 @@ def _load_decoder(vae: Path | None, art):
         return None
     from ditdeploy.artifacts import safe_member
 
-    p = safe_member(Path(art.path).parent, name)
+    p = safe_member(Path(getattr(art, "path", None) or ".").parent, name)
     return load_decoder(p) if p.exists() else None
