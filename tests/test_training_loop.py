@@ -229,6 +229,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys):
     foreign = tmp_path / "foreign.pt"
     torch.save({"model": {}}, foreign)
     assert "not a ditdeploy training checkpoint" in _err(capsys, *TINY, "--out", out, "--resume", str(foreign))
+    # resuming an older checkpoint while newer ones exist would fork the run's history
+    run_cli(*TINY, "--steps", "2", "--ckpt-every", "1", "--out", str(good), "--resume", str(good))
+    assert "newer than the resumed step 1" in _err(capsys, *TINY, "--steps", "3", "--out", str(good), "--resume",
+                                                   str(good / "checkpoints" / "0000001.pt"))
     # a fresh run into a folder holding a run, and a resume that changes the recipe
     assert "--resume" in _err(capsys, *TINY, "--steps", "2", "--out", str(good))
     assert "differs from the resumed run" in _err(capsys, *TINY, "--steps", "2", "--lr", "0.5", "--out", str(good),
@@ -247,3 +251,13 @@ def test_malicious_pickle_resume_is_refused_without_running(tmp_path, capsys):
     err = _err(capsys, *TINY, "--out", str(tmp_path / "o"), "--resume", str(p))
     assert "corrupt or not a ditdeploy training checkpoint" in err
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_compile_gives_close_losses(tmp_path):
+    # torch.compile (inductor, needs a C++ compiler) fuses kernels: same maths, different rounding
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_cli(*TINY, "--steps", "3", "--log-every", "1", "--out", str(a))
+    run_cli(*TINY, "--steps", "3", "--log-every", "1", "--out", str(b), "--compile")
+    for (_, x), (_, y) in zip(losses(a), losses(b), strict=True):
+        assert abs(x - y) <= 1e-4 * abs(x)

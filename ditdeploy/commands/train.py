@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         depth: int | None = typer.Option(None, "--depth", help="Override the variant's depth."),
         num_heads: int | None = typer.Option(None, "--num-heads", help="Override the variant's attention heads."),
         global_batch: int | None = typer.Option(None, "--global-batch", help="Global batch, split evenly over ranks (default 256)."),
-        steps: int | None = typer.Option(None, "--steps", help="Total optimizer steps (default 400000; digits 3000)."),
+        steps: int | None = typer.Option(None, "--steps", help="Total optimizer steps (default 400000; digits 2000)."),
         lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4)."),
         weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
         ema_decay: float | None = typer.Option(None, "--ema-decay", help="EMA decay per step (default 0.9999)."),

@@ -230,9 +230,13 @@ def _build_source(args: TrainArgs, info: DistInfo, out: Path):
     cache_dir = Path(args.latent_cache) if args.latent_cache else out / "latents"
     meta = {"data_fingerprint": index.fingerprint(), "vae_fingerprint": vae_fingerprint(args.vae),
             "image_size": args.image_size, "flip": bool(args.flip), "classes": list(index.classes)}
-    if info.is_main and not LatentCache.exists(cache_dir):
-        build_latent_cache(index, vae, cache_dir, args.image_size, args.flip, meta, device=info.device,
-                           progress=args.progress)
+    if info.is_main:
+        if not LatentCache.exists(cache_dir):
+            build_latent_cache(index, vae, cache_dir, args.image_size, args.flip, meta, device=info.device,
+                               progress=args.progress)
+    else:  # wait on the file system, not a collective: extraction can outlast a process-group timeout
+        while not LatentCache.exists(cache_dir):
+            time.sleep(2.0)
     barrier(info)
     cache = LatentCache(cache_dir)
     cache.check_matches(meta)
@@ -306,9 +310,14 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
         _prepare_out(out)
         ckdir.mkdir(exist_ok=True)
         ckstate.remove_stale_temps(ckdir)
-        if ck is None and ckstate.list_checkpoints(ckdir):
+        existing = ckstate.list_checkpoints(ckdir)
+        if ck is None and existing:
             raise DitDeployError(f"{out} already holds checkpoints of a run: pass --resume {out} to continue it, "
                                  "or choose a new --out")
+        newer = [s for s, _ in existing if ck is not None and s > int(ck["step"])]
+        if newer:
+            raise DitDeployError(f"{ckdir} holds checkpoints newer than the resumed step {ck['step']} "
+                                 f"(e.g. {newer[-1]}): move them away first, or resume from the newest")
     barrier(info)
 
     source, cfg = _build_source(args, info, out)
@@ -321,7 +330,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=args.precision == "fp16")
     start = 0
-    win_sums = torch.zeros(3, dtype=torch.float64)
+    win_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, mse, vb summed since the last log line
     win_n = 0
     if ck is not None:
         if dataclasses.asdict(cfg) != dict(ck["config"]):
@@ -337,7 +346,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
         ckstate.set_rng_state(ck["rng"])
         start = int(ck["step"])
         log = ck.get("log") or {}
-        win_sums = torch.tensor(log.get("sums", [0.0, 0.0, 0.0]), dtype=torch.float64)
+        win_sums = torch.tensor(log.get("sums", [0.0, 0.0, 0.0]), dtype=torch.float64, device=dev)
         win_n = int(log.get("count", 0))
     else:
         update_ema(ema, model, 0.0)
@@ -375,6 +384,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                disable=not (info.is_main and args.progress))
     mf = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 - closed in finally
     t_run0 = t_win0 = time.perf_counter()
+    cpu0 = time.process_time()
     win_steps = 0
     last: dict[str, Any] = {}
     ckpt_path = None
@@ -396,13 +406,13 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
             scaler.update()
             update_ema(ema, model, args.ema_decay)
             win_sums += torch.stack([loss.detach(), losses["mse"].detach().mean(),
-                                     losses["vb"].detach().mean()]).double().cpu()
+                                     losses["vb"].detach().mean()]).double()
             win_n += 1
             win_steps += 1
             done = step + 1
             bar.update(1)
             if done % args.log_every == 0 or done == args.steps:
-                avg = mean_across(info, (win_sums / win_n).to(dev)).cpu().tolist()
+                avg = mean_across(info, win_sums / win_n).cpu().tolist()
                 now = time.perf_counter()
                 sps = win_steps / max(now - t_win0, 1e-9)
                 if not all(math.isfinite(v) for v in avg):
@@ -423,13 +433,13 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                 t_win0 = now
             if done % args.ckpt_every == 0 or done == args.steps:
                 # make the partial log window rank-independent, so a resume on any rank reproduces the log exactly
-                win_sums = mean_across(info, win_sums.to(dev)).cpu()
+                win_sums = mean_across(info, win_sums)
                 if info.is_main:
                     ckpt_path = ckstate.save_checkpoint(ckdir / ckstate.checkpoint_name(done), {
                         "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "scaler": scaler.state_dict(), "args": args.to_dict(), "config": dataclasses.asdict(cfg),
                         "step": done, "rng": ckstate.rng_state(), "data": order.state(done),
-                        "log": {"sums": win_sums.tolist(), "count": win_n}, "world_size": info.world_size,
+                        "log": {"sums": win_sums.cpu().tolist(), "count": win_n}, "world_size": info.world_size,
                         "torch_version": str(torch.__version__),
                     })
                     ckstate.prune(ckdir, args.keep)
@@ -441,6 +451,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
         with contextlib.suppress(AttributeError):
             model.y_embedder.dropout_prob = p_drop
     wall = time.perf_counter() - t_run0
+    cpu = time.process_time() - cpu0
     if info.distributed:  # every rank records what it holds, so replica agreement can be checked after the run
         write_json_atomic(out / "ranks" / f"rank{info.rank}.json", {
             "rank": info.rank, "world_size": info.world_size, "step": args.steps,
@@ -451,7 +462,7 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                                         "preset": args.preset or ""})
     barrier(info)
     ran = args.steps - start
-    return {"step": args.steps, "start_step": start, "loss": last.get("loss"), "wall_s": wall,
+    return {"step": args.steps, "start_step": start, "loss": last.get("loss"), "wall_s": wall, "cpu_s": cpu,
             "steps_per_s": ran / wall if ran and wall > 0 else None, "ema_path": str(ema_path),
             "checkpoint": str(ckpt_path) if ckpt_path else None, "metrics": str(metrics_path),
             "world_size": info.world_size}
