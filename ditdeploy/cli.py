@@ -41,30 +41,43 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("DITDEPLOY_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        # non-standalone typer turns Ctrl-C (and typer.Exit) into a returned exit code instead of raising
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                print("error: interrupted", file=sys.stderr)
+            sys.exit(rv)
     except SystemExit as e:
         raise e
     except DitDeployError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors and unexpected failures: still one line unless --debug
-        import click
-
-        if isinstance(e, click.exceptions.Abort):
+        # typer >= 0.20 vendors click (typer._click): match its exceptions by name and duck type, not click's classes
+        names = {c.__name__ for c in type(e).__mro__}
+        if "Abort" in names:
             print("error: aborted", file=sys.stderr)
             sys.exit(1)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+        if "ClickException" in names and hasattr(e, "format_message"):
+            msg = " ".join(str(e.format_message()).split())  # one line, e.g. "Invalid value for '--steps': ..."
+            if msg:  # empty for "no arguments: help shown"
+                print(f"error: {msg} (see --help)", file=sys.stderr)
+            sys.exit(int(getattr(e, "exit_code", 2) or 2))
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _one_line(e: BaseException, limit: int = 1000) -> str:
+    """The message of ``e`` on one line (embedded library messages can span several)."""
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,24 +41,24 @@ class PeakRSS:
         self._stop = threading.Event()
 
     def _run(self) -> None:
-        import psutil
-
-        proc = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, proc.memory_info().rss)
+            self.peak = max(self.peak, self._proc.memory_info().rss)
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
+        import psutil  # imported here, in the caller's thread: an import inside the sampler thread can deadlock
+        # on the module lock when Ctrl-C interrupts the main thread mid-import
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
-        self._thread.join()
-        import psutil
-
-        self.peak = max(self.peak, psutil.Process().memory_info().rss)
+        self._thread.join(timeout=5)
+        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def process_peak_rss() -> int:

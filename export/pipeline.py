@@ -211,5 +211,5 @@ def export_denoiser(
             return export_ov(onnx_path, out, verify=verify)
         if fmt == "trt":
             build = _optional("ditdeploy.export.tensorrt", "build_engine", "TensorRT engine building")
-            return build(onnx_path, out, batch_max=batch_max, verify=verify)
+            return build(onnx_path, out, precision=precision, batch_max=batch_max, verify=verify, progress=progress)
     raise DitDeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -60,7 +60,7 @@ def test_islands_beat_naive_fp16():
     assert no_res["end_to_end_rel_l2"] > islands["end_to_end_rel_l2"]
 
 
-@pytest.mark.parametrize("conditioning", ["adaln-zero", "cross-attn"])
+@pytest.mark.parametrize("conditioning", ["adaln-zero", pytest.param("cross-attn", marks=pytest.mark.slow)])
 def test_fp16_onnx(tmp_path, conditioning):
     model = tiny_model(conditioning)
     out = tmp_path / "h.onnx"

@@ -21,7 +21,8 @@ _EPILOG = (
 def register(app: typer.Typer) -> None:
     @app.command("export", epilog=_EPILOG)
     def export(
-        model: str = typer.Option(None, "--model", "-m", help="Variant S/2 .. XL/8, or 'digits' (the shipped model)."),
+        model: str = typer.Option(None, "--model", "-m", help="Variant S/2 .. XL/8, or 'digits' (the shipped "
+                                  "model); optional with --checkpoint (the file's config is used)."),
         checkpoint: str = typer.Option(None, "--checkpoint", "-c",
                                        help="Official .pt (e.g. DiT-XL-2-256x256.pt) or ditdeploy .safetensors."),
         random_weights: bool = typer.Option(False, "--random-weights",
@@ -62,8 +63,9 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError(f"--opset {opset}: needs >= 17 (LayerNormalization as one node)")
         if batch_max is not None and batch_max < 1:
             raise DitDeployError("--batch-max must be >= 1")
-        if model is None and vae is None:
-            raise DitDeployError("nothing to export: pass --model VARIANT|digits (and/or --vae DIR)")
+        if model is None and checkpoint is None and vae is None:
+            raise DitDeployError("nothing to export: pass --model VARIANT|digits or --checkpoint FILE "
+                                 "(and/or --vae DIR)")
         if prec == "int8" and int8_mode == "static" and calibration is None:
             raise DitDeployError("--precision int8 needs --calibration FILE.npz (from `ditdeploy calibrate`), "
                                  "or --int8-mode dynamic for ONNX Runtime CPU")
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(s, err=True)
 
         latent_size = (image_size or 256) // 8
-        if model is None:  # decoder only
+        if model is None and checkpoint is None:  # decoder only
             dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt_ if fmt_ != 'trt' else 'onnx']}")
             if fmt_ == "trt":
                 raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
@@ -91,6 +93,14 @@ def register(app: typer.Typer) -> None:
             model, checkpoint, random_weights=random_weights, image_size=image_size, conditioning=conditioning,
             seed=seed, download=download, say=say,
         )
+        if prec == "int8" and calibration is not None:  # fail before the slow ONNX export, not after it
+            from ditdeploy.calibration.capture import load_calibration
+
+            cc = load_calibration(calibration).manifest.get("config") or {}
+            for k in ("in_channels", "input_size", "num_classes"):
+                if cc.get(k) != getattr(net.config, k):
+                    raise DitDeployError(f"calibration set {calibration.name} was captured from a model with "
+                                         f"{k}={cc.get(k)}, not {getattr(net.config, k)}: capture it from this model")
         if source["kind"] == "random":
             say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
         target = out or pipeline.default_out(net.config, prec, fmt_)
