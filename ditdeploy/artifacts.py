@@ -42,6 +42,8 @@ def manifest_path(artifact: str | os.PathLike) -> Path:
 
 
 def _check_writable_dir(d: Path) -> None:
+    if d.exists() and not d.is_dir():
+        raise DitDeployError(f"cannot write into {d}: it is a file, not a directory; choose another --out")
     if not d.exists():
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,10 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     """
     final = Path(final)
     _check_writable_dir(final.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+    except OSError as e:
+        raise DitDeployError(f"could not write {final}: {e.strerror or e}") from e
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -86,7 +91,10 @@ def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
     finals = [Path(p) for p in final_files]
     parent = finals[0].parent
     _check_writable_dir(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=".ditdeploy-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".ditdeploy-", dir=parent))
+    except OSError as e:
+        raise DitDeployError(f"could not write {parent}: {e.strerror or e}") from e
     try:
         yield tmp
         for f in finals:
