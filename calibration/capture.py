@@ -351,8 +351,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not a readable calibration .npz ({e}); recapture it") from e
+    except Exception as e:  # OSError, ValueError (pickles refused), zipfile.BadZipFile, EOFError, ...
+        raise ArtifactError(f"{path} is not a readable calibration .npz ({type(e).__name__}: {e}); recapture it") from e
 
 
 def load_calibration(path: str | os.PathLike, verify: bool = True) -> CalibrationSet:
@@ -371,6 +371,9 @@ def load_calibration(path: str | os.PathLike, verify: bool = True) -> Calibratio
     n = arrays["x"].shape[0]
     if arrays["x"].ndim != 4 or any(arrays[k].shape != (n,) for k in ARRAYS[1:]):
         raise ArtifactError(f"{path.name} has inconsistent array shapes: recapture it")
+    if not np.isfinite(arrays["x"]).all():
+        raise ArtifactError(f"{path.name} has NaN/Inf in its inputs x: the source model was broken; recapture it "
+                            "from a working fp32 model")
     val = None
     vinfo = m.get("validation")
     if VAL_PREFIX + "x" in arrays:
