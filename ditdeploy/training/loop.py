@@ -115,6 +115,13 @@ def _validate(a: TrainArgs) -> None:
         raise DitDeployError("nothing to train on: pass --preset digits or --data DIR (ImageNet layout) --vae DIR")
     if a.preset is not None and a.data is not None:
         raise DitDeployError("--preset and --data are exclusive: the digits preset brings its own data")
+    if a.preset == "digits" and str(a.model).lower() != "digits":
+        raise DitDeployError(f"--model {a.model}: the digits preset trains the 'digits' model; drop --model "
+                             "(resize it with --hidden-size / --depth / --num-heads)")
+    if a.preset is None:
+        from ditdeploy.variants import variant_config
+
+        variant_config(a.model)  # an unknown variant name fails here, before the data and the VAE load
     if a.precision not in PRECISIONS:
         raise DitDeployError(f"unknown --precision {a.precision!r}: choose one of {', '.join(PRECISIONS)}")
     for name in ("steps", "global_batch", "log_every", "ckpt_every", "keep"):
