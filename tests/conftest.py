@@ -1,0 +1,112 @@
+"""Shared fixtures: small real artifacts built once per test session with the project's own exporters, and a runner
+for the real CLI entry point (``ditdeploy.cli.main``) in-process.
+
+Tests must never modify the session artifacts in place: copy them (``copy_artifact``) and damage the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def digits_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """A digits-config DiT (pixel space 1x8x8, 10 classes) with deterministic random weights: ``ckpt``
+    (.safetensors with its config in the metadata) and ``onnx`` (fp32, verified on ONNX Runtime at export, manifest
+    beside it). Built once per session (~10-30 s of dynamo export)."""
+    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.export.onnx import export_denoiser_onnx
+    from ditdeploy.export.randomize import random_model
+    from ditdeploy.variants import DIGITS
+
+    d = tmp_path_factory.mktemp("digits_artifacts")
+    model = random_model(DIGITS, seed=11)
+    ckpt = save_safetensors(model, d / "digits-rand.safetensors", DIGITS)
+    onnx_path = d / "digits-rand.onnx"
+    export_denoiser_onnx(model, onnx_path, precision="fp32")
+    return {"dir": d, "ckpt": ckpt, "onnx": onnx_path}
+
+
+# --------------------------------------------------------------------------------------------------------- helpers
+def copy_artifact(src: Path, dest_dir: Path, name: str | None = None, manifest: bool = True) -> Path:
+    """Copy an artifact (and, by default, its ``.json`` manifest) into ``dest_dir`` (created); returns the copy."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dst = dest_dir / (name or src.name)
+    shutil.copyfile(src, dst)
+    if manifest:
+        shutil.copyfile(src.with_name(src.name + ".json"), dst.with_name(dst.name + ".json"))
+        if dst.name != src.name:
+            m = json.loads(dst.with_name(dst.name + ".json").read_text())
+            m["files"] = {(dst.name if k == src.name else k): v for k, v in m["files"].items()}
+            m["artifact"] = dst.name
+            dst.with_name(dst.name + ".json").write_text(json.dumps(m))
+    return dst
+
+
+def edit_manifest(artifact: Path, fn: Callable[[dict], None]) -> None:
+    """Load the manifest beside ``artifact``, let ``fn`` change it in place, write it back."""
+    mp = artifact.with_name(artifact.name + ".json")
+    m = json.loads(mp.read_text())
+    fn(m)
+    mp.write_text(json.dumps(m))
+
+
+def rehash(artifact: Path, files: Iterable[Path] | None = None) -> None:
+    """Re-record the sha256/size of ``files`` (default: the artifact alone) in its manifest, so a deliberately
+    damaged file passes the hash check and reaches the runtime's own loader."""
+    from ditdeploy.artifacts import sha256_file
+
+    files = list(files) if files is not None else [artifact]
+
+    def fn(m: dict) -> None:
+        m["files"] = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files}
+
+    edit_manifest(artifact, fn)
+
+
+def run_main(args: list[str]) -> tuple[int, str, str]:
+    """Run ``ditdeploy.cli.main(args)`` in this process; returns (exit code, stdout, stderr)."""
+    import os
+
+    from ditdeploy.cli import main
+
+    os.environ.pop("DITDEPLOY_DEBUG", None)  # `--debug` in an earlier in-process call would leak through env
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Non-empty stderr lines, with tqdm's carriage-return redraws reduced to their last state."""
+    return [ln.split("\r")[-1].strip() for ln in stderr.splitlines() if ln.split("\r")[-1].strip()]
+
+
+def assert_one_line_error(code: int, stderr: str, keywords: str | Iterable[str], *, strict: bool = True) -> str:
+    """The contract of a failed command: exit code != 0, exactly one ``error:`` line that names the problem (each
+    keyword, case-insensitive), no traceback. ``strict``: that line is all of stderr (else: the last line, after
+    progress/info lines). Returns the error line."""
+    assert code not in (0, None), f"expected a failure, got exit code {code}; stderr: {stderr[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = error_lines(stderr)
+    errs = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errs) == 1, f"expected one 'error:' line, got {len(errs)}: {stderr[-2000:]}"
+    if strict:
+        assert lines == errs, f"stderr is more than the error line: {stderr[-2000:]}"
+    else:
+        assert lines[-1] == errs[0], f"the error line is not the last line: {stderr[-2000:]}"
+    line = errs[0]
+    for kw in [keywords] if isinstance(keywords, str) else keywords:
+        assert kw.lower() in line.lower(), f"{kw!r} not named in: {line}"
+    return line
