@@ -123,7 +123,8 @@ def external_data_files(model) -> list[str]:
 
 
 @contextlib.contextmanager
-def _stage(src: Path, workdir: Path) -> Iterator[tuple[Path, Any]]:
+def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = None
+           ) -> Iterator[tuple[Path, Any]]:
     """A graph-only copy of ``src`` whose external data resolves, plus its ModelProto (loaded without data).
 
     ONNX and ONNX Runtime only read external data from the model file's own directory and refuse symlinks and hard
@@ -135,6 +136,8 @@ def _stage(src: Path, workdir: Path) -> Iterator[tuple[Path, Any]]:
     from ditdeploy.artifacts import safe_member
 
     model = onnx.load(str(src), load_external_data=False)
+    if transform is not None:  # graph rewrites need no weights (the constants they match are small, inline)
+        model = transform(model)
     locs = external_data_files(model)
     for loc in locs:
         if not safe_member(src.parent, loc).exists():
@@ -164,6 +167,33 @@ def _stage(src: Path, workdir: Path) -> Iterator[tuple[Path, Any]]:
     staged = workdir / "source.onnx"
     onnx.save(model, str(staged))
     yield staged, model
+
+
+def ort_cpu_fusions(model) -> tuple[Any, dict[str, int]]:
+    """Fuse the tanh-GELU of the MLPs (and fc1's bias add) into ONNX Runtime's ``FastGelu`` contrib op.
+
+    The dynamo export spells GELU(tanh) as eight elementwise ops (Pow, Mul, Add, Tanh, ...) over the widest
+    activation of each block; once the GEMMs run in INT8 those passes are a large share of a CPU call. ``FastGelu``
+    is a ``com.microsoft`` op: the result runs on ONNX Runtime only (not TensorRT / OpenVINO). Works on a graph
+    loaded without weights. Returns the model and the fusion counts.
+    """
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the fusion modules on the import path)
+    from onnxruntime.transformers.fusion_biasgelu import FusionBiasGelu
+    from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    om = OnnxModel(model)
+    with _quiet_ort_logging():
+        FusionFastGelu(om).apply()
+        n_gelu = sum(n.op_type == "FastGelu" for n in om.model.graph.node)
+        FusionBiasGelu(om, True).apply()
+        om.prune_graph()
+    n_bias = sum(n.op_type == "FastGelu" and len(n.input) > 1 for n in om.model.graph.node)
+    if n_gelu and not any(o.domain == "com.microsoft" for o in om.model.opset_import):
+        import onnx
+
+        om.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return om.model, {"FastGelu": n_gelu, "FastGelu_with_bias": n_bias}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -382,6 +412,7 @@ def quantize_int8(
     calibrate_method: str = "percentile",
     percentile: float = 99.99,
     per_channel: bool = True,
+    ort_fusions: bool = False,
     max_inputs: int = 512,
     batch_size: int = 8,
     verify: bool = True,
@@ -395,10 +426,15 @@ def quantize_int8(
     ``exclude``: see :func:`ditdeploy.calibration.nodes.resolve_exclusions` (None = embedders, adaLN, final layer,
     attention). ``max_inputs`` calibration inputs (balanced over timesteps) are used for the ranges.
     ``verify`` compares the result with the source on ONNX Runtime CPU and records ``parity``.
+    ``ort_fusions``: fuse GELU into ONNX Runtime's ``FastGelu`` first (faster on CPU; the artifact then runs on ONNX
+    Runtime only, so this is refused for the TensorRT-ready static int8 Q/DQ).
     """
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
                        per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size)
     opts.validate()
+    if ort_fusions and opts.mode == "static" and opts.activations == "int8":
+        raise DitDeployError("ORT fusions make an ONNX Runtime-only graph: use them with --int8-mode dynamic or "
+                             "uint8 activations, not with the TensorRT-ready int8 Q/DQ")
     say = log_fn or (lambda s: log.info(s))
     onnx = require("onnx", "export", "INT8 quantization")
     require("onnxruntime.quantization", "export", "INT8 quantization")
@@ -442,7 +478,14 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix=".ditdeploy-int8-", dir=out.parent) as work_s, \
             contextlib.ExitStack() as stack:
         work = Path(work_s)
-        staged, model = stack.enter_context(_stage(src, work))
+        fusions: dict[str, int] = {}
+
+        def fuse(m):
+            fused, counts = ort_cpu_fusions(m)
+            fusions.update(counts)
+            return fused
+
+        staged, model = stack.enter_context(_stage(src, work, fuse if ort_fusions else None))
         ext = bool(external_data_files(model))
         roles = classify_nodes(model)
         quantized, excluded = resolve_exclusions(roles, exclude)
@@ -512,7 +555,10 @@ def quantize_int8(
                 "excluded_roles": role_counts(excluded),
                 "roles_from": "+".join(how),
                 "external_data": (work / data_name).exists(),
-                "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8",
+                "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8" and not ort_fusions,
+                "ort_fusions": fusions or None,
+                "runtimes": (["onnxruntime"] if (ort_fusions or opts.mode == "dynamic")
+                             else ["onnxruntime", "tensorrt", "openvino"]),
                 "seconds": round(t_quant, 2),
             },
             excluded_nodes=[r.name for r in excluded],

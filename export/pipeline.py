@@ -180,6 +180,8 @@ def export_denoiser(
     int8_mode: str = "static",
     seed: int = 0,
     progress: bool = True,
+    int8_options: dict[str, Any] | None = None,
+    trt_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest."""
     from ditdeploy.export.onnx import export_denoiser_onnx
@@ -202,7 +204,8 @@ def export_denoiser(
         if precision == "int8":
             quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")
             target = out if fmt == "onnx" else tmp / (out.stem + "-int8.onnx")
-            m = quantize(onnx_path, target, calibration, mode=int8_mode, verify=verify, progress=progress)
+            m = quantize(onnx_path, target, calibration, mode=int8_mode, verify=verify, progress=progress,
+                         **(int8_options or {}))
             if fmt == "onnx":
                 return m
             onnx_path = target
@@ -211,5 +214,6 @@ def export_denoiser(
             return export_ov(onnx_path, out, verify=verify)
         if fmt == "trt":
             build = _optional("ditdeploy.export.tensorrt", "build_engine", "TensorRT engine building")
-            return build(onnx_path, out, precision=precision, batch_max=batch_max, verify=verify, progress=progress)
+            return build(onnx_path, out, precision=precision, batch_max=batch_max, verify=verify, progress=progress,
+                         **(trt_options or {}))
     raise DitDeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")

@@ -34,15 +34,25 @@ def register(app: typer.Typer) -> None:
                                          help="Block design for --random-weights: adaln-zero|adaln|in-context|"
                                               "cross-attn."),
         fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt."),
-        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8."),
+        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 | int8-dynamic."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17: LayerNormalization as one node)."),
-        batch_max: int = typer.Option(None, "--batch-max", help="Largest batch the artifact is built for "
+        batch_max: int = typer.Option(None, "--batch-max", "--max-batch", help="Largest batch the artifact is built for "
                                       "(TensorRT profile; recorded in the manifest)."),
         vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
                                  "(alone when no --model is given)."),
         calibration: Path = typer.Option(None, "--calibration", help="Calibration set (.npz from `ditdeploy "
                                          "calibrate`) for --precision int8."),
         int8_mode: str = typer.Option("static", "--int8-mode", help="static (Q/DQ, calibrated) | dynamic (ORT CPU)."),
+        exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
+                                    "adaln, final, attention, linear, other), 'default', 'none', or node/module "
+                                    "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
+        min_batch: int = typer.Option(None, "--min-batch", help="TensorRT profile: smallest batch (default 1)."),
+        opt_batch: int = typer.Option(None, "--opt-batch", help="TensorRT profile: batch tuned for (default 8)."),
+        timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (read if "
+                                          "present, written after the build)."),
+        opt_level: int = typer.Option(3, "--opt-level", help="TensorRT builder optimisation level 0..5."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="--fmt trt: write the build plan "
+                                     "(<out>.buildplan.json) instead of building; needs no TensorRT."),
         no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ORT-vs-torch parity check (not "
                                        "recommended; the manifest records verified: false)."),
         seed: int = typer.Option(0, "--seed", help="Seed of --random-weights and of the verification inputs."),
@@ -54,6 +64,8 @@ def register(app: typer.Typer) -> None:
 
         fmt_ = fmt.lower()
         prec = precision.lower()
+        if prec == "int8-dynamic":
+            prec, int8_mode = "int8", "dynamic"
         if fmt_ not in ("onnx", "openvino", "trt", "tensorrt"):
             raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino or trt")
         fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
@@ -73,6 +85,12 @@ def register(app: typer.Typer) -> None:
         if no_verify:
             typer.secho("warning: --no-verify: the exported graph is NOT checked against torch "
                         "(manifest records verified: false)", fg="yellow", err=True)
+        if fmt_ == "trt" and prec == "int8" and int8_mode != "static":
+            raise DitDeployError("TensorRT needs the static Q/DQ INT8 (--int8-mode static --calibration ...)")
+        if fmt_ == "trt" and not dry_run:  # fail before the slow ONNX export, not after it
+            from ditdeploy.export.tensorrt import import_tensorrt
+
+            import_tensorrt()
 
         from ditdeploy.export import pipeline
 
@@ -118,7 +136,13 @@ def register(app: typer.Typer) -> None:
             net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
             decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
             seed=seed, progress=sys.stderr.isatty(),
+            int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
+            trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
+                         "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
         )
+        if fmt_ == "trt" and dry_run:
+            typer.echo(f"wrote TensorRT build plan {m.get('written_to')} (dry run: no engine built)")
+            return
         _summary(target, m)
 
 
