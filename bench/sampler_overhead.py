@@ -35,25 +35,18 @@ def _onnx_denoiser(variant: str, image_size: int, cache: Path, threads: int | No
 
     onnx = cache / f"{variant.replace('/', '')}_{image_size}.onnx"
     if not onnx.exists():
-        import torch
+        from ditdeploy.export.onnx import export_denoiser_onnx
+        from ditdeploy.export.randomize import random_model
 
-        from ditdeploy.export import export_denoiser_onnx
-        from ditdeploy.models import create_model
-
-        torch.manual_seed(0)
-        model = create_model(variant, image_size=image_size).eval()
-        export_denoiser_onnx(model, onnx)
+        export_denoiser_onnx(random_model(variant, image_size=image_size, seed=0), onnx)
     return load(onnx, backend="onnxruntime", threads=threads)
 
 
 def _torch_denoiser(variant: str, image_size: int, threads: int | None):
-    import torch
-
-    from ditdeploy.models import create_model
+    from ditdeploy.export.randomize import random_model
     from ditdeploy.runtimes.torch import TorchDenoiser
 
-    torch.manual_seed(0)
-    return TorchDenoiser(create_model(variant, image_size=image_size).eval(), threads=threads)
+    return TorchDenoiser(random_model(variant, image_size=image_size, seed=0), threads=threads)
 
 
 def measure(den, method: str, steps: int, images: int, cfg_scale: float, seed: int = 0,
