@@ -150,7 +150,7 @@ def tool_versions() -> dict[str, str]:
 
 def safe_member(base: Path, name: str) -> Path:
     """Resolve a file name from a manifest inside ``base``; refuse names that escape it (``..``, absolute)."""
-    if not name or os.path.isabs(name) or Path(name).drive:
+    if not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) or Path(name).drive:
         raise ArtifactError(f"manifest names an unsafe path {name!r}: only files beside the artifact are allowed")
     p = (base / name).resolve()
     if p != base.resolve() and base.resolve() not in p.parents:
@@ -190,7 +190,7 @@ def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bo
         m = json.loads(mp.read_text())
     except (OSError, ValueError) as e:
         raise ArtifactError(f"manifest {mp} is not valid JSON ({e}); re-export the artifact") from e
-    if not isinstance(m, dict) or "files" not in m:
+    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
         raise ArtifactError(f"manifest {mp} lacks the 'files' table; re-export the artifact")
     if verify:
         verify_manifest(artifact, m)
@@ -200,7 +200,10 @@ def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bo
 def verify_manifest(artifact: str | os.PathLike, m: dict[str, Any]) -> None:
     """Check that every file listed in manifest ``m`` exists beside ``artifact`` with the recorded sha256."""
     base = Path(artifact).parent
-    for name, meta in m.get("files", {}).items():
+    files = m.get("files")
+    if not isinstance(files, dict) or Path(artifact).name not in files:  # else an emptied table would verify nothing
+        raise ArtifactError(f"the manifest of {Path(artifact).name} does not list its sha256: re-export the artifact")
+    for name, meta in files.items():
         p = safe_member(base, name)
         if not p.exists():
             raise ArtifactError(f"{p} listed in the manifest is missing: copy it next to {Path(artifact).name}")
