@@ -70,7 +70,10 @@ def max_batch_from_manifest(m: dict[str, Any]) -> int | None:
     """The largest batch the artifact accepts (``batch.max``), or None when it is unbounded."""
     b = m.get("batch")
     if isinstance(b, dict) and b.get("max"):
-        return int(b["max"])
+        try:
+            return int(b["max"])
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"the manifest's batch.max {b['max']!r} is not an integer: re-export the artifact") from e
     return None
 
 
