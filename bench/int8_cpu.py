@@ -38,7 +38,7 @@ import numpy as np
 QUANT_VARIANTS: dict[str, dict[str, Any]] = {
     "static-int8": dict(mode="static"),
     "static-uint8+fuse": dict(mode="static", activations="uint8", ort_fusions=True),
-    "dynamic": dict(mode="dynamic"),
+    "dynamic": dict(mode="dynamic", ort_fusions=False),
     "dynamic+fuse": dict(mode="dynamic", ort_fusions=True),
 }
 ADALN_VARIANT = {"dynamic+fuse+adaln": dict(mode="dynamic", ort_fusions=True,
@@ -118,9 +118,11 @@ def _fp32_fused(src: Path, out: Path) -> None:
     import onnx
 
     from ditdeploy.artifacts import load_manifest, make_manifest, manifest_path, write_json_atomic
-    from ditdeploy.calibration.quantize import ort_cpu_fusions
+    from ditdeploy.calibration.quantize import _load_small_external, ort_cpu_fusions
 
-    model, _ = ort_cpu_fusions(onnx.load(str(src), load_external_data=False))
+    graph = onnx.load(str(src), load_external_data=False)
+    _load_small_external(graph, src.parent)
+    model, _ = ort_cpu_fusions(graph)
     onnx.save(model, str(out))  # same directory, so the external data file of src resolves
     m = load_manifest(src)
     assert m is not None

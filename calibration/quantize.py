@@ -122,6 +122,21 @@ def external_data_files(model) -> list[str]:
     return locs
 
 
+def _load_small_external(model, base_dir: Path, max_bytes: int = 1 << 20) -> None:
+    """Bring external tensors of at most ``max_bytes`` (biases, scalars) into the ModelProto."""
+    from onnx import TensorProto
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for init in model.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {kv.key: kv.value for kv in init.external_data}
+        if int(info.get("length", max_bytes + 1)) <= max_bytes:
+            load_external_data_for_tensor(init, str(base_dir))
+            init.data_location = TensorProto.DEFAULT
+            del init.external_data[:]
+
+
 @contextlib.contextmanager
 def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = None
            ) -> Iterator[tuple[Path, Any]]:
@@ -136,7 +151,8 @@ def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = No
     from ditdeploy.artifacts import safe_member
 
     model = onnx.load(str(src), load_external_data=False)
-    if transform is not None:  # graph rewrites need no weights (the constants they match are small, inline)
+    if transform is not None:  # graph rewrites need the small constants they match (biases), not the weights
+        _load_small_external(model, src.parent)
         model = transform(model)
     locs = external_data_files(model)
     for loc in locs:
@@ -412,7 +428,7 @@ def quantize_int8(
     calibrate_method: str = "percentile",
     percentile: float = 99.99,
     per_channel: bool = True,
-    ort_fusions: bool = False,
+    ort_fusions: bool | None = None,
     max_inputs: int = 512,
     batch_size: int = 8,
     verify: bool = True,
@@ -426,12 +442,15 @@ def quantize_int8(
     ``exclude``: see :func:`ditdeploy.calibration.nodes.resolve_exclusions` (None = embedders, adaLN, final layer,
     attention). ``max_inputs`` calibration inputs (balanced over timesteps) are used for the ranges.
     ``verify`` compares the result with the source on ONNX Runtime CPU and records ``parity``.
-    ``ort_fusions``: fuse GELU into ONNX Runtime's ``FastGelu`` first (faster on CPU; the artifact then runs on ONNX
-    Runtime only, so this is refused for the TensorRT-ready static int8 Q/DQ).
+    ``ort_fusions``: fuse GELU into ONNX Runtime's ``FastGelu`` first (faster on CPU; a ``com.microsoft`` op that
+    ONNX Runtime and OpenVINO read, TensorRT does not). None (default): on for the CPU-only artifacts (dynamic, or
+    uint8 activations), off for the TensorRT-ready static int8 Q/DQ, where asking for it is an error.
     """
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
                        per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size)
     opts.validate()
+    if ort_fusions is None:
+        ort_fusions = opts.mode == "dynamic" or opts.activations == "uint8"
     if ort_fusions and opts.mode == "static" and opts.activations == "int8":
         raise DitDeployError("ORT fusions make an ONNX Runtime-only graph: use them with --int8-mode dynamic or "
                              "uint8 activations, not with the TensorRT-ready int8 Q/DQ")
@@ -557,7 +576,7 @@ def quantize_int8(
                 "external_data": (work / data_name).exists(),
                 "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8" and not ort_fusions,
                 "ort_fusions": fusions or None,
-                "runtimes": (["onnxruntime"] if (ort_fusions or opts.mode == "dynamic")
+                "runtimes": (["onnxruntime", "openvino"] if (ort_fusions or opts.mode == "dynamic")
                              else ["onnxruntime", "tensorrt", "openvino"]),
                 "seconds": round(t_quant, 2),
             },

@@ -189,6 +189,10 @@ def test_dynamic_int8_keeps_exclusions(work, tmp_path):
     float_w = {i.name for i in q.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
     assert any("adaLN_modulation" in n for n in float_w) and any("t_embedder" in n for n in float_w)
     assert man["int8"]["mode"] == "dynamic" and not man["int8"]["tensorrt_compatible"]
+    # CPU-only artifact: the tanh-GELU (8 elementwise ops per block) is fused into ORT's FastGelu with fc1's bias
+    assert man["int8"]["ort_fusions"] == {"FastGelu": DEPTH, "FastGelu_with_bias": DEPTH}
+    assert sum(n.op_type == "FastGelu" for n in q.graph.node) == DEPTH
+    assert not any(n.op_type in ("Tanh", "Pow") for n in q.graph.node)
     assert "calibration_sha256" not in man
     assert man["parity"]["per_call_cosine_min"] > 0.999
     with pytest.raises(DitDeployError, match="TensorRT needs the static"):
@@ -196,6 +200,8 @@ def test_dynamic_int8_keeps_exclusions(work, tmp_path):
 
 
 def test_static_requires_calibration_and_refuses_bad_targets(work, tmp_path):
+    with pytest.raises(DitDeployError, match="ONNX Runtime-only"):
+        quantize_int8(work["fp32"], tmp_path / "x.onnx", work["calib"], ort_fusions=True)
     with pytest.raises(DitDeployError, match="calibration set"):
         quantize_int8(work["fp32"], tmp_path / "x.onnx", None)
     with pytest.raises(DitDeployError, match="overwrite"):
