@@ -96,7 +96,7 @@ def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int |
     diffusers = require("diffusers", "vae", "the torch VAE decoder")
     p = Path(path)
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True)
+        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises OSError/ValueError variants
         raise DitDeployError(f"cannot load a diffusers AutoencoderKL from {p}: {str(e).splitlines()[0][:200]}") from e
     return TorchDecoder(vae, device=device, threads=threads, path=p)
