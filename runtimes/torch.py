@@ -19,7 +19,14 @@ from ditdeploy.runtimes.base import DecoderBase, DenoiserBase
 
 
 def _torch():
-    return require("torch", "train", "the torch reference backend")
+    try:
+        import torch
+    except ImportError as e:
+        from ditdeploy.runtimes.base import missing
+
+        raise missing("torch", "the torch reference backend needs PyTorch (pip install torch; the CPU build is "
+                               "enough): exported .onnx/.xml artifacts run without it") from e
+    return torch
 
 
 class TorchDenoiser(DenoiserBase):

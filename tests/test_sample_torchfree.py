@@ -95,3 +95,13 @@ def test_latent_sample_with_openvino_without_torch(lt, tmp_path):
     assert "openvino:CPU:fp32" in out.stderr
     with np.load(tmp_path / "l.npz") as z:
         assert z["arr_0"].shape == (30, 32, 32, 3)
+
+
+def test_torch_backend_without_torch_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-c", BLOCK + "from ditdeploy.cli import main\n"
+                          "main(['sample', '--backend', 'torch', '--no-progress'])"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and "\n" not in err
+    assert err.startswith("error: the torch reference backend needs PyTorch")
+    assert not (tmp_path / "samples.png").exists()
