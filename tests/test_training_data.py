@@ -94,7 +94,12 @@ def test_epoch_order_errors(kw, msg):
 
 
 def test_digits_arrays_and_fixed_split():
+    from sklearn.datasets import load_digits
+
     x, y = digits_arrays()
+    d = load_digits()  # the direct read of the bundled file equals sklearn's loader
+    np.testing.assert_array_equal(y, d.target)
+    np.testing.assert_array_equal(x[:, 0], (d.images.astype(np.float32) / 16.0) * 2.0 - 1.0)
     assert x.shape == (1797, 1, 8, 8) and x.dtype == np.float32
     assert x.min() == -1.0 and x.max() == 1.0
     # 0..16 maps onto 17 evenly spaced levels in [-1, 1]

@@ -103,13 +103,32 @@ def load_image(path: str, image_size: int, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """All 1797 scikit-learn digits as float32 (N, 1, 8, 8) in [-1, 1] (0..16 -> -1..1) and int64 labels."""
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """(images (1797, 8, 8) float64 0..16, labels) of scikit-learn's bundled digits.
+
+    Reads the bundled ``datasets/data/digits.csv.gz`` directly when it is where it has always been (what
+    ``load_digits`` parses; importing ``sklearn.datasets`` costs seconds per process), else calls ``load_digits``.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        f = Path(base) / "datasets" / "data" / "digits.csv.gz"
+        if f.is_file():
+            data = np.loadtxt(f, delimiter=",")
+            if data.shape == (1797, 65):
+                return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / np.float32(16.0)) * np.float32(2.0) - np.float32(1.0)
-    return x[:, None], d.target.astype(np.int64)
+    return d.images, d.target.astype(np.int64)
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1797 scikit-learn digits as float32 (N, 1, 8, 8) in [-1, 1] (0..16 -> -1..1) and int64 labels."""
+    images, labels = _digits_raw()
+    x = (images.astype(np.float32) / np.float32(16.0)) * np.float32(2.0) - np.float32(1.0)
+    return x[:, None], labels
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray]:
