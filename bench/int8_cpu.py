@@ -13,10 +13,11 @@ halves), and INT8 artifacts are built with ``ditdeploy.calibration.quantize.quan
 
 The fp32 reference is the exported fp32 ONNX on ORT (and ``fp32+fuse``: the same graph with FastGelu, so the gain of
 the fusion alone is visible). Every artifact is loaded through ``ditdeploy.runtimes.load`` (ORT_ENABLE_ALL,
-intra-op threads = physical cores, sequential), exactly what ``ditdeploy sample`` runs. Timing: after warm-up, the
-variants are called round-robin ``--repeats`` times on the same inputs (so machine load affects all alike); the
-median per call is reported, with min, and the 1-minute load average before/after. Cosine / rel-L2 of each output vs
-the fp32 output on the same inputs (x from the held-out validation set, t spread over the trajectory, both CFG halves).
+intra-op threads = physical cores, sequential), exactly what ``ditdeploy sample`` runs. Timing: after warm-up, each
+artifact is called alternately with the fp32 model ``--repeats`` times on the same inputs (only two models in memory;
+machine load hits both sides of each ratio alike); medians and minima per call are reported with the 1-minute load
+average. Cosine / rel-L2 of each output vs the fp32 output on the same inputs (x from the held-out validation set, t
+spread over the trajectory, both CFG halves).
 
 Run: ``python -m ditdeploy.bench.int8_cpu --variants S/2 B/2 [--work DIR] [--repeats 7]``; XL/2 is heavy (2.7 GB of
 weights, ~7 GB peak RSS during export): ``--variants XL/2`` once, on a quiet machine. Results are merged into
@@ -144,44 +145,61 @@ def _inputs(calib: Path, batch: int, cfg: Any, seed: int = 0) -> tuple[np.ndarra
 
 def measure(files: dict[str, Path], calib: Path, batches: list[int], repeats: int, warmup: int = 1,
             threads: int | None = None) -> dict[str, Any]:
-    """Median seconds per call of every artifact (round-robin), and cosine / rel-L2 vs fp32 on the same inputs."""
+    """Median seconds per call of every artifact vs fp32, and cosine / rel-L2 vs fp32 on the same inputs.
+
+    fp32 stays loaded; the other artifacts are loaded one at a time and called alternately with fp32 (``repeats``
+    pairs), so only two models are in memory (XL/2: ~2.7 + ~1.6 GB) and load drift hits both sides of a ratio.
+    """
+    import gc
+
     from ditdeploy import metrics
     from ditdeploy.runtimes import load
 
-    names = [n for n in files if n not in ("calibration",)]
-    dens = {n: load(files[n], threads=threads) for n in names}
-    cfg = dens["fp32"].config
-    res: dict[str, Any] = {}
+    ref = load(files["fp32"], threads=threads)
+    cfg = ref.config
+    inputs = {b: _inputs(calib, b, cfg) for b in batches}
+    ref_out = {}
     for b in batches:
-        x, t, y = _inputs(calib, b, cfg)
-        outs = {}
-        for n in names:
+        for _ in range(warmup):
+            ref_out[b] = ref(*inputs[b])
+    res: dict[str, Any] = {str(b): {"repeats": repeats, "t": inputs[b][1].tolist(), "y": inputs[b][2].tolist()}
+                           for b in batches}
+    for name, path in files.items():
+        den = ref if name == "fp32" else load(path, threads=threads)
+        for b in batches:
+            x, t, y = inputs[b]
             for _ in range(warmup):
-                outs[n] = dens[n](x, t, y)
-        times: dict[str, list[float]] = {n: [] for n in names}
-        la0 = _load_avg()
-        for _ in range(repeats):
-            for n in names:
+                out = den(x, t, y)
+            t_ref: list[float] = []
+            t_den: list[float] = []
+            la0 = _load_avg()
+            for _ in range(repeats):
                 t0 = time.perf_counter()
-                dens[n](x, t, y)
-                times[n].append(time.perf_counter() - t0)
-        la1 = _load_avg()
-        ref_t = float(np.median(times["fp32"]))
-        row = {}
-        for n in names:
-            med = float(np.median(times[n]))
-            row[n] = {
-                "median_s": round(med, 4), "min_s": round(min(times[n]), 4),
-                "speedup_vs_fp32": round(ref_t / med, 3),
-                "speedup_vs_fp32_min": round(min(times["fp32"]) / min(times[n]), 3),
-                "cosine_vs_fp32": metrics.cosine(outs[n], outs["fp32"]),
-                "per_sample_cosine_min": min(metrics.cosine(outs[n][i], outs["fp32"][i]) for i in range(b)),
-                "rel_l2_vs_fp32": metrics.rel_l2(outs[n], outs["fp32"]),
+                ref(x, t, y)
+                t_ref.append(time.perf_counter() - t0)
+                if den is not ref:
+                    t0 = time.perf_counter()
+                    den(x, t, y)
+                    t_den.append(time.perf_counter() - t0)
+            t_den = t_den or t_ref
+            med, med_ref = float(np.median(t_den)), float(np.median(t_ref))
+            row = {
+                "median_s": round(med, 4), "min_s": round(min(t_den), 4),
+                "fp32_median_s": round(med_ref, 4), "fp32_min_s": round(min(t_ref), 4),
+                "speedup_vs_fp32": round(med_ref / med, 3),
+                "speedup_vs_fp32_min": round(min(t_ref) / min(t_den), 3),
+                "cosine_vs_fp32": metrics.cosine(out, ref_out[b]),
+                "per_sample_cosine_min": min(metrics.cosine(out[i], ref_out[b][i]) for i in range(b)),
+                "rel_l2_vs_fp32": metrics.rel_l2(out, ref_out[b]),
+                "load_avg_1m": [la0, _load_avg()],
             }
-            print(f"  batch {b:2d} {n:22s} {med * 1e3:9.1f} ms (min {min(times[n]) * 1e3:8.1f})  "
-                  f"x{row[n]['speedup_vs_fp32']:5.2f}  cos {row[n]['cosine_vs_fp32']:.6f} "
-                  f"(min/sample {row[n]['per_sample_cosine_min']:.6f})", flush=True)
-        res[str(b)] = {"repeats": repeats, "load_avg_1m": [la0, la1], "t": t.tolist(), "y": y.tolist(), **row}
+            res[str(b)][name] = row
+            print(f"  batch {b:2d} {name:22s} {med * 1e3:9.1f} ms (min {min(t_den) * 1e3:8.1f}) vs fp32 "
+                  f"{med_ref * 1e3:9.1f} ms  x{row['speedup_vs_fp32']:5.2f}  cos {row['cosine_vs_fp32']:.6f} "
+                  f"(min/sample {row['per_sample_cosine_min']:.6f})  load {row['load_avg_1m']}", flush=True)
+        if den is not ref:
+            del den
+            gc.collect()
     return res
 
 
@@ -207,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-inputs", type=int, default=64, help="calibration inputs used for the ranges")
     ap.add_argument("--with-adaln", action="store_true", help="also time dynamic int8 with adaLN quantized")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--build-only", action="store_true", help="prepare the artifacts in --work, measure nothing")
     ap.add_argument("--json", default="bench/results/int8_cpu.json")
     a = ap.parse_args(argv)
 
@@ -230,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                                    with_adaln=a.with_adaln)
             files = info.pop("files")
             calib = files.pop("calibration")
+            if a.build_only:
+                continue
             order = ["fp32", "fp32+fuse"] + [k for k in files if k not in ("fp32", "fp32+fuse")]
             entry = {"batches": measure({k: files[k] for k in order if k in files}, calib, a.batches, a.repeats,
                                         threads=a.threads),

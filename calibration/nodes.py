@@ -35,7 +35,10 @@ QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 GROUPS = ("embedder", "adaln", "final", "attention", "linear", "other")
 DEFAULT_EXCLUDE = ("embedder", "adaln", "final", "attention", "other")
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
-_LINEAR_LEAVES = {"qkv", "proj", "fc1", "fc2", "q", "kv"}
+_LINEAR_LEAVES = {"qkv", "proj", "fc1", "fc2", "q", "kv", "cq", "ckv", "cproj"}
+# module names of the reference DiT and of the fp16 export's HalfDiT (export/fp16.py)
+_EMBEDDERS = ("x_embedder", "t_embedder", "y_embedder", "patch_proj", "t_fc1", "t_fc2")
+_ADALN = ("adaLN_modulation", "ada", "final_ada")
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,11 @@ def _module_of(scopes: list[str]) -> str:
 
 def _role_from_module(module: str, op_type: str, n_const: int, scopes: list[str]) -> str:
     parts = module.split(".")
-    if parts[0] in ("x_embedder", "t_embedder", "y_embedder"):
+    if parts[0] in _EMBEDDERS:
         return "embedder"
-    if "adaLN_modulation" in parts:
+    if any(p in _ADALN for p in parts):
         return "adaln"
-    if parts[0] == "final_layer":
+    if parts[0] in ("final_layer", "final_linear"):
         return "final"
     if n_const == 0 or any("scaled_dot_product_attention" in s for s in scopes):
         return "attention"

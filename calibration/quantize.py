@@ -28,7 +28,10 @@ MatMul/Gemm with constant weights) for ONNX Runtime CPU; no calibration needed. 
 renames a Gemm to ``<name>_MatMul`` when it converts it, which silently defeats a plain ``nodes_to_exclude``; both
 names are passed).
 
-Every output is checked at the end against the fp32 source on ONNX Runtime CPU (held-out validation inputs, per
+An fp16 export can be the source too (what TensorRT wants: layers without Q/DQ then run in fp16 under strong
+typing): its graph is converted to opset 19 (fp16 Q/DQ scales need it) and the activation scales are fp16.
+
+Every output is checked at the end against its source on ONNX Runtime CPU (held-out validation inputs, per
 timestep); the numbers go into the manifest's ``parity``.
 """
 
@@ -69,6 +72,7 @@ __all__ = [
 ]
 
 MODES = ("static", "dynamic")
+FP16_QDQ_OPSET = 19
 ACTIVATIONS = ("int8", "uint8")
 METHODS = ("percentile", "entropy", "minmax")
 # The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: a correct int8
@@ -120,6 +124,11 @@ def external_data_files(model) -> list[str]:
                 if kv.key == "location" and kv.value not in locs:
                     locs.append(kv.value)
     return locs
+
+
+def opset_of(model) -> int:
+    """The default-domain opset version of a ModelProto."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
 def _load_small_external(model, base_dir: Path, max_bytes: int = 1 << 20) -> None:
@@ -294,9 +303,10 @@ def collect_ranges(
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     existing = {o.name for o in aug.graph.output}
+    types = _elem_types(model, tensors)
     for name in tensors:
         if name not in existing:
-            aug.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            aug.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, 1), None))
     aug_path = staged.with_name(staged.stem + ".ranges.onnx")
     onnx.save(aug, str(aug_path))
     try:
@@ -327,14 +337,37 @@ def collect_ranges(
     return {n: h.minmax(symmetric=symmetric) for n, h in hists.items()}
 
 
-def _write_cache(path: Path, ranges: dict[str, tuple[Any, Any]], method: str) -> Any:
+def _elem_types(model, names: Sequence[str]) -> dict[str, int]:
+    """ONNX element types of ``names`` (fp32 or fp16 activations), from value_info or graph-only shape inference."""
+    import onnx
+
+    def collect(g) -> dict[str, int]:
+        return {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]
+                if v.type.HasField("tensor_type")}
+
+    types = collect(model.graph)
+    if any(n not in types for n in names):
+        try:
+            types.update(collect(onnx.shape_inference.infer_shapes(model).graph))
+        except Exception:  # inference is best effort: unknown tensors default to float
+            pass
+    return types
+
+
+def _write_cache(path: Path, ranges: dict[str, tuple[Any, Any]], method: str,
+                 types: dict[str, int] | None = None) -> Any:
+    """ORT's calibration cache; each range in its tensor's float type (the quantizer derives the scale's type from
+    it, and QuantizeLinear needs input and scale of one type: float16 scales for an fp16 graph)."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     cm = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
           "minmax": CalibrationMethod.MinMax}[method]
-    data = {n: TensorData(lowest=np.array(lo, dtype=np.float32), highest=np.array(hi, dtype=np.float32))
-            for n, (lo, hi) in ranges.items()}
+    types = types or {}
+    data = {}
+    for n, (lo, hi) in ranges.items():
+        dt = np.float16 if types.get(n) == 10 else np.float32  # TensorProto.FLOAT16 == 10
+        data[n] = TensorData(lowest=np.array(lo, dtype=dt), highest=np.array(hi, dtype=dt))
     save_tensors_data(TensorsData(cm, data), path)
     return cm
 
@@ -371,7 +404,8 @@ def _check_static_graph(model, quantized: Sequence[NodeRole], excluded: Sequence
     return {"qdq_counts": counts, "not_quantized": missing}
 
 
-def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int) -> dict[str, Any]:
+def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int,
+            src_precision: str = "fp32") -> dict[str, Any]:
     from ditdeploy.calibration.report import error_curve, summarize_curve
 
     ref_s, q_s = _session(src), _session(out)
@@ -388,7 +422,7 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
             f"the int8 model {out.name} deviates from fp32: per-call cosine down to {ov['per_call_cosine_min']:.4f} "
             f"(< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
         )
-    return {"reference": "onnxruntime CPU on the fp32 source", "backend": "onnxruntime CPU int8",
+    return {"reference": f"onnxruntime CPU on the {src_precision} source", "backend": "onnxruntime CPU int8",
             **ov, **summarize_curve(curve), "min_cosine_allowed": MIN_COSINE,
             "worst": {"rel_l2": ov["per_call_rel_l2_max"], "cosine": ov["per_call_cosine_min"]},
             "per_timestep": curve["per_timestep"]}
@@ -499,12 +533,23 @@ def quantize_int8(
         work = Path(work_s)
         fusions: dict[str, int] = {}
 
-        def fuse(m):
-            fused, counts = ort_cpu_fusions(m)
-            fusions.update(counts)
-            return fused
+        opset_change: dict[str, int] = {}
+        fp16_src = str(src_m.get("precision", "fp32")) == "fp16"
 
-        staged, model = stack.enter_context(_stage(src, work, fuse if ort_fusions else None))
+        def transform(m):
+            if fp16_src and opset_of(m) < FP16_QDQ_OPSET:
+                # fp16 scales on QuantizeLinear/DequantizeLinear need opset >= 19 (18 allows float32 only)
+                import onnx.version_converter
+
+                opset_change.update({"from": opset_of(m), "to": FP16_QDQ_OPSET})
+                m = onnx.version_converter.convert_version(m, FP16_QDQ_OPSET)
+            if ort_fusions:
+                m, counts = ort_cpu_fusions(m)
+                fusions.update(counts)
+            return m
+
+        staged, model = stack.enter_context(
+            _stage(src, work, transform if (ort_fusions or fp16_src) else None))
         ext = bool(external_data_files(model))
         roles = classify_nodes(model)
         quantized, excluded = resolve_exclusions(roles, exclude)
@@ -544,7 +589,8 @@ def quantize_int8(
             else:
                 vin = _synthetic_inputs(cfg)
                 vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
-            fields["parity"] = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size)}
+            fields["parity"] = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size,
+                                                                    str(src_m.get("precision", "fp32")))}
             p = fields["parity"]
             say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
                 f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
@@ -581,6 +627,7 @@ def quantize_int8(
                 "seconds": round(t_quant, 2),
             },
             excluded_nodes=[r.name for r in excluded],
+            **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
             excluded_modules=sorted({r.module for r in excluded if r.module}),
             source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32")},
         )
@@ -595,7 +642,7 @@ def quantize_int8(
         with atomic_dir(finals) as tmp:
             for f in files:
                 shutil.move(str(f), str(tmp / f.name))
-            manifest = make_manifest(out, [tmp / f.name for f in files], **carry, **fields)
+            manifest = make_manifest(out, [tmp / f.name for f in files], **{**carry, **fields})
             write_json_atomic(tmp / mp.name, manifest)
     return manifest
 
@@ -623,7 +670,7 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
     say(f"activation ranges of {len(tensors)} tensors from {idx.shape[0]} calibration inputs "
         f"({opts.calibrate_method}) in {t_ranges:.1f} s")
     cache = work / "ranges.json"
-    method = _write_cache(cache, ranges, opts.calibrate_method)
+    method = _write_cache(cache, ranges, opts.calibrate_method, _elem_types(model, tensors))
     op_types = sorted({r.op_type for r in quantized})
     quantize_static(
         str(staged), str(tmp_q),

@@ -189,12 +189,14 @@ def export_denoiser(
     extra = {"source_checkpoint": ({"name": source.get("name"), "sha256": source.get("sha256")}
                                    if source.get("sha256") else None),
              "random_weights": source.get("kind") == "random"}
-    onnx_precision = "fp32" if precision == "int8" else precision
+    # INT8 for TensorRT is quantized from the fp16 export (strongly typed: layers without Q/DQ then run in fp16);
+    # for ONNX Runtime / OpenVINO CPU from the fp32 export
+    onnx_precision = ("fp16" if fmt == "trt" else "fp32") if precision == "int8" else precision
 
     def onnx_export(path: Path) -> dict[str, Any]:
         return export_denoiser_onnx(net, path, precision=onnx_precision, opset=opset, verify=verify,
                                     batch_max=batch_max, seed=seed, source=source, decoder=decoder, extra=extra,
-                                    progress=progress)
+                                    progress=progress, release_model=True)
 
     if fmt == "onnx" and precision != "int8":
         return onnx_export(out)

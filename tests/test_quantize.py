@@ -258,3 +258,22 @@ def test_config_mismatch_between_calibration_and_model(work, tmp_path):
     write_json_atomic(manifest_path(fake), make_manifest(fake, [fake], **{**cm, "config": other}))
     with pytest.raises(DitDeployError, match="input_size"):
         quantize_int8(work["fp32"], tmp_path / "x.onnx", fake)
+
+
+@pytest.mark.slow
+def test_int8_from_fp16_export_for_tensorrt(work, tmp_path):
+    """The TensorRT path: Q/DQ on the fp16 export (opset raised to 19 for fp16 scales), TensorRT's rules met."""
+    from ditdeploy.export.onnx import export_denoiser_onnx
+    from ditdeploy.export.trt_plan import make_build_plan
+
+    fp16 = tmp_path / "d16.onnx"
+    export_denoiser_onnx(work["model"], fp16, precision="fp16")
+    out = tmp_path / "d16-int8.onnx"
+    man = quantize_int8(fp16, out, work["calib"], progress=False)
+    q = onnx.load(str(out), load_external_data=False)
+    assert man["opset"] == 19 and man["source"]["precision"] == "fp16"
+    assert check_int8_graph(q) == {"QuantizeLinear": 4 * DEPTH, "DequantizeLinear": 8 * DEPTH}
+    scales = {n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert {i.data_type for i in q.graph.initializer if i.name in scales} == {onnx.TensorProto.FLOAT16}
+    assert man["parity"]["per_call_cosine_min"] > 0.999 and "fp16 source" in man["parity"]["reference"]
+    assert make_build_plan(out, precision="int8").precision == "int8"
