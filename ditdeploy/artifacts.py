@@ -53,6 +53,13 @@ def _check_writable_dir(d: Path) -> None:
         raise DitDeployError(f"output directory {d} is not writable: choose another --out")
 
 
+def _default_mode() -> int:
+    """0666 minus the process umask (what a plain ``open(..., "w")`` would give)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the final file's directory; rename it onto ``final`` only on success.
@@ -72,6 +79,7 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp_path, _default_mode())  # mkstemp makes 0600; published artifacts get the usual umask mode
         os.replace(tmp_path, final)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
