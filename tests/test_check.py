@@ -299,3 +299,38 @@ def test_bad_arguments_are_one_line_errors(art, tmp_path):
     assert p.returncode == 2 and "golden" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = _cli(["check"])
     assert p.returncode == 2 and "--engine" in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------ lower precisions
+def _lower_precision_gates(art, path: Path, precision: str, tmp_path: Path) -> dict:
+    js = tmp_path / f"{precision}.json"
+    rc = _main(["check", "--engine", str(path), "--reference", str(art["ckpt"]), *FAST, "--json", str(js)])
+    rep = json.loads(js.read_text())
+    assert rep["precision"] == precision and rc == 0 and rep["passed"], rep["failures"]
+    th = checking.thresholds_for(precision)
+    worst = rep["calls_worst"]
+    assert worst["rel_l2"] <= th.call_rel_l2 and worst["cosine"] >= th.call_cosine
+    assert worst["rel_l2"] > checking.THRESHOLDS["fp32"].call_rel_l2  # really lower precision than fp32...
+    # ...so judging it by the fp32 gates fails, naming the metric
+    p = _cli(["check", "--engine", str(path), "--reference", str(art["ckpt"]), *FAST, "--per-call-only",
+              "--precision", "fp32"])
+    assert p.returncode == 1 and "per-call rel-L2" in p.stderr
+    return rep
+
+
+def test_int8_dynamic_is_gated_by_int8_thresholds(art, tmp_path):
+    from ditdeploy.calibration.quantize import quantize_int8
+
+    q = tmp_path / "tiny-int8.onnx"
+    quantize_int8(art["onnx"], q, mode="dynamic", progress=False)
+    rep = _lower_precision_gates(art, q, "int8", tmp_path)
+    assert rep["calls_worst"]["cosine"] >= 0.99 and rep["end_to_end"]["psnr"] >= 20
+
+
+@pytest.mark.slow
+def test_fp16_is_gated_by_fp16_thresholds(art, tmp_path):
+    from ditdeploy.export.onnx import export_denoiser_onnx
+
+    h = tmp_path / "tiny-fp16.onnx"
+    export_denoiser_onnx(art["model"], h, precision="fp16")
+    _lower_precision_gates(art, h, "fp16", tmp_path)
