@@ -156,7 +156,7 @@ def _ck(ret: Any, what: str) -> Any:
         err, vals = ret[0], ret[1:]
     else:
         err, vals = ret, ()
-    if int(err) != 0:
+    if int(getattr(err, "value", err)) != 0:  # cudaError_t.cudaSuccess == 0
         raise DitDeployError(f"CUDA error in {what}: {err}")
     if not vals:
         return None
