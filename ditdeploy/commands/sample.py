@@ -258,7 +258,7 @@ def run_sample(
         if out is not None:
             m = min(len(u8), GRID_MAX)
             images.save_png(images.grid(u8[:m], lab[:m], cols=row_len), out)
-            written.append(str(out))
+            written.append(str(out) + (f" (first {m} images)" if m < len(u8) else ""))
     t_write = time.perf_counter() - t2
 
     total = time.perf_counter() - t_start
