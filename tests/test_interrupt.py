@@ -10,13 +10,18 @@ Kill points are of two kinds, both real SIGKILLs of the real CLI in a subprocess
 
 After every kill: the final path is either absent, or the artifact loads through the normal loader with its manifest's
 sha256 verified and computes what the reference computes, or the loader refuses it with a one-line ArtifactError
-(an ONNX renamed into place whose manifest had not followed yet). Training's kill/resume and disk-full tests live in
-tests/test_training_loop.py.
+(an ONNX renamed into place whose manifest had not followed yet).
+
+Training: tests/test_training_loop.py has kill/resume (3 kill points by default, 12 in its slow test) and disk-full
+during a checkpoint write; here ten random SIGKILLs of real training processes run in the default suite, fast because
+the processes are forked from a server that has imported torch once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import multiprocessing
 import os
 import random
 import signal
@@ -225,3 +230,81 @@ def test_calibrate_sigkill_at_random_points(digits_artifacts, tmp_path):
         assert assert_final_calibration_sound(final) in ("valid", "refused")
     run_ok(args)
     assert assert_final_calibration_sound(final) == "valid"
+
+
+# --------------------------------------------------------------------------------------------------------- train
+TRAIN_TINY = ["--preset", "digits", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--global-batch", "16",
+              "--threads", "1", "--no-progress", "--log-every", "1", "--ckpt-every", "1", "--keep", "2"]
+# what `ditdeploy train` imports (AdamW pulls torch._dynamo: ~5 s), imported once in the fork server
+TRAIN_PRELOAD = ["torch", "torch._dynamo", "torch.optim", "ditdeploy.cli", "ditdeploy.training.loop",
+                 "ditdeploy.training.data", "sklearn.datasets"]
+
+
+def _train_child(argv: list[str]) -> None:
+    """A training process: the real CLI entry point, output discarded (runs in a forked child)."""
+    import threading
+
+    import tqdm
+
+    fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    tqdm.tqdm.set_lock(threading.RLock())  # not a multiprocessing lock: a SIGKILL would leak its semaphore
+    from ditdeploy.cli import main
+
+    main(argv)
+
+
+def _metrics(out: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_train_sigkill_at_ten_random_points(tmp_path):
+    """Ten SIGKILLs at random points of a 30-step run (checkpoint every step), each followed by --resume: every
+    final-named checkpoint always loads, and the resumed run's losses equal an uninterrupted run's."""
+    from ditdeploy.training import state as ckstate
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(TRAIN_PRELOAD)
+    steps = 30
+
+    def start(out: Path, resume: bool):
+        argv = ["train", *TRAIN_TINY, "--steps", str(steps), "--out", str(out)]
+        p = ctx.Process(target=_train_child, args=(argv + (["--resume", str(out)] if resume else []),))
+        p.start()
+        return p
+
+    ref = tmp_path / "ref"
+    p = start(ref, False)
+    p.join(300)
+    assert p.exitcode == 0
+    out = tmp_path / "killed"
+    rnd = random.Random(2026)
+    kills = 0
+    for _ in range(40):
+        p = start(out, bool(ckstate.list_checkpoints(out / "checkpoints")))
+        if kills < 10:
+            target = len(_metrics(out)) + rnd.randint(1, 3)  # let it make 1-3 new steps, then a random extra delay
+            deadline = time.time() + 120
+            while p.is_alive() and len(_metrics(out)) < target and time.time() < deadline:
+                time.sleep(0.002)
+            time.sleep(rnd.uniform(0.0, 0.03))
+            if p.is_alive():
+                p.kill()  # SIGKILL
+                kills += 1
+        p.join(300)
+        if p.exitcode == 0:
+            break
+        assert p.exitcode == -signal.SIGKILL
+        for step, ck in ckstate.list_checkpoints(out / "checkpoints"):  # nothing half-written under a final name
+            assert ckstate.load_checkpoint(ck)["step"] == step
+    assert p.exitcode == 0 and kills == 10
+    a = [(r["step"], r["loss"]) for r in _metrics(ref)]
+    b = [(r["step"], r["loss"]) for r in _metrics(out)]
+    assert [s for s, _ in b] == list(range(1, steps + 1))
+    # same data order, noise, weights and optimizer state, one thread: the same losses (0 difference observed)
+    for (sa, la), (sb, lb) in zip(a, b, strict=True):
+        assert sa == sb and abs(la - lb) <= 1e-6, (sa, la, lb)
