@@ -200,9 +200,9 @@ def test_calibrate_sigkill_then_rerun(digits_artifacts, tmp_path):
     d = tmp_path / "out"
     final = d / "calib.npz"
     args = _calibrate_args(digits_artifacts["onnx"], final)
-    for delay in (0.5, 1.0, 2.0):
+    for delay in (0.5, 1.0, 2.0):  # on a fast machine the run may already be writing (or done) by then
         run_and_kill_after(args, delay)
-        assert assert_final_calibration_sound(final) in ("absent", "valid")
+        assert assert_final_calibration_sound(final) in ("absent", "valid", "refused")
     final.unlink(missing_ok=True)
     final.with_name(final.name + ".json").unlink(missing_ok=True)
     # exact instants: before the .npz is renamed into place, and between the .npz and its manifest
