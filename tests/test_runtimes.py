@@ -224,3 +224,14 @@ def test_tensorrt_manifest_without_gpu_fields_is_refused_before_loading(tmp_path
     write_json_atomic(tmp_path / "e.plan.json", m)
     with pytest.raises(ArtifactError, match="TensorRT version"):
         check_engine_compat(m, "10.13.0", "NVIDIA H100", (9, 0))
+
+
+def test_shipped_onnx_was_exported_from_the_shipped_checkpoint():
+    """digits.onnx must be re-exported whenever digits.safetensors changes (the manifest records its sha256)."""
+    from ditdeploy.artifacts import load_manifest, sha256_file
+
+    s = rt_artifacts.shipped()
+    assert s is not None, "ditdeploy/assets/digits.safetensors + digits.onnx are shipped"
+    m = load_manifest(s["onnx"])
+    assert m["source"]["sha256"] == sha256_file(s["ckpt"]), "re-export digits.onnx from digits.safetensors"
+    assert m["config"] == json.loads(json.dumps(DIGITS.__dict__)) and m["parity"]["passed"]
