@@ -75,9 +75,10 @@ MODES = ("static", "dynamic")
 FP16_QDQ_OPSET = 19
 ACTIVATIONS = ("int8", "uint8")
 METHODS = ("percentile", "entropy", "minmax")
-# The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: a correct int8
-# DiT gives per-call cosine ~0.999+ vs fp32 (see README), a wrong scale gives < 0.9.
-MIN_COSINE = 0.95
+# The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: on the trained
+# digits model static int8 gives cosine 0.9998 over all validation outputs (0.994 for the worst single call, at
+# t = 0), entropy ranges 0.998 (0.953); a wrong scale or a quantized embedding table falls far below 0.98.
+MIN_COSINE = 0.98
 _CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space")
 log = logging.getLogger("ditdeploy.calibration")
 
@@ -417,10 +418,10 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
     ov = curve["overall"]
     if not ov["finite"]:
         raise NumericsError(f"the int8 model {out.name} returns NaN/Inf on validation inputs")
-    if ov["per_call_cosine_min"] < MIN_COSINE:
+    if ov["cosine"] < MIN_COSINE:
         raise NumericsError(
-            f"the int8 model {out.name} deviates from fp32: per-call cosine down to {ov['per_call_cosine_min']:.4f} "
-            f"(< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
+            f"the int8 model {out.name} deviates from its source: cosine {ov['cosine']:.4f} over the validation "
+            f"outputs (< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
         )
     return {"reference": f"onnxruntime CPU on the {src_precision} source", "backend": "onnxruntime CPU int8",
             **ov, **summarize_curve(curve), "min_cosine_allowed": MIN_COSINE,
