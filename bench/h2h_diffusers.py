@@ -58,6 +58,16 @@ class Work:
     threads: int | None = None
     workdir: str = ""
     decoder_backend: str = "openvino"
+    omp_wait_policy: str = "PASSIVE"
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far (all threads): less sensitive than wall time to other
+    processes sharing the cores, though spin-waiting thread pools inflate it."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _rss_mb() -> float:
@@ -153,18 +163,20 @@ def run_diffusers(w: Work) -> dict[str, Any]:
             calls["s"] += time.perf_counter() - t0
 
     transformer.forward = counted
-    times, den_s = [], []
+    times, den_s, cpu = [], [], []
     for _ in range(w.repeats):
         calls.update(n=0, s=0.0)
         g = torch.Generator().manual_seed(w.seed)
+        c0 = _cpu_s()
         t0 = time.perf_counter()
         with torch.inference_mode():
             img = pipe(class_labels=labels, guidance_scale=w.cfg_scale, generator=g,
                        num_inference_steps=w.steps, output_type="np").images
         times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_s() - c0)
         den_s.append(calls["s"])
     return {"runtime": f"diffusers {__import__('diffusers').__version__} DiTPipeline torch eager fp32",
-            "times_s": times, "denoiser_s": den_s, "denoiser_calls": calls["n"],
+            "times_s": times, "cpu_s": cpu, "denoiser_s": den_s, "denoiser_calls": calls["n"],
             "image_shape": list(np.asarray(img).shape), "peak_rss_mb": _rss_mb()}
 
 
@@ -174,20 +186,22 @@ def _run_ditdeploy_loop(w: Work, den, dec, label: str) -> dict[str, Any]:
 
     cfg = den.config
     noise, labels = _noise(w, cfg), _labels(w, cfg.num_classes)
-    times, den_s, dec_s = [], [], []
+    times, den_s, dec_s, cpu = [], [], [], []
     lat = None
     for _ in range(w.repeats):
         td, tdec = Timed(den), Timed(dec)
+        c0 = _cpu_s()
         t0 = time.perf_counter()
         lat = sample(td, noise, labels, method="dpm-solver++", steps=w.steps, cfg_scale=w.cfg_scale, seed=w.seed,
                      num_classes=cfg.num_classes)
         img = tdec(lat)
         times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_s() - c0)
         den_s.append(td.seconds)
         dec_s.append(tdec.seconds)
     out = Path(w.workdir) / f"latents-{label}.npy"
     np.save(out, lat)
-    return {"runtime": f"{den.name} + decoder {dec.name}", "times_s": times, "denoiser_s": den_s,
+    return {"runtime": f"{den.name} + decoder {dec.name}", "times_s": times, "cpu_s": cpu, "denoiser_s": den_s,
             "decoder_s": dec_s, "denoiser_calls": td.calls, "image_shape": list(np.asarray(img).shape),
             "peak_rss_mb": _rss_mb(), "latents": str(out)}
 
@@ -274,13 +288,20 @@ def _child(which: str, w: Work) -> dict[str, Any]:
     return run_exported(w, which)
 
 
+def w_env(w: Work) -> dict[str, str]:
+    """Child environment: torch's OpenMP threads sleep when idle (``OMP_WAIT_POLICY``, default PASSIVE) so that on a
+    shared CPU the torch contenders (diffusers included) are not slowed by spinning barriers; ONNX Runtime sessions
+    here do not spin either. This is conservative for the speed-up: it only ever helps the torch contenders."""
+    return {"OMP_WAIT_POLICY": w.omp_wait_policy} if w.omp_wait_policy else {}
+
+
 def _spawn(which: str, w: Work, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--child", which,
            "--work-json", json.dumps(dataclasses.asdict(w))]
     print(f"[h2h] {which} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **w_env(w)})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     for line in reversed(p.stdout.splitlines()):
@@ -303,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of the children ('' = inherit)")
     ap.add_argument("--decoder-backend", default="openvino", choices=("openvino", "onnxruntime"),
                     help="runtime of the exported VAE decoder for the ort-* contenders")
     ap.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
@@ -327,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     wd.mkdir(parents=True, exist_ok=True)
     w = Work(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, cfg_scale=a.cfg_scale,
              seed=a.seed, repeats=a.repeats, threads=a.threads, workdir=str(wd),
-             decoder_backend=a.decoder_backend)
+             decoder_backend=a.decoder_backend, omp_wait_policy=a.omp_wait_policy)
 
     from ditdeploy import metrics
     from ditdeploy.bench.machine import machine_info
@@ -347,22 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             a_, b_ = np.load(r["latents"]), np.load(ref)
             r["latent_rel_l2_vs_torch"] = metrics.rel_l2(a_, b_)
             r["latent_cosine_vs_torch"] = metrics.cosine(a_, b_)
-    base = results.get("diffusers", {}).get("times_s")
-    base_med = float(np.median(base)) if base else None
-    rows = []
-    for c in contenders:
-        r = results[c]
-        if "times_s" not in r:
-            rows.append({"contender": c, "error": r.get("error")})
-            continue
-        med = float(np.median(r["times_s"]))
-        rows.append({
-            "contender": c, "runtime": r["runtime"], "e2e_s_median": med, "images_per_s": w.batch / med,
-            "denoiser_s": float(np.median(r["denoiser_s"])), "decoder_s":
-                float(np.median(r["decoder_s"])) if r.get("decoder_s") else None,
-            "speedup_vs_diffusers": (base_med / med) if base_med else None, "peak_rss_mb": r["peak_rss_mb"],
-            "latent_rel_l2_vs_torch": r.get("latent_rel_l2_vs_torch"),
-        })
+    rows = summarize(results, contenders, w.batch)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = {"created": started, "work": dataclasses.asdict(w), "machine": info, "rows": rows, "raw": results,
            "denoiser_macs_per_sample": int(_config(w).macs())}
@@ -374,6 +381,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def summarize(results: dict[str, Any], contenders: list[str], batch: int) -> list[dict[str, Any]]:
+    """One row per contender: median wall and CPU seconds, speed-ups vs diffusers (wall and CPU), memory, accuracy."""
+    def med(r: dict[str, Any], k: str) -> float | None:
+        return float(np.median(r[k])) if r.get(k) else None
+
+    base = results.get("diffusers", {})
+    base_wall, base_cpu = med(base, "times_s"), med(base, "cpu_s")
+    rows = []
+    for c in contenders:
+        r = results.get(c, {})
+        if "times_s" not in r:
+            rows.append({"contender": c, "error": r.get("error", "not run")})
+            continue
+        wall, cpu = med(r, "times_s"), med(r, "cpu_s")
+        rows.append({
+            "contender": c, "runtime": r["runtime"], "e2e_s_median": wall, "images_per_s": batch / wall,
+            "cpu_s_median": cpu, "denoiser_s": med(r, "denoiser_s"), "decoder_s": med(r, "decoder_s"),
+            "speedup_vs_diffusers": (base_wall / wall) if base_wall else None,
+            "cpu_speedup_vs_diffusers": (base_cpu / cpu) if (base_cpu and cpu) else None,
+            "peak_rss_mb": r["peak_rss_mb"], "latent_rel_l2_vs_torch": r.get("latent_rel_l2_vs_torch"),
+        })
+    return rows
+
+
 def format_h2h(out: dict[str, Any]) -> str:
     w = out["work"]
     m = out["machine"]
@@ -381,7 +412,7 @@ def format_h2h(out: dict[str, Any]) -> str:
              f"{w['cfg_scale']}, SD-VAE decode; {m.get('cpu')} ({m.get('usable_cpus')} cpus, load "
              f"{m.get('load_avg_1_5_15')} -> {m.get('load_avg_end')}); median of {w['repeats']} run(s)",
              f"{'contender':<11} {'e2e s':>8} {'denoiser s':>10} {'decode s':>9} {'x diffusers':>11} "
-             f"{'RSS MB':>8} {'rel-L2 vs torch':>15}  runtime"]
+             f"{'CPU s':>8} {'x (CPU s)':>9} {'RSS MB':>8} {'rel-L2 vs torch':>15}  runtime"]
     for r in out["rows"]:
         if r.get("error"):
             lines.append(f"{r['contender']:<11} error: {r['error']}")
@@ -392,6 +423,7 @@ def format_h2h(out: dict[str, Any]) -> str:
 
         lines.append(f"{r['contender']:<11} {r['e2e_s_median']:>8.1f} {r['denoiser_s']:>10.1f} "
                      f"{f(r['decoder_s'], '.1f'):>9} {f(r['speedup_vs_diffusers'], '.2f'):>11} "
+                     f"{f(r.get('cpu_s_median'), '.1f'):>8} {f(r.get('cpu_speedup_vs_diffusers'), '.2f'):>9} "
                      f"{r['peak_rss_mb']:>8.0f} {f(r['latent_rel_l2_vs_torch'], '.2e'):>15}  {r['runtime']}")
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ class Target:
     config: dict[str, Any] | None = None  # torch random-weight baseline
     decoder: str | None = None
     baseline: bool = False  # the torch eager fp32 row the speed-ups are computed against
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the worker process
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -183,7 +184,8 @@ def run_target(t: Target, s: Settings) -> dict[str, Any]:
     close = getattr(den, "close", None)
     if callable(close):
         close()
-    return {"target": dataclasses.asdict(t), "runtime": den.name, "precision": precision, "rows": rows}
+    return {"target": dataclasses.asdict(t), "runtime": den.name, "precision": precision, "rows": rows,
+            "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if os.environ.get(k)}}
 
 
 def run_target_subprocess(t: Target, s: Settings, timeout: float | None = None) -> dict[str, Any]:
@@ -191,7 +193,7 @@ def run_target_subprocess(t: Target, s: Settings, timeout: float | None = None) 
     cmd = [sys.executable, "-m", "ditdeploy.bench.harness", "--worker", t.to_json(),
            json.dumps(dataclasses.asdict(s))]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **t.env})
     except subprocess.TimeoutExpired:
         return {"target": dataclasses.asdict(t), "error": f"timed out after {timeout} s", "rows": []}
     for line in reversed(p.stdout.splitlines()):
@@ -262,6 +264,7 @@ def run_bench(targets: list[Target], s: Settings, *, probe: bool = True, probe_s
             errors.append({"target": t.label, "path": t.path, "error": res["error"]})
         for r in res["rows"]:
             precisions_needed.add(r["precision"])
+            r["env"] = res.get("env", {})
         rows.extend(res["rows"])
     if probe:
         from .machine import peak_for

@@ -1,0 +1,51 @@
+"""bench/h2h_diffusers.py: the head-to-head's bookkeeping (fast) and a small end-to-end smoke run (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ditdeploy.bench import h2h_diffusers as h2h
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_summary_ratios_are_diffusers_over_contender():
+    res = {
+        "diffusers": {"times_s": [80.0, 100.0, 90.0], "cpu_s": [160.0, 170.0, 150.0], "denoiser_s": [70.0],
+                      "peak_rss_mb": 3000.0, "runtime": "diffusers"},
+        "ort-int8": {"times_s": [30.0], "cpu_s": [50.0], "denoiser_s": [25.0], "decoder_s": [4.0],
+                     "peak_rss_mb": 1500.0, "runtime": "ort", "latent_rel_l2_vs_torch": 0.02},
+        "torch": {"error": "boom"},
+    }
+    rows = h2h.summarize(res, ["diffusers", "ort-int8", "torch"], batch=2)
+    d, o, t = rows
+    assert d["e2e_s_median"] == 90.0 and d["speedup_vs_diffusers"] == 1.0
+    assert o["speedup_vs_diffusers"] == pytest.approx(3.0) and o["cpu_speedup_vs_diffusers"] == pytest.approx(3.2)
+    assert o["images_per_s"] == pytest.approx(2 / 30.0) and o["decoder_s"] == 4.0
+    assert t == {"contender": "torch", "error": "boom"}
+    text = h2h.format_h2h({"work": {"model": "XL/2", "image_size": 256, "batch": 2, "steps": 25, "cfg_scale": 4.0,
+                                    "repeats": 3}, "machine": {"cpu": "cpu"}, "rows": rows})
+    assert "3.00" in text and "error: boom" in text
+
+
+@pytest.mark.slow
+def test_h2h_smoke_small_model(tmp_path):
+    """S/2 at 64 px, 2 steps: every contender runs the same work; ditdeploy fp32 matches the torch loop."""
+    out = tmp_path / "h2h.json"
+    p = subprocess.run([sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--model", "S/2", "--image-size", "64",
+                        "--steps", "2", "--contenders", "diffusers,torch,ort-fp32,ort-int8", "--workdir",
+                        str(tmp_path / "w"), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
+                       timeout=1800)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    rows = {r["contender"]: r for r in res["rows"]}
+    assert all("error" not in r for r in rows.values()), rows
+    assert rows["ort-fp32"]["latent_rel_l2_vs_torch"] < 1e-4  # same weights, noise and sampler: same latents
+    assert rows["ort-int8"]["latent_rel_l2_vs_torch"] < 0.3
+    assert res["raw"]["diffusers"]["denoiser_calls"] == 2 and res["raw"]["torch"]["denoiser_calls"] == 2
+    assert res["machine"]["cpu"] and res["work"]["steps"] == 2
