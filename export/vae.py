@@ -120,6 +120,7 @@ def export_vae_decoder_onnx(
         _stage_bar,
         check_out_path,
         cleanup,
+        drop_weights,
         dynamo_export,
         graph_stats,
         move_into_place,
@@ -164,6 +165,7 @@ def export_vae_decoder_onnx(
         stats = graph_stats(ir_model)
         set_metadata(ir_model, {"ditdeploy.kind": "decoder", "ditdeploy.scaling_factor": repr(graph.scaling_factor)})
         files = save_model(ir_model, tmp / out.name)
+        drop_weights(ir_model)
         del ir_model
         timings["export_s"] = time.perf_counter() - t0
         bar.update(1)

@@ -68,17 +68,23 @@ def check_parity(
     tolerance: dict[str, float] | None = None,
     output: str | None = None,
     what: str = "ONNX",
+    after_reference: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run every feed through ORT and ``reference``; return per-batch metrics; raise NumericsError on failure.
+
+    All reference outputs are computed first; ``after_reference`` (e.g. freeing the torch model) runs before the
+    ORT session is created, so the two never need to be in memory together.
 
     The returned dict (the manifest's ``parity``) holds ``backend``, ``reference``, ``tolerance``, ``batches`` (one
     entry per feed with batch size, timesteps, labels, rel_l2, cosine, max_abs, finite) and the worst values.
     """
+    refs = [np.asarray(reference(feed), dtype=np.float32) for feed in feeds]
+    if after_reference is not None:
+        after_reference()
     sess = ort_session(onnx_path)
     names = [i.name for i in sess.get_inputs()]
     batches = []
-    for feed in feeds:
-        ref = np.asarray(reference(feed), dtype=np.float32)
+    for feed, ref in zip(feeds, refs, strict=True):
         got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
         if got.shape != ref.shape:
             raise NumericsError(f"{what} output shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
