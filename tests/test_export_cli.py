@@ -188,3 +188,21 @@ def test_random_weights_recorded(tmp_path, capsys, monkeypatch):
                                                             "note": "random weights (benchmarking only)"}
     assert m["config"]["variant"] == "S/8" and m["source_checkpoint"] is None
     assert json.loads((tmp_path / "dit-s-8-256-fp32.onnx.json").read_text())["parity"]["passed"] is True
+
+
+def test_shipped_digits_by_name(tmp_path, capsys):
+    from ditdeploy.checkpoints import load_model
+    from ditdeploy.export.pipeline import shipped_digits
+
+    if not shipped_digits().exists():
+        pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")
+    out = tmp_path / "digits.onnx"
+    code, _, err = run_cli(["export", "--model", "digits", "--out", str(out)], capsys)
+    assert code == 0, err
+    m = load_manifest(out)
+    assert m["source"]["kind"] == "shipped" and m["source"]["sha256"] == sha256_file(shipped_digits())
+    assert m["config"]["variant"] == "digits" and m["random_weights"] is False
+    for r in independent_parity(out, load_model(shipped_digits(), "digits")):
+        assert r["rel_l2"] <= 1e-4
+    code, _, err = run_cli(["export", "--model", "digits", "--image-size", "256"], capsys)
+    assert code == 2 and "--image-size" in err

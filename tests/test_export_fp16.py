@@ -74,3 +74,18 @@ def test_fp16_onnx(tmp_path, conditioning):
     assert man["parity"]["reference"] == "torch-fp32" and man["parity"]["worst"]["rel_l2"] <= FP16_TOL
     for r in independent_parity(out, model):
         assert 1e-6 < r["rel_l2"] <= FP16_TOL, r  # really reduced precision, and within tolerance
+
+
+def test_fp16_trained_digits(tmp_path):
+    """Trained weights (the shipped digits model), not just random ones, within the fp16 tolerance."""
+    from ditdeploy.checkpoints import load_model
+    from ditdeploy.export.pipeline import shipped_digits
+
+    if not shipped_digits().exists():
+        pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")
+    model = load_model(shipped_digits(), "digits")
+    out = tmp_path / "digits-fp16.onnx"
+    man = export_denoiser_onnx(model, out, precision="fp16")
+    assert man["parity"]["worst"]["rel_l2"] <= FP16_TOL
+    for r in independent_parity(out, model):
+        assert 1e-6 < r["rel_l2"] <= FP16_TOL, r
