@@ -96,6 +96,7 @@ class Int8Options:
     batch_size: int = 8
     num_bins: int = 2048
     seed: int = 0
+    quantize_outputs: bool = False  # ORT's default placement (Q/DQ on GEMM outputs too): for comparison only
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -464,6 +465,7 @@ def quantize_int8(
     percentile: float = 99.99,
     per_channel: bool = True,
     ort_fusions: bool | None = None,
+    quantize_outputs: bool = False,
     max_inputs: int = 512,
     batch_size: int = 8,
     verify: bool = True,
@@ -482,7 +484,8 @@ def quantize_int8(
     uint8 activations), off for the TensorRT-ready static int8 Q/DQ, where asking for it is an error.
     """
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
-                       per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size)
+                       per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size,
+                       quantize_outputs=quantize_outputs)
     opts.validate()
     if ort_fusions is None:
         ort_fusions = opts.mode == "dynamic" or opts.activations == "uint8"
@@ -623,6 +626,7 @@ def quantize_int8(
                 "external_data": (work / data_name).exists(),
                 "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8" and not ort_fusions,
                 "ort_fusions": fusions or None,
+                "gemm_outputs_quantized": opts.quantize_outputs,
                 "runtimes": (["onnxruntime", "openvino"] if (ort_fusions or opts.mode == "dynamic")
                              else ["onnxruntime", "tensorrt", "openvino"]),
                 "seconds": round(t_quant, 2),
@@ -661,6 +665,8 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
         for i in by_name[r.name].input[:2]:
             if i and i not in const_like and i != r.weight and i not in tensors:
                 tensors.append(i)
+        if opts.quantize_outputs:
+            tensors.extend(o for o in by_name[r.name].output if o not in tensors)
     idx = stratified_subset(calib.t, opts.max_inputs, seed=opts.seed)
     feeds = list(_feeds(calib.x[idx], calib.t[idx], calib.y[idx], opts.batch_size))
     symmetric = opts.activations == "int8"
@@ -673,6 +679,11 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
     cache = work / "ranges.json"
     method = _write_cache(cache, ranges, opts.calibrate_method, _elem_types(model, tensors))
     op_types = sorted({r.op_type for r in quantized})
+    extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+    if not opts.quantize_outputs:
+        # Q/DQ on GEMM inputs only: outputs stay float (bias add, residuals, LayerNorm); ORT then fuses
+        # DQ->MatMul into MatMulIntegerToFloat, TensorRT fuses DQ->GEMM->bias.
+        extra["OpTypesToExcludeOutputQuantization"] = op_types
     quantize_static(
         str(staged), str(tmp_q),
         calibration_data_reader=None,
@@ -687,13 +698,7 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
         nodes_to_exclude=[r.name for r in excluded],
         use_external_data_format=ext,
         calibrate_method=method,
-        extra_options={
-            "ActivationSymmetric": symmetric,
-            "WeightSymmetric": True,
-            # Q/DQ on GEMM inputs only: outputs stay float (bias add, residuals, LayerNorm); ORT then fuses
-            # DQ->MatMul into MatMulIntegerToFloat, TensorRT fuses DQ->GEMM->bias.
-            "OpTypesToExcludeOutputQuantization": op_types,
-        },
+        extra_options=extra,
     )
     amax = {n: float(max(abs(float(lo)), abs(float(hi)))) for n, (lo, hi) in ranges.items()}
     return {"ranges": {"tensors": len(tensors), "inputs": int(idx.shape[0]), "seconds": round(t_ranges, 2),

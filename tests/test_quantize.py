@@ -211,17 +211,16 @@ def test_static_requires_calibration_and_refuses_bad_targets(work, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_cli_calibrate_export_int8_sample(tmp_path, capsys):
-    """The acceptance chain on the CLI: fp32 export -> calibrate -> int8 export -> sample with the int8 model."""
+def test_cli_calibrate_export_int8_sample(work, tmp_path, capsys):
+    """The acceptance chain on the CLI: calibrate (from the fp32 export) -> int8 export -> sample with the int8
+    model. The fixture's fp32 ONNX holds the same weights as `--random-weights --seed 7`."""
     from ditdeploy.cli import main
 
-    fp32 = tmp_path / "digits-fp32.onnx"
-    main(["export", "--model", "digits", "--random-weights", "--seed", "3", "--out", str(fp32)])
     calib = tmp_path / "calib.npz"
-    main(["calibrate", "--engine", str(fp32), "--samples", "8", "--steps", "25", "--val-samples", "2",
+    main(["calibrate", "--engine", str(work["fp32"]), "--samples", "8", "--steps", "25", "--val-samples", "2",
           "--out", str(calib)])
     int8 = tmp_path / "digits-int8.onnx"
-    main(["export", "--model", "digits", "--random-weights", "--seed", "3", "--precision", "int8",
+    main(["export", "--model", "digits", "--random-weights", "--seed", str(SEED), "--precision", "int8",
           "--calibration", str(calib), "--out", str(int8)])
     man = json.loads(manifest_path(int8).read_text())
     assert man["precision"] == "int8" and man["calibration_sha256"] == sha256_file(calib)
