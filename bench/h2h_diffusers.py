@@ -134,17 +134,68 @@ def _checkpoint(w: Work) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # contenders (each runs inside its own subprocess)
 # ----------------------------------------------------------------------------------------------------------------
-def run_diffusers(w: Work) -> dict[str, Any]:
+def _diffusers_transformer(w: Work):
+    """diffusers' DiT transformer with the variant's shape and random weights (diffusers' own init)."""
     import torch
-    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+    from diffusers import DiTTransformer2DModel
+
+    cfg = _config(w)
+    torch.manual_seed(w.seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
+        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes).eval()
+
+
+def run_paired(w: Work) -> dict[str, Any]:
+    """Denoiser calls of diffusers' transformer and ditdeploy's ONNX Runtime fp32 / INT8 denoisers, interleaved
+    round-robin in one process on the same inputs (batch = 2 x images, as with guidance), so slow changes of the
+    machine's load hit every contender alike; ``w.repeats`` rounds after one warm-up round."""
+    import torch
+
+    from ditdeploy.runtimes import load
 
     _set_threads(w)
     cfg = _config(w)
-    torch.manual_seed(w.seed)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_size // cfg.num_heads,
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.depth,
-        sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes)
+    onnx_path, _ = _onnx_paths(w)
+    tr = _diffusers_transformer(w)
+    ort32 = load(onnx_path, backend="onnxruntime")
+    ort8 = load(onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx"), backend="onnxruntime")
+    n = 2 * w.batch
+    rng = np.random.default_rng(w.seed)
+    x = rng.standard_normal((n, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
+    t = np.full(n, 500, dtype=np.int64)
+    y = np.concatenate([_labels(w, cfg.num_classes), np.full(w.batch, cfg.null_class)]).astype(np.int64)
+    xt, tt, yt = torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)
+
+    def diffusers_call():
+        with torch.inference_mode():
+            tr(xt, timestep=tt, class_labels=yt)
+
+    fns = {"diffusers": diffusers_call, "ort-fp32": lambda: ort32(x, t, y), "ort-int8": lambda: ort8(x, t, y)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for rnd in range(w.repeats + 1):
+        for k in order[rnd % len(order):] + order[: rnd % len(order)]:  # rotate who goes first
+            c0, t0 = _cpu_s(), time.perf_counter()
+            fns[k]()
+            if rnd:  # round 0 is the warm-up
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(_cpu_s() - c0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {"runtime": "interleaved denoiser calls", "call_batch": n, "times_s": times, "cpu_s": cpu,
+            "median_s": med, "speedup_vs_diffusers": {k: med["diffusers"] / v for k, v in med.items()},
+            "peak_rss_mb": _rss_mb()}
+
+
+def run_diffusers(w: Work) -> dict[str, Any]:
+    import torch
+    from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler
+
+    _set_threads(w)
+    cfg = _config(w)
+    transformer = _diffusers_transformer(w)
     vae = AutoencoderKL.from_pretrained(_vae_dir(w))
     sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
                                         beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2)
@@ -283,6 +334,8 @@ def _child(which: str, w: Work) -> dict[str, Any]:
         return prepare_exports(w, need_int8=False)
     if which == "diffusers":
         return run_diffusers(w)
+    if which == "paired":
+        return run_paired(w)
     if which == "torch":
         return run_torch(w)
     return run_exported(w, which)
@@ -331,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {', '.join(ALL_CONTENDERS)}")
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/ditdeploy/h2h"))
     ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
+    ap.add_argument("--paired", type=int, default=0,
+                    help="also time N interleaved rounds of single denoiser calls: diffusers vs ORT fp32 vs ORT INT8")
     ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work-json", default=None, help=argparse.SUPPRESS)
@@ -361,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         results["prepare"] = _spawn("prepare" if "ort-int8" in contenders else "prepare-noint8", w, a.timeout)
     for c in contenders:
         results[c] = _spawn(c, w, a.timeout)
+    if a.paired:
+        if "prepare" not in results:
+            results["prepare"] = _spawn("prepare", w, a.timeout)
+        results["paired"] = _spawn("paired", dataclasses.replace(w, repeats=a.paired), a.timeout)
 
     # accuracy of the ditdeploy contenders vs the torch eager loop (same weights, noise, sampler)
     ref = results.get("torch", {}).get("latents")
@@ -374,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     out = {"created": started, "work": dataclasses.asdict(w), "machine": info, "rows": rows, "raw": results,
            "denoiser_macs_per_sample": int(_config(w).macs())}
     print(format_h2h(out))
+    if results.get("paired", {}).get("median_s"):
+        pr = results["paired"]
+        print(f"interleaved single denoiser calls (batch {pr['call_batch']}), median s: " + ", ".join(
+            f"{k} {v:.2f} ({pr['speedup_vs_diffusers'][k]:.2f}x)" for k, v in pr["median_s"].items()))
     if a.out:
         from ditdeploy.artifacts import write_json_atomic
 

@@ -53,6 +53,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": ci.get("model name") or platform.processor() or platform.machine(),
         "arch": platform.machine(),
+        "cpu_id": {k: ci.get(k) for k in ("vendor_id", "cpu family", "model", "stepping", "microcode") if ci.get(k)},
         "logical_cpus": os.cpu_count(),
         "flags": [f for f in _INTERESTING_FLAGS if f in flags],
         "os": f"{platform.system()} {platform.release()}",
