@@ -1,7 +1,7 @@
 """Export + verify every DiT variant (random weights) to ONNX, measuring time and peak RSS; plus the FP16 island study.
 
-    python3 -m ditdeploy.bench.export_all                       # 12 variants at 256, fp32 -> bench/results/export_all.json
-    python3 -m ditdeploy.bench.export_all --precision fp32,fp16 --variants S/2,XL/2
+    python3 -m ditdeploy.bench.export_all      # 12 variants fp32 + S/2,B/2,L/2,XL/2 fp16 at 256 -> results/export_all.json
+    python3 -m ditdeploy.bench.export_all --precision fp32 --variants S/2,XL/2
     python3 -m ditdeploy.bench.export_all --fp16-study-only     # only the per-block fp16 error study
 
 Each export runs in its own subprocess (so ``ru_maxrss`` is that export's peak, model construction included) and
@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all 12)")
     ap.add_argument("--image-size", type=int, default=256)
-    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32,fp16")
+    ap.add_argument("--precision", default="fp32,fp16", help="comma-separated: fp32,fp16")
+    ap.add_argument("--fp16-variants", default="S/2,B/2,L/2,XL/2",
+                    help="variants exported in fp16 (fp32 covers --variants)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--keep", type=Path, default=None, help="keep the exported files in this folder")
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: system temp)")
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     if not a.fp16_study_only:
         for prec in a.precision.split(","):
-            for v in a.variants.split(","):
+            names = a.variants.split(",") if prec == "fp32" else [
+                v for v in a.fp16_variants.split(",") if v in a.variants.split(",")]
+            for v in names:
                 print(f"export {v} {a.image_size} {prec} ...", file=sys.stderr, flush=True)
                 r = run_one(v, a.image_size, prec, scratch, a.keep)
                 results["runs"].append(r)
