@@ -380,8 +380,9 @@ def elementwise_stats(actual: np.ndarray, reference: np.ndarray) -> dict[str, fl
         return _numpy_stats(actual, reference)
     func = SimpleCompareFunc(check_error_stat="median", atol=np.inf, rtol=np.inf)
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-        res = func(IterationResult({"out": np.ascontiguousarray(reference)}, runner_name="reference"),
-                   IterationResult({"out": np.ascontiguousarray(actual)}, runner_name="artifact"))["out"]
+        # Polygraphy divides by the SECOND result's magnitude: the reference goes second
+        res = func(IterationResult({"out": np.ascontiguousarray(actual)}, runner_name="artifact"),
+                   IterationResult({"out": np.ascontiguousarray(reference)}, runner_name="reference"))["out"]
     return {k: float(getattr(res, k)) for k in ("median_absdiff", "mean_absdiff", "median_reldiff", "mean_reldiff")}
 
 
@@ -390,7 +391,7 @@ def _numpy_stats(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     ad = np.abs(a - r)
     with np.errstate(divide="ignore", invalid="ignore"):
         rd = ad / np.abs(r)
-    rd = np.where(ad == 0, 0.0, rd)
+    rd = np.where(ad == 0, 0.0, rd)  # as Polygraphy: 0/0 -> 0 (it adds 2e-16 to zero references)
     return {"median_absdiff": float(np.median(ad)), "mean_absdiff": float(np.mean(ad)),
             "median_reldiff": float(np.median(rd)), "mean_reldiff": float(np.mean(rd))}
 

@@ -334,3 +334,16 @@ def test_fp16_is_gated_by_fp16_thresholds(art, tmp_path):
     h = tmp_path / "tiny-fp16.onnx"
     export_denoiser_onnx(art["model"], h, precision="fp16")
     _lower_precision_gates(art, h, "fp16", tmp_path)
+
+
+def test_elementwise_stats_polygraphy_and_numpy_fallback_agree():
+    """Polygraphy is optional: the numpy fallback computes the same statistics as Polygraphy's comparator."""
+    pytest.importorskip("polygraphy")
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+    act = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
+    pg, npy = checking.elementwise_stats(act, ref), checking._numpy_stats(act, ref)
+    assert set(pg) == set(npy)
+    for k in pg:
+        assert pg[k] == pytest.approx(npy[k], rel=1e-3), k
+    assert pg["median_absdiff"] == pytest.approx(float(np.median(np.abs(act - ref))), rel=1e-3)
