@@ -116,6 +116,7 @@ def fp16_study(seed: int = 0) -> dict[str, Any]:
         "default - embed_fp32": dataclasses.replace(D, embed_fp32=False),
         "default + softmax_fp32": dataclasses.replace(D, softmax_fp32=True),
         "default + last block fp32": dataclasses.replace(D, fp32_blocks=(-1,)),
+        "default + adaln_weights_fp32": dataclasses.replace(D, adaln_weights_fp32=True),
     }
     models = {"S/2 (random weights)": random_model("S/2", seed=seed)}
     try:
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scratch", type=Path, default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--no-fp16-study", action="store_true")
     ap.add_argument("--fp16-study-only", action="store_true")
+    ap.add_argument("--merge", action="store_true",
+                    help="update --out in place: replace its runs of the same variant/size/precision (and the "
+                         "fp16 study when run), keep the rest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -174,6 +178,18 @@ def main(argv: list[str] | None = None) -> None:
                                                     *(argv if argv is not None else sys.argv[1:])]),
                                "goals": {"xl2_256_fp32_export_s": 60, "peak_rss_over_weight_bytes": 2.0},
                                "runs": []}
+    previous: dict[str, Any] = {}
+    if a.merge and a.out.exists():
+        previous = json.loads(a.out.read_text())
+        results["merged_into"] = {"started": previous.get("started"), "command": previous.get("command"),
+                                  "machine": previous.get("machine")}
+
+    def merged_runs() -> list[dict[str, Any]]:
+        key = ("variant", "image_size", "precision")
+        new = {tuple(r.get(k) for k in key) for r in results["runs"]}
+        kept = [r for r in previous.get("runs", []) if tuple(r.get(k) for k in key) not in new]
+        return kept + results["runs"]
+
     scratch = a.scratch or Path(tempfile.gettempdir())
     scratch.mkdir(parents=True, exist_ok=True)
     if not a.fp16_study_only:
@@ -192,13 +208,15 @@ def main(argv: list[str] | None = None) -> None:
                           f"({r['weight_bytes'] / 1e9:.2f} GB), rel-L2 {r['parity']['worst']['rel_l2']:.1e}, "
                           f"external data: {r['external_data']}, load {r['load_avg_before']}",
                           file=sys.stderr, flush=True)
-                write_json_atomic(a.out, results)  # partial results survive an interruption
+                write_json_atomic(a.out, {**results, "runs": merged_runs()})  # partial results survive
     if not a.no_fp16_study:
         print("fp16 island study ...", file=sys.stderr, flush=True)
         results["fp16_study"] = fp16_study()
+    elif "fp16_study" in previous:
+        results["fp16_study"] = previous["fp16_study"]
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results["machine_load_end"] = _load()
-    write_json_atomic(a.out, results)
+    write_json_atomic(a.out, {**results, "runs": merged_runs()})
     print(f"wrote {a.out}", file=sys.stderr)
 
 

@@ -37,6 +37,10 @@ class Fp16Policy:
     softmax_fp32:  attention softmax in float32 (scores are fp16 GEMM outputs, cast up/down around the softmax).
     final_fp32:    the final layer (norm, modulation, output linear) entirely in float32.
     embed_fp32:    the patch embedding (a C*p*p -> hidden GEMM: negligible cost) and the input x in float32.
+    adaln_weights_fp32: store (and run) the adaLN modulation linears in float32. They are a third of XL/2's
+                   weights (28 x 1152 x 6912): fp32 costs 0.9 GB more and doubles their memory traffic, for an
+                   error gain the measurements do not show (README ## Export), so by default they are fp16 GEMVs
+                   whose outputs (shift/scale/gate) are cast to float32 for the modulation arithmetic.
     fp32_blocks:   indices of transformer blocks computed entirely in float32 (negative indices count from the end).
     """
 
@@ -46,6 +50,7 @@ class Fp16Policy:
     softmax_fp32: bool = False
     final_fp32: bool = True
     embed_fp32: bool = True
+    adaln_weights_fp32: bool = False
     fp32_blocks: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,7 +132,8 @@ class _HalfBlock(nn.Module):
             self.ckv = _cast_linear(blk.cross_attn.kv, g)
             self.cproj = _cast_linear(blk.cross_attn.proj, g)
         if self.conditioning in ("adaln-zero", "adaln"):
-            self.ada = _cast_linear(blk.adaLN_modulation[1], self.md)
+            wd = F32 if (all_fp32 or (policy.cond_fp32 and policy.adaln_weights_fp32)) else F16
+            self.ada = _cast_linear(blk.adaLN_modulation[1], wd)
 
     def _self_attn(self, h: torch.Tensor) -> torch.Tensor:
         b, n, c = h.shape
@@ -147,19 +153,23 @@ class _HalfBlock(nn.Module):
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(h.to(self.gd)), approximate="tanh"))
 
+    def _modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """adaLN regression ``Linear(SiLU(c))`` in the weights' dtype, returned in the modulation dtype."""
+        return self.ada(F.silu(c.to(self.md)).to(self.ada.weight.dtype)).to(self.md)
+
     def _mod(self, h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return h.to(self.md) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         x = x.to(self.rd)
         if self.conditioning == "adaln-zero":
-            sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c.to(self.md))).chunk(6, dim=1)
+            sh1, sc1, g1, sh2, sc2, g2 = self._modulation(c).chunk(6, dim=1)
             a = self._self_attn(self._mod(self.norm1(x), sh1, sc1))
             x = x + (g1.unsqueeze(1) * a.to(self.md)).to(self.rd)
             m = self._mlp(self._mod(self.norm2(x), sh2, sc2))
             return x + (g2.unsqueeze(1) * m.to(self.md)).to(self.rd)
         if self.conditioning == "adaln":
-            sh1, sc1, sh2, sc2 = self.ada(F.silu(c.to(self.md))).chunk(4, dim=1)
+            sh1, sc1, sh2, sc2 = self._modulation(c).chunk(4, dim=1)
             x = x + self._self_attn(self._mod(self.norm1(x), sh1, sc1)).to(self.rd)
             return x + self._mlp(self._mod(self.norm2(x), sh2, sc2)).to(self.rd)
         x = x + self._self_attn(self.norm1(x)).to(self.rd)
@@ -207,7 +217,8 @@ class HalfDiT(nn.Module):
         self.final_norm = _Norm(fl.norm_final, F32 if (policy.final_fp32 or policy.norm_fp32) else F16)
         self.final_linear = _cast_linear(fl.linear, self.fd)
         if fl.adaptive:
-            self.final_ada = _cast_linear(fl.adaLN_modulation[1], self.fmd)
+            fwd = F32 if (policy.final_fp32 or (policy.cond_fp32 and policy.adaln_weights_fp32)) else F16
+            self.final_ada = _cast_linear(fl.adaLN_modulation[1], fwd)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, trace: list | None = None) -> torch.Tensor:
         """Denoiser forward; ``trace`` (eager only) collects each block's output as float32 for error analysis."""
@@ -230,7 +241,8 @@ class HalfDiT(nn.Module):
         h = h[:, :n_tokens]
         h = self.final_norm(h)
         if self.final_adaptive:
-            shift, scale = self.final_ada(F.silu(c.to(self.fmd))).chunk(2, dim=1)
+            cin = F.silu(c.to(self.fmd)).to(self.final_ada.weight.dtype)
+            shift, scale = self.final_ada(cin).to(self.fmd).chunk(2, dim=1)
             h = h.to(self.fmd) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
         out = self.final_linear(h.to(self.fd))
         return self._unpatchify(out).float()

@@ -40,7 +40,10 @@ def test_halfdit_eager_matches_fp32(conditioning):
         got = half(x, t, y)
     assert got.dtype == torch.float32
     assert half.blocks[0].qkv.weight.dtype == torch.float16
-    assert half.blocks[0].ada.weight.dtype == torch.float32 if conditioning in ("adaln-zero", "adaln") else True
+    if conditioning in ("adaln-zero", "adaln"):
+        assert half.blocks[0].ada.weight.dtype == torch.float16  # fp16 GEMV, fp32 modulation arithmetic
+        with_fp32_ada = HalfDiT(model, Fp16Policy(adaln_weights_fp32=True))
+        assert with_fp32_ada.blocks[0].ada is model.blocks[0].adaLN_modulation[1]  # shared, not copied
     e = rel_l2(got.numpy(), ref)
     assert 1e-6 < e <= FP16_TOL, e
 
