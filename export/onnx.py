@@ -454,7 +454,8 @@ def export_denoiser_onnx(
     if precision not in PRECISIONS:
         raise DitDeployError(
             f"precision {precision!r} is not an ONNX export precision ({', '.join(PRECISIONS)}); "
-            "int8 is produced from the fp32 ONNX by calibration (`ditdeploy export --precision int8`)"
+            "int8 is quantized from an fp32/fp16 ONNX by ditdeploy.calibration.quantize "
+            "(`ditdeploy export --precision int8`)"
         )
     if opset < MIN_OPSET:
         raise DitDeployError(f"opset {opset} < {MIN_OPSET}: LayerNormalization needs opset >= 17")
