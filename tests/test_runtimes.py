@@ -169,6 +169,9 @@ def test_ort_provider_choice():
     assert choose_providers("cuda", avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(DitDeployError, match="CUDAExecutionProvider is not available here"):
         choose_providers("cuda", ["CPUExecutionProvider"])
+    for blank in ("\r", " , ", ",\n"):  # a value that names nothing is an error, not a silent default
+        with pytest.raises(DitDeployError, match="names no provider"):
+            choose_providers(blank, avail)
     assert choose_providers(None) == ["CPUExecutionProvider"]  # this machine: CPU-only onnxruntime
 
 
