@@ -95,6 +95,44 @@ def gpu_name() -> str | None:
         return None
 
 
+def cuda_info() -> dict[str, Any] | None:
+    """GPU 0 as torch sees it (name, compute capability, memory, SMs, CUDA/cuDNN versions) plus the driver version
+    (NVML, else ``nvidia-smi``); None without torch or a CUDA device."""
+    from ditdeploy.checking import has_torch
+
+    if not has_torch():
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    info: dict[str, Any] = {
+        "name": p.name,
+        "compute_capability": f"{p.major}.{p.minor}",
+        "total_memory_gib": round(p.total_memory / 2**30, 2),
+        "multiprocessors": p.multi_processor_count,
+        "device_count": torch.cuda.device_count(),
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "driver": None,
+    }
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        d = pynvml.nvmlSystemGetDriverVersion()
+        info["driver"] = d.decode() if isinstance(d, bytes) else str(d)
+    if info["driver"] is None:
+        with contextlib.suppress(Exception):
+            import subprocess
+
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    return info
+
+
 def gpu_memory_used_mb() -> float | None:
     """Used memory of GPU 0 in MiB (NVML), or None without a GPU."""
     if importlib.util.find_spec("pynvml") is None:
