@@ -79,7 +79,8 @@ METHODS = ("percentile", "entropy", "minmax")
 # digits model static int8 gives cosine 0.9998 over all validation outputs (0.994 for the worst single call, at
 # t = 0), entropy ranges 0.998 (0.953); a wrong scale or a quantized embedding table falls far below 0.98.
 MIN_COSINE = 0.98
-_CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space")
+_CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space", "checkpoint",
+          "source_checkpoint", "random_weights")
 log = logging.getLogger("ditdeploy.calibration")
 
 
@@ -444,6 +445,14 @@ def _quiet_ort_logging():
         root.setLevel(old)
 
 
+def _checkpoint_of(src_m: dict[str, Any]) -> dict[str, Any]:
+    """The torch checkpoint behind the source ONNX (path + sha256, as its manifest says), kept so that the INT8
+    artifact stays traceable to it when the source ONNX was an intermediate that is not kept."""
+    s = src_m.get("source") if isinstance(src_m.get("source"), dict) else {}
+    ck = s.get("checkpoint") or s.get("path")
+    return {"checkpoint": str(ck), "checkpoint_sha256": s.get("sha256")} if ck else {}
+
+
 def _config_of(src_m: dict[str, Any]):
     from ditdeploy.variants import DiTConfig
 
@@ -634,7 +643,8 @@ def quantize_int8(
             excluded_nodes=[r.name for r in excluded],
             **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
             excluded_modules=sorted({r.module for r in excluded if r.module}),
-            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32")},
+            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32"),
+                    **_checkpoint_of(src_m)},
         )
         if calib is not None:
             fields["calibration_sha256"] = calib.sha256

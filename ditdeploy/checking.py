@@ -150,13 +150,12 @@ def reference_checkpoint(artifact: str | Path, manifest: dict[str, Any] | None, 
 
     m = manifest or {}
     base = Path(artifact).parent
-    src: Any = m.get("checkpoint") or m.get("source_checkpoint")
     source = m.get("source") if isinstance(m.get("source"), dict) else {}
-    if src is None:
-        src = source.get("checkpoint") or source.get("path")
-    if isinstance(src, dict):
-        src = src.get("path") or src.get("name")
-    if src:
+    for src in (m.get("checkpoint"), m.get("source_checkpoint"), source.get("checkpoint"), source.get("path")):
+        if isinstance(src, dict):
+            src = src.get("path") or src.get("name")
+        if not src:
+            continue
         p = Path(str(src))
         for cand in ((p,) if p.is_absolute() else (base / p, p)):
             if cand.is_file():

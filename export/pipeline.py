@@ -201,7 +201,7 @@ def export_denoiser(
     if fmt == "onnx" and precision != "int8":
         return onnx_export(out)
     with scratch_dir(out) as tmp:
-        onnx_path = tmp / (out.stem + ".onnx")
+        onnx_path = tmp / f"{out.stem}-{onnx_precision}.onnx"  # named apart from the output
         onnx_export(onnx_path)
         if precision == "int8":
             quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")

@@ -151,6 +151,12 @@ def test_int8_dynamic_dispatch(tmp_path, tiny_ckpt, capsys):
     assert code == 0, err
     m = load_manifest(out)
     assert m["precision"] == "int8" and m["kind"] == "denoiser"
+    # the fp32 intermediate is not kept, but the checkpoint the model came from stays traceable (for `check`)
+    assert m["source"]["onnx"] == "q-fp32.onnx" and m["source"]["precision"] == "fp32"
+    assert m["source_checkpoint"]["sha256"] == sha256_file(src)
+    from ditdeploy.checking import reference_checkpoint
+
+    assert reference_checkpoint(out, m) == src
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the fp32 intermediate is gone
 
 
