@@ -468,6 +468,9 @@ def export_denoiser_onnx(
     data_final = out.with_name(out.name + ".data")
     man_final = manifest_path(out)
 
+    dev = next(model.parameters()).device
+    if dev.type != "cpu":  # e.g. a model trained on CUDA: the graph is traced and its weights saved from host memory
+        model.to("cpu")
     was_training = model.training
     model.eval()
     t_start = time.perf_counter()
@@ -574,4 +577,6 @@ def export_denoiser_onnx(
         move_into_place(files, out, stale=[data_final])
     finally:
         model.train(was_training)
+        if dev.type != "cpu" and not release_model:
+            model.to(dev)  # hand the caller's model back where it was
     return manifest

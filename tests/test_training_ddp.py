@@ -23,11 +23,12 @@ def test_two_rank_ddp_matches_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "ditdeploy", "train", *TINY, "--steps", steps, "--out", str(ddp)],
+         "-m", "ditdeploy", "train", *TINY, "--device", "cpu", "--steps", steps, "--out", str(ddp)],
         capture_output=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    subprocess.run([sys.executable, "-m", "ditdeploy", "train", *TINY, "--steps", steps, "--out", str(single)],
+    subprocess.run([sys.executable, "-m", "ditdeploy", "train", *TINY, "--device", "cpu", "--steps", steps, "--out",
+                    str(single)],
                    check=True, capture_output=True, env=env, timeout=600)
 
     # both replicas hold exactly the same weights and EMA

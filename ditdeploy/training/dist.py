@@ -30,16 +30,23 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group if WORLD_SIZE > 1.
 
-    ``device``: "auto" (CUDA if available), "cpu" or "cuda". The backend is nccl on CUDA, gloo on CPU.
+    ``device``: "auto" (CUDA if there is a GPU per local rank, else CPU), "cpu" or "cuda". The backend is nccl on
+    CUDA, gloo on CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # NCCL needs one GPU per rank: more ranks on this node than GPUs train on the CPU (gloo) instead
+        device = "cuda" if gpus and local_world <= gpus else "cpu"
     if device == "cuda":
-        if not torch.cuda.is_available():
+        if not gpus:
             raise DitDeployError("--device cuda but no CUDA GPU is visible: use --device cpu")
+        if local_world > gpus:
+            raise DitDeployError(f"{local_world} ranks on this node but {gpus} CUDA GPU(s): NCCL needs one GPU per "
+                                 f"rank (torchrun --nproc_per_node {gpus}, or --device cpu)")
         torch.cuda.set_device(local % torch.cuda.device_count())
         dev = torch.device("cuda", local % torch.cuda.device_count())
     elif device == "cpu":
