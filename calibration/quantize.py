@@ -58,6 +58,7 @@ from ditdeploy.artifacts import (
     sha256_file,
     write_json_atomic,
 )
+from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 
@@ -195,33 +196,6 @@ def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = No
     staged = workdir / "source.onnx"
     onnx.save(model, str(staged))
     yield staged, model
-
-
-def ort_cpu_fusions(model) -> tuple[Any, dict[str, int]]:
-    """Fuse the tanh-GELU of the MLPs (and fc1's bias add) into ONNX Runtime's ``FastGelu`` contrib op.
-
-    The dynamo export spells GELU(tanh) as eight elementwise ops (Pow, Mul, Add, Tanh, ...) over the widest
-    activation of each block; once the GEMMs run in INT8 those passes are a large share of a CPU call. ``FastGelu``
-    is a ``com.microsoft`` op: the result runs on ONNX Runtime only (not TensorRT / OpenVINO). Works on a graph
-    loaded without weights. Returns the model and the fusion counts.
-    """
-    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the fusion modules on the import path)
-    from onnxruntime.transformers.fusion_biasgelu import FusionBiasGelu
-    from onnxruntime.transformers.fusion_fastgelu import FusionFastGelu
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
-    om = OnnxModel(model)
-    with _quiet_ort_logging():
-        FusionFastGelu(om).apply()
-        n_gelu = sum(n.op_type == "FastGelu" for n in om.model.graph.node)
-        FusionBiasGelu(om, True).apply()
-        om.prune_graph()
-    n_bias = sum(n.op_type == "FastGelu" and len(n.input) > 1 for n in om.model.graph.node)
-    if n_gelu and not any(o.domain == "com.microsoft" for o in om.model.opset_import):
-        import onnx
-
-        om.model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return om.model, {"FastGelu": n_gelu, "FastGelu_with_bias": n_bias}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -434,17 +408,6 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
 # ------------------------------------------------------------------------------------------------ main entry
 
 
-@contextlib.contextmanager
-def _quiet_ort_logging():
-    root = logging.getLogger()
-    old = root.level
-    root.setLevel(logging.ERROR)  # ORT's quantizer warns about pre-processing on the root logger
-    try:
-        yield
-    finally:
-        root.setLevel(old)
-
-
 def _checkpoint_of(src_m: dict[str, Any]) -> dict[str, Any]:
     """The torch checkpoint behind the source ONNX (path + sha256, as its manifest says), kept so that the INT8
     artifact stays traceable to it when the source ONNX was an intermediate that is not kept."""
@@ -577,7 +540,7 @@ def quantize_int8(
             f"{len(excluded)} kept in float ({role_counts(excluded)}); roles from {'+'.join(how)}")
         fields: dict[str, Any] = {}
         tmp_q = work / out.name
-        with _quiet_ort_logging():
+        with quiet_ort_logging():
             if opts.mode == "static":
                 assert calib is not None
                 fields.update(_static(staged, model, tmp_q, work, calib, quantized, excluded, opts, ext, progress,

@@ -190,7 +190,7 @@ def test_dynamic_int8_keeps_exclusions(work, tmp_path):
     assert any("adaLN_modulation" in n for n in float_w) and any("t_embedder" in n for n in float_w)
     assert man["int8"]["mode"] == "dynamic" and not man["int8"]["tensorrt_compatible"]
     # CPU-only artifact: the tanh-GELU (8 elementwise ops per block) is fused into ORT's FastGelu with fc1's bias
-    assert man["int8"]["ort_fusions"] == {"FastGelu": DEPTH, "FastGelu_with_bias": DEPTH}
+    assert man["int8"]["ort_fusions"] == {"FastGelu": DEPTH, "FastGelu_with_bias": DEPTH, "MultiHeadAttention": DEPTH}
     assert sum(n.op_type == "FastGelu" for n in q.graph.node) == DEPTH
     assert not any(n.op_type in ("Tanh", "Pow") for n in q.graph.node)
     assert "calibration_sha256" not in man
