@@ -35,10 +35,27 @@ for _mod in (train, export, calibrate, sample, check, bench, info):
     _mod.register(app)
 
 
+class Terminated(SystemExit):
+    """SIGTERM as an exception (exit code 143): unwinding runs every cleanup, so no temp file is left behind."""
+
+    def __init__(self) -> None:
+        super().__init__(143)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
+    import signal
+    import threading
+
     from ditdeploy.errors import DitDeployError
 
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("DITDEPLOY_DEBUG") == "1"
     try:
         rv = app(args=argv, standalone_mode=False)
@@ -47,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
             if rv == 130:
                 print("error: interrupted", file=sys.stderr)
             sys.exit(rv)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(143)
     except SystemExit as e:
         raise e
     except DitDeployError as e:
