@@ -5,14 +5,15 @@ adaLN/final layers filled), a small calibration set is captured from it with the
 halves), and INT8 artifacts are built with ``ditdeploy.calibration.quantize.quantize_int8``:
 
 - ``static-int8``: explicit Q/DQ, int8 symmetric activations (the TensorRT-ready artifact);
-- ``static-uint8+fuse``: Q/DQ with uint8 asymmetric activations and GELU fused into ORT's FastGelu (CPU only);
+- ``static-uint8+fuse``: Q/DQ with uint8 asymmetric activations and ORT's CPU fusions (``calibration.fusions``:
+  tanh-GELU -> FastGelu, attention core -> MultiHeadAttention; CPU only);
 - ``dynamic``: ``quantize_dynamic`` per-channel on the token GEMMs (exclusions honoured);
-- ``dynamic+fuse``: the same with FastGelu;
+- ``dynamic+fuse``: the same with the ORT CPU fusions;
 - optional ``dynamic+fuse+adaln`` (``--with-adaln``): also the adaLN modulation GEMMs in dynamic int8 (the
   sensitive layers REFERENCE §3 says to keep in high precision: a speed data point, not a recommendation).
 
-The fp32 reference is the exported fp32 ONNX on ORT (and ``fp32+fuse``: the same graph with FastGelu, so the gain of
-the fusion alone is visible). Every artifact is loaded through ``ditdeploy.runtimes.load`` (ORT_ENABLE_ALL,
+The fp32 reference is the exported fp32 ONNX on ORT (and ``fp32+fuse``: the same graph with the same fusions, so the
+gain of the fusions alone is visible; ``--openvino`` adds fp32 and the static Q/DQ artifact on OpenVINO CPU). Every artifact is loaded through ``ditdeploy.runtimes.load`` (ORT_ENABLE_ALL,
 intra-op threads = physical cores, sequential), exactly what ``ditdeploy sample`` runs. Timing: after warm-up, each
 artifact is called alternately with the fp32 model ``--repeats`` times on the same inputs (only two models in memory;
 machine load hits both sides of each ratio alike); medians and minima per call are reported with the 1-minute load
@@ -172,7 +173,8 @@ def measure(files: dict[str, Path], calib: Path, batches: list[int], repeats: in
     res: dict[str, Any] = {str(b): {"repeats": repeats, "t": inputs[b][1].tolist(), "y": inputs[b][2].tolist()}
                            for b in batches}
     for name, path in files.items():
-        den = ref if name == "fp32" else load(path, threads=threads)
+        backend = name.rsplit("@", 1)[1] if "@" in name else None  # e.g. "static-int8@openvino"
+        den = ref if name == "fp32" else load(path, threads=threads, backend=backend)
         for b in batches:
             x, t, y = inputs[b]
             for _ in range(warmup):
@@ -224,7 +226,7 @@ def _best(entry: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for b, row in entry["batches"].items():
         ok = {n: v for n, v in row.items() if isinstance(v, dict) and "median_s" in v
-              and n not in ("fp32", "fp32+fuse") and v["per_sample_cosine_min"] >= GOAL_COSINE}
+              and not n.startswith("fp32") and v["per_sample_cosine_min"] >= GOAL_COSINE}
         if not ok:
             continue
         res = {}
@@ -248,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-only", action="store_true", help="prepare the artifacts in --work, measure nothing")
     ap.add_argument("--investigate", action="store_true",
                     help="also Q/DQ on GEMM outputs (QLinearMatMul), uint8 without fusion, per-tensor weights")
+    ap.add_argument("--openvino", action="store_true",
+                    help="also time the TensorRT-ready static Q/DQ artifact (and fp32) on OpenVINO CPU")
+    ap.add_argument("--only", nargs="+", default=None, help="measure only these artifacts (fp32 is always the ref)")
     ap.add_argument("--json", default="bench/results/int8_cpu.json")
     a = ap.parse_args(argv)
 
@@ -273,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             calib = files.pop("calibration")
             if a.build_only:
                 continue
+            if a.openvino:
+                files["fp32@openvino"] = files["fp32"]
+                files["static-int8@openvino"] = files["static-int8"]
             order = ["fp32", "fp32+fuse"] + [k for k in files if k not in ("fp32", "fp32+fuse")]
+            if a.only:
+                order = ["fp32"] + [k for k in order if k in a.only and k != "fp32"]
             entry = {"batches": measure({k: files[k] for k in order if k in files}, calib, a.batches, a.repeats,
                                         threads=a.threads),
                      "build": info, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
