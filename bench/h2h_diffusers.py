@@ -20,6 +20,7 @@ Usage (heavy: ~10-20 min on 2 cores; run when the machine is quiet)::
 
     python -m ditdeploy.bench.h2h_diffusers --out bench/results/h2h_xl2_256.json
     python -m ditdeploy.bench.h2h_diffusers --model S/2 --steps 5 --contenders diffusers,torch,ort-fp32  # quick
+    python -m ditdeploy.bench.h2h_diffusers --contenders "" --paired 5 --paired-ov-int8 xl2-int8.onnx  # calls only
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Work:
     workdir: str = ""
     decoder_backend: str = "openvino"
     omp_wait_policy: str = "PASSIVE"
+    ov_int8: str = ""  # optional static Q/DQ INT8 ONNX of the same weights, timed on OpenVINO in the paired run
 
 
 def _cpu_s() -> float:
@@ -173,6 +175,9 @@ def run_paired(w: Work) -> dict[str, Any]:
             tr(xt, timestep=tt, class_labels=yt)
 
     fns = {"diffusers": diffusers_call, "ort-fp32": lambda: ort32(x, t, y), "ort-int8": lambda: ort8(x, t, y)}
+    if w.ov_int8:
+        ov8 = load(w.ov_int8, backend="openvino")
+        fns["ov-int8-qdq"] = lambda: ov8(x, t, y)
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
@@ -386,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="per contender, seconds")
     ap.add_argument("--paired", type=int, default=0,
                     help="also time N interleaved rounds of single denoiser calls: diffusers vs ORT fp32 vs ORT INT8")
+    ap.add_argument("--paired-ov-int8", default="",
+                    help="with --paired: also time this static Q/DQ INT8 ONNX (same seed's weights) on OpenVINO")
     ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work-json", default=None, help=argparse.SUPPRESS)
@@ -404,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     wd.mkdir(parents=True, exist_ok=True)
     w = Work(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, cfg_scale=a.cfg_scale,
              seed=a.seed, repeats=a.repeats, threads=a.threads, workdir=str(wd),
-             decoder_backend=a.decoder_backend, omp_wait_policy=a.omp_wait_policy)
+             decoder_backend=a.decoder_backend, omp_wait_policy=a.omp_wait_policy,
+             ov_int8=str(Path(a.paired_ov_int8).resolve()) if a.paired_ov_int8 else "")
 
     from ditdeploy import metrics
     from ditdeploy.bench.machine import machine_info
