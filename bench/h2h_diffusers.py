@@ -9,7 +9,8 @@ built in-process, nothing downloaded), ``--steps`` DPM-Solver++ (2M) steps, clas
 * ``torch``: the official-style loop: ``ditdeploy.models.DiT`` (official numerics) in torch eager fp32, guidance via
   the doubled batch, the same DPM-Solver++ sampler (``ditdeploy.diffusion``), the same VAE decoded in torch.
 * ``ort-fp32``, ``ov-bf16``, ``ort-int8``, ...: ditdeploy's exported denoiser on ONNX Runtime / OpenVINO (fp32, the
-  bf16 inference hint, dynamic INT8) with the VAE decoder exported to ONNX, run by ``ditdeploy.diffusion.sample``.
+  bf16 inference hint, dynamic INT8) with the VAE decoder exported to ONNX, run by ``ditdeploy.diffusion.sample``;
+  ``ov-int8``: a static Q/DQ INT8 export of the same weights (``--paired-ov-int8 PATH``) on OpenVINO.
 
 Each contender runs in its own subprocess (XL/2 weights are 2.7 GB; the machine's memory is shared), ``--repeats``
 times after nothing but model construction/loading (the first run pays one-off costs such as ORT's arena growth; the
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 RESULT_TAG = "DITDEPLOY_H2H_RESULT "
-ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8")
+ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8", "ov-int8")
 DEFAULT_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ort-int8")
 
 # SD VAE (stabilityai/sd-vae-ft-*) architecture, random weights
@@ -326,6 +327,12 @@ def run_exported(w: Work, which: str) -> dict[str, Any]:
         return _run_ditdeploy_loop(w, den, dec, which)
     elif which == "ort-int8":
         den = load(onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx"), backend="onnxruntime", **th)
+    elif which == "ov-int8":  # the static Q/DQ artifact (--paired-ov-int8 PATH) on OpenVINO, decoder OpenVINO f32
+        if not w.ov_int8:
+            raise ValueError("ov-int8 needs --paired-ov-int8 PATH (a static Q/DQ INT8 ONNX of the same weights)")
+        den = load(w.ov_int8, backend="openvino", **th)
+        dec = load_decoder(vae_path, backend="openvino", precision_hint="f32", **th)
+        return _run_ditdeploy_loop(w, den, dec, which)
     else:
         raise ValueError(which)
     dec = load_decoder(vae_path, backend=w.decoder_backend, **dec_opts, **th)
@@ -392,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", type=int, default=0,
                     help="also time N interleaved rounds of single denoiser calls: diffusers vs ORT fp32 vs ORT INT8")
     ap.add_argument("--paired-ov-int8", default="",
-                    help="with --paired: also time this static Q/DQ INT8 ONNX (same seed's weights) on OpenVINO")
+                    help="static Q/DQ INT8 ONNX of the same seed's weights: timed on OpenVINO in --paired and as "
+                         "the ov-int8 contender")
     ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work-json", default=None, help=argparse.SUPPRESS)
