@@ -160,7 +160,16 @@ def test_int8_runs_through_the_runtime_and_matches_fp32(work, static):
     t = np.array([0, 100, 400, 700, 950, 999])
     y = np.array([0, 3, 10, 5, 10, 9])
     assert q.name.endswith(":int8")
-    assert cosine(q(x, t, y), f(x, t, y)) > 0.999
+    ref, qo = f(x, t, y), q(x, t, y)
+    assert cosine(qo, ref) > 0.999
+    # the same Q/DQ artifact on OpenVINO CPU (the fastest CPU INT8 path measured here): it honours the Q/DQ (its
+    # output is close to ORT's int8 output, not bit-equal to fp32) and stays as close to fp32
+    pytest.importorskip("openvino")
+    ov = load(out, backend="openvino", threads=1)
+    oo = ov(x, t, y)
+    assert "int8" in ov.name
+    assert cosine(oo, ref) > 0.999 and cosine(oo, qo) > 0.999
+    assert float(np.abs(oo - ref).max()) > 1e-4  # quantized arithmetic, not an fp32 fallback
 
 
 def test_exclusion_overrides(work, tmp_path):
