@@ -233,10 +233,8 @@ def _opset(model: Any) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def ort_cpu_fusions(model: Any, attention: bool = True) -> tuple[Any, dict[str, int]]:
-    """FastGelu and (``attention``) MultiHeadAttention fusions; returns the model and the fusion counts."""
+def ort_cpu_fusions(model: Any) -> tuple[Any, dict[str, int]]:
+    """FastGelu and MultiHeadAttention fusions; returns the model and the fusion counts."""
     model, counts = fuse_fast_gelu(model)
-    if attention:
-        model, n = fuse_attention(model)
-        counts["MultiHeadAttention"] = n
+    model, counts["MultiHeadAttention"] = fuse_attention(model)
     return model, counts

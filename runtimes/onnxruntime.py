@@ -57,13 +57,11 @@ def choose_providers(requested: str | list[str] | tuple[str, ...] | None = None,
     """
     if available is None:
         available = _ort().get_available_providers()
-    if requested is not None and not isinstance(requested, str | list | tuple):
-        raise DitDeployError(f"providers must be a string or a list of names, not {type(requested).__name__}")
-    if requested is not None and len(requested):
+    if requested:
         if isinstance(requested, str):
             requested = [r for r in requested.split(",") if r.strip()]
-        if not requested:
-            raise DitDeployError("--provider names no provider (give e.g. cpu or cuda,cpu)")
+            if not requested:  # e.g. " , " or "\r": naming nothing is an error, not a silent default
+                raise DitDeployError("--provider names no provider (give e.g. cpu or cuda,cpu)")
         out = []
         for r in requested:
             name = SHORT.get(r.strip().lower(), r.strip())

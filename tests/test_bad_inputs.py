@@ -529,26 +529,19 @@ def test_case_count_and_coverage():
 # --------------------------------------------------------------------------------------------------------- TensorRT
 # The engine compatibility check is pure python (TensorRT cannot be installed here): called directly, as the runtime
 # calls it before deserializing.
-def test_engine_built_for_another_tensorrt_version():
+@pytest.mark.parametrize("built, version, gpu, cc, shown", [
+    ("10.13.0.35", "10.8.0", "NVIDIA H100 80GB HBM3", (9, 0), ("10.13.0", "10.8.0")),  # another TensorRT version
+    ("10.13.0", "10.13.0", "NVIDIA L4", (8, 9), ("9.0", "8.9")),  # another GPU (compute capability)
+], ids=["tensorrt-version", "gpu"])
+def test_engine_built_for_another_tensorrt_or_gpu(built, version, gpu, cc, shown):
     from ditdeploy.errors import ArtifactError
     from ditdeploy.runtimes.tensorrt import check_engine_compat
 
-    m = {"tensorrt": {"version": "10.13.0.35", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}}}
+    m = {"tensorrt": {"version": built, "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}}}
     with pytest.raises(ArtifactError) as e:
-        check_engine_compat(m, "10.8.0", "NVIDIA H100 80GB HBM3", (9, 0))
+        check_engine_compat(m, version, gpu, cc)
     msg = str(e.value)
-    assert "\n" not in msg and "10.13.0" in msg and "10.8.0" in msg and "rebuild" in msg
-
-
-def test_engine_built_for_another_gpu():
-    from ditdeploy.errors import ArtifactError
-    from ditdeploy.runtimes.tensorrt import check_engine_compat
-
-    m = {"tensorrt": {"version": "10.13.0", "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}}}
-    with pytest.raises(ArtifactError) as e:
-        check_engine_compat(m, "10.13.0", "NVIDIA L4", (8, 9))
-    msg = str(e.value)
-    assert "\n" not in msg and "9.0" in msg and "8.9" in msg and "rebuild" in msg
+    assert "\n" not in msg and shown[0] in msg and shown[1] in msg and "rebuild" in msg
 
 
 # --------------------------------------------------------------------------------------------------------- subprocess

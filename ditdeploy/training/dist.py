@@ -47,8 +47,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         if local_world > gpus:
             raise DitDeployError(f"{local_world} ranks on this node but {gpus} CUDA GPU(s): NCCL needs one GPU per "
                                  f"rank (torchrun --nproc_per_node {gpus}, or --device cpu)")
-        torch.cuda.set_device(local % torch.cuda.device_count())
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(local % gpus)
+        dev = torch.device("cuda", local % gpus)
     elif device == "cpu":
         dev = torch.device("cpu")
     else:
