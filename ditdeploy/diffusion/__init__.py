@@ -8,7 +8,7 @@
 """
 
 from ditdeploy.diffusion.samplers import ddim, ddpm, dpmpp_2m
-from ditdeploy.diffusion.sampling import GuidedModel, denoiser_name, sample
+from ditdeploy.diffusion.sampling import GuidedModel, denoiser_name, guided_steps, parse_cfg_interval, sample
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, GaussianSchedule, base_schedule, linear_betas
 from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps, space_timesteps, spacing_rule
 
@@ -22,7 +22,9 @@ __all__ = [
     "ddpm",
     "denoiser_name",
     "dpmpp_2m",
+    "guided_steps",
     "linear_betas",
+    "parse_cfg_interval",
     "sample",
     "sampling_timesteps",
     "space_timesteps",

@@ -12,9 +12,48 @@ from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
 from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps
 from ditdeploy.errors import DitDeployError, NumericsError
 
-__all__ = ["Denoiser", "GuidedModel", "denoiser_name", "sample"]
+__all__ = ["Denoiser", "GuidedModel", "denoiser_name", "guided_steps", "parse_cfg_interval", "sample"]
 
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Interval = tuple[int, int]
+
+
+def parse_cfg_interval(value: object) -> Interval | None:
+    """Validate a guidance interval: ``None``/``""`` (off), ``"LO,HI"`` or a pair of ints, original timesteps.
+
+    Inclusive, ``0 <= LO <= HI <= 999``; guidance is applied at a sampled timestep t iff ``LO <= t <= HI``.
+    Raises ``DitDeployError`` (one line) for anything else.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    parts: list[object]
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+    elif isinstance(value, (tuple, list)):
+        parts = list(value)
+    else:
+        raise DitDeployError(f"cfg interval must be 'LO,HI' or a (lo, hi) pair, got {value!r}")
+    try:
+        lo, hi = (int(p) if isinstance(p, str) else p for p in parts)  # type: ignore[misc]
+    except ValueError as e:
+        raise DitDeployError(f"cfg interval must be two integer timesteps 'LO,HI' (e.g. 150,750), got {value!r}") from e
+    if not (_is_int(lo) and _is_int(hi)):
+        raise DitDeployError(f"cfg interval must be two integer timesteps 'LO,HI' (e.g. 150,750), got {value!r}")
+    if not 0 <= lo <= hi <= NUM_TRAIN_TIMESTEPS - 1:
+        raise DitDeployError(
+            f"cfg interval {lo},{hi} must satisfy 0 <= LO <= HI <= {NUM_TRAIN_TIMESTEPS - 1} (original timesteps)"
+        )
+    return int(lo), int(hi)
+
+
+def guided_steps(timesteps: object, cfg_scale: float, interval: Interval | None) -> list[bool]:
+    """Per sampled timestep: is classifier-free guidance applied there (doubled batch) or only the cond half?"""
+    if cfg_scale == 1.0:
+        return [False for _ in timesteps]  # type: ignore[attr-defined]
+    if interval is None:
+        return [True for _ in timesteps]  # type: ignore[attr-defined]
+    lo, hi = interval
+    return [bool(lo <= int(t) <= hi) for t in timesteps]  # type: ignore[attr-defined]
 
 
 def denoiser_name(denoiser: object) -> str:
@@ -33,6 +72,8 @@ class GuidedModel:
     eps channels ``0..k-1`` (``k = min(3, C)``, the official quirk, or ``C`` with ``guide_all_channels``) become
     ``uncond + s * (cond - uncond)``, all other channels (remaining eps and the variance) come from the cond half.
     This is the first half of the official ``forward_with_cfg`` output. Unguided: one call on ``x`` with ``labels``.
+    ``interval=(lo, hi)`` (limited-interval guidance, Kynkäänniemi et al. 2024): guided only at original timesteps
+    ``lo <= t <= hi``; at any other step one call on ``x`` with ``labels`` (half the rows) and its output unchanged.
     Each call's output is shape-checked and must be finite (``NumericsError`` otherwise).
     """
 
@@ -46,6 +87,7 @@ class GuidedModel:
         guide_all_channels: bool = False,
         channels: int,
         num_steps: int,
+        interval: Interval | None = None,
     ):
         self.denoiser = denoiser
         self.name = denoiser_name(denoiser)
@@ -54,6 +96,7 @@ class GuidedModel:
         self.channels = channels
         self.k = channels if guide_all_channels else min(3, channels)
         self.num_steps = num_steps
+        self.interval = interval
         labels = np.asarray(labels, dtype=np.int64)
         self.batch = labels.shape[0]
         if self.guided:
@@ -62,12 +105,20 @@ class GuidedModel:
             self.y = np.concatenate([labels, np.full_like(labels, null_class)])
         else:
             self.y = labels
+        self.labels = labels
+
+    def guides(self, t: int) -> bool:
+        """Whether the step at original timestep ``t`` is guided (doubled batch)."""
+        if not self.guided:
+            return False
+        return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
     def __call__(self, x: np.ndarray, step_index: int, t: int) -> np.ndarray:
         b = self.batch
-        xin = np.concatenate([x, x]) if self.guided else x
+        guide = self.guides(int(t))
+        xin = np.concatenate([x, x]) if guide else x
         n = xin.shape[0]
-        out = self.denoiser(xin, np.full(n, t, dtype=np.int64), self.y)
+        out = self.denoiser(xin, np.full(n, t, dtype=np.int64), self.y if guide else self.labels)
         out = np.asarray(out)
         c = self.channels
         if out.ndim != 4 or out.shape[0] != n or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x.shape[2:]:
@@ -82,7 +133,7 @@ class GuidedModel:
                 f"denoiser {self.name} returned NaN/Inf at step {step_index + 1}/{self.num_steps} (t={t}); "
                 "check the model's precision (fp16/int8 overflow) and the inputs"
             )
-        if not self.guided:
+        if not guide:
             return out
         cond, uncond = out[:b], out[b:]
         res = cond.copy()
@@ -125,6 +176,7 @@ def sample(
     progress: bool = False,
     callback: samplers.Callback | None = None,
     noise_fn: samplers.NoiseFn | None = None,
+    cfg_interval: object = None,
 ) -> np.ndarray:
     """Sample x_0 (float32, (B, C, H, W), latents before any VAE decode) from ``noise`` = x_T.
 
@@ -137,6 +189,9 @@ def sample(
     - ``cfg_scale != 1``: classifier-free guidance inside the sampler (one 2B-batch call per step; see
       ``GuidedModel``); needs ``num_classes`` (or a ``num_classes``/``config.num_classes`` attribute on the denoiser).
       Equal in exact arithmetic to the official loops on ``forward_with_cfg`` with the doubled batch, first half.
+    - ``cfg_interval``: ``None`` (default: guidance at every step) or ``(lo, hi)`` / ``"LO,HI"`` original timesteps,
+      inclusive (``parse_cfg_interval``): guidance only at steps whose timestep lies inside; the other steps call
+      the denoiser on the conditional half only (B rows instead of 2B). Kynkäänniemi et al., NeurIPS 2024.
     - Randomness (ddpm, ddim with eta > 0): ``rng`` (a numpy Generator) or ``seed``; same seed -> same output.
       ``noise_fn(step_index, shape)`` overrides both (e.g. to share per-step noise with another implementation).
     - ``callback(step_index, t_original, x)`` after each step (x is a fresh array); ``progress`` shows a tqdm bar.
@@ -184,6 +239,7 @@ def sample(
         raise DitDeployError(
             "cfg_scale != 1 needs num_classes (the null class id used for the unconditional half); pass num_classes="
         )
+    interval = parse_cfg_interval(cfg_interval)
     if cfg_scale != 1.0 and getattr(getattr(denoiser, "config", None), "class_dropout_prob", None) == 0:
         raise DitDeployError("this model was built without a null class (class_dropout_prob=0): use cfg_scale=1")
 
@@ -197,7 +253,7 @@ def sample(
     ts = sampling_timesteps(method, int(steps))
     model = GuidedModel(
         denoiser, y.astype(np.int64), cfg_scale=float(cfg_scale), null_class=n_cls,
-        guide_all_channels=guide_all_channels, channels=x.shape[1], num_steps=int(steps),
+        guide_all_channels=guide_all_channels, channels=x.shape[1], num_steps=int(steps), interval=interval,
     )
     common = dict(clip_denoised=clip_denoised, callback=callback, progress=progress)
     if method == "ddpm":
