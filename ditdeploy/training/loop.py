@@ -297,12 +297,8 @@ def train(args: TrainArgs, ck: dict[str, Any] | None = None) -> dict[str, Any]:
         cleanup(info)
 
 
-def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    from ditdeploy.artifacts import write_json_atomic
-    from ditdeploy.models import create_model
-
+def _check_out(args: TrainArgs, info: DistInfo, out: Path, ckdir: Path, ck: dict[str, Any] | None) -> None:
+    """Device/batch sanity, then (main rank) prepare ``out``: stale temps cleaned, no silent restart over a run."""
     dev = info.device
     if args.precision == "fp16" and dev.type != "cuda":
         raise DitDeployError("--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16 or fp32")
@@ -311,8 +307,6 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    out = Path(args.out)
-    ckdir = ckstate.checkpoint_dir(out)
     if info.is_main:
         _prepare_out(out)
         ckdir.mkdir(exist_ok=True)
@@ -327,42 +321,59 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
                                  f"(e.g. {newer[-1]}): move them away first, or resume from the newest")
     barrier(info)
 
-    source, cfg = _build_source(args, info, out)
-    order = EpochOrder(len(source), args.global_batch, args.seed, info.world_size, info.rank)
 
+@dataclass
+class _Run:
+    """What one training run holds: the model, its EMA, optimizer, scaler and the open log window."""
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    start: int
+    win_sums: torch.Tensor  # loss, mse, vb summed since the last log line
+    win_n: int
+
+
+def _build_run(args: TrainArgs, info: DistInfo, cfg, n_items: int, ck: dict[str, Any] | None) -> _Run:
+    """Model, EMA, optimizer and scaler, fresh or restored from ``ck`` (seeding order fixed: results depend on it)."""
+    from ditdeploy.models import create_model
+
+    dev = info.device
     torch.manual_seed(args.seed)  # the same initial weights on every rank and for any number of ranks
     model = create_model(cfg).to(dev)
     torch.manual_seed(args.seed * info.world_size + info.rank)  # anything not drawn from the per-step generator
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=args.precision == "fp16")
-    start = 0
-    win_sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, mse, vb summed since the last log line
-    win_n = 0
-    if ck is not None:
-        if dataclasses.asdict(cfg) != dict(ck["config"]):
-            raise DitDeployError("the checkpoint's model config differs from this run's: resume with the same data/model")
-        if ck["data"]["num_items"] != len(source):
-            raise DitDeployError(f"the resumed run trained on {ck['data']['num_items']} items, the data now has "
-                                 f"{len(source)}: resume on the same data")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        if "scaler" in ck and ck["scaler"]:
-            scaler.load_state_dict(ck["scaler"])
-        ckstate.set_rng_state(ck["rng"])
-        start = int(ck["step"])
-        log = ck.get("log") or {}
-        win_sums = torch.tensor(log.get("sums", [0.0, 0.0, 0.0]), dtype=torch.float64, device=dev)
-        win_n = int(log.get("count", 0))
-    else:
+    run = _Run(model, ema, opt, scaler, 0, torch.zeros(3, dtype=torch.float64, device=dev), 0)
+    if ck is None:
         update_ema(ema, model, 0.0)
-    model.train()
-    p_drop = float(cfg.class_dropout_prob)
-    model.y_embedder.dropout_prob = 0.0  # dropout applied below from the per-step mask (same semantics)
+        return run
+    if dataclasses.asdict(cfg) != dict(ck["config"]):
+        raise DitDeployError("the checkpoint's model config differs from this run's: resume with the same data/model")
+    if ck["data"]["num_items"] != n_items:
+        raise DitDeployError(f"the resumed run trained on {ck['data']['num_items']} items, the data now has "
+                             f"{n_items}: resume on the same data")
+    model.load_state_dict(ck["model"])
+    ema.load_state_dict(ck["ema"])
+    opt.load_state_dict(ck["opt"])
+    if "scaler" in ck and ck["scaler"]:
+        scaler.load_state_dict(ck["scaler"])
+    ckstate.set_rng_state(ck["rng"])
+    run.start = int(ck["step"])
+    log = ck.get("log") or {}
+    run.win_sums = torch.tensor(log.get("sums", [0.0, 0.0, 0.0]), dtype=torch.float64, device=dev)
+    run.win_n = int(log.get("count", 0))
+    return run
+
+
+def _model_fn(args: TrainArgs, info: DistInfo, model: torch.nn.Module):
+    """The forward used by the loss: DDP- and compile-wrapped as asked, under autocast for bf16/fp16."""
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
     fwd: torch.nn.Module = model
+    dev = info.device
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -375,6 +386,13 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return fwd(x, t, y)
 
+    return model_fn
+
+
+def _start_metrics(args: TrainArgs, info: DistInfo, out: Path, cfg, ck: dict[str, Any] | None, start: int) -> Path:
+    """metrics.jsonl cut back to the resumed step (or removed on a fresh run) and args.json written."""
+    from ditdeploy.artifacts import write_json_atomic
+
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
         if ck is not None:
@@ -384,92 +402,143 @@ def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[s
         write_json_atomic(out / "args.json", {"args": args.to_dict(), "config": dataclasses.asdict(cfg),
                                                "world_size": info.world_size, "resumed_from_step": start})
     barrier(info)
+    return metrics_path
 
+
+def _train_step(args: TrainArgs, info: DistInfo, run: _Run, model_fn, source, cfg, step: int, batch,
+                lo: int, hi: int, p_drop: float) -> torch.Tensor:
+    """One optimisation step on this rank's slice; returns the detached (loss, mse, vb) means."""
+    dev = info.device
+    payload, y = batch
+    r = step_randomness(args.seed, step, args.global_batch, source.sample_shape, p_drop, source.needs_eps)
+    t = r["t"][lo:hi].to(dev)
+    noise = r["noise"][lo:hi].to(dev)
+    y = torch.where(r["drop"][lo:hi], cfg.num_classes, y).to(dev)
+    with torch.no_grad():
+        x0 = source.to_x0(payload.to(dev, non_blocking=True), r["eps"][lo:hi].to(dev) if source.needs_eps else None)
+    losses = training_losses(model_fn, x0, t, y, noise)
+    loss = losses["loss"].mean()
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    update_ema(run.ema, run.model, args.ema_decay)
+    return torch.stack([loss.detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean()]).double()
+
+
+def _log_line(args: TrainArgs, info: DistInfo, run: _Run, order: EpochOrder, step: int, win_steps: int,
+              t_run0: float, t_win0: float) -> dict[str, Any]:
+    """The metrics record of the window that ends at ``step`` (0-based), averaged across ranks."""
+    done = step + 1
+    avg = mean_across(info, run.win_sums / run.win_n).cpu().tolist()
+    now = time.perf_counter()
+    sps = win_steps / max(now - t_win0, 1e-9)
+    if not all(math.isfinite(v) for v in avg):
+        raise NumericsError(f"training loss became {avg[0]} at step {done}: lower --lr or use --precision fp32")
+    rec = {"step": done, "epoch": order.epoch_of(step), "loss": avg[0], "mse": avg[1], "vb": avg[2],
+           "lr": args.lr, "steps_per_s": sps, "samples_per_s": sps * args.global_batch,
+           "elapsed_s": now - t_run0, "time": time.time()}
+    if run.scaler.is_enabled():
+        rec["grad_scale"] = float(run.scaler.get_scale())
+    return rec
+
+
+def _save(args: TrainArgs, info: DistInfo, run: _Run, cfg, order: EpochOrder, ckdir: Path, done: int) -> Path | None:
+    """Checkpoint at ``done`` steps (main rank), with the log window made rank-independent for exact resumes."""
+    run.win_sums = mean_across(info, run.win_sums)
+    path = None
+    if info.is_main:
+        path = ckstate.save_checkpoint(ckdir / ckstate.checkpoint_name(done), {
+            "model": run.model.state_dict(), "ema": run.ema.state_dict(), "opt": run.opt.state_dict(),
+            "scaler": run.scaler.state_dict(), "args": args.to_dict(), "config": dataclasses.asdict(cfg),
+            "step": done, "rng": ckstate.rng_state(), "data": order.state(done),
+            "log": {"sums": run.win_sums.cpu().tolist(), "count": run.win_n}, "world_size": info.world_size,
+            "torch_version": str(torch.__version__),
+        })
+        ckstate.prune(ckdir, args.keep)
+    barrier(info)
+    return path
+
+
+def _loop(args: TrainArgs, info: DistInfo, run: _Run, model_fn, source, cfg, order: EpochOrder, ckdir: Path,
+          mf, bar) -> tuple[dict[str, Any], Path | None, float]:
+    """Steps ``run.start .. args.steps``: log lines every ``log_every``, checkpoints every ``ckpt_every``."""
     lo, hi = info.rank * order.local_batch, (info.rank + 1) * order.local_batch
-    batches = _batches(source, order, start, args.steps, args.num_workers, pin=dev.type == "cuda")
-    bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-               disable=not (info.is_main and args.progress))
-    mf = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 - closed in finally
+    p_drop = float(cfg.class_dropout_prob)
+    batches = _batches(source, order, run.start, args.steps, args.num_workers, pin=info.device.type == "cuda")
     t_run0 = t_win0 = time.perf_counter()
-    cpu0 = time.process_time()
     win_steps = 0
     last: dict[str, Any] = {}
     ckpt_path = None
+    for step in range(run.start, args.steps):
+        run.win_sums += _train_step(args, info, run, model_fn, source, cfg, step, next(batches), lo, hi, p_drop)
+        run.win_n += 1
+        win_steps += 1
+        done = step + 1
+        bar.update(1)
+        if done % args.log_every == 0 or done == args.steps:
+            last = _log_line(args, info, run, order, step, win_steps, t_run0, t_win0)
+            if mf is not None:
+                mf.write(json.dumps(last) + "\n")
+                mf.flush()
+            bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}")
+            run.win_sums.zero_()
+            run.win_n = 0
+            win_steps = 0
+            t_win0 = time.perf_counter()
+        if done % args.ckpt_every == 0 or done == args.steps:
+            ckpt_path = _save(args, info, run, cfg, order, ckdir, done)
+    return last, ckpt_path, t_run0
+
+
+def _finish(args: TrainArgs, info: DistInfo, run: _Run, cfg, out: Path) -> Path:
+    """Per-rank replica digests (DDP) and the EMA weights exported as safetensors (main rank)."""
+    from ditdeploy.artifacts import write_json_atomic
+
+    if info.distributed:  # every rank records what it holds, so replica agreement can be checked after the run
+        write_json_atomic(out / "ranks" / f"rank{info.rank}.json", {
+            "rank": info.rank, "world_size": info.world_size, "step": args.steps,
+            "model_sha256": state_sha256(run.model.state_dict()), "ema_sha256": state_sha256(run.ema.state_dict())})
+    ema_path = Path(args.export_ema) if args.export_ema else out / "ema.safetensors"
+    if info.is_main:
+        export_ema(run.ema, cfg, ema_path, {"step": args.steps, "seed": args.seed, "ema_decay": args.ema_decay,
+                                            "preset": args.preset or ""})
+    barrier(info)
+    return ema_path
+
+
+def _train(args: TrainArgs, info: DistInfo, ck: dict[str, Any] | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    ckdir = ckstate.checkpoint_dir(out)
+    _check_out(args, info, out, ckdir, ck)
+    source, cfg = _build_source(args, info, out)
+    order = EpochOrder(len(source), args.global_batch, args.seed, info.world_size, info.rank)
+    run = _build_run(args, info, cfg, len(source), ck)
+    run.model.train()
+    p_drop = float(cfg.class_dropout_prob)
+    run.model.y_embedder.dropout_prob = 0.0  # dropout applied in _train_step from the per-step mask (same semantics)
+    model_fn = _model_fn(args, info, run.model)
+    metrics_path = _start_metrics(args, info, out, cfg, ck, run.start)
+    bar = tqdm(total=args.steps, initial=run.start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (info.is_main and args.progress))
+    mf = open(metrics_path, "a") if info.is_main else None  # noqa: SIM115 - closed in finally
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
     try:
-        for step in range(start, args.steps):
-            payload, y = next(batches)
-            r = step_randomness(args.seed, step, args.global_batch, source.sample_shape, p_drop, source.needs_eps)
-            t = r["t"][lo:hi].to(dev)
-            noise = r["noise"][lo:hi].to(dev)
-            y = torch.where(r["drop"][lo:hi], cfg.num_classes, y).to(dev)
-            with torch.no_grad():
-                x0 = source.to_x0(payload.to(dev, non_blocking=True),
-                                  r["eps"][lo:hi].to(dev) if source.needs_eps else None)
-            losses = training_losses(model_fn, x0, t, y, noise)
-            loss = losses["loss"].mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, args.ema_decay)
-            win_sums += torch.stack([loss.detach(), losses["mse"].detach().mean(),
-                                     losses["vb"].detach().mean()]).double()
-            win_n += 1
-            win_steps += 1
-            done = step + 1
-            bar.update(1)
-            if done % args.log_every == 0 or done == args.steps:
-                avg = mean_across(info, win_sums / win_n).cpu().tolist()
-                now = time.perf_counter()
-                sps = win_steps / max(now - t_win0, 1e-9)
-                if not all(math.isfinite(v) for v in avg):
-                    raise NumericsError(f"training loss became {avg[0]} at step {done}: lower --lr or use "
-                                        "--precision fp32")
-                last = {"step": done, "epoch": order.epoch_of(step), "loss": avg[0], "mse": avg[1], "vb": avg[2],
-                        "lr": args.lr, "steps_per_s": sps, "samples_per_s": sps * args.global_batch,
-                        "elapsed_s": now - t_run0, "time": time.time()}
-                if scaler.is_enabled():
-                    last["grad_scale"] = float(scaler.get_scale())
-                if mf is not None:
-                    mf.write(json.dumps(last) + "\n")
-                    mf.flush()
-                bar.set_postfix(loss=f"{avg[0]:.4f}", steps_s=f"{sps:.2f}")
-                win_sums.zero_()
-                win_n = 0
-                win_steps = 0
-                t_win0 = now
-            if done % args.ckpt_every == 0 or done == args.steps:
-                # make the partial log window rank-independent, so a resume on any rank reproduces the log exactly
-                win_sums = mean_across(info, win_sums)
-                if info.is_main:
-                    ckpt_path = ckstate.save_checkpoint(ckdir / ckstate.checkpoint_name(done), {
-                        "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "scaler": scaler.state_dict(), "args": args.to_dict(), "config": dataclasses.asdict(cfg),
-                        "step": done, "rng": ckstate.rng_state(), "data": order.state(done),
-                        "log": {"sums": win_sums.cpu().tolist(), "count": win_n}, "world_size": info.world_size,
-                        "torch_version": str(torch.__version__),
-                    })
-                    ckstate.prune(ckdir, args.keep)
-                barrier(info)
+        last, ckpt_path, t0 = _loop(args, info, run, model_fn, source, cfg, order, ckdir, mf, bar)
     finally:
         bar.close()
         if mf is not None:
             mf.close()
         with contextlib.suppress(AttributeError):
-            model.y_embedder.dropout_prob = p_drop
-    wall = time.perf_counter() - t_run0
+            run.model.y_embedder.dropout_prob = p_drop
+    wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    if info.distributed:  # every rank records what it holds, so replica agreement can be checked after the run
-        write_json_atomic(out / "ranks" / f"rank{info.rank}.json", {
-            "rank": info.rank, "world_size": info.world_size, "step": args.steps,
-            "model_sha256": state_sha256(model.state_dict()), "ema_sha256": state_sha256(ema.state_dict())})
-    ema_path = Path(args.export_ema) if args.export_ema else out / "ema.safetensors"
-    if info.is_main:
-        export_ema(ema, cfg, ema_path, {"step": args.steps, "seed": args.seed, "ema_decay": args.ema_decay,
-                                        "preset": args.preset or ""})
-    barrier(info)
-    ran = args.steps - start
-    return {"step": args.steps, "start_step": start, "loss": last.get("loss"), "wall_s": wall, "cpu_s": cpu,
+    ema_path = _finish(args, info, run, cfg, out)
+    ran = args.steps - run.start
+    return {"step": args.steps, "start_step": run.start, "loss": last.get("loss"), "wall_s": wall, "cpu_s": cpu,
             "steps_per_s": ran / wall if ran and wall > 0 else None, "ema_path": str(ema_path),
             "checkpoint": str(ckpt_path) if ckpt_path else None, "metrics": str(metrics_path),
             "world_size": info.world_size}
