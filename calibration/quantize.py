@@ -458,17 +458,75 @@ def quantize_int8(
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
                        per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size,
                        quantize_outputs=quantize_outputs)
+    ort_fusions = _resolve_fusions(opts, ort_fusions)
+    say = log_fn or (lambda s: log.info(s))
+    onnx = require("onnx", "export", "INT8 quantization")
+    require("onnxruntime.quantization", "export", "INT8 quantization")
+    src, out = Path(onnx_in), Path(onnx_out)
+    src_m, cfg = _check_source(src, out)
+    calib = _load_calib(calibration, cfg, src, opts)
+    t_start = time.perf_counter()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DitDeployError(f"cannot create output directory {out.parent}: {e.strerror}") from e
+    with tempfile.TemporaryDirectory(prefix=".ditdeploy-int8-", dir=out.parent) as work_s, \
+            contextlib.ExitStack() as stack:
+        work = Path(work_s)
+        fusions: dict[str, int] = {}
+        opset_change: dict[str, int] = {}
+        fp16_src = str(src_m.get("precision", "fp32")) == "fp16"
+        transform = _transform(fp16_src, ort_fusions, fusions, opset_change)
+        staged, model = stack.enter_context(_stage(src, work, transform if (ort_fusions or fp16_src) else None))
+        ext = bool(external_data_files(model))
+        quantized, excluded, how = _select_nodes(model, exclude, opts.mode, say)
+        fields: dict[str, Any] = {}
+        tmp_q = work / out.name
+        with quiet_ort_logging():
+            if opts.mode == "static":
+                assert calib is not None
+                fields.update(_static(staged, model, tmp_q, work, calib, quantized, excluded, opts, ext, progress,
+                                      say))
+            else:
+                _dynamic(staged, tmp_q, quantized, excluded, opts, ext)
+        qmodel = onnx.load(str(tmp_q), load_external_data=False)
+        fields["graph_check"] = (_check_static_graph(qmodel, quantized, excluded) if opts.mode == "static"
+                                 else {"qdq_counts": count_qdq(qmodel)})
+        t_quant = time.perf_counter() - t_start
+        if verify:
+            fields["parity"] = _parity_fields(staged, tmp_q, calib, cfg, opts, str(src_m.get("precision", "fp32")),
+                                              say)
+        data_name = out.name + ".data"
+        files = [tmp_q] + ([work / data_name] if (work / data_name).exists() else [])
+        fields.update(
+            format="onnx",
+            precision="int8",
+            int8=_int8_record(opts, quantized, excluded, how, (work / data_name).exists(), ort_fusions, fusions,
+                              t_quant),
+            excluded_nodes=[r.name for r in excluded],
+            **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
+            excluded_modules=sorted({r.module for r in excluded if r.module}),
+            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32"),
+                    **_checkpoint_of(src_m)},
+        )
+        if calib is not None:
+            fields.update(_calibration_record(calib))
+        return _publish(out, files, tmp_q, {**_carried(src_m, out), **fields})
+
+
+def _resolve_fusions(opts: Int8Options, ort_fusions: bool | None) -> bool:
+    """Validate ``opts``; ORT CPU fusions default on for the CPU-only artifacts and are refused on TensorRT Q/DQ."""
     opts.validate()
     if ort_fusions is None:
         ort_fusions = opts.mode == "dynamic" or opts.activations == "uint8"
     if ort_fusions and opts.mode == "static" and opts.activations == "int8":
         raise DitDeployError("ORT fusions make an ONNX Runtime-only graph: use them with --int8-mode dynamic or "
                              "uint8 activations, not with the TensorRT-ready int8 Q/DQ")
-    say = log_fn or (lambda s: log.info(s))
-    onnx = require("onnx", "export", "INT8 quantization")
-    require("onnxruntime.quantization", "export", "INT8 quantization")
-    src = Path(onnx_in)
-    out = Path(onnx_out)
+    return ort_fusions
+
+
+def _check_source(src: Path, out: Path) -> tuple[dict[str, Any], Any]:
+    """The fp32/fp16 denoiser source's manifest and config; refuses a bad source or output name."""
     if not src.exists():
         raise ArtifactError(f"no such ONNX file: {src}")
     if out.suffix.lower() != ".onnx":
@@ -481,147 +539,138 @@ def quantize_int8(
         raise ArtifactError(f"{src.name} is a {src_m.get('kind')!r} artifact; INT8 applies to the denoiser")
     if str(src_m.get("precision", "fp32")) == "int8":
         raise DitDeployError(f"{src.name} is already INT8: quantize the fp32 export")
-    cfg = _config_of(src_m)
+    return src_m, _config_of(src_m)
 
-    calib = None
-    if calibration is not None:
-        from ditdeploy.calibration.capture import load_calibration
 
-        calib = load_calibration(calibration)
-        cc = calib.manifest.get("config", {})
-        for k in ("in_channels", "input_size", "num_classes"):
-            if cc.get(k) != getattr(cfg, k):
-                raise DitDeployError(
-                    f"calibration set {calib.path.name} was captured from a model with {k}={cc.get(k)}, but "
-                    f"{src.name} has {k}={getattr(cfg, k)}: capture it from this model"
-                )
-    elif opts.mode == "static":
-        raise DitDeployError("static INT8 needs a calibration set: pass --calibration calib.npz "
-                             "(from `ditdeploy calibrate`) or use --int8-mode dynamic")
-
-    t_start = time.perf_counter()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DitDeployError(f"cannot create output directory {out.parent}: {e.strerror}") from e
-    with tempfile.TemporaryDirectory(prefix=".ditdeploy-int8-", dir=out.parent) as work_s, \
-            contextlib.ExitStack() as stack:
-        work = Path(work_s)
-        fusions: dict[str, int] = {}
-
-        opset_change: dict[str, int] = {}
-        fp16_src = str(src_m.get("precision", "fp32")) == "fp16"
-
-        def transform(m):
-            if fp16_src and opset_of(m) < FP16_QDQ_OPSET:
-                # fp16 scales on QuantizeLinear/DequantizeLinear need opset >= 19 (18 allows float32 only)
-                import onnx.version_converter
-
-                opset_change.update({"from": opset_of(m), "to": FP16_QDQ_OPSET})
-                m = onnx.version_converter.convert_version(m, FP16_QDQ_OPSET)
-            if ort_fusions:
-                m, counts = ort_cpu_fusions(m)
-                fusions.update(counts)
-            return m
-
-        staged, model = stack.enter_context(
-            _stage(src, work, transform if (ort_fusions or fp16_src) else None))
-        ext = bool(external_data_files(model))
-        roles = classify_nodes(model)
-        quantized, excluded = resolve_exclusions(roles, exclude)
-        if opts.mode == "dynamic":  # dynamic int8 needs a constant weight: activation x activation stays float
-            skipped = [r for r in quantized if r.weight is None or r.op_type == "Conv"]
-            quantized = [r for r in quantized if r not in skipped]
-            excluded = excluded + skipped
-        if not quantized:
-            raise DitDeployError("nothing to quantize: every MatMul/Gemm/Conv is excluded")
-        how = sorted({r.how for r in roles})
-        say(f"int8 {opts.mode}: {len(quantized)} nodes quantized ({role_counts(quantized)}), "
-            f"{len(excluded)} kept in float ({role_counts(excluded)}); roles from {'+'.join(how)}")
-        fields: dict[str, Any] = {}
-        tmp_q = work / out.name
-        with quiet_ort_logging():
-            if opts.mode == "static":
-                assert calib is not None
-                fields.update(_static(staged, model, tmp_q, work, calib, quantized, excluded, opts, ext, progress,
-                                         say))
-            else:
-                _dynamic(staged, tmp_q, quantized, excluded, opts, ext)
-        qmodel = onnx.load(str(tmp_q), load_external_data=False)
+def _load_calib(calibration: str | os.PathLike | None, cfg: Any, src: Path, opts: Int8Options):
+    """The calibration set (checked against the model's config), or None where the mode needs none."""
+    if calibration is None:
         if opts.mode == "static":
-            fields["graph_check"] = _check_static_graph(qmodel, quantized, excluded)
-        else:
-            fields["graph_check"] = {"qdq_counts": count_qdq(qmodel)}
-        t_quant = time.perf_counter() - t_start
+            raise DitDeployError("static INT8 needs a calibration set: pass --calibration calib.npz "
+                                 "(from `ditdeploy calibrate`) or use --int8-mode dynamic")
+        return None
+    from ditdeploy.calibration.capture import load_calibration
 
-        if verify:
-            if calib is not None and calib.val is not None:
-                vin = calib.val
-                vsrc = "calibration set's held-out validation inputs"
-            elif calib is not None:
-                idx = stratified_subset(calib.t, 32, seed=1)
-                vin = {"x": calib.x[idx], "t": calib.t[idx], "y": calib.y[idx]}
-                vsrc = "32 calibration inputs (the set has no validation part)"
-            else:
-                vin = _synthetic_inputs(cfg)
-                vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
-            fields["parity"] = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size,
-                                                                    str(src_m.get("precision", "fp32")))}
-            p = fields["parity"]
-            say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
-                f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
+    calib = load_calibration(calibration)
+    cc = calib.manifest.get("config", {})
+    for k in ("in_channels", "input_size", "num_classes"):
+        if cc.get(k) != getattr(cfg, k):
+            raise DitDeployError(
+                f"calibration set {calib.path.name} was captured from a model with {k}={cc.get(k)}, but "
+                f"{src.name} has {k}={getattr(cfg, k)}: capture it from this model"
+            )
+    return calib
 
-        data_name = out.name + ".data"
-        files = [tmp_q] + ([work / data_name] if (work / data_name).exists() else [])
-        carry = {k: src_m[k] for k in _CARRY if k in src_m}
-        dec = src_m.get("decoder")
-        if dec and not (out.parent / str(dec)).exists():
-            carry.pop("decoder", None)
-        fields.update(
-            format="onnx",
-            precision="int8",
-            int8={
-                "mode": opts.mode,
-                "format": "QDQ" if opts.mode == "static" else "dynamic (MatMulInteger)",
-                "weights": "int8 symmetric, per output channel" if opts.per_channel else "int8 symmetric, per tensor",
-                "activations": (("int8 symmetric (zero point 0)" if opts.activations == "int8"
-                                 else "uint8 asymmetric") if opts.mode == "static"
-                                else "uint8 asymmetric, quantized at run time"),
-                "calibrate_method": opts.calibrate_method if opts.mode == "static" else None,
-                "percentile": opts.percentile if opts.mode == "static" and opts.calibrate_method == "percentile"
-                else None,
-                "quantizer": f"onnxruntime.quantization.quantize_{opts.mode}",
-                "quantized_nodes": len(quantized),
-                "quantized_roles": role_counts(quantized),
-                "excluded_roles": role_counts(excluded),
-                "roles_from": "+".join(how),
-                "external_data": (work / data_name).exists(),
-                "tensorrt_compatible": opts.mode == "static" and opts.activations == "int8" and not ort_fusions,
-                "ort_fusions": fusions or None,
-                "gemm_outputs_quantized": opts.quantize_outputs,
-                "runtimes": (["onnxruntime", "openvino"] if (ort_fusions or opts.mode == "dynamic")
-                             else ["onnxruntime", "tensorrt", "openvino"]),
-                "seconds": round(t_quant, 2),
-            },
-            excluded_nodes=[r.name for r in excluded],
-            **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
-            excluded_modules=sorted({r.module for r in excluded if r.module}),
-            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32"),
-                    **_checkpoint_of(src_m)},
-        )
-        if calib is not None:
-            fields["calibration_sha256"] = calib.sha256
-            fields["calibration"] = {"file": calib.path.name, "inputs": len(calib),
-                                     "timesteps": calib.num_timesteps,
-                                     "sampler": calib.manifest.get("sampler"),
-                                     "seed": calib.manifest.get("seed")}
-        mp = manifest_path(out)
-        finals = [out.parent / f.name for f in files if f != tmp_q] + [out, mp]
-        with atomic_dir(finals) as tmp:
-            for f in files:
-                shutil.move(str(f), str(tmp / f.name))
-            manifest = make_manifest(out, [tmp / f.name for f in files], **{**carry, **fields})
-            write_json_atomic(tmp / mp.name, manifest)
+
+def _transform(fp16_src: bool, ort_fusions: bool, fusions: dict[str, int], opset_change: dict[str, int]):
+    """The graph transform applied while staging: opset >= 19 for fp16 Q/DQ scales, ORT CPU fusions if asked."""
+
+    def transform(m):
+        if fp16_src and opset_of(m) < FP16_QDQ_OPSET:
+            # fp16 scales on QuantizeLinear/DequantizeLinear need opset >= 19 (18 allows float32 only)
+            import onnx.version_converter
+
+            opset_change.update({"from": opset_of(m), "to": FP16_QDQ_OPSET})
+            m = onnx.version_converter.convert_version(m, FP16_QDQ_OPSET)
+        if ort_fusions:
+            m, counts = ort_cpu_fusions(m)
+            fusions.update(counts)
+        return m
+
+    return transform
+
+
+def _select_nodes(model, exclude: Sequence[str] | None, mode: str, say: Callable[[str], None]
+                  ) -> tuple[list[NodeRole], list[NodeRole], list[str]]:
+    """The nodes to quantize and to keep in float (dynamic INT8 skips activation x activation and Conv)."""
+    roles = classify_nodes(model)
+    quantized, excluded = resolve_exclusions(roles, exclude)
+    if mode == "dynamic":  # dynamic int8 needs a constant weight: activation x activation stays float
+        skipped = [r for r in quantized if r.weight is None or r.op_type == "Conv"]
+        quantized = [r for r in quantized if r not in skipped]
+        excluded = excluded + skipped
+    if not quantized:
+        raise DitDeployError("nothing to quantize: every MatMul/Gemm/Conv is excluded")
+    how = sorted({r.how for r in roles})
+    say(f"int8 {mode}: {len(quantized)} nodes quantized ({role_counts(quantized)}), "
+        f"{len(excluded)} kept in float ({role_counts(excluded)}); roles from {'+'.join(how)}")
+    return quantized, excluded, how
+
+
+def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options, src_precision: str,
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """INT8 vs its float source on held-out (or calibration, or synthetic) inputs, for the manifest's ``parity``."""
+    if calib is not None and calib.val is not None:
+        vin = calib.val
+        vsrc = "calibration set's held-out validation inputs"
+    elif calib is not None:
+        idx = stratified_subset(calib.t, 32, seed=1)
+        vin = {"x": calib.x[idx], "t": calib.t[idx], "y": calib.y[idx]}
+        vsrc = "32 calibration inputs (the set has no validation part)"
+    else:
+        vin = _synthetic_inputs(cfg)
+        vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
+    p = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size, src_precision)}
+    say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
+        f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
+    return p
+
+
+def _int8_record(opts: Int8Options, quantized: Sequence[NodeRole], excluded: Sequence[NodeRole], how: list[str],
+                 external: bool, ort_fusions: bool, fusions: dict[str, int], seconds: float) -> dict[str, Any]:
+    """The manifest's ``int8`` block: how the graph was quantized and where it runs."""
+    static = opts.mode == "static"
+    if static:
+        acts = "int8 symmetric (zero point 0)" if opts.activations == "int8" else "uint8 asymmetric"
+    else:
+        acts = "uint8 asymmetric, quantized at run time"
+    return {
+        "mode": opts.mode,
+        "format": "QDQ" if static else "dynamic (MatMulInteger)",
+        "weights": "int8 symmetric, per output channel" if opts.per_channel else "int8 symmetric, per tensor",
+        "activations": acts,
+        "calibrate_method": opts.calibrate_method if static else None,
+        "percentile": opts.percentile if static and opts.calibrate_method == "percentile" else None,
+        "quantizer": f"onnxruntime.quantization.quantize_{opts.mode}",
+        "quantized_nodes": len(quantized),
+        "quantized_roles": role_counts(quantized),
+        "excluded_roles": role_counts(excluded),
+        "roles_from": "+".join(how),
+        "external_data": external,
+        "tensorrt_compatible": static and opts.activations == "int8" and not ort_fusions,
+        "ort_fusions": fusions or None,
+        "gemm_outputs_quantized": opts.quantize_outputs,
+        "runtimes": (["onnxruntime", "openvino"] if (ort_fusions or opts.mode == "dynamic")
+                     else ["onnxruntime", "tensorrt", "openvino"]),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _calibration_record(calib) -> dict[str, Any]:
+    """The manifest's record of the calibration set used (file, size, sampler, seed, sha256)."""
+    return {"calibration_sha256": calib.sha256,
+            "calibration": {"file": calib.path.name, "inputs": len(calib), "timesteps": calib.num_timesteps,
+                            "sampler": calib.manifest.get("sampler"), "seed": calib.manifest.get("seed")}}
+
+
+def _carried(src_m: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Source manifest fields the INT8 manifest keeps (the decoder only if it sits beside the output)."""
+    carry = {k: src_m[k] for k in _CARRY if k in src_m}
+    dec = src_m.get("decoder")
+    if dec and not (out.parent / str(dec)).exists():
+        carry.pop("decoder", None)
+    return carry
+
+
+def _publish(out: Path, files: list[Path], tmp_q: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Model (+ external data) and manifest renamed in together; returns the manifest."""
+    mp = manifest_path(out)
+    finals = [out.parent / f.name for f in files if f != tmp_q] + [out, mp]
+    with atomic_dir(finals) as tmp:
+        for f in files:
+            shutil.move(str(f), str(tmp / f.name))
+        manifest = make_manifest(out, [tmp / f.name for f in files], **fields)
+        write_json_atomic(tmp / mp.name, manifest)
     return manifest
 
 
