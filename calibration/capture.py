@@ -237,54 +237,11 @@ def capture_calibration_set(
     cfg = getattr(denoiser, "config", None)
     if cfg is None:
         raise DitDeployError("the calibration source has no model config: load it with ditdeploy.runtimes.load")
-    out = Path(out)
-    if out.suffix.lower() != ".npz":
-        raise DitDeployError(f"the calibration set is an .npz file: --out {out.name} should end in .npz")
-    val_out = Path(val_out) if val_out is not None else None
-    if val_out is not None and val_out.suffix.lower() != ".npz":
-        raise DitDeployError(f"--val-out {val_out.name} should end in .npz")
-    if val_out is not None and val_out.resolve() == out.resolve():
-        raise DitDeployError("--val-out must differ from --out (omit it to store the validation set in --out)")
-
+    out, val_out = _check_paths(out, val_out)
     val_seed = settings.resolved_val_seed()
-    calls_per_batch = settings.steps
-    n_batches = -(-settings.samples // settings.batch_size) + -(-settings.val_samples // settings.batch_size)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches * calls_per_batch, desc="calibrate", unit="call", dynamic_ncols=True)
-    common = dict(steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale, eta=settings.eta,
-                  timesteps=settings.timesteps, batch_size=settings.batch_size,
-                  guide_all_channels=settings.guide_all_channels, progress=bar)
-    try:
-        calib = capture_inputs(denoiser, cfg, samples=settings.samples, seed=settings.seed, **common)
-        val = (capture_inputs(denoiser, cfg, samples=settings.val_samples, seed=val_seed, **common)
-               if settings.val_samples else None)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    base_fields: dict[str, Any] = {
-        "kind": KIND,
-        "format": "npz",
-        "config": dataclasses.asdict(cfg),
-        "sampler": {"method": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-                    "eta": settings.eta, "guide_all_channels": settings.guide_all_channels},
-        "timesteps_per_trajectory": int(min(settings.timesteps, settings.steps)),
-        "batch_size": settings.batch_size,
-        "noise": "x_T of batch b ~ numpy default_rng([seed, b]).standard_normal; sampler rng [seed, b, 1]",
-        "source": source or {"name": getattr(denoiser, "name", "denoiser")},
-    }
-    calib_fields = {
-        **base_fields,
-        "role": "calibration",
-        "seed": settings.seed,
-        "counts": _summary(calib, cfg.null_class),
-        "per_timestep": _counts(calib["t"]),
-        "labels": _counts(calib["y"]),
-        "arrays": {k: list(v.shape) for k, v in calib.items()},
-    }
+    calib, val = _capture_both(denoiser, cfg, settings, val_seed, progress)
+    base_fields = _base_fields(cfg, settings, source or {"name": getattr(denoiser, "name", "denoiser")})
+    calib_fields = {**base_fields, "role": "calibration", "seed": settings.seed, **_set_record(calib, cfg)}
     if val is not None:
         calib_fields["validation"] = {
             "seed": val_seed,
@@ -297,16 +254,68 @@ def capture_calibration_set(
         calib_fields["warning"] = (
             f"only {settings.steps} sampling steps: fewer than the recommended {MIN_TIMESTEPS} timesteps covered"
         )
-
     if val is not None and val_out is not None:
-        val_fields = {**base_fields, "role": "validation", "seed": val_seed, "counts": _summary(val, cfg.null_class),
-                      "per_timestep": _counts(val["t"]), "labels": _counts(val["y"]),
-                      "arrays": {k: list(v.shape) for k, v in val.items()}}
-        _write_set(val_out, val, val_fields)
+        _write_set(val_out, val, {**base_fields, "role": "validation", "seed": val_seed, **_set_record(val, cfg)})
     arrays = dict(calib)
     if val is not None and val_out is None:
         arrays.update({VAL_PREFIX + k: v for k, v in val.items()})
     return _write_set(out, arrays, calib_fields)
+
+
+def _check_paths(out: str | os.PathLike, val_out: str | os.PathLike | None) -> tuple[Path, Path | None]:
+    """``out`` (and the optional separate validation file) must be distinct .npz paths."""
+    out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise DitDeployError(f"the calibration set is an .npz file: --out {out.name} should end in .npz")
+    val = Path(val_out) if val_out is not None else None
+    if val is not None and val.suffix.lower() != ".npz":
+        raise DitDeployError(f"--val-out {val.name} should end in .npz")
+    if val is not None and val.resolve() == out.resolve():
+        raise DitDeployError("--val-out must differ from --out (omit it to store the validation set in --out)")
+    return out, val
+
+
+def _capture_both(denoiser: Callable[..., np.ndarray], cfg: Any, settings: CaptureSettings, val_seed: int,
+                  progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The calibration inputs and (if asked) the held-out validation inputs, under one progress bar."""
+    n_batches = -(-settings.samples // settings.batch_size) + -(-settings.val_samples // settings.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches * settings.steps, desc="calibrate", unit="call", dynamic_ncols=True)
+    common = dict(steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale, eta=settings.eta,
+                  timesteps=settings.timesteps, batch_size=settings.batch_size,
+                  guide_all_channels=settings.guide_all_channels, progress=bar)
+    try:
+        calib = capture_inputs(denoiser, cfg, samples=settings.samples, seed=settings.seed, **common)
+        val = (capture_inputs(denoiser, cfg, samples=settings.val_samples, seed=val_seed, **common)
+               if settings.val_samples else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return calib, val
+
+
+def _base_fields(cfg: Any, settings: CaptureSettings, source: dict[str, Any]) -> dict[str, Any]:
+    """Manifest fields shared by the calibration and validation files."""
+    return {
+        "kind": KIND,
+        "format": "npz",
+        "config": dataclasses.asdict(cfg),
+        "sampler": {"method": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+                    "eta": settings.eta, "guide_all_channels": settings.guide_all_channels},
+        "timesteps_per_trajectory": int(min(settings.timesteps, settings.steps)),
+        "batch_size": settings.batch_size,
+        "noise": "x_T of batch b ~ numpy default_rng([seed, b]).standard_normal; sampler rng [seed, b, 1]",
+        "source": source,
+    }
+
+
+def _set_record(arrays: dict[str, np.ndarray], cfg: Any) -> dict[str, Any]:
+    """Counts, per-timestep and per-label histograms and array shapes of one captured set."""
+    return {"counts": _summary(arrays, cfg.null_class), "per_timestep": _counts(arrays["t"]),
+            "labels": _counts(arrays["y"]), "arrays": {k: list(v.shape) for k, v in arrays.items()}}
 
 
 def _write_set(out: Path, arrays: dict[str, np.ndarray], fields: dict[str, Any]) -> dict[str, Any]:
