@@ -137,69 +137,103 @@ def fuse_attention(model: Any) -> tuple[Any, int]:
     left alone (the ORT CPU kernel is fp32).
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     g = model.graph
     if any(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer):
         return model, 0
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
-              for a in n.attribute if a.name == "value"}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
+    ctx = _GraphIndex(g)
     remove: set[int] = set()
-    added = []
+    added: list[Any] = []
     for n in list(g.node):
-        if n.op_type != "Transpose" or _perm(n) != [2, 0, 3, 1, 4]:
+        match = _match_attention(n, ctx)
+        if match is None:
             continue
-        rs = producer.get(n.input[0])
-        if rs is None or rs.op_type != "Reshape" or len(consumers.get(rs.output[0], [])) != 1:
-            continue
-        tail = _shape_tail(rs.input[1], inits, consts, producer)
-        if tail is None or len(tail) < 3 or int(tail[-3]) != 3 or min(int(tail[-2]), int(tail[-1])) < 1:
-            continue
-        heads, head_dim = int(tail[-2]), int(tail[-1])
-        found = _attention_core(n, consumers, graph_outputs)
-        if found is None:
-            continue
-        core, final = found
-        ops = [c.op_type for c in core]
-        if ops.count("Softmax") != 1 or ops.count("MatMul") + ops.count("FusedMatMul") != 2:
-            continue
-        core_ids = {id(c) for c in core}
-        produced = {o for c in core for o in c.output}
-        if any(c2 is not None and id(c2) not in core_ids
-               for o in produced - {final.output[0]} for c2 in consumers.get(o, [])):
-            continue  # an intermediate is used elsewhere: not a plain attention core
-        # softmax scale: the product of the scalar constants the core multiplies by (the export scales q and k by
-        # sqrt(scale) each); none -> the SDPA default 1/sqrt(head_dim)
-        scale = 1.0
-        n_scale = 0
-        for c in core:
-            if c.op_type in ("Mul", "Div"):
-                k = next((v for v in (_const(i, inits, consts) for i in c.input) if v is not None and v.size == 1), None)
-                if k is None:
-                    break
-                kv = float(k.ravel()[0])
-                scale *= kv if c.op_type == "Mul" else 1.0 / kv
-                n_scale += 1
-        else:
-            if n_scale == 0:
-                scale = 1.0 / float(np.sqrt(head_dim))
-            i = len(added) // 2
-            q, k, v = (f"ddattn{i}_{s}" for s in "qkv")
-            added.append(helper.make_node("Split", [rs.input[0]], [q, k, v], name=f"ddattn{i}_split", axis=-1,
-                                          **({"num_outputs": 3} if _opset(model) >= 18 else {})))
-            added.append(helper.make_node("MultiHeadAttention", [q, k, v], [final.output[0]], name=f"ddattn{i}",
-                                          domain="com.microsoft", num_heads=heads, scale=scale))
-            remove.update(core_ids | {id(rs)})
+        rs, core, final, heads, scale = match
+        i = len(added) // 2
+        added.extend(_mha_nodes(model, rs.input[0], final.output[0], i, heads, scale))
+        remove.update({id(c) for c in core} | {id(rs)})
     if not added:
         return model, 0
-    # each Split + MHA goes right after the producer of its qkv activation: the graph stays topologically sorted
+    _splice(g, added, remove, ctx.producer)
+    _drop_dead(g, ctx.graph_outputs)
+    _ensure_ms_domain(model)
+    return model, len(added) // 2
+
+
+class _GraphIndex:
+    """Lookups over one graph: initializers, Constant values, producer and consumers of every value."""
+
+    def __init__(self, g: Any) -> None:
+        from onnx import numpy_helper
+
+        self.inits = {i.name: i for i in g.initializer}
+        self.consts = {n.output[0]: numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
+                       for a in n.attribute if a.name == "value"}
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for n in g.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.graph_outputs = {o.name for o in g.output}
+
+
+def _match_attention(n: Any, ctx: _GraphIndex) -> tuple[Any, list[Any], Any, int, float] | None:
+    """(qkv Reshape, core nodes, final node, heads, softmax scale) if ``n`` starts a plain DiT attention core."""
+    if n.op_type != "Transpose" or _perm(n) != [2, 0, 3, 1, 4]:
+        return None
+    rs = ctx.producer.get(n.input[0])
+    if rs is None or rs.op_type != "Reshape" or len(ctx.consumers.get(rs.output[0], [])) != 1:
+        return None
+    tail = _shape_tail(rs.input[1], ctx.inits, ctx.consts, ctx.producer)
+    if tail is None or len(tail) < 3 or int(tail[-3]) != 3 or min(int(tail[-2]), int(tail[-1])) < 1:
+        return None
+    heads, head_dim = int(tail[-2]), int(tail[-1])
+    found = _attention_core(n, ctx.consumers, ctx.graph_outputs)
+    if found is None:
+        return None
+    core, final = found
+    ops = [c.op_type for c in core]
+    if ops.count("Softmax") != 1 or ops.count("MatMul") + ops.count("FusedMatMul") != 2:
+        return None
+    core_ids = {id(c) for c in core}
+    produced = {o for c in core for o in c.output}
+    if any(c2 is not None and id(c2) not in core_ids
+           for o in produced - {final.output[0]} for c2 in ctx.consumers.get(o, [])):
+        return None  # an intermediate is used elsewhere: not a plain attention core
+    scale = _softmax_scale(core, ctx, head_dim)
+    return None if scale is None else (rs, core, final, heads, scale)
+
+
+def _softmax_scale(core: list[Any], ctx: _GraphIndex, head_dim: int) -> float | None:
+    """The product of the scalar constants the core multiplies by (the export scales q and k by sqrt(scale) each);
+    none -> the SDPA default 1/sqrt(head_dim); a non-constant Mul/Div -> None (not fusable)."""
+    scale = 1.0
+    n_scale = 0
+    for c in core:
+        if c.op_type in ("Mul", "Div"):
+            k = next((v for v in (_const(i, ctx.inits, ctx.consts) for i in c.input) if v is not None and v.size == 1),
+                     None)
+            if k is None:
+                return None
+            kv = float(k.ravel()[0])
+            scale *= kv if c.op_type == "Mul" else 1.0 / kv
+            n_scale += 1
+    return scale if n_scale else 1.0 / float(np.sqrt(head_dim))
+
+
+def _mha_nodes(model: Any, qkv: str, out: str, i: int, heads: int, scale: float) -> list[Any]:
+    """``Split`` of the packed qkv activation + ``com.microsoft.MultiHeadAttention`` writing ``out``."""
+    from onnx import helper
+
+    q, k, v = (f"ddattn{i}_{s}" for s in "qkv")
+    return [helper.make_node("Split", [qkv], [q, k, v], name=f"ddattn{i}_split", axis=-1,
+                             **({"num_outputs": 3} if _opset(model) >= 18 else {})),
+            helper.make_node("MultiHeadAttention", [q, k, v], [out], name=f"ddattn{i}",
+                             domain="com.microsoft", num_heads=heads, scale=scale)]
+
+
+def _splice(g: Any, added: list[Any], remove: set[int], producer: dict[str, Any]) -> None:
+    """Drop the removed nodes; put each Split + MHA pair right after its qkv producer (stays topologically sorted)."""
     by_src = {a.input[0]: (a, b) for a, b in zip(added[::2], added[1::2], strict=True)}
     ordered = [pair_node for pair in by_src.values() if pair[0].input[0] not in producer for pair_node in pair]
     for n in g.node:
@@ -211,9 +245,6 @@ def fuse_attention(model: Any) -> tuple[Any, int]:
                 ordered.extend(by_src[o])
     g.ClearField("node")
     g.node.extend(ordered)
-    _drop_dead(g, graph_outputs)
-    _ensure_ms_domain(model)
-    return model, len(added) // 2
 
 
 def _drop_dead(g: Any, graph_outputs: set[str]) -> None:
