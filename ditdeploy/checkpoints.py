@@ -5,7 +5,8 @@ Accepted inputs (format detected from the content, not the suffix):
 - the released official files (``DiT-XL-2-256x256.pt`` / ``-512x512.pt``): a bare state_dict;
 - official ``train.py`` checkpoints ``{"model", "ema", "opt", "args"}`` (EMA weights preferred; ``args`` is an
   ``argparse.Namespace`` and gives a variant/image-size hint) and our own training checkpoints of the same shape;
-- safetensors files whose metadata key ``"config"`` holds a ``DiTConfig`` JSON (what ``save_safetensors`` writes).
+- safetensors files whose metadata key ``"config"`` holds a ``DiTConfig`` JSON (what ``save_safetensors`` writes);
+- a local diffusers DiT snapshot folder (``ditdeploy.diffusers_io``: mapped to the official names).
 
 Pickles are only ever read with ``torch.load(..., weights_only=True)``; the single extra class allowed is
 ``argparse.Namespace`` (for ``train.py``'s ``args``), whose fields are themselves restricted to plain data. Any
@@ -159,7 +160,12 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if not path.exists():
         raise ArtifactError(f"checkpoint {path} does not exist: check the path")
     if path.is_dir():
-        raise ArtifactError(f"checkpoint {path} is a directory: pass the .pt or .safetensors file inside it")
+        from ditdeploy import diffusers_io
+
+        if diffusers_io.is_snapshot_dir(path):
+            return diffusers_io.read_official_state_dict(path)
+        raise ArtifactError(f"checkpoint {path} is a directory but not a diffusers DiT snapshot (no model_index.json "
+                            "or transformer config.json): pass the snapshot folder or a .pt/.safetensors file")
     size = path.stat().st_size
     if size == 0:
         raise ArtifactError(f"checkpoint {path} is empty (0 bytes): the save or download was interrupted; redo it")

@@ -1,0 +1,341 @@
+"""diffusers DiT snapshots <-> ditdeploy's official-layout DiT: locate, read, map, write.
+
+A snapshot is the folder ``DiTPipeline.save_pretrained`` writes (the ``facebook/DiT-XL-2-256`` layout):
+``model_index.json`` (with ``id2label``), ``transformer/`` (``config.json`` + ``diffusion_pytorch_model``
+``.safetensors``/``.bin``, possibly sharded with an ``.index.json``), ``vae/``, ``scheduler/``. ``--checkpoint`` may
+name the pipeline folder or its ``transformer/`` subfolder.
+
+The mapping is the inverse of diffusers' published conversion (``scripts/convert_dit_to_diffusers.py`` plus the
+``DiTTransformer2DModel`` module layout): diffusers splits the official fused ``qkv`` into ``to_q/to_k/to_v``, renames
+``x_embedder`` -> ``pos_embed``, ``adaLN_modulation.1`` -> ``norm1.linear``, ``mlp.fc1/fc2`` -> ``ff.net.0.proj/2``,
+the final layer -> ``proj_out_1/2``, and keeps one copy of the timestep/class embedders *per block*
+(``transformer_blocks.i.norm1.emb``; the conversion copies the single official embedder into each). The fixed
+sin-cos ``pos_embed`` is not stored by diffusers and is recomputed here. Every tensor is accounted for: unknown or
+missing names, wrong shapes, or per-block embedders that differ (a model fine-tuned in diffusers, which one shared
+embedder cannot represent) are one-line errors. See docs/diffusers.md for the numerics of the two forwards.
+
+Pickled ``.bin`` files are read with ``torch.load(weights_only=True)`` only (via ``ditdeploy.checkpoints``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.labels import normalize
+from ditdeploy.variants import DiTConfig
+
+__all__ = [
+    "Snapshot", "diffusers_config", "from_official", "hub_id_error", "is_snapshot_dir", "locate",
+    "looks_like_hub_id", "read_official_state_dict", "snapshot_digest", "to_official",
+]
+
+INDEX = "model_index.json"
+WEIGHTS = "diffusion_pytorch_model"
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+OFFICIAL_LN_EPS = 1e-6  # every LayerNorm of the official DiT; diffusers' MLP LayerNorm uses config norm_eps
+_EMB = "transformer_blocks.{i}.norm1.emb."
+_T_EMB = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2"}
+_BLOCK = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+          "adaLN_modulation.1": "norm1.linear"}
+_TOP = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
+        "final_layer.linear": "proj_out_2"}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Where the parts of a local diffusers DiT snapshot are."""
+
+    transformer: Path  # folder holding config.json + weights
+    weight_files: tuple[Path, ...]
+    root: Path | None = None  # the pipeline folder (model_index.json), if known
+    vae: Path | None = None  # root/vae when it holds an AutoencoderKL config
+    id2label: dict[int, str] | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ locate
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not readable JSON ({e}): the snapshot is damaged; copy it again") from e
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{path} holds a {type(obj).__name__}, not a JSON object: not a diffusers snapshot")
+    return obj
+
+
+def is_snapshot_dir(path: str | os.PathLike) -> bool:
+    """True for a folder with ``model_index.json``, or with a ``config.json`` of a DiT transformer."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / INDEX).is_file():
+        return True
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") in DIT_CLASSES
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    """``owner/name`` with no such local path (e.g. ``facebook/DiT-XL-2-256``)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", spec)) and not Path(spec).exists()
+
+
+def hub_id_error(spec: str) -> ArtifactError:
+    """The one-line error for a hub id: ditdeploy never downloads snapshots; where to put one."""
+    name = spec.rstrip("/").split("/")[-1]
+    return ArtifactError(
+        f"--checkpoint {spec}: no such folder, and ditdeploy does not download from the Hugging Face hub; on a machine "
+        f"with network access run `huggingface-cli download {spec} --local-dir {name}`, copy the {name}/ folder "
+        f"(model_index.json, transformer/, vae/) here and pass --checkpoint {name}/"
+    )
+
+
+def _find_weights(d: Path) -> tuple[Path, ...]:
+    """The transformer's weight files: single or sharded safetensors, else single or sharded .bin."""
+    for ext in (".safetensors", ".bin"):
+        single = d / f"{WEIGHTS}{ext}"
+        if single.is_file():
+            return (single,)
+        index = d / f"{WEIGHTS}{ext}.index.json"
+        if index.is_file():
+            wmap = _read_json(index).get("weight_map")
+            if not isinstance(wmap, dict) or not wmap:
+                raise ArtifactError(f"{index} has no 'weight_map': the snapshot is damaged; copy it again")
+            shards = sorted({str(v) for v in wmap.values()})
+            bad = [s for s in shards if "/" in s or "\\" in s or s.startswith(".")]
+            if bad:
+                raise ArtifactError(f"{index} names an unsafe shard path {bad[0]!r}")
+            missing = [s for s in shards if not (d / s).is_file()]
+            if missing:
+                raise ArtifactError(f"{index.name} lists shard {missing[0]} which is missing in {d}: copy the "
+                                    "complete snapshot")
+            return tuple(d / s for s in shards)
+    raise ArtifactError(f"{d} has no {WEIGHTS}.safetensors or .bin (sharded or not): copy the complete snapshot")
+
+
+def locate(path: str | os.PathLike) -> Snapshot:
+    """Find transformer config/weights, vae/ and id2label of a snapshot given as pipeline or transformer folder."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ArtifactError(f"{p} is not a folder: pass a diffusers DiT snapshot (model_index.json, transformer/)")
+    root = p if (p / INDEX).is_file() else (p.parent if (p.parent / INDEX).is_file() else None)
+    tdir = p / "transformer" if p == root else p
+    if not (tdir / "config.json").is_file():
+        raise ArtifactError(f"{tdir} has no config.json: pass a diffusers DiT snapshot (the pipeline folder or its "
+                            "transformer/ subfolder)")
+    id2label = None
+    vae = None
+    if root is not None:
+        index = _read_json(root / INDEX)
+        try:
+            id2label = normalize(index.get("id2label"))
+        except DitDeployError as e:
+            raise ArtifactError(f"{root / INDEX}: {e}") from e
+        if (root / "vae" / "config.json").is_file():
+            vae = root / "vae"
+    return Snapshot(transformer=tdir, weight_files=_find_weights(tdir), root=root, vae=vae, id2label=id2label)
+
+
+def snapshot_digest(snap: Snapshot) -> str:
+    """sha256 over the transformer's config.json and weight files (name + content sha256, sorted)."""
+    from ditdeploy.artifacts import sha256_file
+
+    h = hashlib.sha256()
+    for f in sorted([snap.transformer / "config.json", *snap.weight_files]):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") -> DiTConfig:
+    """The official-architecture ``DiTConfig`` a ``DiTTransformer2DModel`` config describes (refusing others)."""
+    cls = cfg.get("_class_name")
+    if cls not in DIT_CLASSES:
+        raise ArtifactError(f"{where}: _class_name {cls!r} is not a DiT transformer ({' or '.join(DIT_CLASSES)})")
+    checks = {"norm_type": ("ada_norm_zero", None), "activation_fn": ("gelu-approximate", None),
+              "norm_elementwise_affine": (False, None), "attention_bias": (True, None),
+              "cross_attention_dim": (None,), "num_vector_embeds": (None,)}
+    for key, ok in checks.items():
+        if cfg.get(key) not in ok:
+            raise ArtifactError(f"{where}: {key}={cfg.get(key)!r} is not the DiT architecture (expected "
+                                f"{ok[0]!r}): ditdeploy reads class-conditional adaLN-Zero DiT transformers only")
+    need = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size", "patch_size",
+            "num_embeds_ada_norm")
+    missing = [k for k in need if not isinstance(cfg.get(k), int)]
+    if missing:
+        raise ArtifactError(f"{where}: {missing[0]} is missing or not an integer: not a DiT transformer config")
+    heads, head_dim, c = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["in_channels"]
+    out = cfg.get("out_channels") or c
+    if out not in (c, 2 * c):
+        raise ArtifactError(f"{where}: out_channels {out} for in_channels {c}: not a DiT (expected {c} or {2 * c})")
+    return DiTConfig(
+        input_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=c, hidden_size=heads * head_dim,
+        depth=cfg["num_layers"], num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
+        num_classes=cfg["num_embeds_ada_norm"], learn_sigma=out == 2 * c, variant="custom",
+        space="latent" if c == 4 else "pixel",
+    )
+
+
+def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
+    """``DiTTransformer2DModel`` keyword arguments for ``cfg``; refuses what diffusers' DiT cannot express.
+
+    ``norm_eps`` is the official 1e-6, so diffusers' MLP LayerNorm matches ours (its default is 1e-5).
+    """
+    if cfg.conditioning != "adaln-zero":
+        raise DitDeployError(f"diffusers' DiTTransformer2DModel is adaLN-Zero only; this model is {cfg.conditioning}")
+    if cfg.mlp_ratio != 4.0:
+        raise DitDeployError(f"diffusers' DiTTransformer2DModel has a fixed MLP ratio 4; this model has {cfg.mlp_ratio}")
+    if cfg.hidden_size % cfg.num_heads:
+        raise DitDeployError(f"hidden size {cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
+    return {
+        "num_attention_heads": cfg.num_heads, "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "num_layers": cfg.depth,
+        "sample_size": cfg.input_size, "patch_size": cfg.patch_size, "num_embeds_ada_norm": cfg.num_classes,
+        "activation_fn": "gelu-approximate", "attention_bias": True, "norm_type": "ada_norm_zero",
+        "norm_elementwise_affine": False, "norm_eps": OFFICIAL_LN_EPS, "dropout": 0.0, "upcast_attention": False,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ mapping
+
+
+def _pop(sd: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    if key not in sd:
+        raise ArtifactError(f"the transformer weights have no {key!r}: incomplete or not a DiT snapshot")
+    v = sd.pop(key)
+    if shape is not None and tuple(v.shape) != shape:
+        raise ArtifactError(f"{key} has shape {tuple(v.shape)}, the config implies {shape}: weights and "
+                            "config.json do not belong together")
+    return v
+
+
+def _pos_embed(cfg: DiTConfig) -> torch.Tensor:
+    from ditdeploy.models import get_2d_sincos_pos_embed
+
+    grid = cfg.input_size // cfg.patch_size
+    return torch.from_numpy(get_2d_sincos_pos_embed(cfg.hidden_size, grid)).float().unsqueeze(0)
+
+
+def _take_embedders(d: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """Block 0's timestep/class embedders as the official ones; every other block's copy must equal them."""
+    h = cfg.hidden_size
+    shapes = {"timestep_embedder.linear_1.weight": (h, 256), "timestep_embedder.linear_1.bias": (h,),
+              "timestep_embedder.linear_2.weight": (h, h), "timestep_embedder.linear_2.bias": (h,),
+              "class_embedder.embedding_table.weight": (cfg.num_classes + 1, h)}
+    first = {k: _pop(d, _EMB.format(i=0) + k, s) for k, s in shapes.items()}
+    for i in range(1, cfg.depth):
+        for k in shapes:
+            if not torch.equal(_pop(d, _EMB.format(i=i) + k, shapes[k]), first[k]):
+                raise ArtifactError(
+                    f"transformer_blocks.{i}.norm1.emb.{k} differs from block 0's: this diffusers model has per-block "
+                    "timestep/class embedders, which the official DiT (one shared embedder) cannot represent exactly"
+                )
+    out = {f"{o}.{wb}": first[f"{n}.{wb}"] for o, n in _T_EMB.items() for wb in ("weight", "bias")}
+    out["y_embedder.embedding_table.weight"] = first["class_embedder.embedding_table.weight"]
+    return out
+
+
+def to_official(diffusers_sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """Official DiT state dict (fp32) from a ``DiTTransformer2DModel`` state dict; every tensor must be used."""
+    d = {k: v for k, v in diffusers_sd.items()}
+    h, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    mlp = int(h * cfg.mlp_ratio)
+    out: dict[str, torch.Tensor] = {"pos_embed": _pos_embed(cfg)}
+    d.pop("pos_embed.pos_embed", None)  # only stored by some diffusers versions; it is the same fixed sin-cos table
+    out["x_embedder.proj.weight"] = _pop(d, "pos_embed.proj.weight", (h, c, p, p))
+    out["x_embedder.proj.bias"] = _pop(d, "pos_embed.proj.bias", (h,))
+    out.update(_take_embedders(d, cfg))
+    shapes = {"attn.proj": (h, h), "mlp.fc1": (mlp, h), "mlp.fc2": (h, mlp), "adaLN_modulation.1": (6 * h, h)}
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}."
+        for wb in ("weight", "bias"):
+            q, k, v = (_pop(d, f"{b}attn1.to_{n}.{wb}", (h, h) if wb == "weight" else (h,)) for n in "qkv")
+            out[f"blocks.{i}.attn.qkv.{wb}"] = torch.cat([q, k, v], 0)
+            for o, n in _BLOCK.items():
+                s = shapes[o] if wb == "weight" else (shapes[o][0],)
+                out[f"blocks.{i}.{o}.{wb}"] = _pop(d, f"{b}{n}.{wb}", s)
+    final = {"final_layer.adaLN_modulation.1": (2 * h, h), "final_layer.linear": (p * p * cfg.out_channels, h)}
+    for o, s in final.items():
+        for wb in ("weight", "bias"):
+            out[f"{o}.{wb}"] = _pop(d, f"{_TOP[o]}.{wb}", s if wb == "weight" else (s[0],))
+    if d:
+        extra = sorted(d)
+        raise ArtifactError(f"the transformer weights hold {len(extra)} tensor(s) a DiT does not have (e.g. "
+                            f"{extra[0]!r}): config.json and weights do not belong together")
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in out.items()}
+
+
+def from_official(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
+    """``DiTTransformer2DModel`` state dict from an official one (embedders copied into every block).
+
+    A model without a null class row (``class_dropout_prob == 0``) gets a zero row appended: diffusers' label table
+    always has ``num_classes + 1`` rows; the extra row is only read for guidance, which such a model never uses.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for o, n in _TOP.items():
+        for wb in ("weight", "bias"):
+            out[f"{n}.{wb}"] = sd[f"{o}.{wb}"]
+    table = sd["y_embedder.embedding_table.weight"]
+    if table.shape[0] == cfg.num_classes:
+        table = torch.cat([table, table.new_zeros(1, table.shape[1])], 0)
+    emb = {f"{n}.{wb}": sd[f"{o}.{wb}"] for o, n in _T_EMB.items() for wb in ("weight", "bias")}
+    emb["class_embedder.embedding_table.weight"] = table
+    for i in range(cfg.depth):
+        b = f"transformer_blocks.{i}."
+        out.update({_EMB.format(i=i) + k: v for k, v in emb.items()})
+        for wb in ("weight", "bias"):
+            for n, part in zip("qkv", sd[f"blocks.{i}.attn.qkv.{wb}"].chunk(3, 0), strict=True):
+                out[f"{b}attn1.to_{n}.{wb}"] = part
+            for o, n in _BLOCK.items():
+                out[f"{b}{n}.{wb}"] = sd[f"blocks.{i}.{o}.{wb}"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ read
+
+
+def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(official state dict, info)`` of a snapshot folder; ``info`` as ``checkpoints.read_state_dict`` plus
+    ``snapshot`` (the ``Snapshot``), ``id2label`` and ``dtype`` (of the stored weights)."""
+    from ditdeploy.checkpoints import infer_config, read_state_dict
+
+    snap = locate(path)
+    cfg_path = snap.transformer / "config.json"
+    hint = config_from_diffusers(_read_json(cfg_path), str(cfg_path))
+    raw: dict[str, torch.Tensor] = {}
+    for f in snap.weight_files:
+        part, _ = read_state_dict(f)
+        dup = set(part) & set(raw)
+        if dup:
+            raise ArtifactError(f"{f.name} repeats tensor {sorted(dup)[0]!r} of another shard: the snapshot is damaged")
+        raw.update(part)
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in raw.values()})
+    try:
+        sd = to_official(raw, hint)
+        cfg = infer_config(sd, hint)  # also names the variant ("XL/2") when the architecture is an official one
+    except ArtifactError as e:
+        raise ArtifactError(f"{snap.transformer}: {e}") from e
+    if snap.id2label and max(snap.id2label) >= cfg.num_classes:
+        raise ArtifactError(f"{snap.root / INDEX}: id2label names class {max(snap.id2label)}, but the model has "
+                            f"{cfg.num_classes} classes")
+    info = {"format": "diffusers", "source": "diffusers", "config": cfg, "hint": None, "args": None, "metadata": {},
+            "prefix_stripped": [], "snapshot": snap, "id2label": snap.id2label, "dtype": ",".join(dtypes)}
+    return sd, info
