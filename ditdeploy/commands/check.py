@@ -46,12 +46,19 @@ def register(app: typer.Typer) -> None:
         th_psnr: float = typer.Option(None, "--threshold-psnr", help="Override: min end-to-end image PSNR (dB)."),
         th_ssim: float = typer.Option(None, "--threshold-ssim", help="Override: min end-to-end image SSIM."),
         json_out: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+        trt_lint: Path = typer.Option(None, "--trt-lint", help="Static TensorRT-readiness lint of an ONNX (ops, "
+                                      "attributes, Q/DQ rules; no GPU): exit 1 on a violation."),
     ) -> None:
         """Compare an artifact with the PyTorch reference per denoiser call and end to end; exit 1 on failure."""
         from ditdeploy import checking
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.errors import DitDeployError, NumericsError
 
+        if trt_lint is not None:
+            if engine is not None or save_golden is not None:
+                raise DitDeployError("--trt-lint runs alone: drop --engine / --save-golden")
+            _run_trt_lint(trt_lint, json_out)
+            return
         if golden is not None and save_golden is not None:
             raise DitDeployError("--golden and --save-golden exclude each other: save on a torch machine, check elsewhere")
         if engine is None and save_golden is None:
@@ -105,6 +112,17 @@ def register(app: typer.Typer) -> None:
         if not rep.passed:
             more = f" (+{len(rep.failures) - 1} more)" if len(rep.failures) > 1 else ""
             raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more}")
+
+
+def _run_trt_lint(path: Path, json_out: Path | None) -> None:
+    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.export.trt_lint import lint_onnx, require_lint_pass
+
+    rep = lint_onnx(path)
+    typer.echo(rep.format())
+    if json_out is not None:
+        write_json_atomic(json_out, rep.to_dict())
+    require_lint_pass(rep)
 
 
 def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None):
