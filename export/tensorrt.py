@@ -101,6 +101,7 @@ def build_engine(
     opt_level: int = 3,
     workspace_mb: int | None = None,
     dry_run: bool = False,
+    lint: bool = True,
     verbose: bool = False,
     verify: bool = True,
     progress: bool = True,
@@ -111,6 +112,8 @@ def build_engine(
     alias of ``max_batch``, ``timing_cache``, ``opt_level``, ``workspace_mb``, ``precision`` to assert) to make one.
     ``dry_run``: write the plan JSON beside ``out_plan`` (``<stem>.buildplan.json``) and return it, without
     TensorRT (planned for the installed TensorRT if present, else TensorRT 10's documented API).
+    ``lint``: first run the static TensorRT-readiness lint (:mod:`ditdeploy.export.trt_lint`) and refuse (exit 1,
+    nothing written) on a violation; its report goes into the dry run's result.
     Returns the engine manifest (or the plan dict on a dry run). ``verify`` is accepted for the export pipeline's
     uniform call; engine parity is checked at run time by ``ditdeploy check`` on a GPU.
     """
@@ -136,11 +139,25 @@ def build_engine(
                                workspace_mb=workspace_mb, features=feats)
     else:
         plan = plan.for_features(feats)
+    lint_report = _lint(src, progress) if lint else None
     if dry_run:
         path = write_build_plan(plan, dry_run_path(out))
-        return {**plan.to_dict(), "written_to": str(path)}
+        return {**plan.to_dict(), "written_to": str(path), "trt_lint": lint_report}
     assert trt is not None
     return _build(trt, feats, src, out, plan, src_m, verbose=verbose, progress=progress)
+
+
+def _lint(src: Path, progress: bool) -> dict[str, Any]:
+    """The static TensorRT lint of ``src``: report printed (stderr), LintError on a violation."""
+    import sys
+
+    from ditdeploy.export.trt_lint import lint_onnx, require_lint_pass
+
+    rep = lint_onnx(src)
+    if progress or not rep.passed:
+        print(rep.format(), file=sys.stderr, flush=True)
+    require_lint_pass(rep)
+    return rep.to_dict()
 
 
 def _build(trt: Any, feats: TrtFeatures, src: Path, out: Path, plan: BuildPlan, src_m: dict[str, Any], *,

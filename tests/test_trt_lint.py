@@ -213,3 +213,11 @@ def test_type_constant_input_attribute_and_opset_rules():
     relu = helper.make_node("Relu", ["x"], ["out"], name="r")
     assert _rules(_model([relu], [_vi("x")], [_vi("out")], opset=21)) == ["opset"]
     assert _rules(_model([relu], [_vi("x")], [_vi("out")], opset=20)) == []
+
+
+def test_export_trt_dry_run_runs_the_lint(tmp_path):
+    code, out, err = run_main(["export", "--model", "digits", "--fmt", "trt", "--dry-run", "--no-verify",
+                               "--out", tmp_path / "d.plan"])
+    assert code == 0, err
+    assert "TensorRT lint passed on" in out and (tmp_path / "d.buildplan.json").exists()
+    assert not (tmp_path / "d.plan").exists()

@@ -140,8 +140,8 @@ def _graph(kind: str, graph_batch: int | str = "batch", zp_dtype=np.int8, zp_val
 def _artifact(tmp_path: Path, kind: str = "fp32", name: str | None = None, artifact_kind: str = "denoiser",
               **fields) -> Path:
     p = tmp_path / (name or f"d-{kind}.onnx")
-    onnx.save(_graph(kind, **{k: fields.pop(k) for k in ("graph_batch", "zp_dtype", "zp_value", "dynamic_op")
-                              if k in fields}), str(p))
+    graph_kw = {k: fields.pop(k) for k in ("graph_batch", "zp_dtype", "zp_value", "dynamic_op") if k in fields}
+    onnx.save(fields.pop("model", None) or _graph(kind, **graph_kw), str(p))
     base = {"kind": artifact_kind, "format": "onnx", "precision": kind, "config": dataclasses.asdict(DIGITS),
             "opset": 18}
     if kind == "int8":
@@ -265,8 +265,24 @@ def test_dry_run_writes_plan_without_tensorrt(tmp_path):
     assert written["profile"] == {"min": 2, "opt": 2, "max": 8} and written["opt_level"] == 4
     assert written["precision"] == "fp16" and d["written_to"].endswith("e.buildplan.json")
     assert not out.exists()  # a dry run builds nothing
+    assert d["trt_lint"]["passed"] is True and d["trt_lint"]["op_counts"] == {"Cast": 2, "Mul": 1, "Concat": 1}
     with pytest.raises(DitDeployError, match=r"\.plan"):
         build_engine(p, tmp_path / "e.bin", dry_run=True)
+
+
+def test_dry_run_refuses_a_graph_the_lint_fails(tmp_path):
+    """A CPU-only op (com.microsoft FastGelu) in the ONNX: exit 1 with the lint's finding, no plan written."""
+    from ditdeploy.export.tensorrt import build_engine, dry_run_path
+    from ditdeploy.export.trt_lint import LintError
+
+    m = _graph("fp32")
+    m.graph.node.insert(0, helper.make_node("FastGelu", ["x"], ["g"], name="fg", domain="com.microsoft"))
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    p = _artifact(tmp_path, "fp32", model=m)
+    with pytest.raises(LintError, match=r"\[domain\] FastGelu 'fg'") as e:
+        build_engine(p, tmp_path / "e.plan", dry_run=True, progress=False)
+    assert e.value.exit_code == 1
+    assert not dry_run_path(tmp_path / "e.plan").exists()
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")

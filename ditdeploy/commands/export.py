@@ -141,7 +141,9 @@ def register(app: typer.Typer) -> None:
                          "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
         )
         if fmt_ == "trt" and dry_run:
-            typer.echo(f"wrote TensorRT build plan {m.get('written_to')} (dry run: no engine built)")
+            lint = m.get("trt_lint") or {}
+            typer.echo(f"wrote TensorRT build plan {m.get('written_to')} (dry run: no engine built; TensorRT lint "
+                       f"passed on {lint.get('nodes', '?')} nodes)")
             return
         _summary(target, m)
 
