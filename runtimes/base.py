@@ -101,6 +101,38 @@ def denoiser_shapes(cfg: DiTConfig) -> dict[str, tuple[int | None, ...]]:
     return {"x": (None, c, s, s), "t": (None,), "y": (None,), "out": (None, cfg.out_channels, s, s)}
 
 
+def cache_shape(cfg: DiTConfig) -> tuple[int, int, int]:
+    """Per-row feature-cache shape (2 * depth, tokens, hidden) of a DiT config."""
+    return (2 * cfg.depth, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+
+def light_graph(path: str | os.PathLike, m: dict[str, Any]) -> tuple[Path, str] | None:
+    """The light graph of a two-graph (``--cache-graphs``) artifact and its export id; None for a plain artifact.
+
+    Raises ``ArtifactError`` (one line) when the manifest's ``cache_graphs`` entry is malformed or its file missing.
+    """
+    from ditdeploy.artifacts import safe_member
+
+    cg = m.get("cache_graphs")
+    if cg is None:
+        return None
+    name = Path(path).name
+    if not isinstance(cg, dict) or not isinstance(cg.get("light"), str) or not isinstance(cg.get("export_id"), str):
+        raise ArtifactError(f"the manifest of {name} has a malformed 'cache_graphs' entry: re-export with --cache-graphs")
+    light = safe_member(Path(path).parent, cg["light"])
+    if not light.exists():
+        raise ArtifactError(f"two-graph artifact {name}: its light graph {light.name} is missing; copy it beside "
+                            f"{name} or re-export with --cache-graphs")
+    return light, cg["export_id"]
+
+
+def check_export_id(what: Path, got: str | None, want: str) -> None:
+    """Refuse a graph whose recorded export id differs from the manifest's (a graph from another export)."""
+    if got is not None and got != want:
+        raise ArtifactError(f"{what.name} comes from another export (export id {got[:8]}…, manifest {want[:8]}…): "
+                            "keep the two graphs of one `ditdeploy export --cache-graphs` together")
+
+
 def chunked(fn: Callable[..., np.ndarray], arrays: Sequence[np.ndarray], max_batch: int | None) -> np.ndarray:
     """Call ``fn(*arrays)`` in slices of at most ``max_batch`` rows and concatenate the results."""
     n = arrays[0].shape[0]
@@ -147,9 +179,33 @@ class DenoiserBase:
     max_batch: int | None = None
     path: Path | None = None
 
+    supports_cache: bool = False  # feature reuse: backends that set it implement _run_full / _run_light
+
     def __call__(self, x: Any, t: Any, y: Any) -> np.ndarray:
         x, t, y = prepare_denoiser_inputs(x, t, y, self.config)
         return chunked(self._run, (x, t, y), self.max_batch)
+
+    def forward_full(self, x: Any, t: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Output and feature cache ``(N, 2*depth, T, D)`` float32 (see ``ditdeploy.feature_cache``)."""
+        x, t, y = prepare_denoiser_inputs(x, t, y, self.config)
+        return self._run_full(x, t, y)
+
+    def forward_light(self, x: Any, t: Any, y: Any, cache: np.ndarray) -> np.ndarray:
+        """Output of a light step from ``cache`` (rows matching x)."""
+        x, t, y = prepare_denoiser_inputs(x, t, y, self.config)
+        cache = np.ascontiguousarray(cache, dtype=np.float32)
+        if cache.shape[0] != x.shape[0] or cache.shape[1:] != cache_shape(self.config):
+            raise DitDeployError(
+                f"feature cache has shape {cache.shape}, expected ({x.shape[0]}, "
+                f"{', '.join(map(str, cache_shape(self.config)))})"
+            )
+        return self._run_light(x, t, y, cache)
+
+    def _run_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise DitDeployError(f"{self.name} has no feature cache: use the torch backend or a --cache-graphs export")
+
+    def _run_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        raise DitDeployError(f"{self.name} has no feature cache: use the torch backend or a --cache-graphs export")
 
     def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -221,16 +277,32 @@ class Timed:
         self.seconds = 0.0
         self.calls = 0
         self.rows = 0
+        self.light_calls = 0  # feature-reuse light steps (included in calls/rows)
+        self.light_rows = 0
 
-    def __call__(self, *args: Any) -> np.ndarray:
+    def _timed(self, fn: Callable[..., Any], args: tuple, light: bool = False) -> Any:
         t0 = time.perf_counter()
         try:
-            return self.fn(*args)
+            return fn(*args)
         finally:
             self.seconds += time.perf_counter() - t0
             self.calls += 1
-            if args:
-                self.rows += int(np.shape(args[0])[0]) if np.ndim(args[0]) else 1
+            rows = (int(np.shape(args[0])[0]) if np.ndim(args[0]) else 1) if args else 0
+            self.rows += rows
+            if light:
+                self.light_calls += 1
+                self.light_rows += rows
+
+    def __call__(self, *args: Any) -> np.ndarray:
+        return self._timed(self.fn, args)
+
+    def forward_full(self, x: Any, t: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Timed ``fn.forward_full`` (feature reuse: output and cache)."""
+        return self._timed(self.fn.forward_full, (x, t, y))
+
+    def forward_light(self, x: Any, t: Any, y: Any, cache: np.ndarray) -> np.ndarray:
+        """Timed ``fn.forward_light`` (feature reuse: output from the cache), counted as a light call."""
+        return self._timed(self.fn.forward_light, (x, t, y, cache), light=True)
 
     def __getattr__(self, item: str) -> Any:
         if item == "fn":  # during unpickling / before __init__

@@ -20,9 +20,11 @@ from ditdeploy.runtimes.base import (
     DecoderBase,
     DenoiserBase,
     check_dims,
+    check_export_id,
     config_from_manifest,
     decoder_latent_channels,
     denoiser_shapes,
+    light_graph,
     max_batch_from_manifest,
     missing,
     physical_cores,
@@ -135,6 +137,28 @@ class OrtDenoiser(DenoiserBase):
         self.name = f"onnxruntime:{used}:{precision}"
         self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
         self.io_binding = (used in GPU_PROVIDERS) if io_binding is None else bool(io_binding)
+        self.light_session = None
+        lg = light_graph(self.path, self.manifest)
+        if lg is not None:
+            lpath, export_id = lg
+            self.light_session = _session(lpath, self.providers, threads, trt_cache, precision, spinning)
+            for p, sess in ((self.path, self.session), (lpath, self.light_session)):
+                check_export_id(p, sess.get_modelmeta().custom_metadata_map.get("ditdeploy.export_id"), export_id)
+            if "cache" not in {o.name for o in outs}:
+                raise ArtifactError(f"{self.path.name} has no 'cache' output: not the full graph of a two-graph export")
+
+    @property
+    def supports_cache(self) -> bool:  # type: ignore[override]
+        return self.light_session is not None
+
+    def _run_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out, cache = self.session.run(["out", "cache"], self._feeds(x, t, y))
+        return np.asarray(out, dtype=np.float32), np.asarray(cache, dtype=np.float32)
+
+    def _run_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        assert self.light_session is not None
+        out = self.light_session.run(["out"], {**self._feeds(x, t, y), "cache": cache})[0]
+        return np.asarray(out, dtype=np.float32)
 
     def _feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         arrs = {"x": x, "t": t, "y": y}
@@ -153,6 +177,7 @@ class OrtDenoiser(DenoiserBase):
 
     def close(self) -> None:
         self.session = None
+        self.light_session = None
 
 
 class OrtDecoder(DecoderBase):

@@ -25,6 +25,7 @@ from ditdeploy.runtimes.base import (
     config_from_manifest,
     decoder_latent_channels,
     denoiser_shapes,
+    light_graph,
     max_batch_from_manifest,
     physical_cores,
     read_manifest,
@@ -146,12 +147,33 @@ class OpenVINODenoiser(DenoiserBase):
         self.exec_precision = self._m.exec_precision
         self.name = f"openvino:{device}:{_precision_name(precision, self.exec_precision)}"
         self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self._light: _Compiled | None = None
+        lg = light_graph(self.path, self.manifest)
+        if lg is not None:
+            self._light = _Compiled(lg[0], device, self.compile_config)
+            if "cache" not in {n for o in self._m.compiled.outputs for n in o.get_names()}:
+                raise ArtifactError(f"{self.path.name} has no 'cache' output: not the full graph of a two-graph export")
+
+    @property
+    def supports_cache(self) -> bool:  # type: ignore[override]
+        return self._light is not None
 
     def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._m({"x": x, "t": t, "y": y})
 
+    def _run_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        res = self._m.request.infer({"x": x, "t": t, "y": y})
+        c = self._m.compiled
+        return (np.array(res[c.output("out")], dtype=np.float32, copy=True),
+                np.array(res[c.output("cache")], dtype=np.float32, copy=True))
+
+    def _run_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        assert self._light is not None
+        return self._light({"x": x, "t": t, "y": y, "cache": cache})
+
     def close(self) -> None:
         self._m = None
+        self._light = None
 
 
 class OpenVINODecoder(DecoderBase):

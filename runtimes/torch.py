@@ -59,9 +59,29 @@ class TorchDenoiser(DenoiserBase):
     def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(x).to(self.device), torch.from_numpy(t).to(self.device),
-                             torch.from_numpy(y).to(self.device))
+            out = self.model(*self._tensors(x, t, y))
         return out.detach().float().cpu().numpy()
+
+    def _tensors(self, *arrays: np.ndarray) -> list[Any]:
+        return [self.torch.from_numpy(a).to(self.device) for a in arrays]
+
+    @property
+    def supports_cache(self) -> bool:  # type: ignore[override]
+        return getattr(self.model, "conditioning", None) == "adaln-zero"
+
+    def _run_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ditdeploy.feature_cache import forward_with_cache
+
+        with self.torch.inference_mode():
+            out, cache = forward_with_cache(self.model, *self._tensors(x, t, y))
+        return out.float().cpu().numpy(), cache.float().cpu().numpy()
+
+    def _run_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        from ditdeploy.feature_cache import forward_from_cache
+
+        with self.torch.inference_mode():
+            out = forward_from_cache(self.model, *self._tensors(x, t, y, cache))
+        return out.float().cpu().numpy()
 
 
 class TorchDecoder(DecoderBase):

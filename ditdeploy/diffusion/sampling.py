@@ -12,7 +12,7 @@ from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
 from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps
 from ditdeploy.errors import DitDeployError, NumericsError
 
-__all__ = ["Denoiser", "GuidedModel", "denoiser_name", "guided_steps", "parse_cfg_interval", "sample"]
+__all__ = ["Denoiser", "GuidedModel", "denoiser_name", "check_cache_interval", "guided_steps", "parse_cfg_interval", "sample"]
 
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Interval = tuple[int, int]
@@ -46,6 +46,19 @@ def parse_cfg_interval(value: object) -> Interval | None:
     return int(lo), int(hi)
 
 
+def check_cache_interval(cache_interval: object, denoiser: object = None) -> None:
+    """``None`` or an integer >= 1, and (given a denoiser) one that can reuse features; else ``DitDeployError``."""
+    if cache_interval is None:
+        return
+    if not _is_int(cache_interval) or cache_interval < 1:  # type: ignore[operator]
+        raise DitDeployError(f"cache interval must be an integer >= 1 (1 = full work every step), got {cache_interval!r}")
+    if denoiser is not None and not getattr(denoiser, "supports_cache", False):
+        raise DitDeployError(
+            f"denoiser {denoiser_name(denoiser)} cannot reuse features: use the torch backend or an artifact "
+            "exported with `ditdeploy export --cache-graphs`"
+        )
+
+
 def guided_steps(timesteps: object, cfg_scale: float, interval: Interval | None) -> list[bool]:
     """Per sampled timestep: is classifier-free guidance applied there (doubled batch) or only the cond half?"""
     if cfg_scale == 1.0:
@@ -74,6 +87,9 @@ class GuidedModel:
     This is the first half of the official ``forward_with_cfg`` output. Unguided: one call on ``x`` with ``labels``.
     ``interval=(lo, hi)`` (limited-interval guidance, Kynkäänniemi et al. 2024): guided only at original timesteps
     ``lo <= t <= hi``; at any other step one call on ``x`` with ``labels`` (half the rows) and its output unchanged.
+    ``cache_interval=N`` (feature reuse): steps ``0, N, 2N, ...`` call ``denoiser.forward_full`` (output + feature
+    cache), the others ``denoiser.forward_light`` with the cached rows; a step whose rows the cache cannot serve
+    (e.g. a guided 2B-row step after a B-row full step) runs full.
     Each call's output is shape-checked and must be finite (``NumericsError`` otherwise).
     """
 
@@ -88,6 +104,7 @@ class GuidedModel:
         channels: int,
         num_steps: int,
         interval: Interval | None = None,
+        cache_interval: int | None = None,
     ):
         self.denoiser = denoiser
         self.name = denoiser_name(denoiser)
@@ -97,6 +114,9 @@ class GuidedModel:
         self.k = channels if guide_all_channels else min(3, channels)
         self.num_steps = num_steps
         self.interval = interval
+        self.cache_interval = cache_interval
+        self._cache: np.ndarray | None = None
+        self._cache_y: np.ndarray | None = None
         labels = np.asarray(labels, dtype=np.int64)
         self.batch = labels.shape[0]
         if self.guided:
@@ -113,13 +133,26 @@ class GuidedModel:
             return False
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
+    def _evaluate(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, step_index: int) -> np.ndarray:
+        """One denoiser evaluation: plain, or full/light under feature reuse."""
+        if self.cache_interval is None:
+            return self.denoiser(x, t, y)
+        n = y.shape[0]
+        cy = self._cache_y
+        if step_index % self.cache_interval and cy is not None and cy.shape[0] >= n and np.array_equal(cy[:n], y):
+            assert self._cache is not None
+            return self.denoiser.forward_light(x, t, y, self._cache[:n])  # type: ignore[attr-defined]
+        out, self._cache = self.denoiser.forward_full(x, t, y)  # type: ignore[attr-defined]
+        self._cache_y = y
+        return out
+
     def __call__(self, x: np.ndarray, step_index: int, t: int) -> np.ndarray:
         b = self.batch
         guide = self.guides(int(t))
         xin = np.concatenate([x, x]) if guide else x
         n = xin.shape[0]
-        out = self.denoiser(xin, np.full(n, t, dtype=np.int64), self.y if guide else self.labels)
-        out = np.asarray(out)
+        out = np.asarray(self._evaluate(xin, np.full(n, t, dtype=np.int64), self.y if guide else self.labels,
+                                        step_index))
         c = self.channels
         if out.ndim != 4 or out.shape[0] != n or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x.shape[2:]:
             raise DitDeployError(
@@ -177,6 +210,7 @@ def sample(
     callback: samplers.Callback | None = None,
     noise_fn: samplers.NoiseFn | None = None,
     cfg_interval: object = None,
+    cache_interval: int | None = None,
 ) -> np.ndarray:
     """Sample x_0 (float32, (B, C, H, W), latents before any VAE decode) from ``noise`` = x_T.
 
@@ -192,6 +226,9 @@ def sample(
     - ``cfg_interval``: ``None`` (default: guidance at every step) or ``(lo, hi)`` / ``"LO,HI"`` original timesteps,
       inclusive (``parse_cfg_interval``): guidance only at steps whose timestep lies inside; the other steps call
       the denoiser on the conditional half only (B rows instead of 2B). Kynkäänniemi et al., NeurIPS 2024.
+    - ``cache_interval``: ``None`` (default, off) or N >= 1: feature reuse across steps (every N-th step computes
+      all blocks; see ``GuidedModel``). Needs a denoiser with ``supports_cache`` (``forward_full(x, t, y) ->
+      (out, cache)`` and ``forward_light(x, t, y, cache) -> out``): the torch backend or a ``--cache-graphs`` export.
     - Randomness (ddpm, ddim with eta > 0): ``rng`` (a numpy Generator) or ``seed``; same seed -> same output.
       ``noise_fn(step_index, shape)`` overrides both (e.g. to share per-step noise with another implementation).
     - ``callback(step_index, t_original, x)`` after each step (x is a fresh array); ``progress`` shows a tqdm bar.
@@ -240,6 +277,7 @@ def sample(
             "cfg_scale != 1 needs num_classes (the null class id used for the unconditional half); pass num_classes="
         )
     interval = parse_cfg_interval(cfg_interval)
+    check_cache_interval(cache_interval, denoiser)
     if cfg_scale != 1.0 and getattr(getattr(denoiser, "config", None), "class_dropout_prob", None) == 0:
         raise DitDeployError("this model was built without a null class (class_dropout_prob=0): use cfg_scale=1")
 
@@ -254,6 +292,7 @@ def sample(
     model = GuidedModel(
         denoiser, y.astype(np.int64), cfg_scale=float(cfg_scale), null_class=n_cls,
         guide_all_channels=guide_all_channels, channels=x.shape[1], num_steps=int(steps), interval=interval,
+        cache_interval=None if cache_interval is None else int(cache_interval),
     )
     common = dict(clip_denoised=clip_denoised, callback=callback, progress=progress)
     if method == "ddpm":
