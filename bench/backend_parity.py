@@ -1,6 +1,6 @@
 """Image parity of `ditdeploy sample` across backends: torch (reference) vs ONNX Runtime fp32 vs OpenVINO fp32.
 
-Same checkpoint, seed, sampler and labels through ``ditdeploy.commands.sample.run_sample`` on each backend; PSNR
+Same checkpoint, seed, sampler and labels through ``ditdeploy.generation.generate`` on each backend; PSNR
 (data range 255) of the uint8 images against torch's, the largest per-pixel difference, and the share of pixels
 that are bit-identical. Models:
 
@@ -70,7 +70,7 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
 def main(argv: list[str] | None = None) -> int:
     from ditdeploy import metrics
     from ditdeploy.artifacts import tool_versions, write_json_atomic
-    from ditdeploy.commands.sample import run_sample
+    from ditdeploy.generation import SampleRequest, generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ditdeploy-parity")
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = a.cache / f"{model}-{backend}.npz"
                 vae = art["torch_vae"] if backend == "torch" else None
                 t0 = time.perf_counter()
-                s = run_sample(engine=art[backend], backend=backend, vae=vae, sampler=method, steps=steps,
-                               seed=a.seed, num_per_label=a.num_per_label, threads=a.threads, out=None, npz=out,
-                               progress=False)
-                names[backend] = s["backend"]
+                s = generate(SampleRequest(engine=art[backend], backend=backend, vae=vae, sampler=method,
+                                           steps=steps, seed=a.seed, num_per_label=a.num_per_label,
+                                           options={"threads": a.threads}, out=None, npz=out))
+                names[backend] = s.backend
                 with np.load(out) as z:
                     imgs[backend] = z["arr_0"]
                 print(f"{model} {method} {steps} {backend}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -312,23 +312,12 @@ def section_e2e(rec: Recorder, variant: str, image_size: int, device: Any, image
 
 def _digits_sample(device: str, steps: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The shipped digits model sampled as ``ditdeploy sample`` does (default labels, cfg, per-image noise)."""
-    from ditdeploy import sharding
-    from ditdeploy.commands.sample import DEFAULT_CFG, default_engine, parse_labels
-    from ditdeploy.diffusion import sample
-    from ditdeploy.runtimes import load
+    from ditdeploy.generation import SampleRequest, generate
 
-    den = load(default_engine("torch"), backend="torch", device=device)
-    cfg = den.config
-    labels, _ = parse_labels(None, None, cfg.num_classes)
-    idx = np.arange(len(labels), dtype=np.int64)
-    lab = np.asarray(labels, dtype=np.int64)
-    cfg_scale = DEFAULT_CFG if cfg.class_dropout_prob > 0 else 1.0
-    noise = sharding.initial_noise(seed, idx, (cfg.in_channels, cfg.input_size, cfg.input_size))
-    t0 = time.perf_counter()
-    x0 = sample(den, noise, lab, method="ddim", steps=steps, cfg_scale=cfg_scale, num_classes=cfg.num_classes,
-                noise_fn=sharding.PerImageNoise(seed, idx))
-    return x0, {"wall_s": round(time.perf_counter() - t0, 4), "images": len(lab), "cfg_scale": cfg_scale,
-                "backend": den.name}
+    res = generate(SampleRequest(backend="torch", options={"device": device}, steps=steps, seed=seed, out=None))
+    t = res.timings
+    return res.latents, {"wall_s": round(t.denoiser_s + t.sampler_overhead_s, 4), "images": res.count,
+                         "cfg_scale": res.cfg_scale, "backend": res.backend}
 
 
 def section_digits(rec: Recorder, device: Any, steps: int, seed: int) -> None:

@@ -63,6 +63,17 @@ class Settings:
     e2e: bool = True
 
 
+def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
+    """``"1,2,8"`` -> [1, 2, 8] (sorted, unique); a one-line DitDeployError naming ``flag`` otherwise."""
+    try:
+        out = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError as e:
+        raise DitDeployError(f"{flag} takes comma-separated integers like 1,2,8, got {spec!r}") from e
+    if not out or any(b < 1 for b in out):
+        raise DitDeployError(f"{flag} needs positive sizes, got {spec!r}")
+    return sorted(dict.fromkeys(out))
+
+
 def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
     """``"openvino:bf16"`` -> ("openvino", {"precision_hint": "bf16"}, "openvino:bf16"); plain names pass through."""
     from ditdeploy.runtimes import ALIASES, BACKENDS

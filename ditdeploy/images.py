@@ -114,11 +114,17 @@ def _readable(path: str | os.PathLike) -> None:
         os.chmod(path, 0o644 & ~mask)
 
 
+def save_image(image, path: str | os.PathLike, fmt: str = "PNG") -> None:
+    """Write a PIL image atomically (nothing half-written at ``path``) in PIL format ``fmt`` (PNG, JPEG, ...)."""
+    opts = {"quality": 95} if fmt == "JPEG" else {}
+    with atomic_path(path, suffix="." + fmt.lower()) as tmp:
+        image.save(tmp, format=fmt, **opts)
+    _readable(path)
+
+
 def save_png(image, path: str | os.PathLike) -> None:
     """Write a PIL image as PNG atomically (nothing half-written at ``path``)."""
-    with atomic_path(path, suffix=".png") as tmp:
-        image.save(tmp, format="PNG")
-    _readable(path)
+    save_image(image, path, "PNG")
 
 
 def save_npz(path: str | os.PathLike, images_u8: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:

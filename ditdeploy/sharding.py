@@ -7,8 +7,8 @@ atomically (``arr_0``, ``labels``, ``index``), and :func:`merge_parts` streams t
 global index order (memory: one part at a time).
 
 Two ways to run shards:
-- ``ditdeploy sample --shards K``: this process spawns K worker processes (``--shard i/K``), each with
-  ``cores // K`` threads, waits, and merges.
+- ``ditdeploy sample --shards K``: this process spawns K worker processes (``python -m ditdeploy.generation``
+  with a JSON request for shard i/K), each with ``cores // K`` threads, waits, and merges.
 - under ``torchrun`` (or any launcher that sets ``RANK`` / ``WORLD_SIZE``): every rank samples its range and
   writes its part; rank 0 then waits for the other parts and merges. No torch import is involved.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import zipfile
 from collections.abc import Sequence
@@ -172,8 +171,8 @@ def wait_for_parts(parts: Sequence[Path], timeout: float = 24 * 3600.0, poll: fl
         time.sleep(poll)
 
 
-def run_workers(argv: Sequence[str], count: int, threads_each: int, env: dict[str, str] | None = None) -> None:
-    """Run ``python -m ditdeploy sample <argv> --shard i/count --threads T`` for every shard, in parallel.
+def run_workers(commands: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> None:
+    """Run every command (one shard worker each, e.g. ``python -m ditdeploy.generation shard-i.json``) in parallel.
 
     Waits for all; a failing shard raises a one-line DitDeployError with its last stderr line.
     """
@@ -181,10 +180,9 @@ def run_workers(argv: Sequence[str], count: int, threads_each: int, env: dict[st
     base_env = {**os.environ, **(env or {})}
     base_env.pop("WORLD_SIZE", None)  # workers must not think they run under torchrun
     base_env.pop("RANK", None)
-    for i in range(count):
-        cmd = [sys.executable, "-m", "ditdeploy", "sample", *argv, "--shard", f"{i}/{count}",
-               "--threads", str(threads_each), "--no-progress"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env,
+    count = len(commands)
+    for cmd in commands:
+        procs.append(subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env,
                                       text=True))
     errors = []
     for i, p in enumerate(procs):

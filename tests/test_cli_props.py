@@ -46,7 +46,7 @@ def _spaced(values: list[int], seps: list[str]) -> str:
 @FAST
 @given(st.lists(st.integers(1, 4096), min_size=1, max_size=8), st.data())
 def test_batch_list_valid(values, data):
-    from ditdeploy.commands.bench import _parse_batches
+    from ditdeploy.bench.harness import parse_batches as _parse_batches
 
     seps = data.draw(st.lists(st.sampled_from([",", ", ", " ,", ",  "]), min_size=len(values),
                               max_size=len(values)))
@@ -57,7 +57,7 @@ def test_batch_list_valid(values, data):
 @FAST
 @given(st.lists(st.integers(-100, 100), min_size=1, max_size=6))
 def test_batch_list_with_a_nonpositive_size_is_refused(values):
-    from ditdeploy.commands.bench import _parse_batches
+    from ditdeploy.bench.harness import parse_batches as _parse_batches
 
     assume(any(v < 1 for v in values))
     with pytest.raises(DitDeployError, match="--batch"):
@@ -67,7 +67,7 @@ def test_batch_list_with_a_nonpositive_size_is_refused(values):
 @FAST
 @given(spec_text)
 def test_batch_list_any_text(spec):
-    from ditdeploy.commands.bench import _parse_batches
+    from ditdeploy.bench.harness import parse_batches as _parse_batches
 
     try:
         out = _parse_batches(spec)
@@ -81,7 +81,7 @@ def test_batch_list_any_text(spec):
 @FAST
 @given(st.integers(1, 1000), st.data())
 def test_label_list_valid(num_classes, data):
-    from ditdeploy.commands.sample import parse_labels
+    from ditdeploy.generation import parse_labels
 
     labels = data.draw(st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=10))
     k = data.draw(st.none() | st.integers(1, 5))
@@ -95,7 +95,7 @@ def test_label_list_valid(num_classes, data):
 @FAST
 @given(st.integers(1, 1000), st.lists(st.integers(-2000, 2000), min_size=1, max_size=6))
 def test_label_out_of_range_is_named(num_classes, labels):
-    from ditdeploy.commands.sample import parse_labels
+    from ditdeploy.generation import parse_labels
 
     bad = [v for v in labels if not 0 <= v < num_classes]
     assume(bad)
@@ -108,7 +108,7 @@ def test_label_out_of_range_is_named(num_classes, labels):
 @FAST
 @given(spec_text, st.integers(1, 1000))
 def test_label_list_any_text(spec, num_classes):
-    from ditdeploy.commands.sample import parse_labels
+    from ditdeploy.generation import parse_labels
 
     try:
         out, _ = parse_labels(spec, None, num_classes)
@@ -121,7 +121,7 @@ def test_label_list_any_text(spec, num_classes):
 @FAST
 @given(st.integers(1, 100), st.integers(-5, 0))
 def test_num_per_label_must_be_positive(num_classes, k):
-    from ditdeploy.commands.sample import DEFAULT_PER_LABEL_SMALL, parse_labels
+    from ditdeploy.generation import DEFAULT_PER_LABEL_SMALL, parse_labels
 
     with pytest.raises(DitDeployError, match="--num-per-label"):
         parse_labels(None, k, num_classes)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ditdeploy import images, sharding
-from ditdeploy.commands.sample import IMAGENET_DEMO_LABELS, _row_len, parse_labels
 from ditdeploy.errors import DitDeployError
+from ditdeploy.generation import IMAGENET_DEMO_LABELS, parse_labels
+from ditdeploy.generation import row_len as _row_len
 
 
 def test_labels_from_spec_and_defaults():

@@ -10,18 +10,6 @@ from pathlib import Path
 import typer
 
 
-def _parse_batches(spec: str) -> list[int]:
-    from ditdeploy.errors import DitDeployError
-
-    try:
-        out = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError as e:
-        raise DitDeployError(f"--batch takes comma-separated integers like 1,2,8, got {spec!r}") from e
-    if not out or any(b < 1 for b in out):
-        raise DitDeployError(f"--batch needs positive sizes, got {spec!r}")
-    return sorted(dict.fromkeys(out))
-
-
 def default_backends(path: Path) -> list[str]:
     """Backends that read ``path``: ONNX on ONNX Runtime and OpenVINO (f32, plus the bf16 hint on CPUs with native
     bf16), OpenVINO IR on OpenVINO, engines on TensorRT."""
@@ -87,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.bench import harness, report
         from ditdeploy.errors import DitDeployError
 
-        batches = _parse_batches(batch)
+        batches = harness.parse_batches(batch, "--batch")
         for name, v in (("--steps", steps), ("--repeats", repeats)):
             if v < 1:
                 raise DitDeployError(f"{name} must be >= 1, got {v}")
@@ -95,7 +83,7 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError("--warmup must be >= 0")
         engines = list(engine or [])
         if not engines:
-            from ditdeploy.commands.sample import default_engine
+            from ditdeploy.generation import default_engine
 
             engines = [default_engine(None)]
         targets: list[harness.Target] = []

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         elif engine is not None:
             src, b = engine, backend
         else:
-            from ditdeploy.commands.sample import default_engine
+            from ditdeploy.generation import default_engine
 
             src, b = default_engine(backend), backend
             typer.echo(f"no --checkpoint/--engine: calibrating the shipped default model {src.name}", err=True)

@@ -1,0 +1,542 @@
+"""The library entry point for sampling: a typed :class:`SampleRequest` in, a typed :class:`SampleResult` out.
+
+``ditdeploy sample`` maps its flags to a request and calls :func:`generate`; the bench scripts and any Python caller
+do the same. ``--shards K`` workers receive their request as JSON (``python -m ditdeploy.generation REQ.json``).
+
+Adding a sample option: add a field to :class:`SampleRequest` (JSON-able: str/int/float/bool/Path/list/None),
+read it where it acts (below), and add its CLI flag in ``ditdeploy/commands/sample.py``. Serialisation to the
+shard workers is generic over the fields.
+
+Imports only the standard library at module import; numpy, the sampler and the chosen runtime load inside
+:func:`generate`, and nothing on the path imports torch unless the torch backend is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# DiT's sample.py demo classes (ImageNet ids), used when a model has many classes and no labels are given
+IMAGENET_DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
+DEFAULT_PER_LABEL_SMALL = 6  # images per class for models with few classes (digits: 10 x 6 grid)
+DEFAULT_BATCH = 64
+DEFAULT_CFG = 4.0
+GRID_MAX = 256  # images shown in the grid image when sampling many (the npz holds all)
+SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
+GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL format
+# backend options and the one backend each applies to (None: every backend), with the flag that sets it
+BACKEND_OPTIONS = {"threads": (None, "--threads"), "providers": ("onnxruntime", "--provider"),
+                   "precision_hint": ("openvino", "--precision-hint"), "image_size": ("torch", "--image-size"),
+                   "device": ("torch", "device")}
+DECODER_OPTIONS = ("threads", "providers", "precision_hint", "device")  # options a decoder on the same backend takes
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class SampleRequest:
+    """Everything one sampling run needs. Defaults are ``ditdeploy sample``'s."""
+
+    engine: Path | None = None  # denoiser artifact; None: the shipped digits model
+    backend: str | None = None  # onnxruntime | openvino | tensorrt | torch; None: from the file suffix
+    options: dict[str, Any] = field(default_factory=dict)  # backend options, keys of BACKEND_OPTIONS
+    vae: Path | None = None  # VAE decoder for latent models; None: the artifact manifest's "decoder"
+    labels: list[int] | None = None  # class ids; None: every class (few classes) or DiT's demo classes
+    num_per_label: int | None = None  # images per label
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float | None = None  # None: DEFAULT_CFG when the model has a null class, else 1 (off)
+    eta: float = 0.0  # DDIM eta
+    seed: int = 0
+    batch_size: int | None = None  # images per sampler batch; None: min(DEFAULT_BATCH, images)
+    out: Path | None = Path("samples.png")  # labelled grid image (None and npz None: results in memory only)
+    output_format: str | None = None  # grid format png | jpg; None: from out's suffix (.jpg/.jpeg), else png
+    npz: Path | None = None  # arr_0 (N,H,W,C) uint8 + labels (ADM evaluator layout)
+    shards: int = 1  # split over this many worker processes, then merge
+    shard: list[int] | None = None  # [index, count]: sample only this shard (a worker); None: all, or torchrun's
+    guide_all_channels: bool = False  # CFG on all eps channels, not the official first 3
+    progress: bool = False  # tqdm bar over sampling steps (stderr)
+
+    def validate(self) -> None:
+        """Reject bad values before anything loads (one-line DitDeployError naming the flag)."""
+        from ditdeploy.errors import DitDeployError
+
+        checks = [
+            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}"),
+            (1 <= self.steps <= 1000, f"--steps must be in 1..1000, got {self.steps}"),
+            (self.cfg_scale is None or 0 <= self.cfg_scale < float("inf"),
+             f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}"),
+            (self.eta >= 0 and (self.eta == 0 or self.sampler == "ddim"),
+             "--eta must be >= 0 and is only used by --sampler ddim"),
+            (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.num_per_label is None or self.num_per_label >= 1,
+             f"--num-per-label must be >= 1, got {self.num_per_label}"),
+            (self.shards >= 1, f"--shards must be >= 1, got {self.shards}"),
+            (self.options.get("threads") is None or self.options["threads"] >= 1,
+             f"--threads must be >= 1, got {self.options.get('threads')}"),
+            (self.output_format is None or self.output_format in GRID_FORMATS,
+             f"--output-format must be one of {', '.join(GRID_FORMATS)}, got {self.output_format!r}"),
+            (self.labels is None or len(self.labels) > 0, "--labels is empty"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise DitDeployError(msg)
+        unknown = sorted(set(self.options) - set(BACKEND_OPTIONS))
+        if unknown:
+            raise DitDeployError(f"unknown backend option(s) {', '.join(unknown)}: valid are "
+                                 f"{', '.join(BACKEND_OPTIONS)}")
+
+    def grid_format(self) -> str:
+        """The grid's format: ``output_format``, else from ``out``'s suffix (.jpg/.jpeg: jpg), else png."""
+        if self.output_format:
+            return self.output_format
+        suffix = self.out.suffix.lower() if self.out is not None else ""
+        return "jpg" if suffix in (".jpg", ".jpeg") else "png"
+
+    def to_json(self) -> str:
+        """The request as JSON (paths as strings): what a shard worker receives."""
+        return json.dumps({f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> SampleRequest:
+        """The inverse of :meth:`to_json`; unknown keys are an error (a worker from another version)."""
+        from ditdeploy.errors import DitDeployError
+
+        d = json.loads(text)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - set(fields))
+        if bad:
+            raise DitDeployError(f"sample request has unknown field(s) {', '.join(bad)}")
+        for k, v in d.items():
+            if v is not None and str(fields[k].type).startswith("Path"):
+                d[k] = Path(v)
+        return cls(**d)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+@dataclass
+class Timings:
+    """Wall seconds of one run's stages."""
+
+    total_s: float = 0.0
+    load_s: float = 0.0
+    denoiser_s: float = 0.0
+    denoiser_calls: int = 0
+    sampler_overhead_s: float = 0.0  # sampling time outside the denoiser calls
+    decode_s: float = 0.0
+    write_s: float = 0.0
+    workers_s: float = 0.0  # --shards: the worker processes
+
+
+@dataclass
+class SampleResult:
+    """What :func:`generate` produced. Arrays cover this process's images (``None`` in a ``--shards`` parent,
+    whose images are in the merged npz)."""
+
+    images: Any  # uint8 (N, H, W, C)
+    labels: Any  # int64 (N,)
+    latents: Any  # float32 (N, C, h, w): the sampler's x_0 before any VAE decode
+    indices: Any  # int64 (N,): global image indices
+    backend: str
+    decoder: str | None
+    cfg_scale: float  # as used (the default resolved)
+    shard: tuple[int, int] | None
+    written: list[str]
+    timings: Timings
+    count: int = 0  # images sampled (over every shard in a --shards parent)
+
+    def summary(self) -> dict[str, Any]:
+        """A flat JSON-able summary (paths, counts, timings)."""
+        return {"backend": self.backend, "images": self.count, "written": list(self.written),
+                "decoder": self.decoder, "cfg_scale": self.cfg_scale, **dataclasses.asdict(self.timings)}
+
+
+# --------------------------------------------------------------------------------------------------------- labels
+def parse_label_spec(spec: str) -> list[int]:
+    """``"207,360"`` -> [207, 360] (one-line DitDeployError on anything else)."""
+    from ditdeploy.errors import DitDeployError
+
+    try:
+        out = [int(v) for v in spec.replace(" ", "").split(",") if v != ""]
+    except ValueError as e:
+        raise DitDeployError(f"--labels takes comma-separated class ids like 207,360, got {spec!r}") from e
+    if not out:
+        raise DitDeployError("--labels is empty")
+    return out
+
+
+def expand_labels(labels: list[int] | None, num_per_label: int | None,
+                  num_classes: int) -> tuple[list[int], int | None]:
+    """The label of every image, in global index order, and the grid's row length when rows are classes.
+
+    ``labels`` each repeated ``num_per_label`` times (default once); ``num_per_label`` alone: every class that many
+    times; neither: every class ``DEFAULT_PER_LABEL_SMALL`` times for small class counts (<= 100), else DiT's demo
+    classes once each.
+    """
+    from ditdeploy.errors import DitDeployError
+
+    if num_per_label is not None and num_per_label < 1:
+        raise DitDeployError(f"--num-per-label must be >= 1, got {num_per_label}")
+    if labels:
+        bad = [v for v in labels if not 0 <= v < num_classes]
+        if bad:
+            raise DitDeployError(f"labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+        base = list(labels)
+    elif num_per_label is not None or num_classes <= 100:
+        base = list(range(num_classes))
+        num_per_label = num_per_label or DEFAULT_PER_LABEL_SMALL
+    else:
+        base = [v for v in IMAGENET_DEMO_LABELS if v < num_classes] or list(range(min(8, num_classes)))
+    k = num_per_label or 1
+    return [v for v in base for _ in range(k)], (k if k > 1 else None)
+
+
+def parse_labels(spec: str | None, num_per_label: int | None, num_classes: int) -> tuple[list[int], int | None]:
+    """:func:`expand_labels` of a ``--labels`` spec string (or None)."""
+    return expand_labels(parse_label_spec(spec) if spec else None, num_per_label, num_classes)
+
+
+def row_len(labels) -> int | None:
+    """Length of the leading run of equal labels when the labels are equal-length runs (rows = classes)."""
+    n = len(labels)
+    if n < 2:
+        return None
+    k = 1
+    while k < n and labels[k] == labels[0]:
+        k += 1
+    if k == 1 or n % k:
+        return None
+    runs = labels.reshape(-1, k)
+    return k if bool((runs == runs[:, :1]).all()) else None
+
+
+# --------------------------------------------------------------------------------------------------------- loading
+def default_engine(backend: str | None) -> Path:
+    """The shipped default model for ``backend``: digits.onnx (digits.safetensors for torch)."""
+    from ditdeploy.errors import ArtifactError
+
+    assets = Path(__file__).resolve().parent / "assets"
+    p = assets / ("digits.safetensors" if backend and backend.lower() in ("torch", "pytorch") else "digits.onnx")
+    if not p.exists():
+        raise ArtifactError(f"the shipped default model {p} is missing: reinstall ditdeploy or pass --engine FILE")
+    return p
+
+
+def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options to pass to ``runtimes.load`` for ``backend`` (None values dropped); an option meant for another
+    backend is a one-line error naming its flag."""
+    from ditdeploy.errors import DitDeployError
+
+    out = {}
+    for k, v in options.items():
+        if v is None:
+            continue
+        only, flag = BACKEND_OPTIONS[k]
+        if only is not None and backend != only:
+            raise DitDeployError(f"{flag} applies to the {only} backend only"
+                                 + (" (bare .pt checkpoints)" if only == "torch" else ""))
+        out[k] = v
+    return out
+
+
+def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, Any]):
+    """The VAE decoder of a latent model (``vae`` or the manifest's), loaded; None for pixel models."""
+    from ditdeploy.artifacts import safe_member
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes import READS, load_decoder
+
+    if den.config.space == "pixel":
+        if vae is not None:
+            raise DitDeployError(f"{den.config.variant} is a pixel-space model: --vae does not apply")
+        return None
+    path = vae
+    if path is None:
+        name = (den.manifest or {}).get("decoder")
+        if name and getattr(den, "path", None) is not None:
+            path = safe_member(Path(den.path).parent, name)
+    if path is None:
+        raise DitDeployError(
+            "this latent-space model needs a VAE decoder: pass --vae vae.onnx (export one with `ditdeploy export`), "
+            "or record it as 'decoder' in the artifact's manifest"
+        )
+    if not Path(path).exists():
+        raise DitDeployError(f"VAE decoder {path} not found")
+    if Path(path).is_dir():  # a diffusers AutoencoderKL folder: the torch reference decoder
+        return load_decoder(path, backend="torch", **({"threads": opts["threads"]} if "threads" in opts else {}))
+    dec_backend = backend if Path(path).suffix.lower() in READS.get(backend, ()) else None
+    dec_opts = {k: v for k, v in opts.items() if k in DECODER_OPTIONS}
+    if dec_backend is None:
+        dec_opts.pop("precision_hint", None)
+        dec_opts.pop("device", None)
+        if Path(path).suffix.lower() != ".onnx":
+            dec_opts.pop("providers", None)
+    return load_decoder(path, backend=dec_backend, **dec_opts)
+
+
+def _my_shard(req: SampleRequest) -> tuple[tuple[int, int] | None, bool]:
+    """(this process's shard, whether it came from a torchrun-style environment)."""
+    from ditdeploy import sharding
+    from ditdeploy.errors import DitDeployError
+
+    if req.shard is not None:
+        index, count = (int(v) for v in req.shard)
+        if not 0 <= index < count:
+            raise DitDeployError(f"shard {index}/{count}: needs 0 <= index < count")
+        mine, from_env = (index, count), False
+    elif req.shards == 1:
+        mine, from_env = sharding.dist_env(), True
+    else:
+        mine, from_env = None, False
+    if mine is not None and req.shards > 1:
+        raise DitDeployError("--shards spawns its own workers: do not combine it with --shard or torchrun")
+    return mine, from_env
+
+
+# --------------------------------------------------------------------------------------------------------- running
+def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
+    """Run ``req``: sample, decode, write the npz and/or grid image; returns what was produced.
+
+    ``say``: where progress lines go (default: nowhere). Bad values raise a one-line DitDeployError before
+    anything loads; outputs are written atomically.
+    """
+    t_start = time.perf_counter()
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes import load, resolve_backend
+
+    say = say or (lambda s: None)
+    req.validate()
+    mine, from_env = _my_shard(req)
+    engine = req.engine if req.engine is not None else default_engine(req.backend)
+    if not Path(engine).exists():
+        raise DitDeployError(f"no such file: {engine}")
+    b = resolve_backend(engine, req.backend)
+    opts = backend_options(b, req.options)
+    if req.shards > 1:
+        return _generate_sharded(dataclasses.replace(req, engine=Path(engine), backend=b), say, t_start)
+    t0 = time.perf_counter()
+    den = load(engine, backend=b, **opts)
+    decoder = resolve_decoder(den, req.vae, b, opts)
+    timings = Timings(load_s=time.perf_counter() - t0)
+    cfg_scale = req.cfg_scale if req.cfg_scale is not None else (
+        DEFAULT_CFG if den.config.class_dropout_prob > 0 else 1.0)  # DiT's default when there is a null class
+    all_labels, rows = expand_labels(req.labels, req.num_per_label, den.config.num_classes)
+    res = _sample_range(den, decoder, req, cfg_scale, all_labels, mine, timings, say)
+    t2 = time.perf_counter()
+    res.written = _write_outputs(req, res, mine, from_env, len(all_labels), rows)
+    timings.write_s = time.perf_counter() - t2
+    timings.total_s = time.perf_counter() - t_start
+    return res
+
+
+def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels: list[int],
+                  mine: tuple[int, int] | None, timings: Timings, say: Say) -> SampleResult:
+    """Sample (and decode) this process's share of ``all_labels`` in batches."""
+    import numpy as np
+
+    from ditdeploy import images, sharding
+    from ditdeploy.diffusion import sample as diffusion_sample
+    from ditdeploy.runtimes import Timed
+
+    cfg = den.config
+    start, stop = sharding.shard_range(len(all_labels), *mine) if mine else (0, len(all_labels))
+    idx = np.arange(start, stop, dtype=np.int64)
+    lab = np.asarray(all_labels, dtype=np.int64)[start:stop]
+    bs = req.batch_size or min(DEFAULT_BATCH, max(1, len(idx)))
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    timed, timed_dec = Timed(den), (Timed(decoder) if decoder is not None else None)
+    u8_parts, x0_parts, t_sampling = [], [], 0.0
+    nb = (len(idx) + bs - 1) // bs
+    for bi, i in enumerate(range(0, len(idx), bs)):
+        bidx, blab = idx[i: i + bs], lab[i: i + bs]
+        t1 = time.perf_counter()
+        x0 = diffusion_sample(
+            timed, sharding.initial_noise(req.seed, bidx, shape), blab, method=req.sampler, steps=req.steps,
+            cfg_scale=cfg_scale, eta=req.eta, num_classes=cfg.num_classes,
+            guide_all_channels=req.guide_all_channels, noise_fn=sharding.PerImageNoise(req.seed, bidx),
+            progress=req.progress,
+        )
+        t_sampling += time.perf_counter() - t1
+        if req.progress and nb > 1:
+            say(f"batch {bi + 1}/{nb} done")
+        x0_parts.append(x0)
+        u8_parts.append(images.to_uint8(timed_dec(x0) if timed_dec is not None else x0))
+    timings.denoiser_s, timings.denoiser_calls = timed.seconds, timed.calls
+    timings.sampler_overhead_s = max(0.0, t_sampling - timed.seconds)
+    timings.decode_s = timed_dec.seconds if timed_dec else 0.0
+    u8 = np.concatenate(u8_parts) if u8_parts else np.zeros((0, 1, 1, 1), np.uint8)
+    x0 = np.concatenate(x0_parts) if x0_parts else np.zeros((0, *shape), np.float32)
+    return SampleResult(images=u8, labels=lab, latents=x0, indices=idx, backend=den.name,
+                        decoder=decoder.name if decoder is not None else None, cfg_scale=cfg_scale, shard=mine,
+                        written=[], timings=timings, count=int(len(idx)))
+
+
+def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] | None, from_env: bool,
+                   n_total: int, rows: int | None) -> list[str]:
+    """Write this process's npz (or shard part) and the grid; under torchrun, rank 0 merges. Returns the paths."""
+    from ditdeploy import images, sharding
+    from ditdeploy.errors import DitDeployError
+
+    written: list[str] = []
+    if mine is None:
+        if req.npz is not None:
+            images.save_npz(req.npz, res.images, res.labels)
+            written.append(str(req.npz))
+        if req.out is not None:
+            m = min(len(res.images), GRID_MAX)
+            images.save_image(images.grid(res.images[:m], res.labels[:m], cols=rows), req.out,
+                              GRID_FORMATS[req.grid_format()])
+            written.append(str(req.out) + (f" (first {m} images)" if m < len(res.images) else ""))
+        return written
+    if req.npz is None:
+        raise DitDeployError("a sharded run (--shard / torchrun) needs --npz FILE for its part")
+    part = sharding.part_path(req.npz, *mine)
+    images.save_npz(part, res.images, res.labels, index=res.indices)
+    written.append(str(part))
+    rank, world = mine
+    if from_env and rank == 0:  # torchrun rank 0 merges once every part exists
+        parts = [sharding.part_path(req.npz, r, world) for r in range(world)]
+        sharding.wait_for_parts(parts)
+        sharding.merge_parts(req.npz, parts, n_total)
+        written.append(str(req.npz))
+        if req.out is not None:
+            _write_grid_from_npz(req, rows)
+            written.append(str(req.out))
+    return written
+
+
+def _write_grid_from_npz(req: SampleRequest, rows: int | None) -> None:
+    import numpy as np
+
+    from ditdeploy import images
+
+    with np.load(req.npz) as z:
+        n = min(len(z["labels"]), GRID_MAX)
+        lab = z["labels"][:n]
+        arr = np.asarray(z["arr_0"][:n])
+    images.save_image(images.grid(arr, lab, cols=rows), req.out, GRID_FORMATS[req.grid_format()])
+
+
+def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleResult:
+    """Parent of ``shards`` worker processes: one JSON request each, then merge the parts and draw the grid."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from ditdeploy import sharding
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes.base import physical_cores
+
+    k = req.shards
+    final_npz, tmpdir = req.npz, None
+    if final_npz is None:
+        base = req.out.parent if req.out is not None else Path.cwd()
+        base.mkdir(parents=True, exist_ok=True)
+        tmpdir = tempfile.mkdtemp(prefix=".ditdeploy-shards-", dir=base)
+        final_npz = Path(tmpdir) / "samples.npz"
+    each = max(1, (req.options.get("threads") or physical_cores()) // k)
+    parts = [sharding.part_path(final_npz, i, k) for i in range(k)]
+    reqdir = Path(tempfile.mkdtemp(prefix="ditdeploy-requests-"))
+    try:
+        cmds = []
+        for i in range(k):
+            sub = dataclasses.replace(req, shards=1, shard=[i, k], npz=final_npz, out=None, progress=False,
+                                      options={**req.options, "threads": each})
+            f = reqdir / f"shard-{i}-of-{k}.json"
+            f.write_text(sub.to_json())
+            cmds.append([sys.executable, "-m", "ditdeploy.generation", str(f)])
+        say(f"running {k} shard processes ({each} thread(s) each)…")
+        t0 = time.perf_counter()
+        sharding.run_workers(cmds)
+        t_workers = time.perf_counter() - t0
+        n, _ = sharding.merge_parts(final_npz, parts)
+        written = [str(final_npz)] if req.npz is not None else []
+        if req.out is not None:
+            with np.load(final_npz) as z:
+                rows = row_len(z["labels"])
+            _write_grid_from_npz(dataclasses.replace(req, npz=final_npz), rows)
+            written.append(str(req.out))
+    finally:
+        for p in parts:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(reqdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    if n == 0:
+        raise DitDeployError("no images were sampled")
+    timings = Timings(total_s=time.perf_counter() - t_start, workers_s=t_workers)
+    return SampleResult(images=None, labels=None, latents=None, indices=None, backend=str(req.backend),
+                        decoder=None, cfg_scale=req.cfg_scale if req.cfg_scale is not None else float("nan"),
+                        shard=None, written=written, timings=timings, count=int(n))
+
+
+# --------------------------------------------------------------------------------------------------------- reporting
+def _fmt_s(s: float) -> str:
+    return f"{s:.3f} s" if s < 10 else f"{s:.1f} s"
+
+
+def describe(req: SampleRequest, res: SampleResult) -> list[str]:
+    """The two lines ``ditdeploy sample`` prints: what was sampled and written, and where the time went."""
+    t = res.timings
+    if req.shards > 1:
+        return [f"sampled {res.count} image(s) in {req.shards} shards -> {', '.join(res.written)}",
+                f"timing: total {_fmt_s(t.total_s)} | shard processes {_fmt_s(t.workers_s)} | "
+                f"merge+grid {_fmt_s(t.total_s - t.workers_s)}"]
+    shard = f", shard {res.shard[0]}/{res.shard[1]}" if res.shard else ""
+    return [
+        f"sampled {res.count} image(s) with {res.backend} ({req.sampler}, {req.steps} steps, cfg {res.cfg_scale:g}, "
+        f"seed {req.seed}{shard}) -> {', '.join(res.written)}",
+        f"timing: total {_fmt_s(t.total_s)} | load {_fmt_s(t.load_s)} | denoiser {_fmt_s(t.denoiser_s)} "
+        f"({t.denoiser_calls} calls) | sampler overhead {_fmt_s(t.sampler_overhead_s)} "
+        f"({100 * t.sampler_overhead_s / max(t.total_s, 1e-9):.2f}%) | decode {_fmt_s(t.decode_s)} | "
+        f"write {_fmt_s(t.write_s)}",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------- worker
+def main(argv: list[str] | None = None) -> int:
+    """Shard worker: ``python -m ditdeploy.generation REQUEST.json`` runs one request; errors are one line."""
+    import signal
+
+    from ditdeploy.errors import DitDeployError
+
+    def _term(signum: int, frame: object) -> None:
+        raise SystemExit(143)  # unwind: atomic writes remove their temp files
+
+    signal.signal(signal.SIGTERM, _term)
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if len(args) != 1:
+            raise DitDeployError("usage: python -m ditdeploy.generation REQUEST.json (internal: shard workers)")
+        req = SampleRequest.from_json(Path(args[0]).read_text())
+        res = generate(req)
+        for line in describe(req, res):
+            print(line, file=sys.stderr)
+        return 0
+    except DitDeployError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime's own failure: still one line for the parent to report
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
