@@ -82,6 +82,7 @@ def cleanup(model: Any) -> dict[str, Any]:
     import numpy as np
     import onnx_ir as ir
 
+    strip_stack_traces(model)
     rewrites = 0
     splits = 0
     opset = model.opset_imports.get("", DEFAULT_OPSET)
@@ -118,6 +119,19 @@ def cleanup(model: Any) -> dict[str, Any]:
     if splits:
         out["split_num_outputs_to_sizes"] = splits
     return out
+
+
+def strip_stack_traces(model: Any) -> int:
+    """Drop the exporter's per-node Python stack traces (``pkg.torch.onnx.stack_trace``); returns the count.
+
+    They name the exporting machine's source paths (``/home/<user>/...``), so the same model exported from two
+    installs gave two different files; module scopes and fx node names (no paths) are kept for debugging.
+    """
+    n = 0
+    for node in model.graph.all_nodes():
+        if node.metadata_props.pop("pkg.torch.onnx.stack_trace", None) is not None:
+            n += 1
+    return n
 
 
 def graph_stats(model: Any) -> dict[str, Any]:
