@@ -113,22 +113,10 @@ def export_vae_decoder_onnx(
     ``batch_sizes`` (zipped) are the verification shapes (ORT CPU vs diffusers ``decode``); a failed check raises
     ``NumericsError`` and leaves nothing at ``out_path``.
     """
-    from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, sha256_file, write_json_atomic
-    from ditdeploy.export.onnx import (
-        MIN_OPSET,
-        PeakRSS,
-        _stage_bar,
-        check_out_path,
-        cleanup,
-        drop_weights,
-        dynamo_export,
-        graph_stats,
-        move_into_place,
-        readable,
-        save_model,
-        set_metadata,
-    )
-    from ditdeploy.export.verify import check_parity
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.export.graph import MIN_OPSET
+    from ditdeploy.export.onnx import check_out_path, move_into_place, readable
+    from ditdeploy.export.profiling import PeakRSS, _stage_bar
 
     if opset < MIN_OPSET:
         raise DitDeployError(f"opset {opset} < {MIN_OPSET}")
@@ -142,77 +130,117 @@ def export_vae_decoder_onnx(
     data_final = out.with_name(out.name + ".data")
     man_final = manifest_path(out)
     graph = VaeDecoderGraph(vae, scaling_factor).eval()
-    latent_channels = int(vae.config.latent_channels)
-    up = 2 ** (len(vae.config.block_out_channels) - 1)
     if source is None and vae_dir is not None:
-        source = {"vae_dir": str(vae_dir)}
-        weights = sorted(p for p in (vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir).glob("*")
-                         if p.suffix in (".safetensors", ".bin"))
-        if weights:
-            source["weights"] = {p.name: sha256_file(p) for p in weights}
+        source = _vae_source(vae_dir)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     with PeakRSS() as rss, atomic_dir([data_final, out, man_final]) as tmp:
         bar = _stage_bar(3, progress, f"export {out.name}")
         t0 = time.perf_counter()
-        s = max(2, min(latent_sizes))
-        ir_model = dynamo_export(
-            graph, (torch.randn(2, latent_channels, s, s),), (DECODER_INPUT,), (DECODER_OUTPUT,),
-            {DECODER_INPUT: {0: "batch", 2: "height", 3: "width"},
-             DECODER_OUTPUT: {0: "batch", 2: "image_height", 3: "image_width"}}, opset,
-        )
-        changes = cleanup(ir_model)
-        stats = graph_stats(ir_model)
-        set_metadata(ir_model, {"ditdeploy.kind": "decoder", "ditdeploy.scaling_factor": repr(graph.scaling_factor)})
-        files = save_model(ir_model, tmp / out.name)
-        drop_weights(ir_model)
-        del ir_model
+        files, changes, stats = _trace_decoder(graph, int(vae.config.latent_channels), latent_sizes, opset,
+                                               tmp / out.name)
         timings["export_s"] = time.perf_counter() - t0
         bar.update(1)
         parity = None
         if verify:
             t0 = time.perf_counter()
-            feeds = decoder_inputs(latent_channels, latent_sizes, batch_sizes, seed)
-            parity = check_parity(tmp / out.name, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
-                                  feeds, tolerance=tolerance or DECODER_TOLERANCE, what="VAE decoder ONNX")
-            parity["reference"] = "diffusers AutoencoderKL.decode (fp32, clamped)"
-            for b, f in zip(parity["batches"], feeds, strict=True):
-                b["latent_shape"] = list(f[DECODER_INPUT].shape)
+            parity = _verify_decoder(vae, graph, tmp / out.name, latent_sizes, batch_sizes, seed, tolerance)
             timings["verify_s"] = time.perf_counter() - t0
         else:
             warnings.warn(f"{out.name}: verification skipped (--no-verify): parity is NOT checked", stacklevel=2)
         bar.update(1)
         timings["total_s"] = time.perf_counter() - t_start
-        cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
-               if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-        cfg["latent_size"] = int(latent_sizes[0])
-        manifest = make_manifest(
-            tmp / out.name, files,
-            kind="decoder",
-            format="onnx",
-            precision="fp32",
-            opset=opset,
-            config=cfg,
-            latent_channels=latent_channels,
-            upsample=up,
-            scaling_factor=graph.scaling_factor,
-            shift_factor=graph.shift_factor,
-            io={"inputs": {DECODER_INPUT: ["batch", latent_channels, "height", "width"]},
-                "outputs": {DECODER_OUTPUT: ["batch", int(vae.config.out_channels), f"{up}*height", f"{up}*width"]},
-                "range": [-1.0, 1.0]},
-            batch={"min": 1, "opt": max(batch_sizes), "max": None},
-            parity=parity,
-            verified=parity is not None,
-            graph={"nodes": stats["nodes"], "ops": stats["ops"], "cleanup": changes},
-            weight_bytes=stats["initializer_bytes"],
-            source=source,
-            export_seconds=round(timings["total_s"], 3),
-            timings={k: round(v, 3) for k, v in timings.items()},
-            peak_rss_bytes=rss.peak,
-        )
+        manifest = _decoder_manifest(tmp / out.name, files, vae, graph, opset=opset, latent_sizes=latent_sizes,
+                                     batch_sizes=batch_sizes, parity=parity, stats=stats, changes=changes,
+                                     source=source, timings=timings, peak_rss=rss.peak)
         write_json_atomic(tmp / man_final.name, manifest)
         readable(*files, tmp / man_final.name)
         bar.update(1)
         bar.close()
     move_into_place(files, out, stale=[data_final])
     return manifest
+
+
+def _vae_source(vae_dir: Path) -> dict[str, Any]:
+    """Where the VAE came from: its folder and the sha256 of its weight files."""
+    from ditdeploy.artifacts import sha256_file
+
+    source: dict[str, Any] = {"vae_dir": str(vae_dir)}
+    weights = sorted(p for p in (vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir).glob("*")
+                     if p.suffix in (".safetensors", ".bin"))
+    if weights:
+        source["weights"] = {p.name: sha256_file(p) for p in weights}
+    return source
+
+
+def _trace_decoder(graph: Any, latent_channels: int, latent_sizes: Sequence[int], opset: int,
+                   path: Path) -> tuple[list[Path], dict[str, Any], dict[str, Any]]:
+    """Trace the decoder graph (dynamic batch/height/width), clean it and save it; (files, cleanup, stats)."""
+    from ditdeploy.export.graph import cleanup, dynamo_export, graph_stats, set_metadata
+    from ditdeploy.export.onnxscript_compat import drop_weights
+    from ditdeploy.export.protobuf_writer import save_model
+
+    s = max(2, min(latent_sizes))
+    ir_model = dynamo_export(
+        graph, (torch.randn(2, latent_channels, s, s),), (DECODER_INPUT,), (DECODER_OUTPUT,),
+        {DECODER_INPUT: {0: "batch", 2: "height", 3: "width"},
+         DECODER_OUTPUT: {0: "batch", 2: "image_height", 3: "image_width"}}, opset,
+    )
+    changes = cleanup(ir_model)
+    stats = graph_stats(ir_model)
+    set_metadata(ir_model, {"ditdeploy.kind": "decoder", "ditdeploy.scaling_factor": repr(graph.scaling_factor)})
+    files = save_model(ir_model, path)
+    drop_weights(ir_model)
+    return files, changes, stats
+
+
+def _verify_decoder(vae: Any, graph: Any, path: Path, latent_sizes: Sequence[int], batch_sizes: Sequence[int],
+                    seed: int, tolerance: dict[str, float] | None) -> dict[str, Any]:
+    """ORT CPU vs diffusers ``decode`` (fp32, clamped) at each latent size x batch; raises beyond tolerance."""
+    from ditdeploy.export.verify import check_parity
+
+    feeds = decoder_inputs(int(vae.config.latent_channels), latent_sizes, batch_sizes, seed)
+    parity = check_parity(path, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
+                          feeds, tolerance=tolerance or DECODER_TOLERANCE, what="VAE decoder ONNX")
+    parity["reference"] = "diffusers AutoencoderKL.decode (fp32, clamped)"
+    for b, f in zip(parity["batches"], feeds, strict=True):
+        b["latent_shape"] = list(f[DECODER_INPUT].shape)
+    return parity
+
+
+def _decoder_manifest(path: Path, files: list[Path], vae: Any, graph: Any, *, opset: int,
+                      latent_sizes: Sequence[int], batch_sizes: Sequence[int], parity: dict[str, Any] | None,
+                      stats: dict[str, Any], changes: dict[str, Any], source: dict[str, Any] | None,
+                      timings: dict[str, float], peak_rss: int) -> dict[str, Any]:
+    """The decoder's manifest: VAE config, scaling, I/O, parity, graph summary, timings."""
+    from ditdeploy.artifacts import make_manifest
+
+    latent_channels = int(vae.config.latent_channels)
+    up = 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(vae.config).items()
+           if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    cfg["latent_size"] = int(latent_sizes[0])
+    return make_manifest(
+        path, files,
+        kind="decoder",
+        format="onnx",
+        precision="fp32",
+        opset=opset,
+        config=cfg,
+        latent_channels=latent_channels,
+        upsample=up,
+        scaling_factor=graph.scaling_factor,
+        shift_factor=graph.shift_factor,
+        io={"inputs": {DECODER_INPUT: ["batch", latent_channels, "height", "width"]},
+            "outputs": {DECODER_OUTPUT: ["batch", int(vae.config.out_channels), f"{up}*height", f"{up}*width"]},
+            "range": [-1.0, 1.0]},
+        batch={"min": 1, "opt": max(batch_sizes), "max": None},
+        parity=parity,
+        verified=parity is not None,
+        graph={"nodes": stats["nodes"], "ops": stats["ops"], "cleanup": changes},
+        weight_bytes=stats["initializer_bytes"],
+        source=source,
+        export_seconds=round(timings["total_s"], 3),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        peak_rss_bytes=peak_rss,
+    )
