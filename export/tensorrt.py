@@ -1,24 +1,14 @@
 """TensorRT engine build: a thin layer that executes a :class:`~ditdeploy.export.trt_plan.BuildPlan`.
 
 All decisions (flags per TensorRT major, profile, validation, metadata) are made in ``trt_plan`` and tested on CPU;
-this module only makes the TensorRT 10 / 11 Python API calls::
-
-    builder = trt.Builder(logger)
-    network = builder.create_network(flags)           # 1 << STRONGLY_TYPED on 10, 0 on 11 (always strongly typed)
-    parser = trt.OnnxParser(network, logger)
-    parser.parse_from_file(onnx_path)                 # resolves external data beside the ONNX
-    config = builder.create_builder_config()
-    config.builder_optimization_level = N
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, bytes)   # optional
-    profile = builder.create_optimization_profile(); profile.set_shape(name, min, opt, max) for x, t, y
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(blob_or_empty); config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
-    config.get_timing_cache().serialize() -> timing cache file
+the plan is translated into Polygraphy's TensorRT loaders by ``trt_polygraphy`` (``NetworkFromOnnxPath`` with
+``strongly_typed``, ``CreateConfig(tf32=False, profiles=...)`` + checks, ``EngineFromNetwork``, ``SaveEngine``) and
+run here. Before any of that the static lint (``trt_lint``) must pass.
 
 The plan file and its manifest (TensorRT version, GPU name and compute capability, precision, batch profile,
-calibration hash, the build plan) are written atomically. NOT run in this project's CI: there is no GPU or TensorRT
-on the development machines (see README); the plan logic is tested on CPU.
+calibration hash, the build plan) are written atomically, the timing cache after them. NOT run in this project's
+CI: there is no GPU or TensorRT on the development machines (see docs/tensorrt.md); the plan, its Polygraphy
+translation and the lint are tested on CPU.
 """
 
 from __future__ import annotations
@@ -38,6 +28,7 @@ from ditdeploy.artifacts import (
 )
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
 from ditdeploy.export.trt_plan import INSTALL_HINT, BuildPlan, TrtFeatures, engine_metadata, make_build_plan
+from ditdeploy.export.trt_polygraphy import ConfigChecks, make_loaders, polygraphy_args
 
 __all__ = ["build_engine", "import_tensorrt", "write_build_plan"]
 
@@ -66,16 +57,6 @@ def dry_run_path(out_plan: str | os.PathLike) -> Path:
     """Where ``--dry-run`` writes the plan for engine ``out_plan``: ``x.plan`` -> ``x.buildplan.json``."""
     p = Path(out_plan)
     return p.with_name(p.stem + ".buildplan.json")
-
-
-def _parse_errors(parser: Any) -> str:
-    msgs = []
-    for i in range(int(getattr(parser, "num_errors", 0))):
-        e = parser.get_error(i)
-        desc = e.desc() if callable(getattr(e, "desc", None)) else str(e)
-        node = e.node_name() if callable(getattr(e, "node_name", None)) else ""
-        msgs.append(f"{desc}{f' (node {node})' if node else ''}")
-    return "; ".join(msgs[:3]) or "unknown parser error"
 
 
 def _gpu() -> tuple[str | None, tuple[int, int] | None]:
@@ -162,53 +143,40 @@ def _lint(src: Path, progress: bool) -> dict[str, Any]:
 
 def _build(trt: Any, feats: TrtFeatures, src: Path, out: Path, plan: BuildPlan, src_m: dict[str, Any], *,
            verbose: bool, progress: bool) -> dict[str, Any]:
-    logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    for f in plan.network_flags:
-        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, f))
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(src.resolve())):
-        raise ArtifactError(f"TensorRT could not parse {src.name}: {_parse_errors(parser)}")
-    config = builder.create_builder_config()
-    for f in plan.builder_flags:  # none today (strong typing); kept for future per-major decisions
-        config.set_flag(getattr(trt.BuilderFlag, f))
-    if plan.workspace_mb and feats.memory_pool_limit:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_mb) << 20)
-    if feats.opt_level:
-        config.builder_optimization_level = int(plan.opt_level)
-    profile = builder.create_optimization_profile()
-    for name, (mn, op, mx) in plan.input_shapes().items():
-        profile.set_shape(name, mn, op, mx)
-    config.add_optimization_profile(profile)
-    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
-    if cache_path is not None and feats.timing_cache:
-        blob = cache_path.read_bytes() if cache_path.exists() else b""
-        cache = config.create_timing_cache(blob)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise ArtifactError(f"timing cache {cache_path} does not match this TensorRT/GPU: delete it or pass "
-                                "another --timing-cache")
+    """Run the plan through Polygraphy's loaders; write engine + manifest atomically, then the timing cache."""
+    from polygraphy.backend.trt import SaveEngine
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.VERBOSE if verbose else G_LOGGER.WARNING
+    args = polygraphy_args(plan, src)
+    checks = ConfigChecks(args, trt)
+    _, _, engine_loader = make_loaders(args, checks)
     if progress:
         print(f"building TensorRT {feats.version} engine for {src.name} ({plan.precision}, batch "
-              f"{plan.profile.min}/{plan.profile.opt}/{plan.profile.max}, opt level {plan.opt_level}); "
+              f"{plan.profile.min}/{plan.profile.opt}/{plan.profile.max}, opt level {plan.opt_level}, TF32 off); "
               "this takes minutes ...", flush=True)
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - t0
-    if serialized is None:
-        raise ArtifactError(f"TensorRT failed to build an engine from {src.name} (see the TensorRT log above)")
-    gpu_name, cc = _gpu()
-    fields = engine_metadata(plan, gpu_name, cc, src_m, seconds)
     mp = manifest_path(out)
+    t0 = time.perf_counter()
     with atomic_dir([out, mp]) as tmp:
-        tplan = tmp / out.name
-        with open(tplan, "wb") as f:
-            f.write(memoryview(serialized))
-        manifest = make_manifest(out, [tplan], **fields)
+        try:
+            engine = engine_loader()
+            SaveEngine(engine, str(tmp / out.name))()
+        except PolygraphyException as e:  # parser errors, invalid engine: Polygraphy's message, one line
+            raise ArtifactError(f"TensorRT could not build {src.name}: {' '.join(str(e).split())[:400]}") from e
+        seconds = time.perf_counter() - t0
+        check_engine_profile(engine, plan)
+        gpu_name, cc = _gpu()
+        manifest = make_manifest(out, [tmp / out.name], **engine_metadata(plan, gpu_name, cc, src_m, seconds))
         write_json_atomic(tmp / mp.name, manifest)
-    if cache_path is not None and feats.timing_cache:
-        tc = config.get_timing_cache()
-        if tc is not None:
-            write_bytes_atomic(cache_path, bytes(memoryview(tc.serialize())))
+    if plan.timing_cache:
+        write_bytes_atomic(Path(plan.timing_cache), checks.timing_cache_bytes())
     return manifest
+
+
+def check_engine_profile(engine: Any, plan: BuildPlan) -> None:
+    """The built engine's profile 0 must be the plan's (min, opt, max) shapes for every input."""
+    for name, want in plan.input_shapes().items():
+        got = tuple(tuple(int(d) for d in s) for s in engine.get_tensor_profile_shape(name, 0))
+        if got != tuple(want):
+            raise ArtifactError(f"the built engine's profile for {name!r} is {got}, the plan asked for {want}")

@@ -13,6 +13,9 @@ Decisions (REFERENCE §2, TensorRT 10 -> 11 migration guide):
 - TensorRT 10: the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; ``EXPLICIT_BATCH`` is
   deprecated and ignored since 10.0, so it is not set. TensorRT 11: networks are always strongly typed; the flag is
   deprecated and ignored, so no creation flag is set. TensorRT < 10 is refused.
+- TF32 is off (TensorRT enables ``BuilderFlag.TF32`` by default; an "fp32" engine would otherwise run fp32 GEMMs
+  in TF32, ~1e-3 relative error): ``trt_polygraphy`` passes ``CreateConfig(tf32=False)`` and checks the flag.
+- The build runs through Polygraphy's TensorRT loaders (``trt_polygraphy``); this plan is their input, as data.
 - The ONNX is parsed from its file path (``OnnxParser.parse_from_file``) so external data (XL/2) resolves.
 - One optimisation profile over the batch dimension of ``x``, ``t``, ``y`` (min <= opt <= max).
 - Builder optimisation level 0..5 (TensorRT's default 3), an optional timing cache file (loaded if present, saved
@@ -274,6 +277,90 @@ def _graph_precision(model: Any) -> str:
     return "fp32"
 
 
+def _read_source(p: Path, manifest: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """The denoiser ONNX (graph only, no weights) and its verified manifest."""
+    import onnx
+
+    from ditdeploy.artifacts import load_manifest
+
+    if not p.exists():
+        raise ArtifactError(f"no such ONNX file: {p}")
+    if manifest is None:
+        manifest = load_manifest(p, verify=True)
+    assert manifest is not None
+    if manifest.get("kind") != "denoiser":
+        raise ArtifactError(f"{p.name} is a {manifest.get('kind')!r} artifact; engines are built from the denoiser")
+    if not isinstance(manifest.get("config"), dict):
+        raise ArtifactError(f"the manifest of {p.name} has no model config: re-export the ONNX")
+    return onnx.load(str(p), load_external_data=False), manifest
+
+
+def _carried_precision(p: Path, model: Any, manifest: dict[str, Any], precision: str | None) -> str:
+    """The precision the ONNX carries (manifest, cross-checked against the graph); ``precision`` must agree."""
+    carried = str(manifest.get("precision", "fp32"))
+    if carried not in PRECISIONS:
+        raise ArtifactError(f"{p.name}'s manifest has unknown precision {carried!r}")
+    graph = _graph_precision(model)
+    if graph != carried:
+        raise ArtifactError(f"{p.name}'s manifest says {carried} but the graph looks {graph}: re-export it")
+    if precision is not None and precision != carried:
+        how = {"fp16": "`ditdeploy export --fmt onnx --precision fp16`",
+               "int8": "`ditdeploy export --fmt onnx --precision int8 --calibration calib.npz`",
+               "fp32": "`ditdeploy export --fmt onnx`"}.get(precision, "")
+        raise DitDeployError(
+            f"--precision {precision} needs a {precision} ONNX (strongly typed engines take their precision from the "
+            f"ONNX), but {p.name} is {carried}: export one with {how}"
+        )
+    return carried
+
+
+def _int8_notes(model: Any, manifest: dict[str, Any]) -> list[str]:
+    """Checks and notes of an explicit-quantization (Q/DQ) source."""
+    counts = check_int8_graph(model)
+    notes = [f"explicit quantization: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes"]
+    int8 = manifest.get("int8") if isinstance(manifest.get("int8"), dict) else {}
+    if int8.get("mode") == "dynamic":
+        raise DitDeployError("dynamic INT8 runs on ONNX Runtime CPU only: TensorRT needs --int8-mode static")
+    if (manifest.get("source") or {}).get("precision") == "fp32":
+        notes.append("non-quantized layers of this Q/DQ graph are fp32 (quantized from the fp32 ONNX); "
+                     "strong typing keeps them fp32")
+    cfg = manifest["config"]
+    head_dim = int(cfg.get("hidden_size", 0)) // int(cfg.get("num_heads") or 1)
+    if head_dim not in (16, 32, 64):
+        notes.append(f"head dim {head_dim}: TensorRT's fused INT8 attention wants 16/32/64; attention stays "
+                     "unquantized in this ONNX (only the GEMMs carry Q/DQ)")
+    return notes
+
+
+def _resolve_profile(model: Any, manifest: dict[str, Any], min_batch: int | None, opt_batch: int | None,
+                     max_batch: int | None) -> BatchProfile:
+    """Batch bounds: given ones, else (1, 8, 32) clamped to each other and to the manifest's max batch; a
+    static-batch ONNX gets exactly its batch."""
+    fixed = _onnx_batch_dim(model)
+    lo, op, hi = DEFAULT_BATCH
+    mn = min_batch if min_batch is not None else (fixed or lo)
+    mx = max_batch if max_batch is not None else (fixed or max(hi, mn))
+    ob = opt_batch if opt_batch is not None else (fixed or min(max(op, mn), mx))
+    man_batch = manifest.get("batch") if isinstance(manifest.get("batch"), dict) else {}
+    if man_batch.get("max") and max_batch is None and fixed is None:
+        mx = min(mx, int(man_batch["max"]))
+        ob = min(ob, mx)
+        mn = min(mn, ob)
+    profile = BatchProfile(int(mn), int(ob), int(mx)).validate(fixed)
+    if man_batch.get("max") and profile.max > int(man_batch["max"]):
+        raise DitDeployError(f"--max-batch {profile.max} exceeds the ONNX's recorded max batch {man_batch['max']}")
+    return profile
+
+
+def _check_knobs(opt_level: int, workspace_mb: int | None, timing_cache: str | os.PathLike | None) -> None:
+    if opt_level not in OPT_LEVELS:
+        raise DitDeployError(f"--opt-level must be 0..5 (TensorRT builder optimisation level), got {opt_level}")
+    if workspace_mb is not None and workspace_mb < 1:
+        raise DitDeployError(f"--workspace-mb must be >= 1, got {workspace_mb}")
+    if timing_cache is not None and Path(timing_cache).is_dir():
+        raise DitDeployError(f"--timing-cache {timing_cache} is a directory; give a file path")
+
+
 def make_build_plan(
     onnx_path: str | os.PathLike,
     manifest: dict[str, Any] | None = None,
@@ -293,82 +380,23 @@ def make_build_plan(
     graph: Q/DQ nodes -> int8, fp16 initializers -> fp16). Unset batch bounds default to (1, 8, 32) clamped to each
     other; a static-batch ONNX must be built for exactly its batch. ``features`` defaults to TensorRT 10 assumed.
     """
-    import onnx
-
-    from ditdeploy.artifacts import load_manifest, sha256_file
+    from ditdeploy.artifacts import sha256_file
 
     p = Path(onnx_path)
-    if not p.exists():
-        raise ArtifactError(f"no such ONNX file: {p}")
-    if manifest is None:
-        manifest = load_manifest(p, verify=True)
-    assert manifest is not None
-    if manifest.get("kind") != "denoiser":
-        raise ArtifactError(f"{p.name} is a {manifest.get('kind')!r} artifact; engines are built from the denoiser")
-    if not isinstance(manifest.get("config"), dict):
-        raise ArtifactError(f"the manifest of {p.name} has no model config: re-export the ONNX")
-    model = onnx.load(str(p), load_external_data=False)
-    carried = str(manifest.get("precision", "fp32"))
-    graph = _graph_precision(model)
-    if carried not in PRECISIONS:
-        raise ArtifactError(f"{p.name}'s manifest has unknown precision {carried!r}")
-    if graph != carried:
-        raise ArtifactError(f"{p.name}'s manifest says {carried} but the graph looks {graph}: re-export it")
-    if precision is not None and precision != carried:
-        how = {"fp16": "`ditdeploy export --fmt onnx --precision fp16`",
-               "int8": "`ditdeploy export --fmt onnx --precision int8 --calibration calib.npz`",
-               "fp32": "`ditdeploy export --fmt onnx`"}.get(precision, "")
-        raise DitDeployError(
-            f"--precision {precision} needs a {precision} ONNX (strongly typed engines take their precision from the "
-            f"ONNX), but {p.name} is {carried}: export one with {how}"
-        )
-    notes: list[str] = []
-    int8 = manifest.get("int8") if isinstance(manifest.get("int8"), dict) else {}
-    if carried == "int8":
-        counts = check_int8_graph(model)
-        notes.append(f"explicit quantization: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes")
-        if int8.get("mode") == "dynamic":
-            raise DitDeployError("dynamic INT8 runs on ONNX Runtime CPU only: TensorRT needs --int8-mode static")
-        src_prec = (manifest.get("source") or {}).get("precision")
-        if src_prec == "fp32":
-            notes.append("non-quantized layers of this Q/DQ graph are fp32 (quantized from the fp32 ONNX); "
-                         "strong typing keeps them fp32")
-
-    fixed = _onnx_batch_dim(model)
-    lo, op, hi = DEFAULT_BATCH
-    mn = min_batch if min_batch is not None else (fixed or lo)
-    mx = max_batch if max_batch is not None else (fixed or max(hi, mn))
-    ob = opt_batch if opt_batch is not None else (fixed or min(max(op, mn), mx))
-    man_batch = manifest.get("batch") if isinstance(manifest.get("batch"), dict) else {}
-    if man_batch.get("max") and max_batch is None and fixed is None:
-        mx = min(mx, int(man_batch["max"]))
-        ob = min(ob, mx)
-        mn = min(mn, ob)
-    profile = BatchProfile(int(mn), int(ob), int(mx)).validate(fixed)
-    if man_batch.get("max") and profile.max > int(man_batch["max"]):
-        raise DitDeployError(f"--max-batch {profile.max} exceeds the ONNX's recorded max batch {man_batch['max']}")
-    if opt_level not in OPT_LEVELS:
-        raise DitDeployError(f"--opt-level must be 0..5 (TensorRT builder optimisation level), got {opt_level}")
-    if workspace_mb is not None and workspace_mb < 1:
-        raise DitDeployError(f"--workspace-mb must be >= 1, got {workspace_mb}")
-    if timing_cache is not None:
-        tc = Path(timing_cache)
-        if tc.exists() and tc.is_dir():
-            raise DitDeployError(f"--timing-cache {tc} is a directory; give a file path")
+    model, manifest = _read_source(p, manifest)
+    carried = _carried_precision(p, model, manifest, precision)
+    notes = _int8_notes(model, manifest) if carried == "int8" else []
+    profile = _resolve_profile(model, manifest, min_batch, opt_batch, max_batch)
+    _check_knobs(opt_level, workspace_mb, timing_cache)
     feats = features or TrtFeatures.assume("10")
     if not feats.detected:
         notes.append(f"planned for TensorRT {feats.version} (assumed API); flags are re-decided at build time")
-    cfg = manifest["config"]
-    heads = cfg.get("num_heads") or 1
-    head_dim = int(cfg.get("hidden_size", 0)) // int(heads)
-    if carried == "int8" and head_dim not in (16, 32, 64):
-        notes.append(f"head dim {head_dim}: TensorRT's fused INT8 attention wants 16/32/64; attention stays "
-                     "unquantized in this ONNX (only the GEMMs carry Q/DQ)")
+    int8 = carried == "int8"
     return BuildPlan(
         onnx=p.name,
         onnx_sha256=sha256_file(p),
         precision=carried,
-        config=dict(cfg),
+        config=dict(manifest["config"]),
         profile=profile,
         opt_level=int(opt_level),
         timing_cache=str(timing_cache) if timing_cache is not None else None,
@@ -379,8 +407,8 @@ def make_build_plan(
         network_flags=feats.network_flags(),
         builder_flags=feats.builder_flags(carried),
         strongly_typed=True,
-        calibration_sha256=manifest.get("calibration_sha256") if carried == "int8" else None,
-        excluded_nodes=tuple(manifest.get("excluded_nodes") or ()) if carried == "int8" else (),
+        calibration_sha256=manifest.get("calibration_sha256") if int8 else None,
+        excluded_nodes=tuple(manifest.get("excluded_nodes") or ()) if int8 else (),
         notes=tuple(notes),
     )
 
@@ -408,6 +436,7 @@ def engine_metadata(plan: BuildPlan, gpu_name: str | None, compute_capability: t
             "version_compatible": False,
             "hardware_compatibility_level": "none",
             "strongly_typed": plan.strongly_typed,
+            "tf32": False,
             "network_flags": list(plan.network_flags),
             "builder_flags": list(plan.builder_flags),
             "builder_optimization_level": plan.opt_level,

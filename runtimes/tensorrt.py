@@ -1,18 +1,17 @@
-"""TensorRT backend: a serialized engine (.plan / .engine) run through named I/O tensors.
+"""TensorRT backend: a serialized engine (.plan / .engine) run through Polygraphy's TensorRT runner.
 
-Thin by design, following the TensorRT 10/11 Python API: ``Runtime.deserialize_cuda_engine``, tensors by name
-(``num_io_tensors``, ``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_profile_shape``), per-call
-``set_input_shape`` + ``set_tensor_address`` + ``execute_async_v3`` on a CUDA stream, device memory and copies via
-cuda-python's runtime bindings. Batches larger than the engine's optimisation-profile maximum are chunked. An
-optional CUDA graph is captured per batch size (``cuda_graph=True``).
+The engine is deserialized by Polygraphy's ``EngineFromBytes`` and run by its ``TrtRunner`` (named I/O tensors,
+``set_input_shape``, ``execute_async_v3`` with its result checked): the code NVIDIA tests. With
+``cuda_graph=True`` a CUDA graph is captured per batch size instead (``TrtRunner`` has no graph mode; see
+``trt_cuda``: every launch checked, graphs destroyed, CUDA errors by name). Batches above the optimisation
+profile's maximum are chunked; a batch below its minimum is padded (repeated last row) and sliced back.
 
 Engines are tied to the TensorRT version and the GPU they were built on: before deserializing, the manifest's
 recorded TensorRT version and GPU (name, compute capability) are compared with the running ones and a mismatch is
-a one-line ArtifactError. TensorRT 10 vs 11 differences are handled by feature detection (e.g.
-``device_memory_size_v2``; 11 removed weak typing, which only affects building, not this runtime).
+a one-line ArtifactError.
 
-Not exercised on this project's CI (no GPU); the pure-python parts (manifest checks, chunking, profile parsing)
-are tested on CPU.
+Not exercised on this project's CI (no GPU); the pure-python parts (manifest checks, profile range, padding,
+chunking, CUDA error naming) are tested on CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from ditdeploy.runtimes.base import (
     max_batch_from_manifest,
     read_manifest,
 )
+from ditdeploy.runtimes.trt_cuda import CudaGraphExecutor, ck, cudart
 
 # --------------------------------------------------------------------------------------------- pure python parts
 
@@ -125,48 +125,32 @@ def _norm(s: str) -> str:
     return re.sub(r"\s+", " ", str(s)).strip().lower()
 
 
-def profile_max_batch(profile_shapes: Any) -> int:
-    """Max batch from ``get_tensor_profile_shape`` output ``(min, opt, max)`` shapes of ``x``."""
+def profile_batch_range(profile_shapes: Any) -> tuple[int, int]:
+    """(min, max) batch from ``get_tensor_profile_shape`` output ``(min, opt, max)`` shapes of ``x``."""
     try:
-        mx = profile_shapes[2]
-        return int(mx[0])
+        lo, hi = int(profile_shapes[0][0]), int(profile_shapes[2][0])
     except (IndexError, TypeError, ValueError) as e:
         raise ArtifactError(f"cannot read the engine's optimisation profile: {profile_shapes!r}") from e
+    if not 1 <= lo <= hi:
+        raise ArtifactError(f"the engine's optimisation profile has batch {lo}..{hi}: rebuild it")
+    return lo, hi
 
 
-# --------------------------------------------------------------------------------------------- CUDA helpers
-
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError as e:
-            from ditdeploy.errors import MissingDependencyError
-
-            raise MissingDependencyError("cuda-python", "tensorrt", "the TensorRT backend") from e
-    return cudart
-
-
-def _ck(ret: Any, what: str) -> Any:
-    """Unpack a cuda-python ``(err, *values)`` return and raise on error."""
-    if isinstance(ret, tuple):
-        err, vals = ret[0], ret[1:]
-    else:
-        err, vals = ret, ()
-    if int(getattr(err, "value", err)) != 0:  # cudaError_t.cudaSuccess == 0
-        raise DitDeployError(f"CUDA error in {what}: {err}")
-    if not vals:
-        return None
-    return vals[0] if len(vals) == 1 else vals
+def pad_batch(arrays: tuple[np.ndarray, ...], n_min: int) -> tuple[tuple[np.ndarray, ...], int]:
+    """Pad a batch below the engine profile's minimum up to ``n_min`` rows by repeating its last row (DiT rows are
+    independent, so the first ``n`` output rows are unchanged); returns the arrays and the real row count."""
+    n = int(arrays[0].shape[0])
+    if n == 0:
+        raise DitDeployError("empty batch")
+    if n >= n_min:
+        return arrays, n
+    return tuple(np.concatenate([a, np.repeat(a[-1:], n_min - n, axis=0)]) for a in arrays), n
 
 
 def gpu_info(device: int = 0) -> tuple[str, tuple[int, int]]:
     """Name and compute capability of CUDA device ``device``."""
-    cudart = _cudart()
-    props = _ck(cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
+    rt = cudart()
+    props = ck(rt, rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return name.rstrip("\x00").strip(), (int(props.major), int(props.minor))
 
@@ -175,125 +159,97 @@ def gpu_info(device: int = 0) -> tuple[str, tuple[int, int]]:
 
 
 class TensorRTDenoiser(DenoiserBase):
-    """A denoiser engine executed with named tensors on one CUDA stream."""
+    """A denoiser engine run by Polygraphy's ``TrtRunner`` (or, with ``cuda_graph=True``, by CUDA graphs).
+
+    Batches above the profile's max are chunked (``DenoiserBase``); a batch below its min is padded (repeated last
+    row, output sliced back), so every call is within the profile.
+    """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, device: int = 0, cuda_graph: bool = False,
                  strict_gpu_name: bool = True, max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = config_from_manifest(self.manifest, self.path)
-        trt = require("tensorrt", "tensorrt", "the TensorRT backend")
-        self.trt = trt
-        self.cudart = cudart = _cudart()
-        _ck(cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.trt = trt = require("tensorrt", "tensorrt", "the TensorRT backend")
+        ptrt = require("polygraphy.backend.trt", "tensorrt", "the TensorRT backend")
+        rt = cudart()
+        ck(rt, rt.cudaSetDevice(device), "cudaSetDevice")
         name, cc = gpu_info(device)
         check_engine_compat(self.manifest, trt.__version__, name, cc, strict_gpu_name=strict_gpu_name)
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialize {self.path.name} (see the TensorRT log above)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if sorted(inputs) != sorted(DENOISER_INPUTS) or len(outputs) != 1:
-            raise ArtifactError(f"{self.path.name} has inputs {inputs} / outputs {outputs}, expected x, t, y -> out")
-        self.output_name = DENOISER_OUTPUT if DENOISER_OUTPUT in outputs else outputs[0]
-        shapes = denoiser_shapes(self.config)
-        for n in [*DENOISER_INPUTS, self.output_name]:
-            check_dims(n, list(self.engine.get_tensor_shape(n)), shapes.get(n, shapes["out"]), self.path)
+        self.engine = _deserialize(ptrt, self.path)
+        self.output_name, names = self._check_io()
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        if hasattr(self.engine, "get_tensor_profile_shape"):  # TRT >= 8.5 / 10 / 11
-            prof = self.engine.get_tensor_profile_shape("x", 0)
-        else:  # pragma: no cover - pre-10 API
-            prof = self.engine.get_profile_shape(0, "x")
-        engine_max = profile_max_batch(prof)
+        self.min_batch, engine_max = profile_batch_range(self.engine.get_tensor_profile_shape("x", 0))
         limits = [b for b in (engine_max, max_batch_from_manifest(self.manifest), max_batch) if b]
         self.max_batch = min(limits)
+        if self.max_batch < self.min_batch:
+            raise DitDeployError(f"max batch {self.max_batch} is below the engine profile's minimum batch "
+                                 f"{self.min_batch}")
         self.name = f"tensorrt:{name}:{self.manifest.get('precision', 'fp32')}"
-        self.stream = _ck(cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self._per_row = {n: self._row_bytes(n) for n in names}
-        self._dev = {n: _ck(cudart.cudaMalloc(self.max_batch * self._per_row[n]), "cudaMalloc") for n in names}
-        for n in names:
-            self.context.set_tensor_address(n, int(self._dev[n]))
         self.use_graph = bool(cuda_graph)
-        self._graphs: dict[int, Any] = {}
-        self._shape_n: int | None = None
+        self._runner = self._graph = None
+        if self.use_graph:
+            self._graph = CudaGraphExecutor(self.engine, names, {n: self._row_bytes(n) for n in names},
+                                            self.max_batch)
+        else:
+            self._runner = ptrt.TrtRunner(self.engine)
+            self._runner.activate()
+
+    def _check_io(self) -> tuple[str, list[str]]:
+        trt, eng = self.trt, self.engine
+        names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
+        inputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if sorted(inputs) != sorted(DENOISER_INPUTS) or len(outputs) != 1:
+            raise ArtifactError(f"{self.path.name} has inputs {inputs} / outputs {outputs}, expected x, t, y -> out")
+        out_name = DENOISER_OUTPUT if DENOISER_OUTPUT in outputs else outputs[0]
+        shapes = denoiser_shapes(self.config)
+        for n in [*DENOISER_INPUTS, out_name]:
+            check_dims(n, list(eng.get_tensor_shape(n)), shapes.get(n, shapes["out"]), self.path)
+        return out_name, names
 
     def _row_bytes(self, name: str) -> int:
-        if name == self.output_name:
-            shape = [1, self.config.out_channels, self.config.input_size, self.config.input_size]
-        elif name == "x":
-            shape = [1, self.config.in_channels, self.config.input_size, self.config.input_size]
-        else:
-            shape = [1]
-        return int(np.prod(shape[1:] or [1])) * self.dtypes[name].itemsize
-
-    def _set_shapes(self, n: int) -> None:
-        if self._shape_n == n:
-            return
-        c, s = self.config.in_channels, self.config.input_size
-        ok = (self.context.set_input_shape("x", (n, c, s, s)) and self.context.set_input_shape("t", (n,))
-              and self.context.set_input_shape("y", (n,)))
-        if ok is False:
-            raise DitDeployError(f"TensorRT refused batch {n} (profile max {self.max_batch})")
-        self._shape_n = n
-
-    def _enqueue(self, n: int) -> None:
-        cudart = self.cudart
-        if not self.use_graph:
-            if not self.context.execute_async_v3(self.stream):
-                raise DitDeployError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-            return
-        if n not in self._graphs:
-            # one plain launch first so TensorRT finishes its lazy per-shape setup outside the capture
-            self.context.execute_async_v3(self.stream)
-            _ck(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            _ck(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal),
-                "cudaStreamBeginCapture")
-            self.context.execute_async_v3(self.stream)
-            graph = _ck(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-            self._graphs[n] = _ck(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-        _ck(cudart.cudaGraphLaunch(self._graphs[n], self.stream), "cudaGraphLaunch")
+        c = self.config
+        ch = c.out_channels if name == self.output_name else (c.in_channels if name == "x" else 0)
+        return (ch * c.input_size * c.input_size if ch else 1) * self.dtypes[name].itemsize
 
     def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        cudart = self.cudart
-        n = x.shape[0]
-        self._set_shapes(n)
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        host = {}
-        for name, a in (("x", x), ("t", t), ("y", y)):
-            host[name] = np.ascontiguousarray(a, dtype=self.dtypes[name])  # e.g. int32 t/y if built so
-            _ck(cudart.cudaMemcpyAsync(self._dev[name], host[name].ctypes.data, host[name].nbytes, h2d,
-                                       self.stream), "cudaMemcpyAsync")
-        self._enqueue(n)
-        out = np.empty((n, self.config.out_channels, self.config.input_size, self.config.input_size),
-                       dtype=self.dtypes[self.output_name])
-        _ck(cudart.cudaMemcpyAsync(out.ctypes.data, self._dev[self.output_name], out.nbytes, d2h, self.stream),
-            "cudaMemcpyAsync")
-        _ck(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return out.astype(np.float32, copy=False)
+        if x.shape[0] > self.max_batch:  # DenoiserBase chunks first; a direct caller gets the real limits
+            raise DitDeployError(f"batch {x.shape[0]} is outside the engine profile's batch range "
+                                 f"{self.min_batch}..{self.max_batch}")
+        (x, t, y), n = pad_batch((x, t, y), self.min_batch)
+        feed = {k: np.ascontiguousarray(a, dtype=self.dtypes[k]) for k, a in (("x", x), ("t", t), ("y", y))}
+        if self._graph is not None:
+            c = self.config
+            out = np.empty((x.shape[0], c.out_channels, c.input_size, c.input_size),
+                           dtype=self.dtypes[self.output_name])
+            out = self._graph.run(feed, out, self.output_name)
+        else:
+            out = self._runner.infer(feed)[self.output_name]
+        return np.array(out[:n], dtype=np.float32)  # a copy: TrtRunner reuses its host output buffers
 
     def close(self) -> None:
-        cudart = getattr(self, "cudart", None)
-        if cudart is None:
-            return
-        for g in getattr(self, "_graphs", {}).values():
-            cudart.cudaGraphExecDestroy(g)
-        for p in getattr(self, "_dev", {}).values():
-            cudart.cudaFree(p)
-        if getattr(self, "stream", None) is not None:
-            cudart.cudaStreamDestroy(self.stream)
-        self._graphs, self._dev, self.stream = {}, {}, None
-        self.context = self.engine = None
+        if getattr(self, "_graph", None) is not None:
+            self._graph.close()
+        if getattr(self, "_runner", None) is not None:
+            self._runner.deactivate()
+        self._graph = self._runner = self.engine = None
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.close()
         except Exception:
             pass
+
+
+def _deserialize(ptrt: Any, path: Path) -> Any:
+    """Polygraphy's ``EngineFromBytes`` (it checks for a None engine); its error as one line."""
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        return ptrt.EngineFromBytes(path.read_bytes())()
+    except PolygraphyException as e:
+        raise ArtifactError(f"TensorRT could not deserialize {path.name}: {' '.join(str(e).split())[:300]}") from e
 
 
 def load_denoiser(path: str | os.PathLike, **opts: Any) -> TensorRTDenoiser:

@@ -15,7 +15,7 @@ from ditdeploy.artifacts import make_manifest, write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
 from ditdeploy.runtimes import load, resolve_backend
 from ditdeploy.runtimes.base import chunked
-from ditdeploy.runtimes.tensorrt import check_engine_compat, engine_build_info, profile_max_batch
+from ditdeploy.runtimes.tensorrt import check_engine_compat, engine_build_info, pad_batch, profile_batch_range
 from ditdeploy.variants import DIGITS
 
 H100 = ("NVIDIA H100 80GB HBM3", (9, 0))
@@ -68,10 +68,44 @@ def test_compat_needs_a_recorded_version():
         check_engine_compat({"gpu": {"name": "x"}}, "10.13.0", *H100)
 
 
-def test_profile_max_batch():
-    assert profile_max_batch([(1, 4, 32, 32), (8, 4, 32, 32), (16, 4, 32, 32)]) == 16
-    with pytest.raises(ArtifactError):
-        profile_max_batch([])
+def test_profile_batch_range():
+    assert profile_batch_range([(2, 4, 32, 32), (8, 4, 32, 32), (16, 4, 32, 32)]) == (2, 16)
+    for bad in ([], [(0, 4), (1, 4), (2, 4)], [(8, 4), (8, 4), (4, 4)]):
+        with pytest.raises(ArtifactError):
+            profile_batch_range(bad)
+
+
+def test_batch_below_the_profile_minimum_is_padded_and_rows_kept():
+    """Padding repeats the last row; a row-independent function on the padded batch gives the same first rows."""
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((3, 2, 2)).astype(np.float32), np.array([5, 600, 999])
+    (xp, tp), n = pad_batch((x, t), 8)
+    assert n == 3 and xp.shape == (8, 2, 2) and tp.tolist() == [5, 600, 999] + [999] * 5
+    np.testing.assert_array_equal(xp[:3], x)
+
+    def per_row(a, b):  # stands for the denoiser: rows independent
+        return a.sum(axis=(1, 2)) * b
+
+    np.testing.assert_array_equal(per_row(xp, tp)[:n], per_row(x, t))
+    same, n2 = pad_batch((x, t), 2)
+    assert n2 == 3 and same[0] is x
+    with pytest.raises(DitDeployError, match="empty"):
+        pad_batch((x[:0], t[:0]), 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None or importlib.util.find_spec("cuda.bindings") is None,
+                    reason="cuda-python (cuda-bindings) is not installed; it comes with ditdeploy[tensorrt]")
+def test_cuda_errors_are_reported_by_name():
+    """Real cuda-python: without a driver (or with device 9999 on a GPU machine) cudaSetDevice fails, and the
+    message carries cudaGetErrorName's text, not a number."""
+    from cuda.bindings import runtime as rt
+
+    from ditdeploy.runtimes.trt_cuda import ck, cuda_error_name
+
+    assert cuda_error_name(rt, rt.cudaError_t.cudaErrorMemoryAllocation) == "cudaErrorMemoryAllocation"
+    assert ck(rt, rt.cudaGetErrorName(rt.cudaError_t.cudaSuccess), "cudaGetErrorName") == b"cudaSuccess"
+    with pytest.raises(DitDeployError, match=r"^CUDA error in cudaSetDevice: cudaError[A-Z]\w+$"):
+        ck(rt, rt.cudaSetDevice(9999), "cudaSetDevice")
 
 
 def test_chunking_respects_max_batch_and_order():

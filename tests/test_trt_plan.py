@@ -305,4 +305,4 @@ def test_build_fp32_engine_on_gpu(tmp_path):  # pragma: no cover - GPU only
     p = _artifact(tmp_path, "fp32")
     m = build_engine(p, tmp_path / "e.plan", max_batch=4, timing_cache=tmp_path / "tc.cache")
     assert (tmp_path / "e.plan").stat().st_size > 0 and (tmp_path / "tc.cache").exists()
-    assert m["tensorrt"]["gpu_name"] and m["tensorrt"]["compute_capability"]
+    assert m["tensorrt"]["gpu_name"] and m["tensorrt"]["compute_capability"] and m["tensorrt"]["tf32"] is False
