@@ -62,6 +62,9 @@ class SampleRequest:
     shard: list[int] | None = None  # [index, count]: sample only this shard (a worker); None: all, or torchrun's
     guide_all_channels: bool = False  # CFG on all eps channels, not the official first 3
     progress: bool = False  # tqdm bar over sampling steps (stderr)
+    cfg_interval: list[int] | None = None  # [lo, hi]: guidance only at original timesteps lo..hi (inclusive)
+    cache_interval: int | None = None  # feature reuse: every N-th step computes all blocks; None: off
+    json_summary: Path | None = None  # write the run summary (work, GMACs, timings) here
 
     def validate(self) -> None:
         """Reject bad values before anything loads (one-line DitDeployError naming the flag)."""
@@ -88,6 +91,12 @@ class SampleRequest:
         for ok, msg in checks:
             if not ok:
                 raise DitDeployError(msg)
+        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
+
+        parse_cfg_interval(self.cfg_interval)
+        check_cache_interval(self.cache_interval)
+        if self.json_summary is not None and Path(self.json_summary).suffix.lower() != ".json":
+            raise DitDeployError(f"--json {self.json_summary}: the run summary file must end in .json")
         unknown = sorted(set(self.options) - set(BACKEND_OPTIONS))
         if unknown:
             raise DitDeployError(f"unknown backend option(s) {', '.join(unknown)}: valid are "
@@ -158,11 +167,38 @@ class SampleResult:
     written: list[str]
     timings: Timings
     count: int = 0  # images sampled (over every shard in a --shards parent)
+    work: dict[str, Any] = field(default_factory=dict)  # denoiser calls/rows/light rows/GMACs (see work_summary)
 
     def summary(self) -> dict[str, Any]:
         """A flat JSON-able summary (paths, counts, timings)."""
         return {"backend": self.backend, "images": self.count, "written": list(self.written),
                 "decoder": self.decoder, "cfg_scale": self.cfg_scale, **dataclasses.asdict(self.timings)}
+
+    def run_summary(self, req: SampleRequest) -> dict[str, Any]:
+        """``sample --json``: images, sampler, steps, guidance (scale, interval), cache interval, denoiser work
+        (calls, rows, light rows, GMACs actually spent) and timings (load / denoiser / decode / overhead)."""
+        t = self.timings
+        other = t.total_s - t.load_s - t.denoiser_s - t.decode_s - t.workers_s
+        return {
+            "images": self.count, "backend": self.backend, "decoder": self.decoder, "written": list(self.written),
+            "sampler": req.sampler, "steps": req.steps, "seed": req.seed,
+            "guidance": {"scale": self.cfg_scale, "interval": list(req.cfg_interval) if req.cfg_interval else None},
+            "cache_interval": req.cache_interval, "shards": req.shards,
+            "denoiser": dict(self.work),
+            "timings": {"load_s": t.load_s, "denoiser_s": t.denoiser_s, "decode_s": t.decode_s,
+                        "overhead_s": max(0.0, other), "sampler_overhead_s": t.sampler_overhead_s,
+                        "write_s": t.write_s, "workers_s": t.workers_s, "total_s": t.total_s},
+        }
+
+
+def work_summary(cfg: Any, timed: Any) -> dict[str, Any]:
+    """Denoiser work of a run from its ``Timed`` wrapper: calls, rows, light (feature-reuse) rows, GMACs spent."""
+    from ditdeploy.work import full_macs, light_macs, spent_gmacs
+
+    gmac = spent_gmacs(cfg, timed.rows - timed.light_rows, timed.light_rows)
+    return {"calls": timed.calls, "rows": timed.rows, "light_calls": timed.light_calls,
+            "light_rows": timed.light_rows, "gmac": float(f"{gmac:.6g}"),
+            "gmac_per_full_row": full_macs(cfg) / 1e9, "gmac_per_light_row": light_macs(cfg) / 1e9}
 
 
 # --------------------------------------------------------------------------------------------------------- labels
@@ -329,6 +365,9 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
         return _generate_sharded(dataclasses.replace(req, engine=Path(engine), backend=b), say, t_start)
     t0 = time.perf_counter()
     den = load(engine, backend=b, **opts)
+    from ditdeploy.diffusion import check_cache_interval
+
+    check_cache_interval(req.cache_interval, den)
     decoder = resolve_decoder(den, req.vae, b, opts)
     timings = Timings(load_s=time.perf_counter() - t0)
     cfg_scale = req.cfg_scale if req.cfg_scale is not None else (
@@ -339,7 +378,16 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     res.written = _write_outputs(req, res, mine, from_env, len(all_labels), rows)
     timings.write_s = time.perf_counter() - t2
     timings.total_s = time.perf_counter() - t_start
+    _write_summary(req, res)
     return res
+
+
+def _write_summary(req: SampleRequest, res: SampleResult) -> None:
+    if req.json_summary is not None:
+        from ditdeploy.artifacts import write_json_atomic
+
+        write_json_atomic(req.json_summary, res.run_summary(req))
+        res.written.append(str(req.json_summary))
 
 
 def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels: list[int],
@@ -367,7 +415,7 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
             timed, sharding.initial_noise(req.seed, bidx, shape), blab, method=req.sampler, steps=req.steps,
             cfg_scale=cfg_scale, eta=req.eta, num_classes=cfg.num_classes,
             guide_all_channels=req.guide_all_channels, noise_fn=sharding.PerImageNoise(req.seed, bidx),
-            progress=req.progress,
+            progress=req.progress, cfg_interval=req.cfg_interval, cache_interval=req.cache_interval,
         )
         t_sampling += time.perf_counter() - t1
         if req.progress and nb > 1:
@@ -381,7 +429,7 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
     x0 = np.concatenate(x0_parts) if x0_parts else np.zeros((0, *shape), np.float32)
     return SampleResult(images=u8, labels=lab, latents=x0, indices=idx, backend=den.name,
                         decoder=decoder.name if decoder is not None else None, cfg_scale=cfg_scale, shard=mine,
-                        written=[], timings=timings, count=int(len(idx)))
+                        written=[], timings=timings, count=int(len(idx)), work=work_summary(cfg, timed))
 
 
 def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] | None, from_env: bool,
@@ -455,7 +503,7 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleRes
         cmds = []
         for i in range(k):
             sub = dataclasses.replace(req, shards=1, shard=[i, k], npz=final_npz, out=None, progress=False,
-                                      options={**req.options, "threads": each})
+                                      options={**req.options, "threads": each}, json_summary=None)
             f = reqdir / f"shard-{i}-of-{k}.json"
             f.write_text(sub.to_json())
             cmds.append([sys.executable, "-m", "ditdeploy.generation", str(f)])
@@ -479,9 +527,11 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleRes
     if n == 0:
         raise DitDeployError("no images were sampled")
     timings = Timings(total_s=time.perf_counter() - t_start, workers_s=t_workers)
-    return SampleResult(images=None, labels=None, latents=None, indices=None, backend=str(req.backend),
-                        decoder=None, cfg_scale=req.cfg_scale if req.cfg_scale is not None else float("nan"),
-                        shard=None, written=written, timings=timings, count=int(n))
+    res = SampleResult(images=None, labels=None, latents=None, indices=None, backend=str(req.backend),
+                       decoder=None, cfg_scale=req.cfg_scale if req.cfg_scale is not None else float("nan"),
+                       shard=None, written=written, timings=timings, count=int(n))
+    _write_summary(req, res)
+    return res
 
 
 # --------------------------------------------------------------------------------------------------------- reporting

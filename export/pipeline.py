@@ -165,6 +165,24 @@ def export_decoder(vae_dir: str, out: Path, fmt: str, *, opset: int, verify: boo
                                    progress=progress)
 
 
+def export_cache_pair(net: Any, out: Path, fmt: str, *, opset: int, verify: bool, source: dict[str, Any],
+                      decoder: str | None, seed: int = 0) -> dict[str, Any]:
+    """``export --cache-graphs``: the verified full + light graph pair (ONNX, or OpenVINO IRs converted from it)."""
+    from ditdeploy.export.cache_graphs import export_cache_graphs, export_cache_graphs_openvino
+    from ditdeploy.feature_cache import check_cacheable
+
+    check_cacheable(net)
+    kw = dict(opset=opset, verify=verify, seed=seed, source=source, decoder=decoder)
+    if fmt == "onnx":
+        return export_cache_graphs(net, out, **kw)
+    if out.suffix.lower() != ".xml":
+        raise DitDeployError(f"OpenVINO IR output must end in .xml, got {out.name}")
+    with scratch_dir(out) as tmp:
+        onnx_path = tmp / (out.stem + ".onnx")
+        export_cache_graphs(net, onnx_path, **kw)
+        return export_cache_graphs_openvino(onnx_path, out, verify=verify)
+
+
 def export_denoiser(
     net: Any,
     out: Path,

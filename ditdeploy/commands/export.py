@@ -58,6 +58,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Seed of --random-weights and of the verification inputs."),
         out: Path = typer.Option(None, "--out", "-o", help="Output file (default <variant>-<res>-<precision>.onnx "
                                  "/ .xml / .plan in the current directory)."),
+        cache_graphs: bool = typer.Option(False, "--cache-graphs", help="Two-graph artifact for feature reuse "
+                                          "(`sample --cache-interval N`): OUT (full graph + cache output) and "
+                                          "OUT's .light graph; fp32 onnx/openvino; both verified vs torch."),
     ) -> None:
         """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
         from ditdeploy.errors import DitDeployError
@@ -75,6 +78,10 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError(f"--opset {opset}: needs >= 17 (LayerNormalization as one node)")
         if batch_max is not None and batch_max < 1:
             raise DitDeployError("--batch-max must be >= 1")
+        if cache_graphs and (fmt_ not in ("onnx", "openvino") or prec != "fp32"):
+            raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
+        if cache_graphs and model is None and checkpoint is None:
+            raise DitDeployError("--cache-graphs needs a denoiser: pass --model or --checkpoint")
         if model is None and checkpoint is None and vae is None:
             raise DitDeployError("nothing to export: pass --model VARIANT|digits or --checkpoint FILE "
                                  "(and/or --vae DIR)")
@@ -132,6 +139,11 @@ def register(app: typer.Typer) -> None:
                                          latent_size=net.config.input_size, progress=sys.stderr.isatty())
             _summary(dec_out, dm)
             decoder_name = dec_out.name
+        if cache_graphs:
+            m = pipeline.export_cache_pair(net, target, fmt_, opset=opset, verify=verify, source=source,
+                                           decoder=decoder_name, seed=seed)
+            _summary(target, m)
+            return
         m = pipeline.export_denoiser(
             net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
             decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,

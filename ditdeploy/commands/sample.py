@@ -50,6 +50,11 @@ def register(app: typer.Typer) -> None:
                                                 "channels, not the official first 3."),
         image_size: int = typer.Option(None, "--image-size", help="Image size for bare official .pt checkpoints "
                                        "(torch backend)."),
+        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: guidance only at original timesteps "
+                                         "LO..HI (inclusive, 0..999); other steps run the conditional half only."),
+        cache_interval: int = typer.Option(None, "--cache-interval", help="N: feature reuse, every N-th step "
+                                           "computes all blocks (torch, or an `export --cache-graphs` artifact)."),
+        json_out: Path = typer.Option(None, "--json", help="Write the run summary (work, GMACs, timings) here."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="tqdm bar over sampling steps."),
         shard: str = typer.Option(None, "--shard", hidden=True, help="INDEX/COUNT: sample only this shard."),
     ) -> None:
@@ -58,6 +63,7 @@ def register(app: typer.Typer) -> None:
         With no arguments: the shipped digits model on ONNX Runtime CPU, all 10 classes -> samples.png.
         """
         from ditdeploy import generation, sharding
+        from ditdeploy.diffusion import parse_cfg_interval
         from ditdeploy.errors import DitDeployError
 
         if no_out and npz is None:
@@ -72,6 +78,8 @@ def register(app: typer.Typer) -> None:
             progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1",
             options={"threads": threads, "providers": provider, "precision_hint": precision_hint,
                      "image_size": image_size},
+            cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
+            cache_interval=cache_interval, json_summary=json_out,
         )
         res = generation.generate(req, say=lambda s: typer.echo(s, err=True))
         for line in generation.describe(req, res):

@@ -8,7 +8,14 @@
 """
 
 from ditdeploy.diffusion.samplers import ddim, ddpm, dpmpp_2m
-from ditdeploy.diffusion.sampling import GuidedModel, denoiser_name, guided_steps, parse_cfg_interval, sample
+from ditdeploy.diffusion.sampling import (
+    GuidedModel,
+    check_cache_interval,
+    denoiser_name,
+    guided_steps,
+    parse_cfg_interval,
+    sample,
+)
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, GaussianSchedule, base_schedule, linear_betas
 from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps, space_timesteps, spacing_rule
 
@@ -17,6 +24,7 @@ __all__ = [
     "NUM_TRAIN_TIMESTEPS",
     "GaussianSchedule",
     "GuidedModel",
+    "check_cache_interval",
     "base_schedule",
     "ddim",
     "ddpm",
