@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One prepared GPU-machine run (no network there): install ditdeploy offline, run bench/gpu_torch.py and the CUDA
-# training test; everything lands under $OUT (default /tmp/gpu_run). Each step has its own timeout so the whole run
-# ends in about BENCH_S + TEST_S + a minute.
-#   bash bench/gpu_run.sh            # on the device machine, from the repository root
+# One prepared GPU-machine run (no network there): install ditdeploy offline, then one of
+#   bash bench/gpu_run.sh            # bench/gpu_torch.py (PyTorch CUDA parity/speed/e2e) + the CUDA training test
+#   bash bench/gpu_run.sh engines    # bench/gpu_engines.py: eager fp16/bf16, AOTI fp16/bf16/fp8 (+CUDA graphs),
+#                                    # torch.compile max-autotune, TensorRT if importable; < 8 minutes in all
+#   bash bench/gpu_run.sh dry-run    # the engines plan only (settings, which hooks this checkout has); no GPU needed
+# Everything lands under $OUT (default /tmp/gpu_run); copy $OUT/gpu/*.json into bench/results/ with the machine's
+# name (the JSON carries nvidia-smi / torch / CUDA / CPU facts under "machine" and "cuda").
 set -u
+MODE=${1:-torch}
 OUT=${OUT:-/tmp/gpu_run}
 BENCH_S=${BENCH_S:-270}
 TEST_S=${TEST_S:-120}
+ENGINES_S=${ENGINES_S:-400}        # hard limit of the engines run (its own budget is 30 s less)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT/gpu"
 
@@ -14,6 +19,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 {
   python3 -c 'import sys, torch, onnxruntime as o; print(sys.version); print("torch", torch.__version__,
 torch.version.cuda, torch.cuda.is_available()); print("ort", o.__version__, o.get_available_providers())'
+  python3 -c 'import tensorrt as t; print("tensorrt", t.__version__)' || echo "tensorrt: not importable"
   # editable install without build isolation works offline (setuptools + wheel are in the image)
   timeout 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e . -q \
     || timeout 120 python3 -m pip install --no-deps --no-build-isolation --no-index . -q
@@ -26,9 +32,19 @@ torch.version.cuda, torch.cuda.is_available()); print("ort", o.__version__, o.ge
 } > "$OUT/install.txt" 2>&1
 [ -d /tmp/shim ] && export PYTHONPATH=/tmp/shim
 
-timeout "$BENCH_S" python3 -m ditdeploy.bench.gpu_torch --out "$OUT/gpu" > "$OUT/gpu_torch.log" 2>&1
-echo "gpu_torch exit $?" >> "$OUT/gpu_torch.log"
-
-timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider tests/test_training_ddp.py > "$OUT/pytest_ddp.txt" 2>&1
-echo "pytest exit $?" >> "$OUT/pytest_ddp.txt"
-tail -n 3 "$OUT/install.txt" "$OUT/gpu_torch.log" "$OUT/pytest_ddp.txt"
+case "$MODE" in
+  engines|dry-run)
+    extra=(); [ "$MODE" = dry-run ] && extra=(--dry-run)
+    timeout "$ENGINES_S" python3 -m ditdeploy.bench.gpu_engines --out "$OUT/gpu" \
+      --budget-s $((ENGINES_S - 30)) "${extra[@]}" > "$OUT/gpu_engines.log" 2>&1
+    echo "gpu_engines exit $?" >> "$OUT/gpu_engines.log"
+    tail -n 3 "$OUT/install.txt" "$OUT/gpu_engines.log"
+    ;;
+  *)
+    timeout "$BENCH_S" python3 -m ditdeploy.bench.gpu_torch --out "$OUT/gpu" > "$OUT/gpu_torch.log" 2>&1
+    echo "gpu_torch exit $?" >> "$OUT/gpu_torch.log"
+    timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider tests/test_training_ddp.py > "$OUT/pytest_ddp.txt" 2>&1
+    echo "pytest exit $?" >> "$OUT/pytest_ddp.txt"
+    tail -n 3 "$OUT/install.txt" "$OUT/gpu_torch.log" "$OUT/pytest_ddp.txt"
+    ;;
+esac

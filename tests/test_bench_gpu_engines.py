@@ -1,0 +1,60 @@
+"""bench/gpu_engines on a CPU: the plan (dry run) and the tiny digits run of the CPU-testable sections. Every derived
+number is recomputed from the JSON's raw fields; parity values are real (bf16/fp16 autocast vs fp32 eager).
+The CUDA-graph, AOTI-on-GPU, FP8 and TensorRT rows need the device run (bench/gpu_run.sh engines)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from ditdeploy.bench.gpu_engines import main  # noqa: E402
+from ditdeploy.variants import DIGITS  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_writes_the_plan(tmp_path):
+    main(["--out", str(tmp_path), "--dry-run"])
+    d = json.loads((tmp_path / "gpu_engines.json").read_text())
+    st = d["settings"]
+    assert d["dry_run"] is True and st["variant"] == "XL/2" and st["batches"] == [2, 8, 32]
+    assert st["e2e_steps"] == 50 and st["e2e_images"] == 8 and st["cfg_scale"] == 4.0
+    assert st["tensorrt_importable"] is (importlib.util.find_spec("tensorrt") is not None)
+    assert "rows" not in d
+
+
+def test_gpu_run_script_parses():
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
+
+
+def test_tiny_cpu_run(tmp_path):
+    main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--sections", "eager,aoti,e2e,tensorrt"])
+    d = json.loads((tmp_path / "gpu_engines.json").read_text())
+    assert not [k for k in d["errors"] if "." not in k], d["errors"]
+    macs = DIGITS.macs()
+    assert d["model"]["macs_per_image"] == macs
+    peak = d["bf16_matmul_peak"]["tflops"]
+    assert peak > 0
+    for prec, rel in (("fp16", 2e-3), ("bf16", 2e-2)):  # fp16: 10-bit mantissa, bf16: 7-bit
+        r = d["rows"][f"eager_{prec}/b2"]
+        p = r["parity_vs_fp32_eager"]
+        assert 0 < p["rel_l2"] < rel and p["cosine"] > 0.999 and p["finite"], (prec, p)
+        tflops = 2 * macs * 2 / (r["median_ms"] / 1e3) / 1e12
+        assert r["tflops"] == pytest.approx(tflops, rel=1e-3, abs=1e-6)
+        assert r["pct_of_bf16_peak"] == pytest.approx(100 * r["tflops"] / peak, rel=1e-2)
+    e = d["e2e"]
+    assert e["eager_fp32"]["denoiser_calls"] == 3 and e["eager_fp32"]["x0_finite"]
+    fast = next(k for k in e if k != "eager_fp32")
+    assert e[fast]["x0_vs_fp32_eager"]["cosine"] > 0.999
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "not importable" in d["notes"]["tensorrt_fp16"]
+    if importlib.util.find_spec("ditdeploy.export.aoti") is None:
+        assert d["notes"]["aoti_bf16"].startswith("HOOK") and fast == "eager_bf16"
+    else:
+        assert "aoti_bf16/b2" in d["rows"] and "CUDA device" in d["notes"]["aoti_bf16_graph"]
