@@ -28,6 +28,7 @@ __all__ = [
     "GROUPS",
     "NodeRole",
     "classify_nodes",
+    "module_role",
     "resolve_exclusions",
 ]
 
@@ -84,6 +85,12 @@ def _role_from_module(module: str, op_type: str, n_const: int, scopes: list[str]
     if parts[-1] in _LINEAR_LEAVES:
         return "linear"
     return "other"
+
+
+def module_role(module: str) -> str:
+    """Role of a torch module path holding a weight GEMM (e.g. ``blocks.3.mlp.fc1`` -> ``linear``): the same rule the
+    ONNX node classification applies, for quantizers that work on the torch model (FP8, ``export/fp8.py``)."""
+    return _role_from_module(module, "Gemm", 1, [])
 
 
 def _constants(graph) -> set[str]:

@@ -71,11 +71,15 @@ class Thresholds:
 #       clipped range); PTQ work on DiT (PTQ4DiT, Q-DiT) judges layers by cosine. Per call cosine >= 0.99 (rel-L2
 #       <= 0.15, which is what cosine 0.99 allows); end to end the trajectories may drift apart: 20 dB PSNR, SSIM 0.8
 #       ("visibly the same image"), latent rel-L2 0.3.
+# fp8:  E4M3 token GEMMs (3-bit mantissa, per-channel weight / per-tensor activation scales, export/fp8.py) inside a
+#       bf16 model: an approximation like int8, judged by cosine at the GPU issue's bar (per call >= 0.995); end to
+#       end the int8 limits.
 THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(1e-4, 0.99999, 1e-3, 40.0, 0.99, "same function, float reassociation only"),
     "fp16": Thresholds(5e-3, 0.9999, 5e-2, 30.0, 0.95, "11-bit mantissa accumulated over depth"),
     "bf16": Thresholds(0.1, 0.995, 0.15, 25.0, 0.90, "8-bit mantissa (bf16 inference hint)"),
     "int8": Thresholds(0.15, 0.99, 0.30, 20.0, 0.80, "8-bit quantisation: an approximation, judged by cosine"),
+    "fp8": Thresholds(0.15, 0.995, 0.30, 20.0, 0.80, "E4M3 token GEMMs in bf16: an approximation, judged by cosine"),
 }
 
 
@@ -83,7 +87,7 @@ _ALIASES = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16", 
             "bfloat16": "bf16", "qdq": "int8", "i8": "int8"}
 
 
-_LOSS_ORDER = ("fp32", "fp16", "bf16", "int8")
+_LOSS_ORDER = ("fp32", "fp16", "bf16", "fp8", "int8")
 
 
 def effective_precision(denoiser: Any) -> str:

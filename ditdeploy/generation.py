@@ -30,10 +30,10 @@ DEFAULT_CFG = 4.0
 GRID_MAX = 256  # images shown in the grid image when sampling many (the npz holds all)
 SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
 GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL format
-# backend options and the one backend each applies to (None: every backend), with the flag that sets it
+# backend options and the backend(s) each applies to (None: every backend), with the flag that sets it
 BACKEND_OPTIONS = {"threads": (None, "--threads"), "providers": ("onnxruntime", "--provider"),
                    "precision_hint": ("openvino", "--precision-hint"), "image_size": ("torch", "--image-size"),
-                   "device": ("torch", "device")}
+                   "device": (("torch", "aoti"), "--device"), "cuda_graph": (("torch", "aoti", "tensorrt"), "--cuda-graph")}
 DECODER_OPTIONS = ("threads", "providers", "precision_hint", "device")  # options a decoder on the same backend takes
 
 Say = Callable[[str], None]
@@ -279,12 +279,13 @@ def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
 
     out = {}
     for k, v in options.items():
-        if v is None:
+        if v is None or v is False:
             continue
         only, flag = BACKEND_OPTIONS[k]
-        if only is not None and backend != only:
-            raise DitDeployError(f"{flag} applies to the {only} backend only"
-                                 + (" (bare .pt checkpoints)" if only == "torch" else ""))
+        allowed = (only,) if isinstance(only, str) else only
+        if allowed is not None and backend not in allowed:
+            raise DitDeployError(f"{flag} applies to the {', '.join(allowed)} backend{'s' * (len(allowed) > 1)} only"
+                                 + (" (bare .pt checkpoints)" if only == "torch" else "") + f", not {backend}")
         out[k] = v
     return out
 

@@ -5,7 +5,7 @@
   ``digits`` model, or ``--random-weights`` (benchmarking only; must be asked for explicitly);
 - formats: ``onnx`` (here), ``openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``), ``trt``
   (ONNX, then ``ditdeploy.export.tensorrt.build_engine``); ``--precision int8`` goes through the fp32 ONNX and
-  ``ditdeploy.calibration.quantize.quantize_int8``. The ONNX intermediates of the non-ONNX paths live in a hidden
+  ``ditdeploy.calibration.quantize.quantize_int8``; ``aoti`` (no ONNX: ``ditdeploy.export.aoti``, a ``.pt2``). The ONNX intermediates of the non-ONNX paths live in a hidden
   temporary folder beside the output and are removed afterwards.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
 
-FORMATS = {"onnx": ".onnx", "openvino": ".xml", "trt": ".plan"}
+FORMATS = {"onnx": ".onnx", "openvino": ".xml", "trt": ".plan", "aoti": ".pt2"}
 DECODER_NAME = "vae_decoder"
 
 
@@ -200,6 +200,7 @@ def export_denoiser(
     progress: bool = True,
     int8_options: dict[str, Any] | None = None,
     trt_options: dict[str, Any] | None = None,
+    aoti_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest."""
     from ditdeploy.export.onnx import export_denoiser_onnx
@@ -207,6 +208,17 @@ def export_denoiser(
     extra = {"source_checkpoint": ({"name": source.get("name"), "sha256": source.get("sha256")}
                                    if source.get("sha256") else None),
              "random_weights": source.get("kind") == "random"}
+    if fmt == "aoti":
+        export_aoti = _optional("ditdeploy.export.aoti", "export_denoiser_aoti", "AOTInductor export")
+        o = aoti_options or {}
+        calib = None
+        if o.get("calibration") is not None:
+            from ditdeploy.calibration.capture import load_calibration
+
+            calib = load_calibration(o["calibration"])
+        return export_aoti(net, out, device=o.get("device") or "cpu", precision=precision,
+                           min_batch=o.get("min_batch"), max_batch=batch_max, verify=verify, seed=seed, source=source,
+                           calibration=calib, extra={**extra, "decoder": decoder})
     # INT8 for TensorRT is quantized from the fp16 export (strongly typed: layers without Q/DQ then run in fp16);
     # for ONNX Runtime / OpenVINO CPU from the fp32 export
     onnx_precision = ("fp16" if fmt == "trt" else "fp32") if precision == "int8" else precision

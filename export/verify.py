@@ -69,11 +69,13 @@ def check_parity(
     output: str | None = None,
     what: str = "ONNX",
     after_reference: Callable[[], None] | None = None,
+    run: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Run every feed through ORT and ``reference``; return per-batch metrics; raise NumericsError on failure.
 
     All reference outputs are computed first; ``after_reference`` (e.g. freeing the torch model) runs before the
-    ORT session is created, so the two never need to be in memory together.
+    ORT session is created, so the two never need to be in memory together. ``run`` replaces the ORT session (other
+    artifact formats, e.g. the AOTInductor ``.pt2``, use the same inputs and checks).
 
     The returned dict (the manifest's ``parity``) holds ``backend``, ``reference``, ``tolerance``, ``batches`` (one
     entry per feed with batch size, timesteps, labels, rel_l2, cosine, max_abs, finite) and the worst values.
@@ -81,11 +83,14 @@ def check_parity(
     refs = [np.asarray(reference(feed), dtype=np.float32) for feed in feeds]
     if after_reference is not None:
         after_reference()
-    sess = ort_session(onnx_path)
-    names = [i.name for i in sess.get_inputs()]
+    sess = ort_session(onnx_path) if run is None else None
+    names = [i.name for i in sess.get_inputs()] if sess is not None else []
     batches = []
     for feed, ref in zip(feeds, refs, strict=True):
-        got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
+        if sess is None:
+            got = np.asarray(run(feed))
+        else:
+            got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
         if got.shape != ref.shape:
             raise NumericsError(f"{what} output shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
         entry = {"batch": int(next(iter(feed.values())).shape[0]), **compare(got, ref),

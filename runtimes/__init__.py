@@ -1,4 +1,5 @@
-"""ditdeploy.runtimes: run an exported DiT denoiser (and VAE decoder) on torch, ONNX Runtime, OpenVINO or TensorRT.
+"""ditdeploy.runtimes: run an exported DiT denoiser (and VAE decoder) on torch, ONNX Runtime, OpenVINO, TensorRT or
+AOTInductor (.pt2).
 
 One protocol for all backends::
 
@@ -8,8 +9,8 @@ One protocol for all backends::
     den.name, den.config, den.manifest         # "onnxruntime:CPUExecutionProvider:fp32", DiTConfig, dict
     dec = load_decoder("vae.onnx")             # (N,4,h,w) raw latents -> (N,3,8h,8w) images in [-1, 1]
 
-Backends are imported lazily: importing this package pulls no runtime and never torch (only the ``torch``
-backend imports torch, when it is selected).
+Backends are imported lazily: importing this package pulls no runtime and never torch (only the ``torch`` and
+``aoti`` backends import torch, when selected).
 """
 
 from __future__ import annotations
@@ -29,24 +30,28 @@ __all__ = ["BACKENDS", "Decoder", "Denoiser", "Timed", "load", "load_decoder", "
 
 # backend name -> module (imported only when chosen)
 BACKENDS: dict[str, str] = {
+    "aoti": "ditdeploy.runtimes.aoti",
     "onnxruntime": "ditdeploy.runtimes.onnxruntime",
     "openvino": "ditdeploy.runtimes.openvino",
     "tensorrt": "ditdeploy.runtimes.tensorrt",
     "torch": "ditdeploy.runtimes.torch",
 }
-ALIASES = {"ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch"}
+ALIASES = {"aotinductor": "aoti", "pt2": "aoti",
+           "ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch"}
 SUFFIX_BACKEND = {
     ".onnx": "onnxruntime",
     ".xml": "openvino",
     ".plan": "tensorrt",
     ".engine": "tensorrt",
     ".trt": "tensorrt",
+    ".pt2": "aoti",
     ".safetensors": "torch",
     ".pt": "torch",
     ".pth": "torch",
 }
 # which files each backend can read
 READS = {
+    "aoti": (".pt2",),
     "onnxruntime": (".onnx",),
     "openvino": (".xml", ".onnx"),
     "tensorrt": (".plan", ".engine", ".trt"),
@@ -113,7 +118,7 @@ def load(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> De
     """Load a denoiser artifact on a backend (by suffix or name); verifies its manifest and input shapes.
 
     ``opts`` go to the backend: e.g. ``threads``, ``providers`` (onnxruntime), ``precision_hint`` /
-    ``performance_hint`` (openvino), ``cuda_graph`` (tensorrt), ``image_size`` (torch, for bare .pt files),
+    ``performance_hint`` (openvino), ``cuda_graph`` (tensorrt, aoti, torch), ``image_size`` (torch, for bare .pt files),
     ``verify`` (sha256 check, default True).
     """
     p = _check_exists(path)

@@ -33,12 +33,17 @@ class TorchDenoiser(DenoiserBase):
     """Wrap a torch DiT (``model(x, t, y)``) as a numpy denoiser."""
 
     def __init__(self, model: Any, *, manifest: dict[str, Any] | None = None, path: Path | None = None,
-                 device: str = "cpu", threads: int | None = None, max_batch: int | None = None):
+                 device: str = "cpu", threads: int | None = None, max_batch: int | None = None,
+                 cuda_graph: bool = False):
         torch = _torch()
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
         self.device = torch.device(device)
+        if cuda_graph:
+            from ditdeploy.runtimes.cuda_staging import require_cuda_for_graph
+
+            require_cuda_for_graph(self.device, "the torch backend (pass device='cuda')")
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.path = path
@@ -48,8 +53,13 @@ class TorchDenoiser(DenoiserBase):
             "precision": "fp32",
             "config": dataclasses.asdict(self.config),
         }
-        self.name = f"torch:{self.device.type}:fp32"
+        self.name = f"torch:{self.device.type}{':cuda-graph' if cuda_graph else ''}:fp32"
         self.max_batch = max_batch
+        self.staged = None
+        if self.device.type == "cuda":  # inputs staged once per call; optional CUDA graph per batch size
+            from ditdeploy.runtimes.cuda_staging import StagedCall
+
+            self.staged = StagedCall(self.model, self.device, graph=cuda_graph)
 
     @classmethod
     def from_model(cls, model: Any, **kw: Any) -> TorchDenoiser:
@@ -58,6 +68,8 @@ class TorchDenoiser(DenoiserBase):
 
     def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         torch = self.torch
+        if self.staged is not None:
+            return self.staged(x, t, y)
         with torch.inference_mode():
             out = self.model(*self._tensors(x, t, y))
         return out.detach().float().cpu().numpy()
@@ -131,10 +143,14 @@ def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int |
 
 def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, verify: bool = True,
                   device: str = "cpu", threads: int | None = None, max_batch: int | None = None,
-                  **_: Any) -> TorchDenoiser:
+                  cuda_graph: bool = False, **_: Any) -> TorchDenoiser:
     """Load a checkpoint with ``ditdeploy.checkpoints.load_model`` (config from safetensors metadata, or
     inferred for official .pt files with ``image_size``); a manifest beside it, if present, is verified."""
     _torch()
+    if cuda_graph:  # before the (possibly large) checkpoint is read
+        from ditdeploy.runtimes.cuda_staging import require_cuda_for_graph
+
+        require_cuda_for_graph(device, "the torch backend (pass device='cuda')")
     try:
         from ditdeploy.checkpoints import load_model
     except ImportError as e:  # pragma: no cover - checkpoints module ships with ditdeploy
@@ -144,4 +160,5 @@ def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, ver
     model = load_model(p, image_size=image_size) if image_size else load_model(p)
     if manifest is not None:
         manifest = {**manifest, "config": dataclasses.asdict(model.config)}
-    return TorchDenoiser(model, manifest=manifest, path=p, device=device, threads=threads, max_batch=max_batch)
+    return TorchDenoiser(model, manifest=manifest, path=p, device=device, threads=threads, max_batch=max_batch,
+                         cuda_graph=cuda_graph)

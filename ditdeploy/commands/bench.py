@@ -27,6 +27,8 @@ def default_backends(path: Path) -> list[str]:
         return ["openvino"] + (["openvino:bf16"] if _cpu_has_bf16() else [])
     if suffix in (".plan", ".engine", ".trt"):
         return ["tensorrt"]
+    if suffix == ".pt2":
+        return ["aoti"]
     return ["torch"]
 
 
@@ -66,6 +68,8 @@ def register(app: typer.Typer) -> None:
         probe_size: int = typer.Option(2048, "--probe-size", help="n of the n x n x n GEMM peak probe."),
         in_process: bool = typer.Option(False, "--in-process",
                                         help="Run targets in this process (faster start; RSS then accumulates)."),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: torch/aoti/tensorrt targets replay "
+                                        "CUDA graphs (per batch size)."),
         json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON."),
         csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row."),
         plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
@@ -74,6 +78,7 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.bench import harness, report
         from ditdeploy.errors import DitDeployError
+        from ditdeploy.generation import backend_options
 
         batches = harness.parse_batches(batch, "--batch")
         for name, v in (("--steps", steps), ("--repeats", repeats)):
@@ -103,6 +108,7 @@ def register(app: typer.Typer) -> None:
                     opts["threads"] = threads
                 if name == "torch":
                     continue  # the torch row is the baseline below
+                opts.update(backend_options(name, {"cuda_graph": cuda_graph}))
                 targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
                                               backend=name, path=str(p), opts=opts, decoder=dec))
             if torch_baseline and have_torch and cfg is not None:

@@ -15,9 +15,10 @@ SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
 def register(app: typer.Typer) -> None:
     @app.command("check")
     def check(
-        engine: Path = typer.Option(None, "--engine", "-e", help="Artifact to check (.onnx, .xml, .plan)."),
+        engine: Path = typer.Option(None, "--engine", "-e", help="Artifact to check (.onnx, .xml, .plan, .pt2)."),
         backend: str = typer.Option(None, "--backend", "-b",
-                                    help="Runtime for the artifact (onnxruntime, openvino, tensorrt); default by suffix."),
+                                    help="Runtime for the artifact (onnxruntime, openvino, tensorrt, aoti); default by "
+                                         "suffix."),
         reference: Path = typer.Option(
             None, "--reference", "-r",
             help="PyTorch checkpoint (.safetensors/.pt) of the same model. Default: the checkpoint named in the "
@@ -39,6 +40,8 @@ def register(app: typer.Typer) -> None:
         precision_hint: str = typer.Option(None, "--precision-hint",
                                            help="OpenVINO inference precision hint (f32, bf16, f16)."),
         per_call_only: bool = typer.Option(False, "--per-call-only", help="Skip the end-to-end sampling run."),
+        device: str = typer.Option(None, "--device", help="torch/aoti artifact: cpu | cuda."),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: run the artifact through CUDA graphs."),
         th_call_rel_l2: float = typer.Option(None, "--threshold-call-rel-l2", help="Override: max per-call rel-L2."),
         th_call_cosine: float = typer.Option(None, "--threshold-call-cosine", help="Override: min per-call cosine."),
         th_latent_rel_l2: float = typer.Option(None, "--threshold-latent-rel-l2",
@@ -69,7 +72,7 @@ def register(app: typer.Typer) -> None:
             if v < 1:
                 raise DitDeployError(f"{name} must be >= 1, got {v}")
 
-        art = _load_artifact(engine, backend, precision_hint) if engine is not None else None
+        art = _load_artifact(engine, backend, precision_hint, device, cuda_graph) if engine is not None else None
 
         if golden is not None:
             g = checking.load_golden(golden)
@@ -125,11 +128,13 @@ def _run_trt_lint(path: Path, json_out: Path | None) -> None:
     require_lint_pass(rep)
 
 
-def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None):
+def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None, device: str | None = None,
+                   cuda_graph: bool = False):
+    from ditdeploy.generation import backend_options
     from ditdeploy.runtimes import load, resolve_backend
 
     b = resolve_backend(engine, backend)
-    opts = {}
+    opts = backend_options(b, {"device": device, "cuda_graph": cuda_graph})
     if precision_hint is not None:
         if b != "openvino":
             from ditdeploy.errors import DitDeployError

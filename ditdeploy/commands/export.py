@@ -1,4 +1,5 @@
-"""`ditdeploy export`: a DiT checkpoint (or the shipped digits model) -> verified ONNX / OpenVINO / TensorRT.
+"""`ditdeploy export`: a DiT checkpoint (or the shipped digits model) -> verified ONNX / OpenVINO / TensorRT /
+AOTInductor (.pt2).
 
 Imports only typer + stdlib at module import; torch and the exporters load inside the command.
 """
@@ -14,7 +15,8 @@ _EPILOG = (
     "Examples: ditdeploy export --model digits | "
     "ditdeploy export --model XL/2 --checkpoint DiT-XL-2-256x256.pt --precision fp16 | "
     "ditdeploy export --model S/2 --random-weights --fmt openvino | "
-    "ditdeploy export --vae ./sd-vae-ft-ema --out vae_decoder.onnx"
+    "ditdeploy export --vae ./sd-vae-ft-ema --out vae_decoder.onnx | "
+    "ditdeploy export --model digits --fmt aoti --out digits.pt2"
 )
 
 
@@ -33,11 +35,14 @@ def register(app: typer.Typer) -> None:
         conditioning: str = typer.Option(None, "--conditioning",
                                          help="Block design for --random-weights: adaln-zero|adaln|in-context|"
                                               "cross-attn."),
-        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt."),
-        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 | int8-dynamic."),
+        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt | aoti (AOTInductor .pt2)."),
+        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 | int8-dynamic; "
+                                      "aoti: fp32 | bf16 | fp16 | fp8 (FP8 GPU + --calibration)."),
+        device: str = typer.Option(None, "--device", help="--fmt aoti: cpu (default) | cuda: the device the .pt2 "
+                                   "is compiled for (it runs only there)."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17: LayerNormalization as one node)."),
         batch_max: int = typer.Option(None, "--batch-max", "--max-batch", help="Largest batch the artifact is built for "
-                                      "(TensorRT profile; recorded in the manifest)."),
+                                      "(TensorRT profile, .pt2 dynamic batch; recorded in the manifest)."),
         vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
                                  "(alone when no --model is given)."),
         calibration: Path = typer.Option(None, "--calibration", help="Calibration set (.npz from `ditdeploy "
@@ -46,7 +51,7 @@ def register(app: typer.Typer) -> None:
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
                                     "adaln, final, attention, linear, other), 'default', 'none', or node/module "
                                     "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
-        min_batch: int = typer.Option(None, "--min-batch", help="TensorRT profile: smallest batch (default 1)."),
+        min_batch: int = typer.Option(None, "--min-batch", help="TensorRT profile / .pt2: smallest batch (default 1)."),
         opt_batch: int = typer.Option(None, "--opt-batch", help="TensorRT profile: batch tuned for (default 8)."),
         timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (read if "
                                           "present, written after the build)."),
@@ -69,10 +74,14 @@ def register(app: typer.Typer) -> None:
         prec = precision.lower()
         if prec == "int8-dynamic":
             prec, int8_mode = "int8", "dynamic"
-        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt"):
-            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino or trt")
+        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt", "aoti"):
+            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino, trt or aoti")
         fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
-        if prec not in ("fp32", "fp16", "int8"):
+        if fmt_ == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
+            _check_aoti(device, prec, calibration, vae)
+        elif device is not None:
+            raise DitDeployError("--device applies to --fmt aoti only")
+        elif prec not in ("fp32", "fp16", "int8"):
             raise DitDeployError(f"--precision {precision!r}: choose fp32, fp16 or int8")
         if opset < 17:
             raise DitDeployError(f"--opset {opset}: needs >= 17 (LayerNormalization as one node)")
@@ -118,7 +127,7 @@ def register(app: typer.Typer) -> None:
             model, checkpoint, random_weights=random_weights, image_size=image_size, conditioning=conditioning,
             seed=seed, download=download, say=say,
         )
-        if prec == "int8" and calibration is not None:  # fail before the slow ONNX export, not after it
+        if prec in ("int8", "fp8") and calibration is not None:  # fail before the slow export, not after it
             from ditdeploy.calibration.capture import load_calibration
 
             cc = load_calibration(calibration).manifest.get("config") or {}
@@ -151,6 +160,8 @@ def register(app: typer.Typer) -> None:
             int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
             trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
                          "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
+            aoti_options={"device": (device or "cpu").lower(), "min_batch": min_batch, "calibration": calibration}
+            if fmt_ == "aoti" else None,
         )
         if fmt_ == "trt" and dry_run:
             lint = m.get("trt_lint") or {}
@@ -158,6 +169,18 @@ def register(app: typer.Typer) -> None:
                        f"passed on {lint.get('nodes', '?')} nodes)")
             return
         _summary(target, m)
+
+
+def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None) -> None:
+    """--fmt aoti: device/precision this machine can build (``export.aoti.check_target``), fp8's calibration set."""
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.export.aoti import check_target
+
+    check_target((device or "cpu").lower(), prec)
+    if prec == "fp8" and calibration is None:
+        raise DitDeployError("--precision fp8 needs --calibration FILE.npz (activation scales; `ditdeploy calibrate`)")
+    if vae is not None:
+        raise DitDeployError("--vae with --fmt aoti: export the VAE decoder separately (--fmt onnx)")
 
 
 def _summary(path: Path, m: dict) -> None:

@@ -19,9 +19,9 @@ def register(app: typer.Typer) -> None:
     @app.command("sample")
     def sample(
         engine: Path = typer.Option(None, "--engine", "-e", help="Denoiser artifact (.onnx, .xml, .plan/.engine, "
-                                    ".safetensors/.pt). Default: the shipped digits model."),
-        backend: str = typer.Option(None, "--backend", "-b", help="onnxruntime | openvino | tensorrt | torch "
-                                    "(default: from the file suffix)."),
+                                    ".pt2, .safetensors/.pt). Default: the shipped digits model."),
+        backend: str = typer.Option(None, "--backend", "-b", help="onnxruntime | openvino | tensorrt | aoti | "
+                                    "torch (default: from the file suffix)."),
         vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for latent models (default: the "
                                  "manifest's 'decoder')."),
         labels: str = typer.Option(None, "--labels", help="Comma-separated class ids, e.g. 207,360."),
@@ -55,6 +55,10 @@ def register(app: typer.Typer) -> None:
         cache_interval: int = typer.Option(None, "--cache-interval", help="N: feature reuse, every N-th step "
                                            "computes all blocks (torch, or an `export --cache-graphs` artifact)."),
         json_out: Path = typer.Option(None, "--json", help="Write the run summary (work, GMACs, timings) here."),
+        device: str = typer.Option(None, "--device", help="torch backend: cpu | cuda; aoti: the .pt2's device "
+                                   "(default)."),
+        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only (torch, aoti, tensorrt): replay a "
+                                        "captured CUDA graph per batch size."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="tqdm bar over sampling steps."),
         shard: str = typer.Option(None, "--shard", hidden=True, help="INDEX/COUNT: sample only this shard."),
     ) -> None:
@@ -77,7 +81,7 @@ def register(app: typer.Typer) -> None:
             shard=list(sharding.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,
             progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1",
             options={"threads": threads, "providers": provider, "precision_hint": precision_hint,
-                     "image_size": image_size},
+                     "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None},
             cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
             cache_interval=cache_interval, json_summary=json_out,
         )

@@ -1,0 +1,181 @@
+"""AOTInductor backend: a ``.pt2`` package from ``ditdeploy export --fmt aoti``, run by
+``torch._inductor.aoti_load_package`` (no Python model code; imports torch, like the torch backend).
+
+Before loading, the manifest is checked against this machine: the torch version that compiled the package (a
+``.pt2`` holds a shared library built against that libtorch) and the device it was compiled for (a CUDA package needs
+a CUDA device; a CPU package runs on the CPU only). Each mismatch, a truncated or corrupt package, is one line.
+Batches below the package's minimum batch are padded (rows repeated, outputs dropped), above its maximum chunked.
+On CUDA, inputs are staged once per call and ``cuda_graph=True`` replays a captured graph per batch size
+(``ditdeploy.runtimes.cuda_staging``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.runtimes.base import DenoiserBase, config_from_manifest, max_batch_from_manifest, read_manifest
+
+OPTIONS = ("verify", "device", "threads", "cuda_graph", "manifest")
+
+
+def _torch():
+    if "torch" not in sys.modules:
+        # OpenMP threads that sleep when idle instead of spinning (read when torch loads libgomp): on a shared CPU
+        # the spinning default made the digits .pt2 7x slower per call here (14 s vs 2.2 s for 10 calls, load 12);
+        # the bench harness gives its torch worker the same setting. A user-set value is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError as e:
+        from ditdeploy.runtimes.base import missing
+
+        raise missing("torch", "a .pt2 (AOTInductor) package needs PyTorch, the version that compiled it") from e
+    return torch
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``2.13.0+cpu`` -> (2, 13, 0): the release; the local tag (+cpu/+cu128) is the device build, checked apart."""
+    return tuple(int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_package_compat(m: dict[str, Any], path: Path, torch_version: str, cuda_available: bool,
+                         device: str | None) -> str:
+    """The device to run on; ArtifactError when this torch or machine cannot run the package."""
+    info = m.get("torch") if isinstance(m.get("torch"), dict) else {}
+    built_v = str(info.get("version") or "")
+    if not built_v:
+        raise ArtifactError(f"the manifest of {path.name} does not record the torch version that compiled it: "
+                            "re-export it (`ditdeploy export --fmt aoti`)")
+    if _release(built_v) != _release(torch_version):
+        raise ArtifactError(f"{path.name} was compiled by torch {built_v}; this is torch {torch_version}: an AOTInductor "
+                            "package only loads with the torch that built it: re-export it here")
+    built = str(m.get("device") or "cpu")
+    want = (device or built).split(":")[0]
+    if want not in ("cpu", "cuda"):
+        raise DitDeployError(f"device {device!r}: choose cpu or cuda")
+    if want != built:
+        raise ArtifactError(f"{path.name} was compiled for {built} and cannot run on {want}: export it again with "
+                            f"--device {want}")
+    if built == "cuda" and not cuda_available:
+        raise ArtifactError(f"{path.name} was compiled for CUDA and torch {torch_version} sees no CUDA device here: "
+                            "run it on a GPU machine, or export a CPU package (--device cpu)")
+    return device or built
+
+
+class AotiDenoiser(DenoiserBase):
+    """A ``.pt2`` denoiser: numpy in, numpy out, through the compiled package."""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True, device: str | None = None,
+                 threads: int | None = None, cuda_graph: bool = False, manifest: dict[str, Any] | None = None):
+        torch = _torch()
+        self.path = Path(path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path, "denoiser", verify)
+        if self.manifest.get("format") != "aoti":
+            raise ArtifactError(f"{self.path.name} is a {self.manifest.get('format')!r} artifact, not an AOTInductor "
+                                "package")
+        self.config = config_from_manifest(self.manifest, self.path)
+        dev = check_package_compat(self.manifest, self.path, torch.__version__, torch.cuda.is_available(), device)
+        self.device = torch.device(dev)
+        if cuda_graph:
+            from ditdeploy.runtimes.cuda_staging import require_cuda_for_graph
+
+            require_cuda_for_graph(self.device, self.path.name)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.torch = torch
+        self.model = _load_package(self.path, self.device)
+        self.max_batch = max_batch_from_manifest(self.manifest)
+        b = self.manifest.get("batch") if isinstance(self.manifest.get("batch"), dict) else {}
+        self.min_batch = int(b.get("min") or 1)
+        self.precision = str(self.manifest.get("precision", "fp32"))
+        self.name = f"aoti:{self.device.type}{':cuda-graph' if cuda_graph else ''}:{self.precision}"
+        self.staged = None
+        if self.device.type == "cuda":
+            from ditdeploy.runtimes.cuda_staging import StagedCall
+
+            self.staged = StagedCall(self.model, self.device, graph=cuda_graph)
+
+    def _run(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        n = x.shape[0]
+        if n < self.min_batch:  # the package's batch range starts above n: pad with copies of the first row
+            pad = self.min_batch - n
+            x, t, y = (np.concatenate([a, np.repeat(a[:1], pad, axis=0)]) for a in (x, t, y))
+        if self.staged is not None:
+            out = self.staged(x, t, y)
+        else:
+            with self.torch.inference_mode():
+                out = self.model(*(self.torch.from_numpy(a) for a in (x, t, y))).numpy()
+        return out[:n]
+
+    def close(self) -> None:
+        if self.staged is not None:
+            self.staged.close()
+        self.model = None
+
+
+_ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+def check_package_metadata(md: dict[str, str], path: Path, device: Any, cpu_capability: str,
+                           cuda_capability: tuple[int, int] | None) -> None:
+    """The package's own record (``AOTI_DEVICE_KEY``, ``AOTI_CPU_ISA``, ``AOTI_COMPUTE_CAPABILITY``) against this
+    machine: a CPU package compiled for AVX-512 would die with an illegal instruction on an AVX2-only CPU."""
+    key = str(md.get("AOTI_DEVICE_KEY") or "")
+    if key and key != device.type:
+        raise ArtifactError(f"{path.name} holds a {key} model but its manifest says {device.type}: the files do not "
+                            "belong together; re-export it")
+    if device.type == "cpu":
+        need = (str(md.get("AOTI_CPU_ISA") or "").split() or ["DEFAULT"])[0].upper()
+        have = cpu_capability.upper()
+        if need in _ISA_ORDER and have in _ISA_ORDER and _ISA_ORDER.index(need) > _ISA_ORDER.index(have):
+            raise ArtifactError(f"{path.name} was compiled for {need} CPUs; this CPU supports {have}: re-export it "
+                                "on (or for) this machine")
+    cc = str(md.get("AOTI_COMPUTE_CAPABILITY") or "")
+    if device.type == "cuda" and cc and cuda_capability is not None and cc != f"{cuda_capability[0]}{cuda_capability[1]}":
+        raise ArtifactError(f"{path.name} was compiled for compute capability {cc}; this GPU is "
+                            f"{cuda_capability[0]}.{cuda_capability[1]}: re-export it on this GPU")
+
+
+def _load_package(path: Path, device: Any) -> Any:
+    """``fn(x, t, y) -> out`` from the package, through AOTInductor's C++ loader (``aoti_load_package`` wraps the
+    same loader but first imports the whole inductor and probes the compiler for CPU ISAs: ~10 s here, vs 0.1 s);
+    every failure (truncated zip, foreign build, missing symbols) as one line."""
+    import torch
+
+    loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    idx = device.index if device.index is not None else -1
+    try:
+        if loader_cls is None:  # pragma: no cover - other torch builds
+            model = torch._inductor.aoti_load_package(str(path), device_index=idx)
+            return model
+        md = dict(loader_cls.load_metadata_from_package(str(path), "model"))
+        cuda_cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        check_package_metadata(md, path, device, torch.backends.cpu.get_cpu_capability(), cuda_cc)
+        loader = loader_cls(str(path), "model", False, 1, idx)
+    except ArtifactError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"cannot load the AOTInductor package {path.name} ({type(e).__name__}: {first}): the file "
+                            "is truncated, corrupt or from another torch build; re-export it") from e
+
+    def run(x: Any, t: Any, y: Any) -> Any:
+        return loader.run([x, t, y])[0]
+
+    return run
+
+
+def load_denoiser(path: str | os.PathLike, **opts: Any) -> AotiDenoiser:
+    """Load a ``.pt2`` denoiser; options: verify, device, threads, cuda_graph (a misspelt option is an error)."""
+    bad = sorted(set(opts) - set(OPTIONS))
+    if bad:
+        raise DitDeployError(f"unknown option(s) for the aoti backend: {', '.join(bad)} (it takes "
+                             f"{', '.join(o for o in OPTIONS if o != 'manifest')})")
+    return AotiDenoiser(path, **opts)

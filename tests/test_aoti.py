@@ -1,0 +1,220 @@
+"""AOTInductor `.pt2` of the shipped digits model: export (CLI), runtime, sample, check, bad inputs.
+
+One compile for the module (~1 min on 2 shared cores): the ``pt2`` fixture; every test copies it before damaging it.
+The bf16 export is a second compile and marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import assert_one_line_error, copy_artifact, edit_manifest, rehash, run_main
+
+torch = pytest.importorskip("torch")
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm((a - b).ravel()) / np.linalg.norm(b.ravel()))
+
+
+@pytest.fixture(scope="module")
+def pt2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("aoti") / "digits.pt2"
+    code, _, err = run_main(["export", "--model", "digits", "--fmt", "aoti", "--out", out])
+    assert code == 0, err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from ditdeploy.checkpoints import load_model
+    from ditdeploy.export.pipeline import shipped_digits
+
+    return load_model(shipped_digits()).eval()
+
+
+def torch_out(model, x, t, y) -> np.ndarray:
+    with torch.inference_mode():
+        return model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+
+
+def test_manifest_records_package_and_parity(pt2: Path):
+    from ditdeploy.artifacts import sha256_file
+
+    m = json.loads(pt2.with_name("digits.pt2.json").read_text())
+    assert (m["format"], m["device"], m["precision"], m["kind"]) == ("aoti", "cpu", "fp32", "denoiser")
+    assert m["torch"]["version"] == torch.__version__
+    assert m["files"]["digits.pt2"]["sha256"] == sha256_file(pt2)
+    assert m["config"]["variant"] == "digits" and m["batch"] == {"min": 1, "max": None}
+    assert m["compile_seconds"] > 0 and m["peak_rss_bytes"] > 0
+    p = m["parity"]
+    assert [b["batch"] for b in p["batches"]] == [1, 3]  # the ONNX path's probes: batch 1 and 3
+    ts = sorted(t for b in p["batches"] for t in b["t"])
+    assert ts[0] == 0 and ts[-1] == 999  # both ends of the schedule
+    assert 10 in [y for b in p["batches"] for y in b["y"]]  # the null class
+    assert p["worst"]["rel_l2"] <= 1e-5 and p["batches"][0]["reference_rms"] > 0.1  # a trained, non-zero output
+
+
+def test_runtime_matches_torch_on_new_batches(pt2: Path, reference):
+    """Dynamic batch: sizes never seen at export, fresh inputs; fp32 goal rel-L2 <= 1e-5 vs eager torch."""
+    from ditdeploy.runtimes import load
+
+    den = load(pt2)
+    assert den.name == "aoti:cpu:fp32"
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 7):
+        x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+        t = rng.integers(0, 1000, n)
+        y = rng.integers(0, 11, n)
+        got, ref = den(x, t, y), torch_out(reference, x, t, y)
+        assert got.shape == ref.shape == (n, 2, 8, 8)
+        assert rel_l2(got, ref) <= 1e-5
+
+
+def test_min_batch_pads_and_drops_rows(tmp_path: Path, pt2: Path, reference):
+    """A package whose batch range starts at 4 gets batch 1 padded to 4; the result is the unpadded row's."""
+    from ditdeploy.runtimes import load
+
+    p = copy_artifact(pt2, tmp_path)
+    edit_manifest(p, lambda m: m["batch"].update(min=4))
+    den = load(p)
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    t, y = np.array([500]), np.array([3])
+    assert den.min_batch == 4
+    assert rel_l2(den(x, t, y), torch_out(reference, x, t, y)) <= 1e-5
+
+
+def test_sample_cli_matches_torch_backend(tmp_path: Path, pt2: Path):
+    from ditdeploy.export.pipeline import shipped_digits
+
+    args = ["--labels", "0,3,7", "--steps", "8", "--no-progress", "--no-out"]
+    code, _, err = run_main(["sample", "--engine", pt2, "--npz", tmp_path / "a.npz", *args])
+    assert code == 0, err
+    assert "aoti:cpu:fp32" in err
+    code, _, err = run_main(["sample", "--engine", shipped_digits(), "--npz", tmp_path / "t.npz", *args])
+    assert code == 0, err
+    a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "t.npz")["arr_0"]
+    assert a.shape == b.shape == (3, 8, 8, 1)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # uint8 images: at most a rounding step apart
+
+
+def test_check_cli_passes_fp32(tmp_path: Path, pt2: Path):
+    code, out, err = run_main(["check", "--engine", pt2, "--steps", "6", "--timesteps", "4",
+                               "--json", tmp_path / "r.json"])
+    assert code == 0, out + err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["passed"] and rep["precision"] == "fp32"
+    assert max(c["rel_l2"] for c in rep["calls"]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------- bad inputs
+def test_other_torch_version_refused(tmp_path: Path, pt2: Path):
+    p = copy_artifact(pt2, tmp_path)
+    edit_manifest(p, lambda m: m["torch"].update(version="2.12.1+cpu"))
+    code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png", "--no-progress"])
+    assert_one_line_error(code, err, ["torch 2.12.1", "re-export"])
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_package_refused_on_cpu_machine(tmp_path: Path, pt2: Path):
+    p = copy_artifact(pt2, tmp_path)
+    edit_manifest(p, lambda m: m.update(device="cuda"))
+    code, _, err = run_main(["check", "--engine", p, "--per-call-only"])
+    assert_one_line_error(code, err, ["compiled for CUDA", "no CUDA device"])
+
+
+def test_cpu_package_refused_on_cuda(tmp_path: Path, pt2: Path):
+    code, _, err = run_main(["sample", "--engine", pt2, "--device", "cuda", "--out", tmp_path / "s.png"])
+    assert_one_line_error(code, err, ["compiled for cpu", "cannot run on cuda"])
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_truncated_package_refused(tmp_path: Path, pt2: Path):
+    p = copy_artifact(pt2, tmp_path)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png"])
+    assert_one_line_error(code, err, "sha256 mismatch")
+    rehash(p)  # the hash now matches: the truncated zip reaches the AOTInductor loader
+    code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png"])
+    assert_one_line_error(code, err, ["cannot load the AOTInductor package", "truncated"])
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("backend", ["aoti", "torch"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines --cuda-graph is valid")
+def test_cuda_graph_on_cpu_is_one_line(tmp_path: Path, pt2: Path, backend: str):
+    from ditdeploy.export.pipeline import shipped_digits
+
+    engine = pt2 if backend == "aoti" else shipped_digits()
+    code, _, err = run_main(["sample", "--engine", engine, "--cuda-graph", "--out", tmp_path / "s.png"])
+    assert_one_line_error(code, err, ["--cuda-graph", "CUDA device"])
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_cuda_graph_flag_refused_for_onnxruntime(tmp_path: Path):
+    code, _, err = run_main(["sample", "--cuda-graph", "--out", tmp_path / "s.png"])
+    assert_one_line_error(code, err, ["--cuda-graph applies to", "not onnxruntime"])
+
+
+def test_misspelt_backend_option(pt2: Path):
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes import load
+
+    with pytest.raises(DitDeployError, match="unknown option"):
+        load(pt2, cuda_graphs=True)
+
+
+def test_package_metadata_checks():
+    from ditdeploy.errors import ArtifactError
+    from ditdeploy.runtimes.aoti import check_package_metadata
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    md = {"AOTI_DEVICE_KEY": "cpu", "AOTI_CPU_ISA": "AVX512 AVX512_VNNI"}
+    check_package_metadata(md, Path("a.pt2"), cpu, "AVX512", None)
+    with pytest.raises(ArtifactError, match="compiled for AVX512 CPUs; this CPU supports AVX2"):
+        check_package_metadata(md, Path("a.pt2"), cpu, "AVX2", None)
+    with pytest.raises(ArtifactError, match="do not belong together"):
+        check_package_metadata(md, Path("a.pt2"), cuda, "AVX512", (9, 0))
+    with pytest.raises(ArtifactError, match="compute capability 90; this GPU is 8.0"):
+        check_package_metadata({"AOTI_DEVICE_KEY": "cuda", "AOTI_COMPUTE_CAPABILITY": "90"}, Path("a.pt2"), cuda,
+                               "AVX512", (8, 0))
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--precision", "fp8"], ["fp8", "FP8 tensor cores"]),
+    (["--precision", "int8"], ["--precision", "aoti"]),
+    (["--device", "tpu"], ["--device", "cpu or cuda"]),
+])
+def test_export_refusals_write_nothing(tmp_path: Path, extra: list[str], words: list[str]):
+    if torch.cuda.is_available() and "fp8" in extra:
+        pytest.skip("this machine has a GPU: fp8 may be possible")
+    out = tmp_path / "x.pt2"
+    code, _, err = run_main(["export", "--model", "digits", "--fmt", "aoti", "--out", out, *extra])
+    assert_one_line_error(code, err, words)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_export_cuda_on_cpu_machine(tmp_path: Path):
+    code, _, err = run_main(["export", "--model", "digits", "--fmt", "aoti", "--device", "cuda",
+                             "--out", tmp_path / "x.pt2"])
+    assert_one_line_error(code, err, ["--device cuda", "no CUDA device"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_bf16_package_within_bf16_threshold(tmp_path: Path, reference):
+    """bf16 on this AVX512-BF16 CPU: export parity within TOLERANCES['bf16'], and `check` passes at bf16 limits."""
+    from ditdeploy.export.aoti import TOLERANCES, export_denoiser_aoti
+
+    out = tmp_path / "digits-bf16.pt2"
+    m = export_denoiser_aoti(reference, out, precision="bf16")
+    w = m["parity"]["worst"]
+    assert 1e-4 < w["rel_l2"] <= TOLERANCES["bf16"]["rel_l2"]  # really bf16 (not fp32), and within the limit
+    code, out_, err = run_main(["check", "--engine", out, "--steps", "6", "--timesteps", "4"])
+    assert code == 0, out_ + err
