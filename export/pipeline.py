@@ -5,8 +5,9 @@
   ``digits`` model, or ``--random-weights`` (benchmarking only; must be asked for explicitly);
 - formats: ``onnx`` (here), ``openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``), ``trt``
   (ONNX, then ``ditdeploy.export.tensorrt.build_engine``); ``--precision int8`` goes through the fp32 ONNX and
-  ``ditdeploy.calibration.quantize.quantize_int8``; ``aoti`` (no ONNX: ``ditdeploy.export.aoti``, a ``.pt2``). The ONNX intermediates of the non-ONNX paths live in a hidden
-  temporary folder beside the output and are removed afterwards.
+  ``ditdeploy.calibration.quantize.quantize_int8``; ``aoti`` (no ONNX: ``ditdeploy.export.aoti``, a ``.pt2``).
+  The ONNX intermediates of the non-ONNX paths live in a hidden temporary folder beside the output and are removed
+  afterwards.
 """
 
 from __future__ import annotations
