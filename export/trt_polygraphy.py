@@ -3,7 +3,7 @@
 The build runs through the loaders NVIDIA tests (Polygraphy, ``polygraphy.backend.trt``)::
 
     NetworkFromOnnxPath(onnx, strongly_typed=...)          # parse_from_file: external data resolves
-    PostprocessConfig(CreateConfig(tf32=False, profiles=[Profile], builder_optimization_level=N), checks)
+    PostprocessConfig(CreateConfig(tf32=False, profiles=[], builder_optimization_level=N), checks(Profile))
     EngineFromNetwork(network, config)  ->  SaveEngine(engine, tmp path)
 
 Two steps stay data: :func:`polygraphy_args` (plan -> plain arguments, testable without TensorRT) and
@@ -11,8 +11,9 @@ Two steps stay data: :func:`polygraphy_args` (plan -> plain arguments, testable 
 machine without it). :class:`ConfigChecks` is the post-processing step Polygraphy does not do itself, reviewed
 against Polygraphy 0.53's ``backend/trt/config.py``:
 
-- ``CreateConfig`` calls ``add_optimization_profile`` without checking its return (-1 on an invalid profile): the
-  check reads ``config.num_optimization_profiles`` back;
+- ``CreateConfig`` calls ``add_optimization_profile`` without checking its return (-1 when TensorRT rejects the
+  profile): ditdeploy passes ``profiles=[]`` and adds the profile itself (Polygraphy's ``Profile.to_trt``, which
+  validates it), checking the returned index and ``config.num_optimization_profiles``;
 - ``tf32=False`` makes ``CreateConfig`` clear ``BuilderFlag.TF32`` (on by default in TensorRT); the check asserts
   the flag is really off, so an fp32 engine is fp32 and not TF32 (~1e-3 error);
 - the timing cache is loaded here, not through ``load_timing_cache``: ``create_timing_cache`` returning None (an
@@ -31,7 +32,7 @@ from typing import Any
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.export.trt_plan import BuildPlan
 
-__all__ = ["ConfigChecks", "PolygraphyArgs", "make_loaders", "polygraphy_args"]
+__all__ = ["ConfigChecks", "PolygraphyArgs", "make_loaders", "make_profile", "polygraphy_args"]
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,21 @@ def polygraphy_args(plan: BuildPlan, onnx_path: str | Path) -> PolygraphyArgs:
 class ConfigChecks:
     """``PostprocessConfig`` step: timing cache, workspace, and the checks Polygraphy leaves out (see module doc).
 
-    Keeps the config it saw (``self.config``) so the caller can save the timing cache after the build.
+    ``profile`` is the Polygraphy ``Profile`` of the plan (added here so ``add_optimization_profile``'s return is
+    checked). Keeps the config it saw (``self.config``) so the caller can save the timing cache after the build.
     """
 
-    def __init__(self, args: PolygraphyArgs, trt: Any):
-        self.args, self.trt, self.config = args, trt, None
+    def __init__(self, args: PolygraphyArgs, trt: Any, profile: Any = None):
+        self.args, self.trt, self.profile, self.config = args, trt, profile, None
 
     def __call__(self, builder: Any, network: Any, config: Any) -> None:
         self.config = config
+        trt_profile = self.profile.fill_defaults(network).to_trt(builder, network)  # Polygraphy validates it
+        idx = config.add_optimization_profile(trt_profile)
         n = int(config.num_optimization_profiles)
-        if n != 1:
+        if idx < 0 or n != 1:
             raise ArtifactError(f"TensorRT did not accept the optimisation profile (add_optimization_profile "
-                                f"left {n} profiles): check the batch bounds {self.args.profile['x']}")
+                                f"returned {idx}, {n} profiles): check the batch bounds {self.args.profile['x']}")
         tf32 = getattr(self.trt.BuilderFlag, "TF32", None)
         if tf32 is not None and not self.args.tf32 and config.get_flag(tf32):
             raise ArtifactError("BuilderFlag.TF32 is still set: the fp32 parts of the engine would run TF32")
@@ -126,17 +130,22 @@ def _polygraphy_trt() -> Any:
     return ptrt
 
 
-def make_loaders(args: PolygraphyArgs, checks: Any) -> tuple[Any, Any, Any]:
-    """(network loader, config loader, engine loader) for ``args``; ``checks`` is the config post-processing
-    callable (a :class:`ConfigChecks`). Nothing runs until the engine loader is called."""
-    ptrt = _polygraphy_trt()
-    profile = ptrt.Profile()
+def make_profile(args: PolygraphyArgs) -> Any:
+    """The plan's batch profile as a Polygraphy ``Profile``."""
+    profile = _polygraphy_trt().Profile()
     for name, (mn, op, mx) in args.profile.items():
         profile.add(name, min=mn, opt=op, max=mx)
+    return profile
+
+
+def make_loaders(args: PolygraphyArgs, checks: ConfigChecks) -> tuple[Any, Any, Any]:
+    """(network loader, config loader, engine loader) for ``args``; ``checks`` is the config post-processing step
+    (it gets the plan's ``Profile`` here). Nothing runs until the engine loader is called."""
+    ptrt = _polygraphy_trt()
+    checks.profile = make_profile(args)
     network = ptrt.NetworkFromOnnxPath(args.onnx, strongly_typed=args.strongly_typed)
     config = ptrt.PostprocessConfig(
-        ptrt.CreateConfig(tf32=args.tf32, profiles=[profile],
-                          builder_optimization_level=args.builder_optimization_level),
+        ptrt.CreateConfig(tf32=args.tf32, profiles=[], builder_optimization_level=args.builder_optimization_level),
         checks,
     )
     return network, config, ptrt.EngineFromNetwork(network, config=config)

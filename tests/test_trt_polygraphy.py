@@ -59,7 +59,8 @@ def test_real_polygraphy_loaders_carry_the_plan(plans):
     assert isinstance(create, ptrt.CreateConfig)
     assert create.tf32 is False and create.fp16 is False and create.int8 is False and create.bf16 is False
     assert create.builder_optimization_level == 5 and create.timing_cache_path is None  # loaded by the checks
-    (prof,) = create.profiles
+    assert create.profiles == []  # added by the checks, so add_optimization_profile's return is checked
+    prof = checks.profile
     assert isinstance(prof, ptrt.Profile) and list(prof) == ["x", "t", "y"]
     assert (prof["x"].min, prof["x"].opt, prof["x"].max) == ((2, 1, 8, 8), (4, 1, 8, 8), (16, 1, 8, 8))
     assert isinstance(engine, ptrt.EngineFromNetwork)
@@ -72,13 +73,29 @@ def test_real_polygraphy_loaders_carry_the_plan(plans):
 TRT_API = SimpleNamespace(BuilderFlag=SimpleNamespace(TF32="TF32"), MemoryPoolType=SimpleNamespace(WORKSPACE="WS"))
 
 
+class _Profile:
+    """Polygraphy's Profile surface used by the checks (``fill_defaults(network).to_trt(builder, network)``)."""
+
+    def fill_defaults(self, network):
+        return self
+
+    def to_trt(self, builder, network):
+        return "trt-profile"
+
+
 class _Config:
     """The IBuilderConfig members ConfigChecks reads (see the module doc)."""
 
-    def __init__(self, profiles=1, tf32=False, cache_ok=True, cache_matches=True):
-        self.num_optimization_profiles, self.tf32 = profiles, tf32
+    def __init__(self, profile_index=0, tf32=False, cache_ok=True, cache_matches=True):
+        self.profile_index, self.num_optimization_profiles, self.tf32 = profile_index, 0, tf32
         self.cache_ok, self.cache_matches = cache_ok, cache_matches
-        self.pools, self.cache = {}, None
+        self.pools, self.cache, self.profiles = {}, None, []
+
+    def add_optimization_profile(self, profile):
+        if self.profile_index >= 0:
+            self.profiles.append(profile)
+            self.num_optimization_profiles += 1
+        return self.profile_index
 
     def get_flag(self, flag):
         return self.tf32 if flag == "TF32" else False
@@ -100,7 +117,7 @@ class _Config:
 
 def _checks(plans, **cfg):
     p, by = plans
-    checks = ConfigChecks(polygraphy_args(by["10"], p), TRT_API)
+    checks = ConfigChecks(polygraphy_args(by["10"], p), TRT_API, _Profile())
     config = _Config(**cfg)
     checks(None, None, config)
     return checks, config
@@ -109,12 +126,13 @@ def _checks(plans, **cfg):
 def test_config_checks_apply_workspace_and_timing_cache(plans, tmp_path):
     (tmp_path / "tc.cache").write_bytes(b"old")
     checks, config = _checks(plans)
+    assert config.profiles == ["trt-profile"]
     assert config.pools == {"WS": 512 << 20} and config.cache.blob == b"old"
     assert checks.timing_cache_bytes() == b"cache:old"
 
 
 @pytest.mark.parametrize("cfg, words", [
-    ({"profiles": 0}, "did not accept the optimisation profile"),
+    ({"profile_index": -1}, "add_optimization_profile returned -1"),
     ({"tf32": True}, "TF32 is still set"),
     ({"cache_ok": False}, "could not read the timing cache"),
     ({"cache_matches": False}, "does not match this TensorRT/GPU"),
