@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -60,17 +61,115 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
+# Temporary names carry the writer's pid, so a later run can tell the leftovers of a killed run from a live one's.
+TEMP_TAG = "ditdeploy"
+_TEMP_FILE_RE = re.compile(rf"^\..+\.{TEMP_TAG}-(\d+)-[A-Za-z0-9_]{{8}}(\.[A-Za-z0-9]+)?$")
+_TEMP_DIR_RE = re.compile(rf"^\.{TEMP_TAG}-(?:[a-z0-9]+-)?(\d+)-[A-Za-z0-9_]{{8}}$")
+
+
+def temp_prefix(final_name: str | None = None, kind: str = "") -> str:
+    """Prefix of a temporary file (``final_name`` given) or folder (``kind``, e.g. ``shards``) made by this process."""
+    if final_name is not None:
+        return f".{final_name}.{TEMP_TAG}-{os.getpid()}-"
+    return f".{TEMP_TAG}-{kind + '-' if kind else ''}{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temporary files/folders that a killed ditdeploy run left in ``folder`` (their pid is gone).
+
+    Returns the names removed and says so in one line on stderr. Temporaries of live processes are left alone.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_FILE_RE.match(name) or _TEMP_DIR_RE.match(name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        p = Path(folder) / name
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(name)
+    if removed:
+        shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        _note(f"note: removed {len(removed)} temporary file(s) left in {folder} by an interrupted run: {shown}")
+    return removed
+
+
+def _note(line: str) -> None:
+    import sys
+
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(line, file=sys.stderr)
+
+
+def _resolve_final(final: Path, *, through_ok: bool) -> tuple[Path, bool]:
+    """Policy at write time (ditdeploy.outputs): follow symlinks; a device/FIFO is written through or refused."""
+    from ditdeploy.outputs import WRITE_THROUGH, file_kind, final_path
+
+    final = final_path(final)
+    kind = file_kind(final)
+    if kind == "directory":
+        raise DitDeployError(f"cannot write {final}: it is a directory")
+    if kind in ("missing", "regular"):
+        return final, False
+    if through_ok and kind in WRITE_THROUGH:
+        return final, True
+    raise DitDeployError(f"cannot write {final}: it is a {kind}, not a regular file (it is never replaced)")
+
+
+@contextlib.contextmanager
+def _through_path(final: Path, suffix: str | None) -> Iterator[Path]:
+    """Write into a temporary file elsewhere, then copy its bytes into the device/FIFO ``final`` (like ``cp``)."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=suffix or ".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as src, open(final, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except OSError as e:
+        if isinstance(e, DitDeployError):
+            raise
+        raise DitDeployError(f"could not write {final}: {e.strerror or e}") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the final file's directory; rename it onto ``final`` only on success.
 
     On any exception the temporary file is removed and ``final`` is untouched, so an interrupted or failed write
-    never leaves a partial file at the final path.
+    never leaves a partial file at the final path. A symlink at ``final`` is followed (the link stays); an existing
+    character device or FIFO is written through, never replaced (the output policy of ``ditdeploy.outputs``).
     """
-    final = Path(final)
+    final, through = _resolve_final(Path(final), through_ok=True)
+    if through:
+        with _through_path(final, suffix) as tmp:
+            yield tmp
+        return
     _check_writable_dir(final.parent)
+    clean_stale_temps(final.parent)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or ".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=suffix or ".tmp", dir=final.parent)
     except OSError as e:
         raise DitDeployError(f"could not write {final}: {e.strerror or e}") from e
     os.close(fd)
@@ -89,26 +188,61 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
         raise
 
 
+def _keep_old(final: Path, backup: Path) -> bool:
+    """Hard-link (else copy) an existing ``final`` to ``backup`` so a failed publish can put it back."""
+    if not final.exists():
+        return False
+    try:
+        os.link(final, backup)
+    except OSError:
+        shutil.copy2(final, backup)
+    return True
+
+
+def publish(tmp: Path, finals: list[Path]) -> None:
+    """Move ``tmp/<name>`` onto each final path as one unit: data first, manifest last; if any move fails, every
+    file already moved is taken back (the previous version restored) and the error is raised."""
+    backups = tmp / f".{TEMP_TAG}-old"
+    backups.mkdir(exist_ok=True)
+    done: list[tuple[Path, bool]] = []
+    try:
+        for f in finals:
+            src = tmp / f.name
+            if not src.exists():
+                continue
+            had_old = _keep_old(f, backups / f.name)
+            os.replace(src, f)
+            done.append((f, had_old))
+    except BaseException:
+        for f, had_old in reversed(done):
+            with contextlib.suppress(OSError):
+                if had_old:
+                    os.replace(backups / f.name, f)
+                else:
+                    f.unlink()
+        raise
+
+
 @contextlib.contextmanager
 def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
-    """Yield a temporary directory; on success move each named file from it to its final path.
+    """Yield a temporary directory; on success move each named file from it to its final path, as a unit.
 
     Used for multi-file artifacts (an ONNX model with external data plus its manifest). Files are moved
-    data-first and the manifest last, so a reader never sees a manifest without its data.
+    data-first and the manifest last, so a reader never sees a manifest without its data, and if a move fails
+    (e.g. the manifest cannot be written) the files already moved are taken back (:func:`publish`). A final path
+    that is a symlink is followed; a device, FIFO or other non-regular file is refused, never replaced.
     """
-    finals = [Path(p) for p in final_files]
+    finals = [_resolve_final(Path(p), through_ok=False)[0] for p in final_files]
     parent = finals[0].parent
     _check_writable_dir(parent)
+    clean_stale_temps(parent)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=".ditdeploy-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=parent))
     except OSError as e:
         raise DitDeployError(f"could not write {parent}: {e.strerror or e}") from e
     try:
         yield tmp
-        for f in finals:
-            src = tmp / f.name
-            if src.exists():
-                os.replace(src, f)
+        publish(tmp, finals)
     except BaseException as e:
         if isinstance(e, OSError) and not isinstance(e, DitDeployError):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,6 +256,12 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_file_atomic(path: str | os.PathLike, src: str | os.PathLike) -> None:
+    """Copy the file ``src`` to ``path`` atomically (written through when ``path`` is a device or FIFO)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -216,7 +216,7 @@ def parse_label_spec(spec: str) -> list[int]:
 
 
 def expand_labels(labels: list[int] | None, num_per_label: int | None,
-                  num_classes: int) -> tuple[list[int], int | None]:
+                  num_classes: int, bound: Callable[[int], None] | None = None) -> tuple[list[int], int | None]:
     """The label of every image, in global index order, and the grid's row length when rows are classes.
 
     ``labels`` each repeated ``num_per_label`` times (default once); ``num_per_label`` alone: every class that many
@@ -238,6 +238,8 @@ def expand_labels(labels: list[int] | None, num_per_label: int | None,
     else:
         base = [v for v in IMAGENET_DEMO_LABELS if v < num_classes] or list(range(min(8, num_classes)))
     k = num_per_label or 1
+    if bound is not None:
+        bound(len(base) * k)  # refuse an absurd count before the list is built
     return [v for v in base for _ in range(k)], (k if k > 1 else None)
 
 
@@ -362,8 +364,10 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
         raise DitDeployError(f"no such file: {engine}")
     b = resolve_backend(engine, req.backend)
     opts = backend_options(b, req.options)
+    plan = _check_outputs(req, engine, mine)
     if req.shards > 1:
-        return _generate_sharded(dataclasses.replace(req, engine=Path(engine), backend=b), say, t_start)
+        return _generate_sharded(dataclasses.replace(req, engine=Path(engine), backend=b), say, t_start,
+                                 npz_through=plan.through(req.npz or ""))
     t0 = time.perf_counter()
     den = load(engine, backend=b, **opts)
     from ditdeploy.diffusion import check_cache_interval
@@ -373,7 +377,8 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     timings = Timings(load_s=time.perf_counter() - t0)
     cfg_scale = req.cfg_scale if req.cfg_scale is not None else (
         DEFAULT_CFG if den.config.class_dropout_prob > 0 else 1.0)  # DiT's default when there is a null class
-    all_labels, rows = expand_labels(req.labels, req.num_per_label, den.config.num_classes)
+    all_labels, rows = expand_labels(req.labels, req.num_per_label, den.config.num_classes,
+                                     bound=lambda n: _check_sizes(plan, n, den.config, decoder, mine, req.npz))
     res = _sample_range(den, decoder, req, cfg_scale, all_labels, mine, timings, say)
     t2 = time.perf_counter()
     res.written = _write_outputs(req, res, mine, from_env, len(all_labels), rows)
@@ -381,6 +386,32 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     timings.total_s = time.perf_counter() - t_start
     _write_summary(req, res)
     return res
+
+
+def _check_outputs(req: SampleRequest, engine: Path, mine: tuple[int, int] | None) -> Any:
+    """The output policy (ditdeploy.outputs) for this request, before anything loads."""
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.outputs import check_outputs
+
+    plan = check_outputs({"--engine": engine, "--vae": req.vae},
+                         {"--out": req.out, "--npz": req.npz, "--json": req.json_summary})
+    if req.npz is not None and plan.through(req.npz) and mine is not None:
+        raise DitDeployError(f"--npz {req.npz} is not a regular file: a sharded run writes its part beside --npz")
+    return plan
+
+
+def _check_sizes(plan: Any, n: int, cfg: Any, decoder: Any, mine: tuple[int, int] | None,
+                 npz: Path | None) -> None:
+    """Memory for this process's images and disk for the npz, before any sampling."""
+    from ditdeploy.bounds import check_memory
+
+    side = cfg.input_size * (8 if decoder is not None else 1)
+    per_image = (3 if decoder is not None else cfg.in_channels) * side * side
+    own = -(-n // mine[1]) if mine else n
+    check_memory(own, per_image, f"{own} images of {side}x{side}", "sample fewer (--num-per-label, --labels) or "
+                 "split them over processes with --shards N and --npz")
+    if npz is not None:
+        plan.check_space({"--npz": n * per_image})
 
 
 def _write_summary(req: SampleRequest, res: SampleResult) -> None:
@@ -458,7 +489,7 @@ def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] 
     rank, world = mine
     if from_env and rank == 0:  # torchrun rank 0 merges once every part exists
         parts = [sharding.part_path(req.npz, r, world) for r in range(world)]
-        sharding.wait_for_parts(parts)
+        sharding.wait_for_parts(parts, timeout=max(600.0, 10 * res.timings.load_s + 10 * res.timings.denoiser_s))
         sharding.merge_parts(req.npz, parts, n_total)
         written.append(str(req.npz))
         if req.out is not None:
@@ -479,7 +510,7 @@ def _write_grid_from_npz(req: SampleRequest, rows: int | None) -> None:
     images.save_image(images.grid(arr, lab, cols=rows), req.out, GRID_FORMATS[req.grid_format()])
 
 
-def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleResult:
+def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through: bool = False) -> SampleResult:
     """Parent of ``shards`` worker processes: one JSON request each, then merge the parts and draw the grid."""
     import shutil
     import tempfile
@@ -487,15 +518,16 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleRes
     import numpy as np
 
     from ditdeploy import sharding
+    from ditdeploy.artifacts import temp_prefix, write_file_atomic
     from ditdeploy.errors import DitDeployError
     from ditdeploy.runtimes.base import physical_cores
 
     k = req.shards
     final_npz, tmpdir = req.npz, None
-    if final_npz is None:
-        base = req.out.parent if req.out is not None else Path.cwd()
+    if final_npz is None or npz_through:  # parts + merge in a private folder (an npz device gets a copy)
+        base = req.out.parent if req.out is not None and not npz_through else Path(tempfile.gettempdir())
         base.mkdir(parents=True, exist_ok=True)
-        tmpdir = tempfile.mkdtemp(prefix=".ditdeploy-shards-", dir=base)
+        tmpdir = tempfile.mkdtemp(prefix=temp_prefix(kind="shards"), dir=base)
         final_npz = Path(tmpdir) / "samples.npz"
     each = max(1, (req.options.get("threads") or physical_cores()) // k)
     parts = [sharding.part_path(final_npz, i, k) for i in range(k)]
@@ -513,7 +545,9 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float) -> SampleRes
         sharding.run_workers(cmds)
         t_workers = time.perf_counter() - t0
         n, _ = sharding.merge_parts(final_npz, parts)
-        written = [str(final_npz)] if req.npz is not None else []
+        if npz_through:
+            write_file_atomic(req.npz, final_npz)
+        written = [str(req.npz)] if req.npz is not None else []
         if req.out is not None:
             with np.load(final_npz) as z:
                 rows = row_len(z["labels"])

@@ -6,7 +6,6 @@ numpy + Pillow only (deploy path). The uint8 conversion is the one the official 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -106,20 +105,11 @@ def grid(
     return canvas
 
 
-def _readable(path: str | os.PathLike) -> None:
-    """Normal file mode for outputs (atomic temp files are created 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o644 & ~mask)
-
-
 def save_image(image, path: str | os.PathLike, fmt: str = "PNG") -> None:
     """Write a PIL image atomically (nothing half-written at ``path``) in PIL format ``fmt`` (PNG, JPEG, ...)."""
     opts = {"quality": 95} if fmt == "JPEG" else {}
     with atomic_path(path, suffix="." + fmt.lower()) as tmp:
         image.save(tmp, format=fmt, **opts)
-    _readable(path)
 
 
 def save_png(image, path: str | os.PathLike) -> None:
@@ -134,7 +124,6 @@ def save_npz(path: str | os.PathLike, images_u8: np.ndarray, labels: np.ndarray,
         raise DitDeployError(f"npz arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as f:  # a file object: no ".npz" appended
         np.savez(f, arr_0=arr, labels=np.asarray(labels, dtype=np.int64), **extra)
-    _readable(path)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

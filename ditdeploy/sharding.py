@@ -150,9 +150,6 @@ def merge_parts(final: str | os.PathLike, parts: Sequence[str | os.PathLike], n:
                     fp.write(np.ascontiguousarray(arr).tobytes())
             with zf.open("labels.npy", "w", force_zip64=True) as fp:
                 np.lib.format.write_array(fp, labels)
-    from ditdeploy.images import _readable
-
-    _readable(final)
     if remove:
         for _, p, *_ in infos:
             Path(p).unlink(missing_ok=True)

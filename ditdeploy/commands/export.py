@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
         from ditdeploy.errors import DitDeployError
+        from ditdeploy.outputs import check_outputs
 
         fmt_ = fmt.lower()
         prec = precision.lower()
@@ -118,6 +119,7 @@ def register(app: typer.Typer) -> None:
             dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt_ if fmt_ != 'trt' else 'onnx']}")
             if fmt_ == "trt":
                 raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
+            check_outputs({"--vae": vae}, {}, sets={"--out": dec_out})
             m = pipeline.export_decoder(str(vae), dec_out, fmt_, opset=opset, verify=verify,
                                         latent_size=latent_size, progress=sys.stderr.isatty())
             _summary(dec_out, m)
@@ -138,12 +140,18 @@ def register(app: typer.Typer) -> None:
         if source["kind"] == "random":
             say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
         target = out or pipeline.default_out(net.config, prec, fmt_)
-        decoder_name = None
+        decoder_name = dec_out = None
         if vae is not None:
             if net.config.space == "pixel":
                 raise DitDeployError(f"{model} is a pixel-space model: it has no VAE decoder (drop --vae)")
             dec_fmt = "openvino" if fmt_ == "openvino" else "onnx"
             dec_out = target.with_name(pipeline.DECODER_NAME + pipeline.FORMATS[dec_fmt])
+        n_bytes = sum(int(p.numel()) for p in net.parameters()) * {"fp32": 4, "fp16": 2, "int8": 1}[prec]
+        check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration},
+                      {"--out": target.with_name(target.stem + ".buildplan.json")} if dry_run else {},
+                      None if dry_run else {"--out": n_bytes},
+                      sets={} if dry_run else {"--out": target, "--vae decoder": dec_out})
+        if vae is not None:
             dm = pipeline.export_decoder(str(vae), dec_out, dec_fmt, opset=opset, verify=verify,
                                          latent_size=net.config.input_size, progress=sys.stderr.isatty())
             _summary(dec_out, dm)

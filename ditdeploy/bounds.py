@@ -1,0 +1,106 @@
+"""Early bounds: sizes a run will need, checked before the work with a one-line error that says how much.
+
+- :func:`check_memory`: a count (images, samples, batch, probe size) times its per-item bytes against the memory
+  available now;
+- :func:`check_npz`: every member of an ``.npz`` is read from its ``.npy`` header (declared shape and dtype) and
+  compared with the zip's declared size and a byte limit *before* anything is inflated, so a small compressed file
+  cannot allocate gigabytes.
+
+numpy + stdlib (+ psutil, a core dependency) only: deploy path.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.outputs import human_bytes
+
+__all__ = ["available_memory", "check_memory", "check_npz"]
+
+#: share of the available memory a run may plan to use
+MEMORY_SHARE = 0.9
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (psutil's ``available``; the cgroup limit if lower)."""
+    import psutil
+
+    avail = int(psutil.virtual_memory().available)
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            lim = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if lim.isdigit() and int(lim) < avail:
+            cur = Path(f).with_name("memory.current" if f.endswith(".max") else "memory.usage_in_bytes")
+            try:
+                used = int(cur.read_text().strip())
+            except (OSError, ValueError):
+                used = 0
+            avail = max(0, int(lim) - used)
+    return avail
+
+
+def check_memory(count: int, item_bytes: int, what: str, hint: str) -> None:
+    """Refuse ``count`` items of ``item_bytes`` each when they do not fit in the available memory.
+
+    ``what`` names the count (e.g. ``"1000000 images"``), ``hint`` how to lower it.
+    """
+    need = int(count) * int(item_bytes)
+    avail = available_memory()
+    if need > MEMORY_SHARE * avail:
+        raise DitDeployError(f"{what} need about {human_bytes(need)} of memory, {human_bytes(avail)} available: {hint}")
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], int, int]:
+    """(shape, itemsize, header bytes) of an ``.npy`` member, read without inflating its data."""
+    import numpy as np
+
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            shape, _, dtype = np.lib.format._read_array_header(f, version)
+        return tuple(int(d) for d in shape), int(dtype.itemsize), f.tell()
+
+
+def check_npz(path: str | os.PathLike, max_bytes: int | None = None, what: str = "npz file") -> dict[str, tuple]:
+    """Check every member's declared size of the ``.npz`` at ``path`` before it is inflated.
+
+    Each ``.npy`` member's header shape x itemsize must match the zip's declared uncompressed size (a mismatch is a
+    damaged or crafted file), and the total must fit in ``max_bytes`` (default: the memory available now).
+    Returns ``{member: shape}``. ArtifactError (one line) otherwise.
+    """
+    path = Path(path)
+    limit = max_bytes if max_bytes is not None else int(MEMORY_SHARE * available_memory())
+    shapes: dict[str, tuple] = {}
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                if not info.filename.endswith(".npy"):
+                    raise ArtifactError(f"{what} {path.name} holds {info.filename!r}, which is not an array")
+                shape, itemsize, header = _member_header(zf, info)
+                n = itemsize
+                for d in shape:
+                    n *= d
+                if n + header != info.file_size:
+                    raise ArtifactError(f"{what} {path.name}: member {info.filename} declares {human_bytes(n)} of "
+                                        f"data but holds {human_bytes(max(0, info.file_size - header))}: the file is "
+                                        "damaged")
+                total += n
+                shapes[info.filename[:-4]] = shape
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise ArtifactError(f"{what} {path} is not a readable .npz ({' '.join(str(e).split())})") from e
+    if total > limit:
+        raise ArtifactError(f"{what} {path.name} inflates to {human_bytes(total)}, more than the "
+                            f"{human_bytes(limit)} this run can hold in memory")
+    return shapes
