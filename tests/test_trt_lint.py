@@ -110,6 +110,11 @@ def test_cli_pass_and_fail(exported, tmp_path):
     assert err.strip().splitlines()[-1].startswith("error: int8_cpu.onnx is not TensorRT-ready")
     code, _, err = run_main(["check", "--trt-lint", tmp_path / "missing.onnx"])
     assert code == 2 and "no such ONNX file" in err
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a protobuf model" * 10)
+    code, _, err = run_main(["check", "--trt-lint", tmp_path / "junk.onnx"])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: junk.onnx is not a readable ONNX model")
+    code, _, err = run_main(["check", "--trt-lint", exported["fp32"], "--engine", exported["fp32"]])
+    assert code == 2 and "--trt-lint runs alone" in err
 
 
 # ----------------------------------------------------------------------------------------------- hand-made graphs
