@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from ditdeploy.commands import bench, calibrate, check, export, info, sample, train
+from ditdeploy.commands import bench, calibrate, check, export, fid, info, sample, train
 
 app = typer.Typer(
     name="ditdeploy",
@@ -31,7 +31,7 @@ def _root(
         os.environ["DITDEPLOY_DEBUG"] = "1"
 
 
-for _mod in (train, export, calibrate, sample, check, bench, info):
+for _mod in (train, export, calibrate, sample, check, bench, fid, info):
     _mod.register(app)
 
 

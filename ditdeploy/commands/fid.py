@@ -1,0 +1,58 @@
+"""`ditdeploy fid`: FID / Inception Score (+ sFID, precision, recall) of an ADM-layout sample npz against a reference.
+
+Thin wiring: flags -> ``ditdeploy.fid.FidRequest`` -> ``ditdeploy.fid.evaluate``. typer + stdlib at import.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def _summary(report: dict) -> str:
+    m = report["metrics"]
+    parts = [f"FID {m['fid']:.4f}", f"IS {m['inception_score']:.3f}"]
+    parts += [f"{k} {m[k]:.4f}" for k in ("sfid", "precision", "recall") if k in m]
+    ref = report["reference"]
+    ext = report["extractor"]
+    return (" | ".join(parts) + f"  ({report['samples']['count']} samples vs {ref['name']}"
+            + (f" ({ref['count']} images)" if "count" in ref else "") + f"; {ext['name']} sha256 {ext['sha256'][:12]})")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("fid")
+    def fid(
+        samples: Path = typer.Argument(..., help="Samples: .npz with arr_0 uint8 (N, H, W, C), e.g. from "
+                                       "`ditdeploy sample --npz`."),
+        ref: str = typer.Option(..., "--ref", help="Reference: an ADM reference batch .npz (arr_0 images and/or "
+                                "mu/sigma), or 'digits' (the real 8x8 digits, offline extractor)."),
+        inception: Path = typer.Option(None, "--inception", help="FID InceptionV3 weights (pytorch-fid's "
+                                       "pt_inception-2015-12-05-6726825d.pth). Default: the cache "
+                                       "($DITDEPLOY_CACHE or ~/.cache/ditdeploy)."),
+        batch_size: int = typer.Option(50, "--batch-size", help="Images per feature-extractor batch."),
+        device: str = typer.Option("auto", "--device", help="Inception device: auto | cpu | cuda[:N]."),
+        pr: bool = typer.Option(True, "--pr/--no-pr", help="Precision / recall (needs reference images; "
+                                "O(N^2) distances)."),
+        split_size: int = typer.Option(5000, "--split-size", help="Inception Score split size (ADM: 5000)."),
+        json_out: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    ) -> None:
+        """FID and Inception Score of SAMPLES against --ref (+ sFID / precision / recall when the reference
+        carries what they need). Weights are never downloaded."""
+        import json
+
+        from ditdeploy.fid import FidRequest, evaluate
+
+        req = FidRequest(samples=samples, ref=ref, inception=inception, batch_size=batch_size, device=device,
+                         precision_recall=pr, split_size=split_size,
+                         progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1")
+        report = evaluate(req)
+        if json_out is not None:
+            from ditdeploy.artifacts import write_json_atomic
+
+            write_json_atomic(json_out, report)
+        typer.echo(_summary(report))
+        if json_out is None:
+            typer.echo(json.dumps(report["metrics"], sort_keys=True), err=True)
