@@ -61,6 +61,8 @@ class Settings:
     sampler: str = "ddim"
     seed: int = 0
     e2e: bool = True
+    cfg_interval: list[int] | None = None  # guidance only at timesteps lo..hi in the end-to-end run
+    cache_interval: int | None = None  # feature reuse in the end-to-end run (every N-th step full)
 
 
 def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
@@ -135,6 +137,7 @@ def run_target(t: Target, s: Settings) -> dict[str, Any]:
     from ditdeploy.checking import effective_precision
     from ditdeploy.diffusion import sample
     from ditdeploy.runtimes.base import Timed
+    from ditdeploy.work import spent_gmacs
 
     from .machine import gpu_memory_used_mb
 
@@ -176,7 +179,7 @@ def run_target(t: Target, s: Settings) -> dict[str, Any]:
             labels = (np.arange(b) * cfg.num_classes // b).astype(np.int64)
             e0 = time.perf_counter()
             lat = sample(td, noise, labels, method=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
-                         num_classes=cfg.num_classes)
+                         num_classes=cfg.num_classes, cfg_interval=s.cfg_interval, cache_interval=s.cache_interval)
             dec_s = 0.0
             if dec is not None:
                 d0 = time.perf_counter()
@@ -185,7 +188,9 @@ def run_target(t: Target, s: Settings) -> dict[str, Any]:
             e2e = time.perf_counter() - e0
             row.update({
                 "e2e_s": e2e, "images_per_s": b / e2e, "e2e_denoiser_s": td.seconds, "e2e_decoder_s": dec_s,
-                "e2e_denoiser_calls": td.calls, "e2e_denoiser_rows": td.rows,
+                "e2e_denoiser_calls": td.calls, "e2e_denoiser_rows": td.rows, "e2e_light_rows": td.light_rows,
+                "e2e_gmac": spent_gmacs(cfg, td.rows - td.light_rows, td.light_rows),
+                "cfg_interval": s.cfg_interval, "cache_interval": s.cache_interval,
                 "sampler_overhead_pct": 100.0 * max(0.0, e2e - td.seconds - dec_s) / e2e,
                 "steps": s.steps, "cfg_scale": s.cfg_scale, "sampler": s.sampler, "decoded": dec is not None,
             })

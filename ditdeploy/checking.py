@@ -239,12 +239,31 @@ class WatchedDenoiser:
         self.calls = 0
         self.seconds = 0.0
         self.config = getattr(denoiser, "config", None)
+        self.supports_cache = bool(getattr(denoiser, "supports_cache", False))
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._watch(self.denoiser, x, t, y)
+
+    def forward_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feature reuse: a full step (output checked) and its cache."""
+        cache: list[np.ndarray] = []
+
+        def full(*a: np.ndarray) -> np.ndarray:
+            out, c = self.denoiser.forward_full(*a)  # type: ignore[attr-defined]
+            cache.append(c)
+            return out
+
+        return self._watch(full, x, t, y), cache[0]
+
+    def forward_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        """Feature reuse: a light step (output checked)."""
+        return self._watch(lambda *a: self.denoiser.forward_light(*a, cache), x, t, y)  # type: ignore[attr-defined]
+
+    def _watch(self, fn: Callable, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         import time
 
         t0 = time.perf_counter()
-        out = np.asarray(self.denoiser(x, t, y))
+        out = np.asarray(fn(x, t, y))
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         if not np.isfinite(out).all():
@@ -268,13 +287,17 @@ def run_probes(denoiser: Callable, probe_x, probe_t, probe_y, backend: str) -> n
 
 
 def sample_e2e(denoiser: Callable, config: DiTConfig, noise, labels, *, method: str, steps: int, cfg_scale: float,
-               seed: int, backend: str, progress: bool = False) -> tuple[np.ndarray, WatchedDenoiser]:
-    """The sampling loop of ``ditdeploy.diffusion`` with NaN/Inf watching; returns (x_0, watcher)."""
+               seed: int, backend: str, progress: bool = False, cfg_interval: Any = None,
+               cache_interval: int | None = None) -> tuple[np.ndarray, WatchedDenoiser]:
+    """The sampling loop of ``ditdeploy.diffusion`` with NaN/Inf watching; returns (x_0, watcher).
+
+    ``cfg_interval`` / ``cache_interval``: the reduced-work options of ``sample`` (default off)."""
     from ditdeploy.diffusion import sample
 
     w = WatchedDenoiser(denoiser, backend)
     x0 = sample(w, noise, labels, method=method, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                num_classes=config.num_classes, progress=progress)
+                num_classes=config.num_classes, progress=progress, cfg_interval=cfg_interval,
+                cache_interval=cache_interval)
     x0 = np.asarray(x0, dtype=np.float32)
     if not np.isfinite(x0).all():
         raise NonFiniteError(f"{backend}: the sampler's final latents contain {_nonfinite_desc(x0)}")
@@ -473,14 +496,19 @@ def evaluate(report: CheckReport) -> list[str]:
 
 def check(denoiser: Callable, g: Golden, *, thresholds: Thresholds, precision: str, backend: str,
           artifact: str = "", decoder: Callable | None = None, run_e2e: bool = True,
-          progress: bool = False) -> CheckReport:
-    """Judge ``denoiser`` against the golden reference: per-call probes, then the end-to-end loop."""
+          progress: bool = False, cfg_interval: Any = None, cache_interval: int | None = None) -> CheckReport:
+    """Judge ``denoiser`` against the golden reference: per-call probes, then the end-to-end loop.
+
+    ``cfg_interval`` / ``cache_interval`` run the artifact's end-to-end loop with less work (the reference stays
+    full work), so the end-to-end numbers measure the quality price of those options against the same seeds."""
     cfg = g.config
     m = g.meta
     rep = CheckReport(artifact=artifact, backend=backend, precision=precision, thresholds=thresholds,
                       reference=str(m.get("reference", "")),
                       settings={k: m.get(k) for k in ("sampler", "steps", "cfg_scale", "seed")}
-                      | {"batch": int(g.noise.shape[0]), "timesteps": [int(t) for t in g.probe_t[:, 0]]})
+                      | {"batch": int(g.noise.shape[0]), "timesteps": [int(t) for t in g.probe_t[:, 0]]}
+                      | ({"cfg_interval": list(cfg_interval) if cfg_interval else None,
+                          "cache_interval": cache_interval} if cfg_interval or cache_interval else {}))
     if g.probe_x.shape[0]:
         try:
             out = run_probes(denoiser, g.probe_x, g.probe_t, g.probe_y, backend)
@@ -495,7 +523,7 @@ def check(denoiser: Callable, g: Golden, *, thresholds: Thresholds, precision: s
         try:
             lat, w = sample_e2e(denoiser, cfg, g.noise, g.labels, method=m["sampler"], steps=int(m["steps"]),
                                 cfg_scale=float(m["cfg_scale"]), seed=int(m["seed"]), backend=backend,
-                                progress=progress)
+                                progress=progress, cfg_interval=cfg_interval, cache_interval=cache_interval)
         except NonFiniteError as e:
             rep.failures.extend(evaluate(rep))
             rep.failures.append(str(e))

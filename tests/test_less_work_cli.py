@@ -93,3 +93,31 @@ def test_export_cache_graphs_cli(tmp_path, capsys, tiny_ckpt):
     code, _, err = run_cli(["export", "--checkpoint", str(tiny_ckpt[0]), "--cache-graphs", "--precision", "fp16",
                             "--out", str(tmp_path / "x.onnx")], capsys)
     assert code == 2 and "--cache-graphs" in err and not (tmp_path / "x.onnx").exists()
+
+
+def test_check_and_bench_take_the_same_options(tmp_path, capsys, tiny_ckpt):
+    """check: the artifact's end-to-end run uses the options, the reference stays full work; bench: e2e rows record
+    the work done."""
+    js = tmp_path / "c.json"
+    code, _, err = run_cli(["check", "--engine", "ditdeploy/assets/digits.onnx", "--steps", "6", "--batch", "2",
+                            "--timesteps", "2", "--cfg-interval", "300,700", "--json", str(js),
+                            "--threshold-latent-rel-l2", "10", "--threshold-psnr", "0", "--threshold-ssim", "0"],
+                           capsys)
+    assert code == 0, err
+    rep = json.loads(js.read_text())
+    assert rep["settings"]["cfg_interval"] == [300, 700]
+    assert rep["end_to_end"]["latent_rel_l2"] > 1e-3  # the interval changes the samples: measured, not hidden
+    code, _, err = run_cli(["check", "--engine", "ditdeploy/assets/digits.onnx", "--cache-interval", "2"], capsys)
+    assert code == 2 and "cannot reuse features" in err
+    bj = tmp_path / "b.json"
+    code, _, err = run_cli(["bench", "--engine", "ditdeploy/assets/digits.onnx", "--backends", "onnxruntime",
+                            "--batch", "2", "--steps", "4", "--repeats", "1", "--warmup", "0",
+                            "--cfg-interval", "150,750", "--no-probe", "--no-torch", "--in-process",
+                            "--json", str(bj)], capsys)
+    assert code == 0, err
+    row = json.loads(bj.read_text())["rows"][0]
+    assert (row["cache_interval"], row["cfg_interval"]) == (None, [150, 750])
+    # ddim 4: t = 750, 500, 250, 0 -> three guided steps of 4 rows, one conditional-only step of 2
+    assert (row["e2e_denoiser_rows"], row["e2e_light_rows"]) == (14, 0)
+    code, _, err = run_cli(["bench", "--cfg-interval", "5,1", "--json", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "cfg interval" in err and not (tmp_path / "x.json").exists()

@@ -71,6 +71,10 @@ def register(app: typer.Typer) -> None:
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: torch/aoti/tensorrt targets replay "
                                         "CUDA graphs (per batch size)."),
         json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON."),
+        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: end-to-end runs guide only at "
+                                         "timesteps LO..HI."),
+        cache_interval: int = typer.Option(None, "--cache-interval", help="N: end-to-end runs reuse features "
+                                           "(torch, or `export --cache-graphs` artifacts)."),
         csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row."),
         plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
     ) -> None:
@@ -122,8 +126,13 @@ def register(app: typer.Typer) -> None:
         targets = list(baselines.values()) + targets
         if not targets:
             raise DitDeployError("nothing to bench: no backend reads the given artifact(s)")
+        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
+
+        interval = parse_cfg_interval(cfg_interval)
+        check_cache_interval(cache_interval)
         settings = harness.Settings(batches=batches, steps=steps, repeats=repeats, warmup=warmup,
-                                    cfg_scale=cfg_scale, sampler=sampler, e2e=e2e)
+                                    cfg_scale=cfg_scale, sampler=sampler, e2e=e2e,
+                                    cfg_interval=list(interval) if interval else None, cache_interval=cache_interval)
         result = harness.run_bench(targets, settings, probe=probe, probe_size=probe_size, in_process=in_process)
         typer.echo(report.format_table(result))
         if json_out is not None:

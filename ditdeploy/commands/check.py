@@ -49,6 +49,10 @@ def register(app: typer.Typer) -> None:
         th_psnr: float = typer.Option(None, "--threshold-psnr", help="Override: min end-to-end image PSNR (dB)."),
         th_ssim: float = typer.Option(None, "--threshold-ssim", help="Override: min end-to-end image SSIM."),
         json_out: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: the artifact's end-to-end run guides "
+                                         "only at timesteps LO..HI (the reference stays full work)."),
+        cache_interval: int = typer.Option(None, "--cache-interval", help="N: the artifact's end-to-end run reuses "
+                                           "features (every N-th step full); the reference stays full work."),
         trt_lint: Path = typer.Option(None, "--trt-lint", help="Static TensorRT-readiness lint of an ONNX (ops, "
                                       "attributes, Q/DQ rules; no GPU): exit 1 on a violation."),
     ) -> None:
@@ -72,7 +76,13 @@ def register(app: typer.Typer) -> None:
             if v < 1:
                 raise DitDeployError(f"{name} must be >= 1, got {v}")
 
+        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
+
+        interval = parse_cfg_interval(cfg_interval)
+        check_cache_interval(cache_interval)
         art = _load_artifact(engine, backend, precision_hint, device, cuda_graph) if engine is not None else None
+        if art is not None:
+            check_cache_interval(cache_interval, art)
 
         if golden is not None:
             g = checking.load_golden(golden)
@@ -108,7 +118,8 @@ def register(app: typer.Typer) -> None:
             call_rel_l2=th_call_rel_l2, call_cosine=th_call_cosine, latent_rel_l2=th_latent_rel_l2,
             psnr=th_psnr, ssim=th_ssim)
         rep = checking.check(art, g, thresholds=th, precision=prec, backend=art.name, artifact=str(engine),
-                             decoder=decoder, run_e2e=not per_call_only, progress=True)
+                             decoder=decoder, run_e2e=not per_call_only, progress=True, cfg_interval=interval,
+                             cache_interval=cache_interval)
         typer.echo(checking.format_report(rep))
         if json_out is not None:
             write_json_atomic(json_out, rep.to_dict())
