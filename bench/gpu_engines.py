@@ -8,16 +8,19 @@ Contenders per batch (2 / 8 / 32), each timed on device tensors with CUDA events
 
 * ``eager_fp16`` / ``eager_bf16``: ``torch.autocast`` over fp32 weights;
 * ``aoti_<p>`` / ``aoti_<p>_graph`` for p in bf16, fp16, fp8: an AOTInductor package (``ditdeploy.export.aoti``'s
-  ``precision_module`` + ``compile_package``, dynamic batch) loaded with ``torch._inductor.aoti_load_package``, plain
-  and replayed as a CUDA graph per batch; fp8 uses ``ditdeploy.export.fp8`` (activation scales from the fixed
-  inputs) -- both are HOOKS: if the module is not on this checkout the row records that, nothing is faked;
+  ``check_target`` + ``precision_module`` + ``compile_package``, dynamic batch) loaded with
+  ``torch._inductor.aoti_load_package``, plain and replayed as a CUDA graph per batch; fp8 goes through
+  ``ditdeploy.export.fp8`` (activation scales from the fixed inputs: random weights have no data). Hooks: a module
+  missing from the checkout, or a target ``check_target`` refuses (fp8 below compute capability 8.9), is recorded
+  as not measured, nothing is faked;
 * ``compile_bf16``: ``torch.compile(mode="max-autotune")`` of the bf16-autocast model (one compile per batch);
 * ``tensorrt_fp16``: only when ``import tensorrt`` works (fp16 ONNX -> engine -> ``TensorRTDenoiser``, per-call
   time includes the host copies); otherwise the row says TensorRT is not importable.
 
 Every row: per-call parity against fp32 eager (TF32 off) on the same inputs (rel-L2, cosine, max-abs), TFLOP/s
 (2 x ``DiTConfig.macs()`` x batch / time) and its share of the bf16 matmul peak measured first on the same machine.
-End to end: DDIM-50, cfg 4, 8 images (denoiser batch 16) with fp32 eager and with the fastest CUDA-graph contender.
+End to end: DDIM-50, cfg 4, 8 images (denoiser batch 16) with fp32 eager and with AOTI bf16 (else eager bf16) as a
+CUDA graph, both through ``runtimes.cuda_staging.StagedCall`` (numpy in/out, as ``ditdeploy sample`` runs them).
 Sections run in order of importance under ``--budget-s``; a section that would not fit is recorded as skipped, and
 the JSON is rewritten after every measurement, so a timeout keeps what was measured.
 """
@@ -113,6 +116,11 @@ def cuda_graphed(fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[...,
 
 def _tensor(out: Any) -> Any:
     return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def _first(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` returning a single tensor (an AOTI package may return a list)."""
+    return lambda *a: _tensor(fn(*a))
 
 
 def device_inputs(cfg: Any, batch: int, device: Any, seed: int) -> tuple[Any, ...]:
@@ -213,6 +221,14 @@ def section_aoti(rows: Rows, model: Any, precision: str, batches: list[int], wor
     if importlib.util.find_spec("ditdeploy.export.aoti") is None:
         rows.note(f"aoti_{precision}", "HOOK: ditdeploy.export.aoti is not on this checkout; AOTI not measured")
         return None
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.export.aoti import check_target
+
+    try:
+        check_target(rows.device.type, precision)
+    except DitDeployError as e:  # e.g. fp8 on a GPU without FP8 tensor cores: said, not faked
+        rows.note(f"aoti_{precision}", f"not measured: {e}")
+        return None
     t0 = time.perf_counter()
     pkg = aoti_package(model, precision, rows.device, workdir, max(batches), seed)
     rows.rec.put("compile_s", f"aoti_{precision}", round(time.perf_counter() - t0, 1))
@@ -265,27 +281,6 @@ def section_tensorrt(rows: Rows, model: Any, batches: list[int], workdir: Path, 
 # --------------------------------------------------------------------------------------------- end to end
 
 
-class DeviceDenoiser:
-    """numpy (x, t, y) -> ``fn`` on device tensors -> numpy float32; with ``graph`` a CUDA graph per batch size."""
-
-    def __init__(self, fn: Callable[..., Any], device: Any, graph: bool):
-        self.fn, self.device, self.graph = fn, device, graph and device.type == "cuda"
-        self._graphs: dict[int, Callable[..., Any]] = {}
-
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        import torch
-
-        args = tuple(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in (x, t, y))
-        with torch.inference_mode():
-            if self.graph:
-                if x.shape[0] not in self._graphs:
-                    self._graphs[x.shape[0]] = cuda_graphed(self.fn, args)
-                out = self._graphs[x.shape[0]](*args)
-            else:
-                out = _tensor(self.fn(*args))
-            return out.float().cpu().numpy()
-
-
 def run_e2e(rec: Recorder, name: str, den: Callable[..., np.ndarray], cfg: Any, device: Any, images: int,
             steps: int, seed: int, ref_x0: np.ndarray | None) -> np.ndarray:
     """DDIM ``steps``, cfg 4, ``images`` images: wall, denoiser share, and x0 vs the fp32 eager run."""
@@ -316,14 +311,32 @@ def run_e2e(rec: Recorder, name: str, den: Callable[..., np.ndarray], cfg: Any, 
 
 def section_e2e(rec: Recorder, model: Any, device: Any, fast: tuple[str, Callable[..., Any]] | None, images: int,
                 steps: int, seed: int) -> None:
+    """fp32 eager and ``fast`` (a CUDA graph per batch on a GPU) through the runtimes' numpy staging
+    (``runtimes.cuda_staging.StagedCall``: pinned host buffers, one stream)."""
     set_tf32(False)
-    ref = run_e2e(rec, "eager_fp32", DeviceDenoiser(model, device, graph=False), model.config, device, images,
-                  steps, seed, None)
+    ref = run_e2e(rec, "eager_fp32", _numpy_call(model, device, False), model.config, device, images, steps, seed,
+                  None)
     if fast is not None:
         name, fn = fast
         graph = device.type == "cuda"
-        run_e2e(rec, name + ("_graph" if graph else ""), DeviceDenoiser(fn, device, graph=graph), model.config,
+        run_e2e(rec, name + ("_graph" if graph else ""), _numpy_call(_first(fn), device, graph), model.config,
                 device, images, steps, seed, ref)
+
+
+def _numpy_call(fn: Callable[..., Any], device: Any, graph: bool) -> Callable[..., np.ndarray]:
+    """numpy (x, t, y) -> ``fn`` -> numpy: ``runtimes.cuda_staging.StagedCall`` on a GPU, a plain call on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        from ditdeploy.runtimes.cuda_staging import StagedCall
+
+        return StagedCall(fn, device, graph=graph)
+
+    def call(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return _tensor(fn(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, t, y)))).float().numpy()
+
+    return call
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -338,7 +351,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": 1 if tiny else 5, "iters": 3 if tiny else 20,
         "e2e_steps": 3 if tiny else 50, "e2e_images": 2 if tiny else 8, "cfg_scale": CFG_SCALE,
         "sections": args.sections.split(","), "budget_s": args.budget_s,
-        "aoti_precisions": list(AOTI_PRECISIONS),
+        "aoti_precisions": (args.aoti_precisions or ("bf16" if tiny else ",".join(AOTI_PRECISIONS))).split(","),
         "tensorrt_importable": importlib.util.find_spec("tensorrt") is not None,
         "aoti_module": importlib.util.find_spec("ditdeploy.export.aoti") is not None,
         "fp8_module": importlib.util.find_spec("ditdeploy.export.fp8") is not None,
@@ -369,7 +382,7 @@ def run(rec: Recorder, st: dict[str, Any], device: Any, seed: int, workdir: Path
         with rec.guard("eager"):
             section_eager(rows, model, st["batches"], seed)
     packages: dict[str, Any] = {}
-    for i, prec in enumerate(AOTI_PRECISIONS if "aoti" in sec else ()):
+    for i, prec in enumerate(st["aoti_precisions"] if "aoti" in sec else ()):
         if not _fits(rec, budget, "aoti", f"aoti_{prec}"):
             continue
         with rec.guard(f"aoti {prec}"):
@@ -414,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", default="XL/2")
     ap.add_argument("--batches", default="2,8,32")
     ap.add_argument("--sections", default="eager,aoti,e2e,compile,tensorrt")
+    ap.add_argument("--aoti-precisions", default=None, help="default bf16,fp16,fp8 (--tiny: bf16)")
     ap.add_argument("--budget-s", type=float, default=400.0, help="wall-clock budget of the measurements")
     ap.add_argument("--tiny", action="store_true", help="digits model, batch 2, tiny counts (CPU code-path check)")
     ap.add_argument("--dry-run", action="store_true", help="write the plan (settings, hooks found) and stop")
