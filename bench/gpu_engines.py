@@ -51,7 +51,7 @@ from ditdeploy.bench.gpu_torch import (
 )
 
 CFG_SCALE = 4.0
-AOTI_PRECISIONS = ("bf16", "fp16", "fp8")
+AOTI_PRECISIONS = ("bf16", "fp8", "fp16")  # order of importance (the budget may cut the last)
 # seconds a section needs at least (compile times on a 16-core host; the check skips what cannot finish)
 NEEDS_S = {"aoti": 150, "e2e": 40, "compile": 200, "tensorrt": 240}
 
