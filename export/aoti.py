@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditdeploy.checking import THRESHOLDS
 from ditdeploy.errors import DitDeployError
+from ditdeploy.export.verify import TOLERANCES as VERIFY_TOLERANCES
 
 SUFFIX = ".pt2"
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
@@ -37,17 +39,16 @@ DEVICES = ("cpu", "cuda")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (8.9) and Hopper (9.0) have FP8 tensor cores
 
 # Export verification against the eager fp32 model (rel-L2 of the whole output; cosine as a second guard):
-# fp32: the same function compiled: only float reassociation differs (digits measured 1.6e-7); 1e-5 leaves margin.
+# fp32: the same function compiled: only float reassociation differs (digits measured 1.4e-7); 1e-5 (the issue's
+#       goal) leaves margin and is 10x stricter than the ONNX fp32 tolerance.
 # fp16: the ONNX fp16 tolerance (same policy, export/verify.py).
-# bf16: 8-bit mantissa (unit round-off 3.9e-3) everywhere incl. the residual stream: a few 1e-3 per GEMM growing
-#       with depth; 5e-2 is below ditdeploy check's per-call bf16 limit (0.1) and far from a broken graph (~1).
-# fp8:  E4M3 has a 3-bit mantissa (round-off 6.25e-2 per element, averaged over K in each GEMM); judged by cosine
-#       like INT8, at the issue's bar of 0.995.
+# bf16, fp8: `ditdeploy check`'s per-call limits (ditdeploy/checking.py, reasons there): the digits bf16 package
+#       measured 6.3e-3 on the export probes but 5.8e-2 at its worst timestep in `check`, so a stricter export limit
+#       would refuse packages that `check` passes.
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"rel_l2": 1e-5, "cosine": 0.999999},
-    "fp16": {"rel_l2": 5e-3, "cosine": 0.9999},
-    "bf16": {"rel_l2": 5e-2, "cosine": 0.998},
-    "fp8": {"rel_l2": 0.15, "cosine": 0.995},
+    "fp16": dict(VERIFY_TOLERANCES["fp16"]),
+    **{p: {"rel_l2": THRESHOLDS[p].call_rel_l2, "cosine": THRESHOLDS[p].call_cosine} for p in ("bf16", "fp8")},
 }
 
 
