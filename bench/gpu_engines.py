@@ -3,6 +3,7 @@
     python3 -m ditdeploy.bench.gpu_engines --out DIR                       # on a CUDA machine -> DIR/gpu_engines.json
     python3 -m ditdeploy.bench.gpu_engines --out DIR --device cpu --tiny   # the code path on a CPU (digits model)
     python3 -m ditdeploy.bench.gpu_engines --out DIR --dry-run             # the plan only: what would run
+    python3 -m ditdeploy.bench.gpu_engines --summarize DIR/gpu_engines.json  # markdown tables of a result
 
 Contenders per batch (2 / 8 / 32), each timed on device tensors with CUDA events (median after warm-up):
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import sys
 import tempfile
 import time
@@ -76,7 +78,7 @@ def bf16_matmul_peak(device: Any, n: int = 8192, iters: int = 20) -> dict[str, A
     """Best bf16 GEMM TFLOP/s over a few square sizes on ``device`` (the reference for % of peak)."""
     import torch
 
-    sizes = [n, n // 2] if device.type == "cuda" else [256]
+    sizes = [n, n // 2] if device.type == "cuda" else [512]
     probes = {}
     for s in sizes:
         a = torch.randn(s, s, device=device, dtype=torch.bfloat16)
@@ -420,7 +422,39 @@ def _e2e(rec: Recorder, model: Any, device: Any, packages: dict[str, Any], st: d
         section_e2e(rec, model, device, fast, st["e2e_images"], st["e2e_steps"], seed)
 
 
+def summarize(d: dict[str, Any]) -> str:
+    """Markdown tables of a ``gpu_engines.json``: per-call rows, end to end, notes (numbers as recorded)."""
+    peak = d.get("bf16_matmul_peak") or {}
+    cuda = d.get("cuda") or {}
+    lines = [f"# gpu_engines: {d.get('settings', {}).get('variant')} 256, {d.get('started')}", "",
+             f"Device: {cuda.get('name') or cuda.get('devices') or d.get('device')}; bf16 matmul peak measured: "
+             f"{peak.get('tflops')} TFLOP/s (n={peak.get('n')}). Parity: vs fp32 eager (TF32 off), same inputs.", "",
+             "| contender | batch | ms/call | TFLOP/s | % bf16 peak | rel-L2 | cosine |", "|---|---|---|---|---|---|---|"]
+    for r in (d.get("rows") or {}).values():
+        if "error" in r:
+            lines.append(f"| {r['contender']} | {r['batch']} | error: {r['error'][:80]} | | | | |")
+            continue
+        p = r["parity_vs_fp32_eager"]
+        lines.append(f"| {r['contender']} | {r['batch']} | {r["median_ms"]:.3f} | {r["tflops"]:.3g} | "
+                     f"{r['pct_of_bf16_peak']} | {p['rel_l2']:.2e} | {p['cosine']:.6f} |")
+    lines += ["", "| end to end (DDIM, cfg 4) | steps | images | wall s | images/s | x0 rel-L2 vs fp32 |",
+              "|---|---|---|---|---|---|"]
+    for name, e in (d.get("e2e") or {}).items():
+        rel = (e.get("x0_vs_fp32_eager") or {}).get("rel_l2")
+        lines.append(f"| {name} | {e['steps']} | {e['images']} | {e['wall_s']} | {e['images_per_s']} | "
+                     f"{'-' if rel is None else f'{rel:.2e}'} |")
+    lines += ["", "Compile seconds: " + ", ".join(f"{k} {v}" for k, v in (d.get("compile_s") or {}).items())]
+    lines += [f"- {k}: {v}" for k, v in (d.get("notes") or {}).items()]
+    lines += [f"- error in {k}: {v}" for k, v in (d.get("errors") or {}).items() if "." not in k]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summarize"]:  # python -m ditdeploy.bench.gpu_engines --summarize gpu_engines.json
+        print(summarize(json.loads(Path(argv[1]).read_text())), end="")
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="folder for gpu_engines.json")
     ap.add_argument("--device", default="cuda")
@@ -435,8 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     st = settings(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"benchmark": "ditdeploy.bench.gpu_engines", "device": args.device, "argv": sys.argv[1:] if argv is None
-              else argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": st, "dry_run": args.dry_run}
+    header = {"benchmark": "ditdeploy.bench.gpu_engines", "device": args.device, "argv": argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": st, "dry_run": args.dry_run}
     rec = Recorder(args.out / "gpu_engines.json", header)
     if args.dry_run:
         print(f"[gpu_engines] plan written to {rec.path}", file=sys.stderr)

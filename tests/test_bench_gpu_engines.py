@@ -55,6 +55,11 @@ def test_tiny_cpu_run(tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert "not importable" in d["notes"]["tensorrt_fp16"]
     assert fast == "eager_bf16"  # no AOTI section in this run
+    from ditdeploy.bench.gpu_engines import summarize
+
+    md = summarize(d)
+    r = d["rows"]["eager_bf16/b2"]
+    assert f"| eager_bf16 | 2 | {r['median_ms']:.3f} |" in md and "| eager_fp32 | 3 | 2 |" in md
 
 
 @pytest.mark.slow
