@@ -435,7 +435,7 @@ def summarize(d: dict[str, Any]) -> str:
             lines.append(f"| {r['contender']} | {r['batch']} | error: {r['error'][:80]} | | | | |")
             continue
         p = r["parity_vs_fp32_eager"]
-        lines.append(f"| {r['contender']} | {r['batch']} | {r["median_ms"]:.3f} | {r["tflops"]:.3g} | "
+        lines.append(f"| {r['contender']} | {r['batch']} | {r['median_ms']:.3f} | {r['tflops']:.3g} | "
                      f"{r['pct_of_bf16_peak']} | {p['rel_l2']:.2e} | {p['cosine']:.6f} |")
     lines += ["", "| end to end (DDIM, cfg 4) | steps | images | wall s | images/s | x0 rel-L2 vs fp32 |",
               "|---|---|---|---|---|---|"]
