@@ -218,3 +218,18 @@ def test_bf16_package_within_bf16_threshold(tmp_path: Path, reference):
     assert 1e-4 < w["rel_l2"] <= TOLERANCES["bf16"]["rel_l2"]  # really bf16 (not fp32), and within the limit
     code, out_, err = run_main(["check", "--engine", out, "--steps", "6", "--timesteps", "4"])
     assert code == 0, out_ + err
+
+
+def test_bf16_cli_reaches_the_compile(tmp_path: Path, monkeypatch):
+    """The CLI's pre-flight checks (output policy, size estimate) accept bf16: stop at the compile, nothing written."""
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.export import aoti
+
+    def stop(*a, **k):
+        raise DitDeployError("stopped before compiling (test)")
+
+    monkeypatch.setattr(aoti, "compile_package", stop)
+    code, _, err = run_main(["export", "--model", "digits", "--fmt", "aoti", "--precision", "bf16",
+                             "--out", tmp_path / "b.pt2"])
+    assert_one_line_error(code, err, "stopped before compiling")
+    assert list(tmp_path.iterdir()) == []

@@ -146,7 +146,8 @@ def register(app: typer.Typer) -> None:
                 raise DitDeployError(f"{model} is a pixel-space model: it has no VAE decoder (drop --vae)")
             dec_fmt = "openvino" if fmt_ == "openvino" else "onnx"
             dec_out = target.with_name(pipeline.DECODER_NAME + pipeline.FORMATS[dec_fmt])
-        n_bytes = sum(int(p.numel()) for p in net.parameters()) * {"fp32": 4, "fp16": 2, "int8": 1}[prec]
+        n_bytes = sum(int(p.numel()) for p in net.parameters()) * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
+                                                                   "fp8": 1}[prec]
         check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration},
                       {"--out": target.with_name(target.stem + ".buildplan.json")} if dry_run else {},
                       None if dry_run else {"--out": n_bytes},
