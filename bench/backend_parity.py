@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-ASSETS = Path(__file__).resolve().parent.parent / "ditdeploy" / "assets"
+from ditdeploy import shipped
+
 RUNS = (("ddim", 50), ("ddpm", 250), ("dpm-solver++", 20))
 
 
@@ -43,7 +44,7 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
 
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "digits.xml").exists():
-        export_openvino(ASSETS / "digits.onnx", cache / "digits.xml")
+        export_openvino(shipped.DIGITS_ONNX, cache / "digits.xml")
     lt = cache / "latent"
     if not (lt / "lt.xml").exists():
         lt.mkdir(exist_ok=True)
@@ -60,7 +61,7 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
         export_denoiser_onnx(model, lt / "lt.onnx", decoder="vae.onnx")
         export_openvino(lt / "lt.onnx", lt / "lt.xml")
     return {
-        "digits": {"torch": ASSETS / "digits.safetensors", "onnxruntime": ASSETS / "digits.onnx",
+        "digits": {"torch": shipped.DIGITS_CHECKPOINT, "onnxruntime": shipped.DIGITS_ONNX,
                    "openvino": cache / "digits.xml", "torch_vae": None},
         "tiny-latent": {"torch": lt / "lt.safetensors", "onnxruntime": lt / "lt.onnx", "openvino": lt / "lt.xml",
                         "torch_vae": lt / "vae_dir"},

@@ -71,15 +71,12 @@ def fit_classifier(real: dict[str, np.ndarray]):
 def generate(model_path: str | Path | None, n_per_class: int, cfg_scale: float, method: str, steps: int,
              seed: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(samples in [-1, 1] (N, 1, 8, 8), labels, seconds) from the model at ``model_path`` (default: shipped)."""
+    from ditdeploy import shipped
     from ditdeploy.checkpoints import load_model
     from ditdeploy.diffusion import sample
     from ditdeploy.runtimes.torch import TorchDenoiser
 
-    path = Path(model_path) if model_path else Path(__file__).resolve().parent.parent / "ditdeploy" / "assets" / "digits.safetensors"
-    if not path.exists():  # installed (non-editable) layout: the package's assets folder
-        import ditdeploy
-
-        path = Path(ditdeploy.__file__).resolve().parent / "assets" / "digits.safetensors"
+    path = Path(model_path) if model_path else shipped.DIGITS_CHECKPOINT
     model = load_model(path)
     den = TorchDenoiser.from_model(model, threads=threads)
     cfg = model.config

@@ -120,11 +120,11 @@ def fp16_study(seed: int = 0) -> dict[str, Any]:
     }
     models = {"S/2 (random weights)": random_model("S/2", seed=seed)}
     try:
+        from ditdeploy import shipped
         from ditdeploy.checkpoints import load_model
-        from ditdeploy.export.pipeline import shipped_digits
 
-        if shipped_digits().exists():
-            models["digits (shipped, trained)"] = load_model(shipped_digits(), "digits")
+        if shipped.digits_checkpoint() is not None:
+            models["digits (shipped, trained)"] = load_model(shipped.DIGITS_CHECKPOINT, "digits")
     except Exception as e:  # pragma: no cover - reported, not fatal
         print(f"digits model not studied: {e}", file=sys.stderr)
     out: dict[str, Any] = {"inputs": "batch 4: x ~ N(0,1), t = 0, 333, 666, 999, labels incl. the null class",

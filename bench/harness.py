@@ -95,13 +95,11 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
 
 def artifact_bytes(path: str | None, manifest: dict[str, Any] | None) -> int | None:
     """Bytes on disk: the files the manifest lists (model + external data / .bin), else the file itself."""
-    if manifest and isinstance(manifest.get("files"), dict) and manifest["files"]:
-        total = 0
-        for meta in manifest["files"].values():
-            if isinstance(meta, dict) and "bytes" in meta:
-                total += int(meta["bytes"])
-        if total:
-            return total
+    from ditdeploy.manifest import Manifest
+
+    total = Manifest.of(manifest).total_bytes
+    if total:
+        return total
     if path and Path(path).is_file():
         return Path(path).stat().st_size
     return None

@@ -112,10 +112,10 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
 
             model, what = random_model("digits", seed=0), "RANDOM-weight digits-config model (seed 0)"
         else:
+            from ditdeploy import shipped
             from ditdeploy.checkpoints import load_model
-            from ditdeploy.export.pipeline import shipped_digits
 
-            p = shipped_digits()
+            p = shipped.DIGITS_CHECKPOINT
             if not p.exists():
                 raise SystemExit(f"{p} does not exist yet: pass --random-weights or --fp32")
             model, what = load_model(p), f"shipped {p.name}"

@@ -29,13 +29,13 @@ import numpy as np
 
 from ditdeploy.artifacts import (
     atomic_dir,
-    load_manifest,
     make_manifest,
     manifest_path,
     sha256_file,
     write_json_atomic,
 )
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.manifest import Manifest
 
 __all__ = [
     "CalibrationSet",
@@ -337,7 +337,7 @@ class CalibrationSet:
     y: np.ndarray
     step: np.ndarray
     sample: np.ndarray
-    manifest: dict[str, Any]
+    manifest: Manifest
     sha256: str
     path: Path
     val: dict[str, np.ndarray] | None = None
@@ -369,10 +369,10 @@ def load_calibration(path: str | os.PathLike, verify: bool = True) -> Calibratio
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"no such calibration set: {path} (create one with `ditdeploy calibrate`)")
-    m = load_manifest(path, verify=verify)
+    m = Manifest.load(path, verify=verify)
     assert m is not None
-    if m.get("kind") != KIND:
-        raise ArtifactError(f"{path.name} is a {m.get('kind')!r} artifact, not a calibration set")
+    if m.kind != KIND:
+        raise ArtifactError(f"{path.name} is a {m.kind!r} artifact, not a calibration set")
     arrays = _read_npz(path)
     missing = [k for k in ARRAYS if k not in arrays]
     if missing:
@@ -384,26 +384,26 @@ def load_calibration(path: str | os.PathLike, verify: bool = True) -> Calibratio
         raise ArtifactError(f"{path.name} has NaN/Inf in its inputs x: the source model was broken; recapture it "
                             "from a working fp32 model")
     val = None
-    vinfo = m.get("validation")
+    vinfo = m.section("validation")
     if VAL_PREFIX + "x" in arrays:
         val = {k: arrays[VAL_PREFIX + k] for k in ARRAYS if VAL_PREFIX + k in arrays}
-    elif isinstance(vinfo, dict) and vinfo.get("file") and vinfo.get("file") != path.name:
+    elif vinfo.get("file") and vinfo.get("file") != path.name:
         vpath = path.parent / Path(str(vinfo["file"])).name
         if vpath.exists():
-            vm = load_manifest(vpath, verify=verify)
+            vm = Manifest.load(vpath, verify=verify)
             if vm is not None and vm.get("role") == "validation":
                 val = _read_npz(vpath)
-    sha = m["files"][path.name]["sha256"] if path.name in m.get("files", {}) else sha256_file(path)
+    sha = m.files[path.name]["sha256"] if path.name in m.files else sha256_file(path)
     return CalibrationSet(x=arrays["x"], t=arrays["t"], y=arrays["y"], step=arrays["step"], sample=arrays["sample"],
                           manifest=m, sha256=sha, path=path, val=val)
 
 
 def describe(m: dict[str, Any]) -> str:
     """One-line summary of a calibration manifest for CLI output."""
-    c = m.get("counts", {})
-    s = m.get("sampler", {})
-    v = m.get("validation", {}).get("counts", {}) if isinstance(m.get("validation"), dict) else {}
+    m = Manifest.of(m)
+    c, s, val = m.section("counts"), m.section("sampler"), m.section("validation")
+    v = val.get("counts") if isinstance(val.get("counts"), dict) else {}
     return (f"{c.get('inputs')} inputs ({c.get('cond')} cond + {c.get('uncond')} uncond) from {c.get('samples')} "
             f"trajectories x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
             f"{c.get('timesteps')} distinct t, cfg {s.get('cfg_scale')}; validation {v.get('inputs', 0)} inputs "
-            f"(seed {m.get('validation', {}).get('seed', '-') if isinstance(m.get('validation'), dict) else '-'})")
+            f"(seed {val.get('seed', '-')})")

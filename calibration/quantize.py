@@ -52,7 +52,6 @@ import numpy as np
 
 from ditdeploy.artifacts import (
     atomic_dir,
-    load_manifest,
     make_manifest,
     manifest_path,
     sha256_file,
@@ -61,6 +60,7 @@ from ditdeploy.artifacts import (
 from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
+from ditdeploy.manifest import Manifest
 
 __all__ = [
     "MODES",
@@ -408,23 +408,6 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
 # ------------------------------------------------------------------------------------------------ main entry
 
 
-def _checkpoint_of(src_m: dict[str, Any]) -> dict[str, Any]:
-    """The torch checkpoint behind the source ONNX (path + sha256, as its manifest says), kept so that the INT8
-    artifact stays traceable to it when the source ONNX was an intermediate that is not kept."""
-    s = src_m.get("source") if isinstance(src_m.get("source"), dict) else {}
-    ck = s.get("checkpoint") or s.get("path")
-    return {"checkpoint": str(ck), "checkpoint_sha256": s.get("sha256")} if ck else {}
-
-
-def _config_of(src_m: dict[str, Any]):
-    from ditdeploy.variants import DiTConfig
-
-    try:
-        return DiTConfig.from_dict(src_m["config"])
-    except (KeyError, TypeError, DitDeployError) as e:
-        raise ArtifactError(f"the source manifest has no valid model 'config' ({e}): re-export the ONNX") from e
-
-
 def quantize_int8(
     onnx_in: str | os.PathLike,
     onnx_out: str | os.PathLike,
@@ -475,7 +458,7 @@ def quantize_int8(
         work = Path(work_s)
         fusions: dict[str, int] = {}
         opset_change: dict[str, int] = {}
-        fp16_src = str(src_m.get("precision", "fp32")) == "fp16"
+        fp16_src = src_m.precision == "fp16"
         transform = _transform(fp16_src, ort_fusions, fusions, opset_change)
         staged, model = stack.enter_context(_stage(src, work, transform if (ort_fusions or fp16_src) else None))
         ext = bool(external_data_files(model))
@@ -494,7 +477,7 @@ def quantize_int8(
                                  else {"qdq_counts": count_qdq(qmodel)})
         t_quant = time.perf_counter() - t_start
         if verify:
-            fields["parity"] = _parity_fields(staged, tmp_q, calib, cfg, opts, str(src_m.get("precision", "fp32")),
+            fields["parity"] = _parity_fields(staged, tmp_q, calib, cfg, opts, src_m.precision,
                                               say)
         data_name = out.name + ".data"
         files = [tmp_q] + ([work / data_name] if (work / data_name).exists() else [])
@@ -506,8 +489,8 @@ def quantize_int8(
             excluded_nodes=[r.name for r in excluded],
             **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
             excluded_modules=sorted({r.module for r in excluded if r.module}),
-            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.get("precision", "fp32"),
-                    **_checkpoint_of(src_m)},
+            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.precision,
+                    **src_m.source_checkpoint()},
         )
         if calib is not None:
             fields.update(_calibration_record(calib))
@@ -533,13 +516,13 @@ def _check_source(src: Path, out: Path) -> tuple[dict[str, Any], Any]:
         raise DitDeployError(f"the INT8 model is an ONNX file: {out.name} should end in .onnx")
     if out.resolve() == src.resolve():
         raise DitDeployError("the INT8 output must not overwrite its fp32 source")
-    src_m = load_manifest(src, verify=True)
+    src_m = Manifest.load(src, verify=True)
     assert src_m is not None
-    if src_m.get("kind") != "denoiser":
-        raise ArtifactError(f"{src.name} is a {src_m.get('kind')!r} artifact; INT8 applies to the denoiser")
-    if str(src_m.get("precision", "fp32")) == "int8":
+    if src_m.kind != "denoiser":
+        raise ArtifactError(f"{src.name} is a {src_m.kind!r} artifact; INT8 applies to the denoiser")
+    if src_m.precision == "int8":
         raise DitDeployError(f"{src.name} is already INT8: quantize the fp32 export")
-    return src_m, _config_of(src_m)
+    return src_m, src_m.config
 
 
 def _load_calib(calibration: str | os.PathLike | None, cfg: Any, src: Path, opts: Int8Options):
@@ -552,7 +535,7 @@ def _load_calib(calibration: str | os.PathLike | None, cfg: Any, src: Path, opts
     from ditdeploy.calibration.capture import load_calibration
 
     calib = load_calibration(calibration)
-    cc = calib.manifest.get("config", {})
+    cc = calib.manifest.config_dict or {}
     for k in ("in_channels", "input_size", "num_classes"):
         if cc.get(k) != getattr(cfg, k):
             raise DitDeployError(
@@ -655,8 +638,8 @@ def _calibration_record(calib) -> dict[str, Any]:
 
 def _carried(src_m: dict[str, Any], out: Path) -> dict[str, Any]:
     """Source manifest fields the INT8 manifest keeps (the decoder only if it sits beside the output)."""
-    carry = {k: src_m[k] for k in _CARRY if k in src_m}
-    dec = src_m.get("decoder")
+    carry = src_m.carry(_CARRY)
+    dec = src_m.decoder_name
     if dec and not (out.parent / str(dec)).exists():
         carry.pop("decoder", None)
     return carry

@@ -2,7 +2,8 @@
 
 A manifest ``<artifact>.json`` (e.g. ``s2.onnx`` -> ``s2.onnx.json``) records what the artifact is (variant/config,
 input size, channels, classes, precision, opset, calibration hash, tool versions), the sha256 of every file it
-consists of, and parity numbers measured at export. ``load_manifest`` verifies those hashes.
+consists of, and parity numbers measured at export. The typed manifest lives in ``ditdeploy.manifest``;
+``load_manifest`` / ``make_manifest`` here are its function-style entry points.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+
+if TYPE_CHECKING:
+    from ditdeploy.manifest import Manifest
 
 MANIFEST_VERSION = 1
 
@@ -264,9 +268,14 @@ def write_file_atomic(path: str | os.PathLike, src: str | os.PathLike) -> None:
         shutil.copyfile(src, tmp)
 
 
+def json_text(obj: Any) -> str:
+    """The project's JSON text for ``obj``: 2-space indent, sorted keys, numpy scalars/arrays and paths converted."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as pretty JSON atomically."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+    write_bytes_atomic(path, json_text(obj).encode())
 
 
 def _json_default(o: Any) -> Any:
@@ -306,59 +315,22 @@ def safe_member(base: Path, name: str) -> Path:
     return p
 
 
-def make_manifest(artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> dict[str, Any]:
-    """Build a manifest dict for ``artifact``: ``fields`` plus sha256 and size of every file (names relative)."""
-    artifact = Path(artifact)
-    entries = {}
-    for f in files:
-        f = Path(f)
-        entries[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-    return {
-        "manifest_version": MANIFEST_VERSION,
-        "artifact": artifact.name,
-        "files": entries,
-        "tools": tool_versions(),
-        **fields,
-    }
+def make_manifest(artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> Manifest:
+    """Build a manifest for ``artifact``: ``fields`` plus sha256 and size of every file (see :class:`Manifest`)."""
+    from ditdeploy.manifest import Manifest
+
+    return Manifest.build(artifact, files, **fields)
 
 
-def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bool = True) -> dict[str, Any] | None:
-    """Read the manifest beside ``artifact`` and (by default) verify every file's sha256.
+def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bool = True) -> Manifest | None:
+    """Read (and by default sha256-verify) the manifest beside ``artifact``: :meth:`Manifest.load`."""
+    from ditdeploy.manifest import Manifest
 
-    Raises ArtifactError with a one-line reason when the manifest is missing (if ``required``), unreadable, names an
-    unsafe path, or a hash does not match.
-    """
-    artifact = Path(artifact)
-    mp = manifest_path(artifact)
-    if not mp.exists():
-        if required:
-            raise ArtifactError(f"no manifest {mp.name} beside {artifact}: re-export it with `ditdeploy export`")
-        return None
-    try:
-        m = json.loads(mp.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"manifest {mp} is not valid JSON ({e}); re-export the artifact") from e
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict):
-        raise ArtifactError(f"manifest {mp} lacks the 'files' table; re-export the artifact")
-    if verify:
-        verify_manifest(artifact, m)
-    return m
+    return Manifest.load(artifact, verify=verify, required=required)
 
 
 def verify_manifest(artifact: str | os.PathLike, m: dict[str, Any]) -> None:
     """Check that every file listed in manifest ``m`` exists beside ``artifact`` with the recorded sha256."""
-    base = Path(artifact).parent
-    files = m.get("files")
-    if not isinstance(files, dict) or Path(artifact).name not in files:  # else an emptied table would verify nothing
-        raise ArtifactError(f"the manifest of {Path(artifact).name} does not list its sha256: re-export the artifact")
-    for name, meta in files.items():
-        p = safe_member(base, name)
-        if not p.exists():
-            raise ArtifactError(f"{p} listed in the manifest is missing: copy it next to {Path(artifact).name}")
-        want = meta.get("sha256") if isinstance(meta, dict) else meta
-        got = sha256_file(p)
-        if got != want:
-            raise ArtifactError(
-                f"sha256 mismatch for {p.name} (manifest {str(want)[:12]}…, file {got[:12]}…): "
-                "the file is corrupt or was modified; re-export it"
-            )
+    from ditdeploy.manifest import Manifest
+
+    Manifest(m, artifact).verify()

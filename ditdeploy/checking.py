@@ -94,8 +94,9 @@ def effective_precision(denoiser: Any) -> str:
     """The precision a loaded denoiser is judged at: the lossier of the artifact's (manifest ``precision``) and the
     arithmetic the runtime reports (its name ends e.g. ``openvino:CPU:fp32->bf16`` when an inference-precision hint
     overrides the artifact's). An int8 artifact stays int8 even where a runtime computes it in f32."""
-    m = getattr(denoiser, "manifest", None) or {}
-    mp = str(m.get("precision", "fp32")).lower()
+    from ditdeploy.manifest import Manifest
+
+    mp = Manifest.of(getattr(denoiser, "manifest", None)).precision.lower()
     found = [_ALIASES.get(mp, mp)]
     name = str(getattr(denoiser, "name", ""))
     if ":" in name:
@@ -144,43 +145,6 @@ def has_torch() -> bool:
         return importlib.util.find_spec("torch") is not None
     except (ImportError, ValueError):  # ValueError: sys.modules["torch"] is None (import blocked)
         return False
-
-
-def reference_checkpoint(artifact: str | Path, manifest: dict[str, Any] | None, _depth: int = 0) -> Path | None:
-    """The torch checkpoint an artifact was made from, as its manifest records it: ``checkpoint`` /
-    ``source_checkpoint`` / ``source.checkpoint`` (a path, relative to the artifact's folder or absolute), following
-    ``source.onnx`` (INT8 and OpenVINO artifacts made from an ONNX) through that file's manifest. None if unknown."""
-    import json as _json
-
-    m = manifest or {}
-    base = Path(artifact).parent
-    source = m.get("source") if isinstance(m.get("source"), dict) else {}
-    for src in (m.get("checkpoint"), m.get("source_checkpoint"), source.get("checkpoint"), source.get("path")):
-        if isinstance(src, dict):
-            src = src.get("path") or src.get("name")
-        if not src:
-            continue
-        p = Path(str(src))
-        for cand in ((p,) if p.is_absolute() else (base / p, p)):
-            if cand.is_file():
-                return cand
-    parent = source.get("onnx")
-    if parent and _depth < 3:
-        pa = base / Path(str(parent)).name
-        mp = pa.with_name(pa.name + ".json")
-        if mp.is_file():
-            try:
-                pm = _json.loads(mp.read_text())
-            except (OSError, ValueError):
-                return None
-            return reference_checkpoint(pa, pm, _depth + 1)
-    return None
-
-
-def shipped_digits() -> Path | None:
-    """The shipped digits checkpoint (``ditdeploy/assets/digits.safetensors``), if present."""
-    p = Path(__file__).resolve().parent / "assets" / "digits.safetensors"
-    return p if p.is_file() else None
 
 
 def alphas_cumprod() -> np.ndarray:

@@ -263,17 +263,6 @@ def row_len(labels) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def default_engine(backend: str | None) -> Path:
-    """The shipped default model for ``backend``: digits.onnx (digits.safetensors for torch)."""
-    from ditdeploy.errors import ArtifactError
-
-    assets = Path(__file__).resolve().parent / "assets"
-    p = assets / ("digits.safetensors" if backend and backend.lower() in ("torch", "pytorch") else "digits.onnx")
-    if not p.exists():
-        raise ArtifactError(f"the shipped default model {p} is missing: reinstall ditdeploy or pass --engine FILE")
-    return p
-
-
 def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options to pass to ``runtimes.load`` for ``backend`` (None values dropped); an option meant for another
     backend is a one-line error naming its flag."""
@@ -294,8 +283,8 @@ def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, Any]):
     """The VAE decoder of a latent model (``vae`` or the manifest's), loaded; None for pixel models."""
-    from ditdeploy.artifacts import safe_member
     from ditdeploy.errors import DitDeployError
+    from ditdeploy.manifest import Manifest
     from ditdeploy.runtimes import READS, load_decoder
 
     if den.config.space == "pixel":
@@ -303,10 +292,8 @@ def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, An
             raise DitDeployError(f"{den.config.variant} is a pixel-space model: --vae does not apply")
         return None
     path = vae
-    if path is None:
-        name = (den.manifest or {}).get("decoder")
-        if name and getattr(den, "path", None) is not None:
-            path = safe_member(Path(den.path).parent, name)
+    if path is None and getattr(den, "path", None) is not None:
+        path = Manifest.of(den.manifest, den.path).decoder_path(existing=False)
     if path is None:
         raise DitDeployError(
             "this latent-space model needs a VAE decoder: pass --vae vae.onnx (export one with `ditdeploy export`), "
@@ -353,13 +340,14 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     anything loads; outputs are written atomically.
     """
     t_start = time.perf_counter()
+    from ditdeploy import shipped
     from ditdeploy.errors import DitDeployError
     from ditdeploy.runtimes import load, resolve_backend
 
     say = say or (lambda s: None)
     req.validate()
     mine, from_env = _my_shard(req)
-    engine = req.engine if req.engine is not None else default_engine(req.backend)
+    engine = req.engine if req.engine is not None else shipped.default_model(req.backend)
     if not Path(engine).exists():
         raise DitDeployError(f"no such file: {engine}")
     b = resolve_backend(engine, req.backend)

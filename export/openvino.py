@@ -19,13 +19,13 @@ import numpy as np
 
 from ditdeploy.artifacts import (
     atomic_dir,
-    load_manifest,
     make_manifest,
     manifest_path,
     sha256_file,
     write_json_atomic,
 )
 from ditdeploy.errors import ArtifactError, DitDeployError, require
+from ditdeploy.manifest import Manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
 _CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint",
@@ -83,10 +83,10 @@ def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, pr
     if hint_key not in PRECISION_HINTS or PRECISION_HINTS[hint_key] is None:
         raise DitDeployError(f"precision hint {precision_hint!r}: choose f32, bf16 or f16")
     hint = PRECISION_HINTS[hint_key]
-    src_m = load_manifest(src, verify=True)
+    src_m = Manifest.load(src, verify=True)
     assert src_m is not None
-    if src_m.get("kind") not in ("denoiser", "decoder"):
-        raise ArtifactError(f"{src.name}'s manifest has kind {src_m.get('kind')!r}: expected denoiser or decoder")
+    if src_m.kind not in ("denoiser", "decoder"):
+        raise ArtifactError(f"{src.name}'s manifest has kind {src_m.kind!r}: expected denoiser or decoder")
     ov = require("openvino", "openvino", "OpenVINO export")
     try:
         model = ov.convert_model(str(src))
@@ -98,8 +98,8 @@ def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, pr
     with atomic_dir([bin_path, xml, mpath]) as tmp:
         txml = tmp / xml.name
         ov.save_model(model, str(txml), compress_to_fp16=False)
-        fields = {k: src_m[k] for k in _CARRY if k in src_m}
-        dec = src_m.get("decoder")
+        fields = src_m.carry(_CARRY)
+        dec = src_m.decoder_name
         if dec and (xml.parent / dec).exists():
             fields["decoder"] = dec
         fields.update(

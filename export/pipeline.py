@@ -26,13 +26,6 @@ FORMATS = {"onnx": ".onnx", "openvino": ".xml", "trt": ".plan", "aoti": ".pt2"}
 DECODER_NAME = "vae_decoder"
 
 
-def shipped_digits() -> Path:
-    """Path of the shipped default model's weights (``ditdeploy/assets/digits.safetensors``)."""
-    import ditdeploy
-
-    return Path(ditdeploy.__file__).resolve().parent / "assets" / "digits.safetensors"
-
-
 def slug(config: Any) -> str:
     """``XL/2`` at 256 px -> ``dit-xl-2-256``; ``digits`` -> ``digits``; custom configs -> ``dit-custom-<px>``."""
     v = str(getattr(config, "variant", "custom") or "custom")
@@ -111,10 +104,9 @@ def load_denoiser_model(
     from ditdeploy.checkpoints import load_model
 
     if checkpoint is None:  # digits, shipped
-        path = shipped_digits()
-        if not path.exists():
-            raise ArtifactError(f"the shipped digits model {path} is missing: train it with "
-                                "`ditdeploy train --preset digits` or reinstall ditdeploy")
+        from ditdeploy import shipped
+
+        path = shipped.require_digits_checkpoint()
         kind = "shipped"
     else:
         path = resolve_checkpoint(checkpoint, download, say)

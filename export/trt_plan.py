@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.manifest import Manifest
 
 __all__ = [
     "BatchProfile",
@@ -277,27 +278,24 @@ def _graph_precision(model: Any) -> str:
     return "fp32"
 
 
-def _read_source(p: Path, manifest: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+def _read_source(p: Path, manifest: dict[str, Any] | None) -> tuple[Any, Manifest]:
     """The denoiser ONNX (graph only, no weights) and its verified manifest."""
     import onnx
 
-    from ditdeploy.artifacts import load_manifest
-
     if not p.exists():
         raise ArtifactError(f"no such ONNX file: {p}")
-    if manifest is None:
-        manifest = load_manifest(p, verify=True)
+    manifest = Manifest.load(p, verify=True) if manifest is None else Manifest.of(manifest, p)
     assert manifest is not None
-    if manifest.get("kind") != "denoiser":
-        raise ArtifactError(f"{p.name} is a {manifest.get('kind')!r} artifact; engines are built from the denoiser")
-    if not isinstance(manifest.get("config"), dict):
+    if manifest.kind != "denoiser":
+        raise ArtifactError(f"{p.name} is a {manifest.kind!r} artifact; engines are built from the denoiser")
+    if manifest.config_dict is None:
         raise ArtifactError(f"the manifest of {p.name} has no model config: re-export the ONNX")
     return onnx.load(str(p), load_external_data=False), manifest
 
 
-def _carried_precision(p: Path, model: Any, manifest: dict[str, Any], precision: str | None) -> str:
+def _carried_precision(p: Path, model: Any, manifest: Manifest, precision: str | None) -> str:
     """The precision the ONNX carries (manifest, cross-checked against the graph); ``precision`` must agree."""
-    carried = str(manifest.get("precision", "fp32"))
+    carried = manifest.precision
     if carried not in PRECISIONS:
         raise ArtifactError(f"{p.name}'s manifest has unknown precision {carried!r}")
     graph = _graph_precision(model)
@@ -318,13 +316,12 @@ def _int8_notes(model: Any, manifest: dict[str, Any]) -> list[str]:
     """Checks and notes of an explicit-quantization (Q/DQ) source."""
     counts = check_int8_graph(model)
     notes = [f"explicit quantization: {counts['QuantizeLinear']} Q / {counts['DequantizeLinear']} DQ nodes"]
-    int8 = manifest.get("int8") if isinstance(manifest.get("int8"), dict) else {}
-    if int8.get("mode") == "dynamic":
+    if manifest.section("int8").get("mode") == "dynamic":
         raise DitDeployError("dynamic INT8 runs on ONNX Runtime CPU only: TensorRT needs --int8-mode static")
-    if (manifest.get("source") or {}).get("precision") == "fp32":
+    if manifest.source_precision == "fp32":
         notes.append("non-quantized layers of this Q/DQ graph are fp32 (quantized from the fp32 ONNX); "
                      "strong typing keeps them fp32")
-    cfg = manifest["config"]
+    cfg = manifest.config_dict or {}
     head_dim = int(cfg.get("hidden_size", 0)) // int(cfg.get("num_heads") or 1)
     if head_dim not in (16, 32, 64):
         notes.append(f"head dim {head_dim}: TensorRT's fused INT8 attention wants 16/32/64; attention stays "
@@ -332,7 +329,7 @@ def _int8_notes(model: Any, manifest: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _resolve_profile(model: Any, manifest: dict[str, Any], min_batch: int | None, opt_batch: int | None,
+def _resolve_profile(model: Any, manifest: Manifest, min_batch: int | None, opt_batch: int | None,
                      max_batch: int | None) -> BatchProfile:
     """Batch bounds: given ones, else (1, 8, 32) clamped to each other and to the manifest's max batch; a
     static-batch ONNX gets exactly its batch."""
@@ -341,14 +338,13 @@ def _resolve_profile(model: Any, manifest: dict[str, Any], min_batch: int | None
     mn = min_batch if min_batch is not None else (fixed or lo)
     mx = max_batch if max_batch is not None else (fixed or max(hi, mn))
     ob = opt_batch if opt_batch is not None else (fixed or min(max(op, mn), mx))
-    man_batch = manifest.get("batch") if isinstance(manifest.get("batch"), dict) else {}
-    if man_batch.get("max") and max_batch is None and fixed is None:
-        mx = min(mx, int(man_batch["max"]))
+    if manifest.max_batch and max_batch is None and fixed is None:
+        mx = min(mx, manifest.max_batch)
         ob = min(ob, mx)
         mn = min(mn, ob)
     profile = BatchProfile(int(mn), int(ob), int(mx)).validate(fixed)
-    if man_batch.get("max") and profile.max > int(man_batch["max"]):
-        raise DitDeployError(f"--max-batch {profile.max} exceeds the ONNX's recorded max batch {man_batch['max']}")
+    if manifest.max_batch and profile.max > manifest.max_batch:
+        raise DitDeployError(f"--max-batch {profile.max} exceeds the ONNX's recorded max batch {manifest.max_batch}")
     return profile
 
 
@@ -407,8 +403,8 @@ def make_build_plan(
         network_flags=feats.network_flags(),
         builder_flags=feats.builder_flags(carried),
         strongly_typed=True,
-        calibration_sha256=manifest.get("calibration_sha256") if int8 else None,
-        excluded_nodes=tuple(manifest.get("excluded_nodes") or ()) if int8 else (),
+        calibration_sha256=manifest.calibration_sha256 if int8 else None,
+        excluded_nodes=manifest.excluded_nodes if int8 else (),
         notes=tuple(notes),
     )
 
@@ -444,6 +440,6 @@ def engine_metadata(plan: BuildPlan, gpu_name: str | None, compute_capability: t
             "build_seconds": round(seconds, 1) if seconds is not None else None,
         },
         "source": {"onnx": plan.onnx, "sha256": plan.onnx_sha256,
-                   "precision": (source_manifest.get("source") or {}).get("precision", plan.precision)},
+                   "precision": Manifest.of(source_manifest).source_precision or plan.precision},
         "build_plan": plan.to_dict(),
     }

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import Timed
 from ditdeploy.variants import DiTConfig
 
@@ -65,7 +66,7 @@ class Denoiser(Protocol):
 
     name: str
     config: DiTConfig
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...
 
@@ -75,7 +76,7 @@ class Decoder(Protocol):
     """``decoder(latents) -> images``: raw latents (N,4,h,w) float32 -> (N,3,8h,8w) float32 in [-1, 1]."""
 
     name: str
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def __call__(self, latents: np.ndarray) -> np.ndarray: ...
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.runtimes.base import DenoiserBase, config_from_manifest, max_batch_from_manifest, read_manifest
+from ditdeploy.manifest import Manifest
+from ditdeploy.runtimes.base import DenoiserBase, read_manifest
 
 OPTIONS = ("verify", "device", "threads", "cuda_graph", "manifest")
 
@@ -76,11 +77,12 @@ class AotiDenoiser(DenoiserBase):
                  threads: int | None = None, cuda_graph: bool = False, manifest: dict[str, Any] | None = None):
         torch = _torch()
         self.path = Path(path)
-        self.manifest = manifest if manifest is not None else read_manifest(self.path, "denoiser", verify)
-        if self.manifest.get("format") != "aoti":
-            raise ArtifactError(f"{self.path.name} is a {self.manifest.get('format')!r} artifact, not an AOTInductor "
+        self.manifest = (Manifest.of(manifest, self.path) if manifest is not None
+                         else read_manifest(self.path, "denoiser", verify))
+        if self.manifest.format != "aoti":
+            raise ArtifactError(f"{self.path.name} is a {self.manifest.format!r} artifact, not an AOTInductor "
                                 "package")
-        self.config = config_from_manifest(self.manifest, self.path)
+        self.config = self.manifest.config
         dev = check_package_compat(self.manifest, self.path, torch.__version__, torch.cuda.is_available(), device)
         self.device = torch.device(dev)
         if cuda_graph:
@@ -91,10 +93,9 @@ class AotiDenoiser(DenoiserBase):
             torch.set_num_threads(int(threads))
         self.torch = torch
         self.model = _load_package(self.path, self.device)
-        self.max_batch = max_batch_from_manifest(self.manifest)
-        b = self.manifest.get("batch") if isinstance(self.manifest.get("batch"), dict) else {}
-        self.min_batch = int(b.get("min") or 1)
-        self.precision = str(self.manifest.get("precision", "fp32"))
+        self.max_batch = self.manifest.max_batch
+        self.min_batch = self.manifest.batch.min or 1
+        self.precision = self.manifest.precision
         self.name = f"aoti:{self.device.type}{':cuda-graph' if cuda_graph else ''}:{self.precision}"
         self.staged = None
         if self.device.type == "cuda":

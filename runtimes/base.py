@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import load_manifest
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
+from ditdeploy.manifest import Manifest
 from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
 
 DENOISER_INPUTS = ("x", "t", "y")
@@ -45,36 +45,11 @@ def physical_cores() -> int:
     return max(1, int(n))
 
 
-def read_manifest(path: str | os.PathLike, kind: str, verify: bool = True) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike, kind: str, verify: bool = True) -> Manifest:
     """Load and sha256-verify the manifest beside ``path`` and check it describes a ``kind`` artifact."""
-    m = load_manifest(path, verify=verify)
+    m = Manifest.load(path, verify=verify)
     assert m is not None
-    got = m.get("kind")
-    if got != kind:
-        raise ArtifactError(f"{Path(path).name} is a {got!r} artifact according to its manifest, expected a {kind}")
-    return m
-
-
-def config_from_manifest(m: dict[str, Any], path: str | os.PathLike) -> DiTConfig:
-    """The DiTConfig recorded in a denoiser manifest."""
-    c = m.get("config")
-    if not isinstance(c, dict):
-        raise ArtifactError(f"manifest of {Path(path).name} has no model 'config': re-export the artifact")
-    try:
-        return DiTConfig.from_dict(c)
-    except (DitDeployError, TypeError) as e:
-        raise ArtifactError(f"manifest of {Path(path).name} has an invalid model config: {e}") from e
-
-
-def max_batch_from_manifest(m: dict[str, Any]) -> int | None:
-    """The largest batch the artifact accepts (``batch.max``), or None when it is unbounded."""
-    b = m.get("batch")
-    if isinstance(b, dict) and b.get("max"):
-        try:
-            return int(b["max"])
-        except (TypeError, ValueError) as e:
-            raise ArtifactError(f"the manifest's batch.max {b['max']!r} is not an integer: re-export the artifact") from e
-    return None
+    return m.require_kind(kind)
 
 
 def check_dims(what: str, declared: Sequence[Any], expected: Sequence[int | None], path: str | os.PathLike) -> None:
@@ -175,7 +150,7 @@ class DenoiserBase:
 
     name: str = "denoiser"
     config: DiTConfig
-    manifest: dict[str, Any]
+    manifest: Manifest
     max_batch: int | None = None
     path: Path | None = None
 
@@ -227,7 +202,7 @@ class DecoderBase:
     """Common behaviour of VAE decoders: ``(latents (N, 4, h, w) float32) -> images (N, 3, 8h, 8w) in [-1, 1]``."""
 
     name: str = "decoder"
-    manifest: dict[str, Any]
+    manifest: Manifest
     max_batch: int | None = None
     latent_channels: int = LATENT_CHANNELS
     path: Path | None = None
@@ -254,15 +229,6 @@ class DecoderBase:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
-
-
-def decoder_latent_channels(m: dict[str, Any]) -> int:
-    """Latent channels a decoder manifest declares (``latent_channels`` or ``config.latent_channels``), else 4."""
-    for src in (m, m.get("config") if isinstance(m.get("config"), dict) else {}):
-        v = src.get("latent_channels") if isinstance(src, dict) else None
-        if v:
-            return int(v)
-    return LATENT_CHANNELS
 
 
 class Timed:

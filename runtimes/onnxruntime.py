@@ -21,11 +21,8 @@ from ditdeploy.runtimes.base import (
     DenoiserBase,
     check_dims,
     check_export_id,
-    config_from_manifest,
-    decoder_latent_channels,
     denoiser_shapes,
     light_graph,
-    max_batch_from_manifest,
     missing,
     physical_cores,
     read_manifest,
@@ -119,8 +116,8 @@ class OrtDenoiser(DenoiserBase):
                  trt_cache: str | None = None, max_batch: int | None = None, spinning: bool = False, **_: Any):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
-        self.config = config_from_manifest(self.manifest, self.path)
-        precision = str(self.manifest.get("precision", "fp32"))
+        self.config = self.manifest.config
+        precision = self.manifest.precision
         self.providers = choose_providers(providers)
         self.session = _session(self.path, self.providers, threads, trt_cache, precision, spinning)
         ins, outs = _io(self.session)
@@ -135,7 +132,7 @@ class OrtDenoiser(DenoiserBase):
         self._out = outs[0].name
         used = self.session.get_providers()[0]
         self.name = f"onnxruntime:{used}:{precision}"
-        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self.max_batch = max_batch or self.manifest.max_batch
         self.io_binding = (used in GPU_PROVIDERS) if io_binding is None else bool(io_binding)
         self.light_session = None
         lg = light_graph(self.path, self.manifest)
@@ -188,17 +185,17 @@ class OrtDecoder(DecoderBase):
                  max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "decoder", verify=verify)
-        precision = str(self.manifest.get("precision", "fp32"))
+        precision = self.manifest.precision
         self.providers = choose_providers(providers)
         self.session = _session(self.path, self.providers, threads, trt_cache, precision)
         ins, outs = _io(self.session)
         if DECODER_INPUT not in ins:
             raise ArtifactError(f"{self.path.name} lacks the input {DECODER_INPUT!r} (has {sorted(ins)})")
-        self.latent_channels = decoder_latent_channels(self.manifest)
+        self.latent_channels = self.manifest.latent_channels
         check_dims(DECODER_INPUT, ins[DECODER_INPUT].shape, (None, self.latent_channels, None, None), self.path)
         self._out = outs[0].name
         self.name = f"onnxruntime:{self.session.get_providers()[0]}:{precision}"
-        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self.max_batch = max_batch or self.manifest.max_batch
 
     def _run(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run([self._out], {DECODER_INPUT: z})[0], dtype=np.float32)

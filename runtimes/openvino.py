@@ -16,17 +16,15 @@ import numpy as np
 
 from ditdeploy.artifacts import manifest_path
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import (
     DECODER_INPUT,
     DENOISER_INPUTS,
     DecoderBase,
     DenoiserBase,
     check_dims,
-    config_from_manifest,
-    decoder_latent_channels,
     denoiser_shapes,
     light_graph,
-    max_batch_from_manifest,
     physical_cores,
     read_manifest,
 )
@@ -59,15 +57,14 @@ def compile_config(precision_hint: str | None = "f32", performance_hint: str = "
     return cfg
 
 
-def _default_hint(m: dict[str, Any], precision_hint: str | None) -> str | None:
+def _default_hint(m: Manifest, precision_hint: str | None) -> str | None:
     """Explicit hint, else the one recorded at export (``openvino.inference_precision_hint``), else f32."""
     if precision_hint is not None:
         return precision_hint
-    rec = m.get("openvino") if isinstance(m.get("openvino"), dict) else {}
-    return rec.get("inference_precision_hint") or "f32"
+    return m.openvino_hint or "f32"
 
 
-def _manifest_for(path: Path, kind: str, verify: bool) -> dict[str, Any]:
+def _manifest_for(path: Path, kind: str, verify: bool) -> Manifest:
     """Manifest of an .xml (its own) or of an .onnx read directly by OpenVINO (the ONNX manifest)."""
     if not manifest_path(path).exists():
         raise ArtifactError(
@@ -131,7 +128,7 @@ class OpenVINODenoiser(DenoiserBase):
                  max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "denoiser", verify)
-        self.config = config_from_manifest(self.manifest, self.path)
+        self.config = self.manifest.config
         hint = _default_hint(self.manifest, precision_hint)
         self.compile_config = compile_config(hint, performance_hint, threads)
         self._m = _Compiled(self.path, device, self.compile_config)
@@ -143,10 +140,10 @@ class OpenVINODenoiser(DenoiserBase):
         for n in DENOISER_INPUTS:
             check_dims(n, ins[n], shapes[n], self.path)
         check_dims("out", self._m.output_dims(), shapes["out"], self.path)
-        precision = str(self.manifest.get("precision", "fp32"))
+        precision = self.manifest.precision
         self.exec_precision = self._m.exec_precision
         self.name = f"openvino:{device}:{_precision_name(precision, self.exec_precision)}"
-        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self.max_batch = max_batch or self.manifest.max_batch
         self._light: _Compiled | None = None
         lg = light_graph(self.path, self.manifest)
         if lg is not None:
@@ -189,11 +186,11 @@ class OpenVINODecoder(DecoderBase):
         ins = self._m.inputs()
         if DECODER_INPUT not in ins:
             raise ArtifactError(f"{self.path.name} lacks the input {DECODER_INPUT!r} (has {sorted(ins)})")
-        self.latent_channels = decoder_latent_channels(self.manifest)
+        self.latent_channels = self.manifest.latent_channels
         check_dims(DECODER_INPUT, ins[DECODER_INPUT], (None, self.latent_channels, None, None), self.path)
-        precision = str(self.manifest.get("precision", "fp32"))
+        precision = self.manifest.precision
         self.name = f"openvino:{device}:{_precision_name(precision, self._m.exec_precision)}"
-        self.max_batch = max_batch or max_batch_from_manifest(self.manifest)
+        self.max_batch = max_batch or self.manifest.max_batch
 
     def _run(self, z: np.ndarray) -> np.ndarray:
         return self._m({DECODER_INPUT: z})

@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.errors import ArtifactError, DitDeployError, require
+from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import (
     DENOISER_INPUTS,
     DENOISER_OUTPUT,
     DenoiserBase,
     check_dims,
-    config_from_manifest,
     denoiser_shapes,
-    max_batch_from_manifest,
     read_manifest,
 )
 from ditdeploy.runtimes.trt_cuda import CudaGraphExecutor, ck, cudart
@@ -67,14 +66,14 @@ def engine_build_info(m: dict[str, Any]) -> dict[str, Any]:
     ``version_compatible`` / ``hardware_compatibility_level``), a top-level ``gpu`` table, and falls back to
     ``tools.tensorrt`` for the version.
     """
-    trt = m.get("tensorrt") if isinstance(m.get("tensorrt"), dict) else {}
-    gpu = m.get("gpu") if isinstance(m.get("gpu"), dict) else {}
+    m = Manifest.of(m)
+    trt, gpu = m.section("tensorrt"), m.section("gpu")
     tgpu = trt.get("gpu") if isinstance(trt.get("gpu"), dict) else {}
     name = (trt.get("gpu_name") or (trt.get("gpu") if isinstance(trt.get("gpu"), str) else None)
             or tgpu.get("name") or gpu.get("name") or (m.get("gpu") if isinstance(m.get("gpu"), str) else None))
     cc = (trt.get("compute_capability") or tgpu.get("compute_capability") or gpu.get("compute_capability")
           or m.get("compute_capability"))
-    version = trt.get("version") or trt.get("trt_version") or (m.get("tools") or {}).get("tensorrt")
+    version = trt.get("version") or trt.get("trt_version") or m.section("tools").get("tensorrt")
     hw = str(trt.get("hardware_compatibility_level") or "none").lower()
     return {
         "trt_version": version,
@@ -169,7 +168,7 @@ class TensorRTDenoiser(DenoiserBase):
                  strict_gpu_name: bool = True, max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
-        self.config = config_from_manifest(self.manifest, self.path)
+        self.config = self.manifest.config
         self.trt = trt = require("tensorrt", "tensorrt", "the TensorRT backend")
         ptrt = require("polygraphy.backend.trt", "tensorrt", "the TensorRT backend")
         rt = cudart()
@@ -180,12 +179,12 @@ class TensorRTDenoiser(DenoiserBase):
         self.output_name, names = self._check_io()
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.min_batch, engine_max = profile_batch_range(self.engine.get_tensor_profile_shape("x", 0))
-        limits = [b for b in (engine_max, max_batch_from_manifest(self.manifest), max_batch) if b]
+        limits = [b for b in (engine_max, self.manifest.max_batch, max_batch) if b]
         self.max_batch = min(limits)
         if self.max_batch < self.min_batch:
             raise DitDeployError(f"max batch {self.max_batch} is below the engine profile's minimum batch "
                                  f"{self.min_batch}")
-        self.name = f"tensorrt:{name}:{self.manifest.get('precision', 'fp32')}"
+        self.name = f"tensorrt:{name}:{self.manifest.precision}"
         self.use_graph = bool(cuda_graph)
         self._runner = self._graph = None
         if self.use_graph:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import load_manifest
 from ditdeploy.errors import DitDeployError, require
+from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DecoderBase, DenoiserBase
 
 
@@ -47,12 +47,8 @@ class TorchDenoiser(DenoiserBase):
         self.model = model.to(self.device).eval()
         self.config = model.config
         self.path = path
-        self.manifest = manifest or {
-            "kind": "denoiser",
-            "format": "torch",
-            "precision": "fp32",
-            "config": dataclasses.asdict(self.config),
-        }
+        self.manifest = Manifest.of(manifest or {"kind": "denoiser", "format": "torch", "precision": "fp32",
+                                                 "config": dataclasses.asdict(self.config)}, path)
         self.name = f"torch:{self.device.type}{':cuda-graph' if cuda_graph else ''}:fp32"
         self.max_batch = max_batch
         self.staged = None
@@ -115,8 +111,8 @@ class TorchDecoder(DecoderBase):
         self.scaling = float(scaling if scaling is not None else getattr(cfg, "scaling_factor", 0.18215))
         self.latent_channels = int(latent_channels or getattr(cfg, "latent_channels", 4))
         self.path = path
-        self.manifest = {"kind": "decoder", "format": "torch", "precision": "fp32",
-                         "latent_channels": self.latent_channels, "scaling_factor": self.scaling}
+        self.manifest = Manifest({"kind": "decoder", "format": "torch", "precision": "fp32",
+                                  "latent_channels": self.latent_channels, "scaling_factor": self.scaling}, path)
         self.name = f"torch:{self.device.type}:fp32"
 
     def _run(self, z: np.ndarray) -> np.ndarray:
@@ -156,9 +152,9 @@ def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, ver
     except ImportError as e:  # pragma: no cover - checkpoints module ships with ditdeploy
         raise DitDeployError(f"the torch backend needs ditdeploy.checkpoints: {e}") from e
     p = Path(path)
-    manifest = load_manifest(p, verify=verify, required=False)
+    manifest = Manifest.load(p, verify=verify, required=False)
     model = load_model(p, image_size=image_size) if image_size else load_model(p)
     if manifest is not None:
-        manifest = {**manifest, "config": dataclasses.asdict(model.config)}
+        manifest = Manifest({**manifest, "config": dataclasses.asdict(model.config)}, p)
     return TorchDenoiser(model, manifest=manifest, path=p, device=device, threads=threads, max_batch=max_batch,
                          cuda_graph=cuda_graph)

@@ -31,12 +31,11 @@ def _tiny_vae():
     return vae.eval()
 
 
-ASSETS = Path(__file__).resolve().parent.parent / "ditdeploy" / "assets"
-
-
 def shipped() -> dict[str, Path] | None:
     """The shipped digits checkpoint + ONNX, if present."""
-    ckpt, onnx = ASSETS / "digits.safetensors", ASSETS / "digits.onnx"
+    from ditdeploy.shipped import DIGITS_CHECKPOINT as ckpt
+    from ditdeploy.shipped import DIGITS_ONNX as onnx
+
     return {"ckpt": ckpt, "onnx": onnx} if ckpt.exists() and onnx.exists() else None
 
 

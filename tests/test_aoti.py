@@ -32,9 +32,9 @@ def pt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference():
     from ditdeploy.checkpoints import load_model
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
-    return load_model(shipped_digits()).eval()
+    return load_model(DIGITS_CHECKPOINT).eval()
 
 
 def torch_out(model, x, t, y) -> np.ndarray:
@@ -89,13 +89,13 @@ def test_min_batch_pads_and_drops_rows(tmp_path: Path, pt2: Path, reference):
 
 
 def test_sample_cli_matches_torch_backend(tmp_path: Path, pt2: Path):
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
     args = ["--labels", "0,3,7", "--steps", "8", "--no-progress", "--no-out"]
     code, _, err = run_main(["sample", "--engine", pt2, "--npz", tmp_path / "a.npz", *args])
     assert code == 0, err
     assert "aoti:cpu:fp32" in err
-    code, _, err = run_main(["sample", "--engine", shipped_digits(), "--npz", tmp_path / "t.npz", *args])
+    code, _, err = run_main(["sample", "--engine", DIGITS_CHECKPOINT, "--npz", tmp_path / "t.npz", *args])
     assert code == 0, err
     a, b = np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "t.npz")["arr_0"]
     assert a.shape == b.shape == (3, 8, 8, 1)
@@ -148,9 +148,9 @@ def test_truncated_package_refused(tmp_path: Path, pt2: Path):
 @pytest.mark.parametrize("backend", ["aoti", "torch"])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines --cuda-graph is valid")
 def test_cuda_graph_on_cpu_is_one_line(tmp_path: Path, pt2: Path, backend: str):
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
-    engine = pt2 if backend == "aoti" else shipped_digits()
+    engine = pt2 if backend == "aoti" else DIGITS_CHECKPOINT
     code, _, err = run_main(["sample", "--engine", engine, "--cuda-graph", "--out", tmp_path / "s.png"])
     assert_one_line_error(code, err, ["--cuda-graph", "CUDA device"])
     assert not (tmp_path / "s.png").exists()

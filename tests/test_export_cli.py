@@ -154,9 +154,7 @@ def test_int8_dynamic_dispatch(tmp_path, tiny_ckpt, capsys):
     # the fp32 intermediate is not kept, but the checkpoint the model came from stays traceable (for `check`)
     assert m["source"]["onnx"] == "q-fp32.onnx" and m["source"]["precision"] == "fp32"
     assert m["source_checkpoint"]["sha256"] == sha256_file(src)
-    from ditdeploy.checking import reference_checkpoint
-
-    assert reference_checkpoint(out, m) == src
+    assert m.reference_checkpoint() == src
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the fp32 intermediate is gone
 
 
@@ -200,17 +198,17 @@ def test_random_weights_recorded(tmp_path, capsys, monkeypatch):
 
 def test_shipped_digits_by_name(tmp_path, capsys):
     from ditdeploy.checkpoints import load_model
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
-    if not shipped_digits().exists():
+    if not DIGITS_CHECKPOINT.exists():
         pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")
     out = tmp_path / "digits.onnx"
     code, _, err = run_cli(["export", "--model", "digits", "--out", str(out)], capsys)
     assert code == 0, err
     m = load_manifest(out)
-    assert m["source"]["kind"] == "shipped" and m["source"]["sha256"] == sha256_file(shipped_digits())
+    assert m["source"]["kind"] == "shipped" and m["source"]["sha256"] == sha256_file(DIGITS_CHECKPOINT)
     assert m["config"]["variant"] == "digits" and m["random_weights"] is False
-    for r in independent_parity(out, load_model(shipped_digits(), "digits")):
+    for r in independent_parity(out, load_model(DIGITS_CHECKPOINT, "digits")):
         assert r["rel_l2"] <= 1e-4
     code, _, err = run_cli(["export", "--model", "digits", "--image-size", "256"], capsys)
     assert code == 2 and "--image-size" in err

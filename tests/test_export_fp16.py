@@ -82,11 +82,11 @@ def test_fp16_onnx(tmp_path, conditioning):
 def test_fp16_trained_digits(tmp_path):
     """Trained weights (the shipped digits model), not just random ones, within the fp16 tolerance."""
     from ditdeploy.checkpoints import load_model
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
-    if not shipped_digits().exists():
+    if not DIGITS_CHECKPOINT.exists():
         pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")
-    model = load_model(shipped_digits(), "digits")
+    model = load_model(DIGITS_CHECKPOINT, "digits")
     out = tmp_path / "digits-fp16.onnx"
     man = export_denoiser_onnx(model, out, precision="fp16")
     assert man["parity"]["worst"]["rel_l2"] <= FP16_TOL

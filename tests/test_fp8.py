@@ -65,9 +65,9 @@ def test_scaled_mm_linear_matches_fake_quant_reference():
 @pytest.fixture(scope="module")
 def digits():
     from ditdeploy.checkpoints import load_model
-    from ditdeploy.export.pipeline import shipped_digits
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
-    return load_model(shipped_digits()).eval()
+    return load_model(DIGITS_CHECKPOINT).eval()
 
 
 def test_quantized_linears_follow_int8_exclusions(digits):

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-ASSET = Path(__file__).resolve().parent.parent / "ditdeploy" / "assets" / "digits.safetensors"
+from ditdeploy.shipped import DIGITS_CHECKPOINT as ASSET
 
 
 @pytest.fixture(autouse=True)

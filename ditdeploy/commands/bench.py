@@ -92,9 +92,9 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError("--warmup must be >= 0")
         engines = list(engine or [])
         if not engines:
-            from ditdeploy.generation import default_engine
+            from ditdeploy import shipped
 
-            engines = [default_engine(None)]
+            engines = [shipped.default_model(None)]
         targets: list[harness.Target] = []
         baselines: dict[str, harness.Target] = {}
         from ditdeploy.checking import has_torch
@@ -163,35 +163,19 @@ def _asdict(cfg) -> dict:
 
 
 def _manifest_and_config(p: Path):
-    from ditdeploy.artifacts import load_manifest
-    from ditdeploy.variants import DiTConfig
+    from ditdeploy.manifest import Manifest
 
-    m = load_manifest(p, verify=False, required=False) or {}
-    c = m.get("config")
-    return m, (DiTConfig.from_dict(c) if isinstance(c, dict) else None)
+    m = Manifest.load(p, verify=False, required=False) or Manifest({}, p)
+    return m, (m.config if m.config_dict is not None else None)
 
 
-def _decoder_for(p: Path, m: dict, vae: Path | None) -> str | None:
+def _decoder_for(p: Path, m, vae: Path | None) -> str | None:
     if vae is not None:
         return str(vae)
-    name = m.get("decoder")
-    if not name:
-        return None
-    from ditdeploy.artifacts import safe_member
-
-    d = safe_member(p.parent, name)
-    return str(d) if d.exists() else None
+    d = m.decoder_path()
+    return str(d) if d is not None else None
 
 
-def _torch_reference(p: Path, m: dict, cfg, reference: Path | None) -> Path | None:
+def _torch_reference(p: Path, m, cfg, reference: Path | None) -> Path | None:
     """A checkpoint for the torch baseline: --reference, the manifest's, the shipped digits, or None (random)."""
-    if reference is not None:
-        return reference
-    from ditdeploy.checking import reference_checkpoint, shipped_digits
-
-    found = reference_checkpoint(p, m)
-    if found is not None:
-        return found
-    if cfg.variant == "digits":
-        return shipped_digits()
-    return None
+    return reference if reference is not None else m.reference_checkpoint(shipped_fallback=True)

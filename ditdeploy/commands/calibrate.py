@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.artifacts import sha256_file
         from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set, describe
         from ditdeploy.errors import DitDeployError
+        from ditdeploy.manifest import Manifest
         from ditdeploy.runtimes import load
 
         settings = CaptureSettings(samples=samples, steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=eta,
@@ -64,9 +65,9 @@ def register(app: typer.Typer) -> None:
         elif engine is not None:
             src, b = engine, backend
         else:
-            from ditdeploy.generation import default_engine
+            from ditdeploy import shipped
 
-            src, b = default_engine(backend), backend
+            src, b = shipped.default_model(backend), backend
             typer.echo(f"no --checkpoint/--engine: calibrating the shipped default model {src.name}", err=True)
         if not Path(src).exists():
             raise DitDeployError(f"no such file: {src}")
@@ -78,7 +79,7 @@ def register(app: typer.Typer) -> None:
         if image_size is not None:
             opts["image_size"] = image_size
         den = load(src, backend=b, **opts)
-        precision = str((den.manifest or {}).get("precision", "fp32"))
+        precision = Manifest.of(den.manifest).precision
         if precision != "fp32":
             typer.secho(f"warning: {Path(src).name} is {precision}; calibrate from the fp32 model you will quantize",
                         fg="yellow", err=True)

@@ -164,15 +164,11 @@ def _resolve_reference(reference: Path | None, art, engine: Path | None) -> Path
             raise DitDeployError(f"reference checkpoint {reference} not found")
         return reference
     if art is not None:
-        from ditdeploy.checking import reference_checkpoint, shipped_digits
+        from ditdeploy.manifest import Manifest
 
-        found = reference_checkpoint(engine or art.path, art.manifest)
+        found = Manifest.of(art.manifest, engine or art.path).reference_checkpoint(shipped_fallback=True)
         if found is not None:
             return found
-        if art.config.variant == "digits":
-            p = shipped_digits()
-            if p is not None:
-                return p
         raise DitDeployError(f"no PyTorch reference for {Path(engine or art.path).name} (its manifest names no checkpoint "
                              "that is here): pass --reference CHECKPOINT, "
                              "or --golden FILE written by `ditdeploy check --save-golden` on a machine with torch")
@@ -201,10 +197,7 @@ def _load_decoder(vae: Path | None, art):
         return load_decoder(vae)
     if art is None or art.config.space == "pixel":
         return None
-    name = (art.manifest or {}).get("decoder")
-    if not name:
-        return None
-    from ditdeploy.artifacts import safe_member
+    from ditdeploy.manifest import Manifest
 
-    p = safe_member(Path(getattr(art, "path", None) or ".").parent, name)
-    return load_decoder(p) if p.exists() else None
+    p = Manifest.of(art.manifest, getattr(art, "path", None)).decoder_path()
+    return load_decoder(p) if p is not None else None

@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         if prec in ("int8", "fp8") and calibration is not None:  # fail before the slow export, not after it
             from ditdeploy.calibration.capture import load_calibration
 
-            cc = load_calibration(calibration).manifest.get("config") or {}
+            cc = load_calibration(calibration).manifest.config_dict or {}
             for k in ("in_channels", "input_size", "num_classes"):
                 if cc.get(k) != getattr(net.config, k):
                     raise DitDeployError(f"calibration set {calibration.name} was captured from a model with "
@@ -194,8 +194,11 @@ def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Pa
 
 def _summary(path: Path, m: dict) -> None:
     """One line per artifact: path, size, parity, time."""
-    size = sum(int(f.get("bytes", 0)) for f in (m.get("files") or {}).values() if isinstance(f, dict))
-    parity = m.get("parity") or {}
+    from ditdeploy.manifest import Manifest
+
+    m = Manifest.of(m)
+    size = m.total_bytes
+    parity = m.section("parity")
     worst = parity.get("worst") or {}
     if worst.get("rel_l2") is not None:
         par = f"rel-L2 {worst['rel_l2']:.2e} vs {parity.get('reference', 'reference')}"
