@@ -9,89 +9,128 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
-import typer
-
-from ditdeploy.commands import bench, calibrate, check, export, fid, info, sample, train
-
-app = typer.Typer(
-    name="ditdeploy",
-    help="Export DiT (Diffusion Transformers) to ONNX / TensorRT / OpenVINO, sample on any backend, prove parity.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+_APP: Any = None
 
 
-@app.callback()
-def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-) -> None:
-    if debug:
-        os.environ["DITDEPLOY_DEBUG"] = "1"
+def build_app() -> Any:
+    """The typer app (built on first use, after the signal handlers are installed: importing typer and the command
+    modules takes long enough on a slow machine for a Ctrl-C to land in it)."""
+    global _APP
+    if _APP is not None:
+        return _APP
+    import typer
+
+    from ditdeploy.commands import bench, calibrate, check, export, fid, info, sample, train
+
+    app = typer.Typer(
+        name="ditdeploy",
+        help="Export DiT (Diffusion Transformers) to ONNX / TensorRT / OpenVINO, sample on any backend, prove parity.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @app.callback()
+    def _root(
+        debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    ) -> None:
+        if debug:
+            os.environ["DITDEPLOY_DEBUG"] = "1"
+
+    for mod in (train, export, calibrate, sample, check, bench, fid, info):
+        mod.register(app)
+    _APP = app
+    return app
 
 
-for _mod in (train, export, calibrate, sample, check, bench, fid, info):
-    _mod.register(app)
+def _ensure_std_streams() -> None:
+    """Give a closed stdin/stdout/stderr (``2>&-``) a /dev/null, so a run does not fail on its log lines and no file
+    opened later takes fd 1 or 2 (where a runtime's own log lines would then land inside an output)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    for name, fd, mode in (("stdout", 1, "w"), ("stderr", 2, "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
-class Terminated(SystemExit):
-    """SIGTERM as an exception (exit code 143): unwinding runs every cleanup, so no temp file is left behind."""
+def _stopped(signum: int) -> None:
+    from ditdeploy.interrupts import describe, exit_code
 
-    def __init__(self) -> None:
-        super().__init__(143)
+    _say(f"error: {describe(signum)}")
+    sys.exit(exit_code(signum))
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+def _say(line: str) -> None:
+    try:
+        print(line, file=sys.stderr)
+    except (OSError, ValueError):  # stderr went away (closed pipe): the exit code still tells
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
     import signal
-    import threading
 
-    from ditdeploy.errors import DitDeployError
+    from ditdeploy import interrupts
 
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
+    _ensure_std_streams()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("DITDEPLOY_DEBUG") == "1"
     try:
-        rv = app(args=argv, standalone_mode=False)
-        # non-standalone typer turns Ctrl-C (and typer.Exit) into a returned exit code instead of raising
-        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-            if rv == 130:
-                print("error: interrupted", file=sys.stderr)
-            sys.exit(rv)
-    except Terminated:
-        print("error: terminated", file=sys.stderr)
-        sys.exit(143)
+        rv = build_app()(args=argv, standalone_mode=False)
+    except interrupts.Terminated as e:
+        _stopped(e.signum)
     except SystemExit as e:
+        if e.code not in (0, None) and interrupts.received():
+            _stopped(interrupts.received())
         raise e
-    except DitDeployError as e:
-        if debug:
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # click usage errors and unexpected failures: still one line unless --debug
-        # typer >= 0.20 vendors click (typer._click): match its exceptions by name and duck type, not click's classes
-        names = {c.__name__ for c in type(e).__mro__}
-        if "Abort" in names:
-            print("error: aborted", file=sys.stderr)
-            sys.exit(1)
-        if "ClickException" in names and hasattr(e, "format_message"):
-            msg = " ".join(str(e.format_message()).split())  # one line, e.g. "Invalid value for '--steps': ..."
-            if msg:  # empty for "no arguments: help shown"
-                print(f"error: {msg} (see --help)", file=sys.stderr)
-            sys.exit(int(getattr(e, "exit_code", 2) or 2))
+        _stopped(signal.SIGINT)
+    except BaseException as e:
+        if interrupts.received() and not debug:  # a library reported the interruption as some other error
+            _stopped(interrupts.received())
+        _report(e, debug)
+    # non-standalone typer turns Ctrl-C (and typer.Exit) into a returned exit code instead of raising
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        if rv == 130:
+            _stopped(interrupts.received() or signal.SIGINT)
+        sys.exit(rv)
+
+
+def _report(e: BaseException, debug: bool) -> None:
+    """One line for an error (``--debug``: the traceback) and the exit code."""
+    from ditdeploy.errors import DitDeployError
+
+    if isinstance(e, DitDeployError):
         if debug:
-            raise
-        print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)", file=sys.stderr)
+            raise e
+        _say(f"error: {_one_line(e)}")
+        sys.exit(e.exit_code)
+    if not isinstance(e, Exception):
+        raise e
+    # click usage errors and unexpected failures: still one line unless --debug
+    # typer >= 0.20 vendors click (typer._click): match its exceptions by name and duck type, not click's classes
+    names = {c.__name__ for c in type(e).__mro__}
+    if "Abort" in names:
+        _say("error: aborted")
         sys.exit(1)
+    if "ClickException" in names and hasattr(e, "format_message"):
+        msg = " ".join(str(e.format_message()).split())  # one line, e.g. "Invalid value for '--steps': ..."
+        if msg:  # empty for "no arguments: help shown"
+            _say(f"error: {msg} (see --help)")
+        sys.exit(int(getattr(e, "exit_code", 2) or 2))
+    if debug:
+        raise e
+    _say(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)")
+    sys.exit(1)
 
 
 def _one_line(e: BaseException, limit: int = 1000) -> str:

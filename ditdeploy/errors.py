@@ -13,6 +13,7 @@ class MissingDependencyError(DitDeployError):
     """An optional runtime/extra is not installed."""
 
     def __init__(self, module: str, extra: str, what: str = ""):
+        raise_if_interrupted(self)
         what = what or module
         super().__init__(f"{what} needs the '{module}' package: pip install 'ditdeploy[{extra}]'")
 
@@ -34,4 +35,20 @@ def require(module: str, extra: str, what: str = ""):
     try:
         return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - depends on environment
+        raise_if_interrupted(e)
         raise MissingDependencyError(module.split(".")[0], extra, what) from e
+
+
+def raise_if_interrupted(e: BaseException) -> None:
+    """Re-raise the interruption an ``ImportError`` (or other error) stands for: a C extension's import that is
+    interrupted reports ``ImportError``, which must not read as a missing package."""
+    from ditdeploy.interrupts import Terminated, received
+
+    sig = received()
+    if sig is None:
+        return
+    import signal
+
+    if sig == signal.SIGINT:
+        raise KeyboardInterrupt from e
+    raise Terminated(sig) from e

@@ -583,14 +583,10 @@ def describe(req: SampleRequest, res: SampleResult) -> list[str]:
 # --------------------------------------------------------------------------------------------------------- worker
 def main(argv: list[str] | None = None) -> int:
     """Shard worker: ``python -m ditdeploy.generation REQUEST.json`` runs one request; errors are one line."""
-    import signal
-
+    from ditdeploy import interrupts
     from ditdeploy.errors import DitDeployError
 
-    def _term(signum: int, frame: object) -> None:
-        raise SystemExit(143)  # unwind: atomic writes remove their temp files
-
-    signal.signal(signal.SIGTERM, _term)
+    interrupts.install()  # SIGINT/SIGTERM/SIGHUP unwind: atomic writes remove their temp files
     args = sys.argv[1:] if argv is None else argv
     try:
         if len(args) != 1:

@@ -15,6 +15,7 @@ Two ways to run shards:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -76,13 +77,24 @@ def parse_shard(spec: str) -> tuple[int, int]:
 
 
 def dist_env() -> tuple[int, int] | None:
-    """``(rank, world_size)`` from torchrun-style environment variables, or None when not launched so."""
+    """``(rank, world_size)`` from a launcher's environment variables, or None when not launched so.
+
+    ``RANK`` / ``WORLD_SIZE`` left over in a shell (no ``LOCAL_RANK``, which torchrun and the other launchers set
+    too) are named in one DitDeployError instead of making rank 0 wait for parts no one will write.
+    """
+    raw = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
+        world = int(raw["WORLD_SIZE"] or "1")
+        rank = int(raw["RANK"] or "0")
     except ValueError as e:
         raise DitDeployError(f"RANK/WORLD_SIZE are not integers: {e}") from e
-    return (rank, world) if world > 1 else None
+    if world <= 1 and raw["RANK"] in (None, "0"):
+        return None
+    if raw["LOCAL_RANK"] is None or world <= 1 or not 0 <= rank < world:
+        shown = " ".join(f"{k}={v}" for k, v in raw.items() if v is not None)
+        raise DitDeployError(f"{shown} in the environment but this is not a launcher's run (torchrun sets RANK, "
+                             "WORLD_SIZE and LOCAL_RANK): unset them for one process, or use --shards N")
+    return rank, world
 
 
 def part_path(final: str | os.PathLike, index: int, count: int) -> Path:
@@ -164,26 +176,70 @@ def wait_for_parts(parts: Sequence[Path], timeout: float = 24 * 3600.0, poll: fl
         if not missing:
             return
         if time.monotonic() > deadline:
-            raise DitDeployError(f"timed out waiting for {len(missing)} shard part(s), e.g. {missing[0]}")
+            raise DitDeployError(f"timed out after {timeout:.0f} s waiting for {len(missing)} shard part(s) of the "
+                                 f"other ranks, e.g. {missing[0]}: did every rank start?")
         time.sleep(poll)
+
+
+def _worker_preexec() -> None:  # pragma: no cover - runs in the child
+    """Own process group (a terminal's Ctrl-C reaches the parent only, which forwards it once) and SIGTERM when the
+    parent dies (Linux), so no worker outlives it."""
+    os.setpgrp()
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_workers(procs: Sequence[subprocess.Popen], signum: int, grace: float = 30.0) -> None:
+    """Forward ``signum`` to every live worker, wait for them to unwind (each removes its temporary file), and
+    SIGKILL any still running after ``grace`` seconds."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signum)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
 
 
 def run_workers(commands: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> None:
     """Run every command (one shard worker each, e.g. ``python -m ditdeploy.generation shard-i.json``) in parallel.
 
-    Waits for all; a failing shard raises a one-line DitDeployError with its last stderr line.
+    Waits for all; a failing shard raises a one-line DitDeployError with its last stderr line. When this process is
+    interrupted (SIGINT, SIGTERM, SIGHUP) the signal is forwarded to every worker and they are waited for before the
+    interruption goes on, so no worker keeps running or writing after the parent has cleaned up.
     """
-    procs = []
+    import signal
+
+    from ditdeploy import interrupts
+
+    procs: list[subprocess.Popen] = []
     base_env = {**os.environ, **(env or {})}
-    base_env.pop("WORLD_SIZE", None)  # workers must not think they run under torchrun
-    base_env.pop("RANK", None)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # workers must not think they run under torchrun
+        base_env.pop(k, None)
     count = len(commands)
-    for cmd in commands:
-        procs.append(subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env,
-                                      text=True))
+    try:
+        for cmd in commands:
+            procs.append(subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=base_env,
+                                          text=True, preexec_fn=_worker_preexec))
+        errs = [p.communicate()[1] for p in procs]
+    except BaseException as e:
+        sig = getattr(e, "signum", None) or interrupts.received() or \
+            (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+        stop_workers(procs, sig)
+        raise
     errors = []
-    for i, p in enumerate(procs):
-        _, err = p.communicate()
+    for i, (p, err) in enumerate(zip(procs, errs, strict=True)):
         if p.returncode != 0:
             lines = [ln for ln in (err or "").strip().splitlines() if ln.strip()]
             errors.append(f"shard {i}/{count} failed (exit {p.returncode}): {lines[-1] if lines else 'no output'}")

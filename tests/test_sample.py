@@ -79,7 +79,7 @@ def test_shards_and_torchrun_match_one_process(px, tmp_path):
     run([*common, "--npz", tmp_path / "sh.npz", "--out", tmp_path / "sh.png", "--shards", "2"])
     env = {**os.environ, "WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, "-m", "ditdeploy", "sample", *common, "--npz", str(tmp_path / "tr.npz"),
-                               "--out", str(tmp_path / "tr.png"), "--threads", "1"], env={**env, "RANK": str(r)},
+                               "--out", str(tmp_path / "tr.png"), "--threads", "1"], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     for p in procs:
         _, err = p.communicate(timeout=600)

@@ -33,8 +33,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     ``device``: "auto" (CUDA if there is a GPU per local rank, else CPU), "cpu" or "cuda". The backend is nccl on
     CUDA, gloo on CPU.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    from ditdeploy.sharding import dist_env
+
+    rank, world = dist_env() or (0, 1)  # stray RANK/WORLD_SIZE without a launcher: one line, no endless wait
     local = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,66 @@
+"""Signals as exceptions that unwind (every cleanup runs, temporary files are removed), and a record of them.
+
+- SIGINT raises ``KeyboardInterrupt`` (exit 130); SIGTERM and SIGHUP raise :class:`Terminated` (exit 128 + signal
+  number: 143, 129), a ``SystemExit`` so that library code catching ``Exception`` does not swallow it.
+- Every handled signal is recorded (:func:`received`): an interrupt that a library turned into another error (a C
+  extension's import reports a ``KeyboardInterrupt`` as ``ImportError``, which would read as a missing package) is
+  still reported as the interruption it was.
+- A signal that was ignored when the process started (``nohup``, a background shell's SIGINT) stays ignored.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+__all__ = ["HANDLED", "Terminated", "describe", "exit_code", "install", "received"]
+
+HANDLED = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
+_received: list[int] = []
+
+
+class Terminated(SystemExit):
+    """SIGTERM / SIGHUP as an exception (exit code 128 + signal number)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        self.signum = int(signum)
+        super().__init__(128 + self.signum)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _received.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def install() -> None:
+    """Install the handlers (main thread only; signals ignored at start stay ignored) and forget earlier signals."""
+    _received.clear()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in HANDLED:
+        cur = signal.getsignal(sig)
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        if cur is default or cur is _on_signal:
+            signal.signal(sig, _on_signal)
+
+
+def received() -> int | None:
+    """The first signal handled since :func:`install`, or None."""
+    return _received[0] if _received else None
+
+
+def exit_code(signum: int) -> int:
+    """The shell's convention: 128 + signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    return 128 + int(signum)
+
+
+def describe(signum: int) -> str:
+    """The one-line error for a run stopped by ``signum``."""
+    if signum == signal.SIGINT:
+        return "interrupted"
+    name = signal.Signals(signum).name
+    return f"terminated ({name}{': the terminal hung up' if name == 'SIGHUP' else ''})"
