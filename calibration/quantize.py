@@ -81,7 +81,7 @@ METHODS = ("percentile", "entropy", "minmax")
 # t = 0), entropy ranges 0.998 (0.953); a wrong scale or a quantized embedding table falls far below 0.98.
 MIN_COSINE = 0.98
 _CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space", "checkpoint",
-          "source_checkpoint", "random_weights")
+          "source_checkpoint", "id2label", "random_weights")
 log = logging.getLogger("ditdeploy.calibration")
 
 

@@ -19,29 +19,34 @@ Pickled ``.bin`` files are read with ``torch.load(weights_only=True)`` only (via
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.labels import normalize
 from ditdeploy.variants import DiTConfig
 
+if TYPE_CHECKING:  # torch is imported where tensors are handled: locating a snapshot stays torch-free
+    import torch
+
 __all__ = [
     "Snapshot", "diffusers_config", "from_official", "hub_id_error", "is_snapshot_dir", "locate",
-    "looks_like_hub_id", "read_official_state_dict", "snapshot_digest", "to_official",
+    "looks_like_hub_id", "read_official_state_dict", "snapshot_digest", "to_official", "write_snapshot",
 ]
 
 INDEX = "model_index.json"
 WEIGHTS = "diffusion_pytorch_model"
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+POS_EMBED_ATOL = 1e-5  # a stored pos_embed further than this from sin-cos was trained: diffusers cannot hold it
 OFFICIAL_LN_EPS = 1e-6  # every LayerNorm of the official DiT; diffusers' MLP LayerNorm uses config norm_eps
 _EMB = "transformer_blocks.{i}.norm1.emb."
 _T_EMB = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2"}
@@ -228,14 +233,24 @@ def _pop(sd: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None = 
 
 
 def _pos_embed(cfg: DiTConfig) -> torch.Tensor:
+    import torch
+
     from ditdeploy.models import get_2d_sincos_pos_embed
 
     grid = cfg.input_size // cfg.patch_size
     return torch.from_numpy(get_2d_sincos_pos_embed(cfg.hidden_size, grid)).float().unsqueeze(0)
 
 
+def pos_embed_deviation(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> float:
+    """Max |stored pos_embed - the fixed sin-cos table diffusers recomputes| (float32 rounding: ~1e-6)."""
+
+    return float((sd["pos_embed"].detach().float().cpu() - _pos_embed(cfg)).abs().max())
+
+
 def _take_embedders(d: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
     """Block 0's timestep/class embedders as the official ones; every other block's copy must equal them."""
+    import torch
+
     h = cfg.hidden_size
     shapes = {"timestep_embedder.linear_1.weight": (h, 256), "timestep_embedder.linear_1.bias": (h,),
               "timestep_embedder.linear_2.weight": (h, h), "timestep_embedder.linear_2.bias": (h,),
@@ -255,6 +270,8 @@ def _take_embedders(d: dict[str, torch.Tensor], cfg: DiTConfig) -> dict[str, tor
 
 def to_official(diffusers_sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, torch.Tensor]:
     """Official DiT state dict (fp32) from a ``DiTTransformer2DModel`` state dict; every tensor must be used."""
+    import torch
+
     d = {k: v for k, v in diffusers_sd.items()}
     h, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
     mlp = int(h * cfg.mlp_ratio)
@@ -289,6 +306,12 @@ def from_official(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, t
     A model without a null class row (``class_dropout_prob == 0``) gets a zero row appended: diffusers' label table
     always has ``num_classes + 1`` rows; the extra row is only read for guidance, which such a model never uses.
     """
+    import torch
+
+    dev = pos_embed_deviation(sd, cfg)
+    if dev > POS_EMBED_ATOL:
+        raise DitDeployError(f"this model's pos_embed differs from the fixed sin-cos table by up to {dev:.2e}: "
+                             "diffusers recomputes that table, so it cannot be written as a diffusers snapshot")
     out: dict[str, torch.Tensor] = {}
     for o, n in _TOP.items():
         for wb in ("weight", "bias"):
@@ -315,6 +338,7 @@ def from_official(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, t
 def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(official state dict, info)`` of a snapshot folder; ``info`` as ``checkpoints.read_state_dict`` plus
     ``snapshot`` (the ``Snapshot``), ``id2label`` and ``dtype`` (of the stored weights)."""
+
     from ditdeploy.checkpoints import infer_config, read_state_dict
 
     snap = locate(path)
@@ -339,3 +363,109 @@ def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     info = {"format": "diffusers", "source": "diffusers", "config": cfg, "hint": None, "args": None, "metadata": {},
             "prefix_stripped": [], "snapshot": snap, "id2label": snap.id2label, "dtype": ",".join(dtypes)}
     return sd, info
+
+
+# ------------------------------------------------------------------------------------------------------ write
+
+MANIFEST_NAME = "ditdeploy_manifest.json"  # inside the written snapshot; diffusers ignores unknown files
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DitDeployError(f"{out} already exists: choose another --out or remove it (a snapshot is a new folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _scheduler(diffusers: Any) -> Any:
+    """DDIM over the official 1000-step linear schedule (1e-4..0.02), no x0 clipping (DiT's sample.py)."""
+    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                   beta_schedule="linear", clip_sample=False)
+
+
+def _written_parity(net: Any, folder: Path, seed: int) -> dict[str, Any]:
+    """Re-read the written transformer: weights must map back bit-exactly; forward difference vs ours recorded."""
+    import torch
+
+    diffusers = require_diffusers("checking the written snapshot")
+    tr = diffusers.DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), local_files_only=True).eval()
+    cfg = net.config
+    back = to_official(tr.state_dict(), cfg)
+    own = {k: v.detach().float() for k, v in net.state_dict().items()}
+    if cfg.class_dropout_prob == 0:  # the zero null row appended for diffusers is not part of our model
+        back["y_embedder.embedding_table.weight"] = back["y_embedder.embedding_table.weight"][:-1]
+    pos = pos_embed_deviation(own, cfg)
+    back["pos_embed"] = own["pos_embed"]  # not stored by diffusers (recomputed); its deviation is recorded
+    if set(back) != set(own) or not all(torch.equal(back[k], own[k]) for k in own):
+        raise ArtifactError(f"the weights written to {folder} do not map back to the model's exactly (internal error)")
+    g = torch.Generator().manual_seed(seed)
+    s, c = cfg.input_size, cfg.in_channels
+    x = torch.randn(4, c, s, s, generator=g)
+    t = torch.tensor([0, 250, 600, 999])
+    y = torch.arange(4) % cfg.num_classes
+    with torch.no_grad():
+        ours, theirs = net(x, t, y), tr(x, timestep=t, class_labels=y).sample
+    rel = [float((theirs[i] - ours[i]).norm() / ours[i].norm().clamp_min(1e-30)) for i in range(4)]
+    return {"weights_identical": True, "pos_embed_max_abs_vs_sincos": pos, "timesteps": t.tolist(), "forward_rel_l2_by_timestep": rel,
+            "note": "diffusers' timestep sinusoid divides by 127, the official DiT's by 128: identical at t=0, "
+                    "differs for t>0 (see docs/diffusers.md)"}
+
+
+def require_diffusers(what: str) -> Any:
+    from ditdeploy.errors import require
+
+    return require("diffusers", "vae", what)
+
+
+def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike | None = None,
+                   id2label: Mapping[int, str] | None = None, verify: bool = True, seed: int = 0,
+                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``net`` (a ``ditdeploy.models.DiT`` with ``.config``) as a diffusers DiT snapshot folder ``out``.
+
+    ``DiTPipeline.from_pretrained(out)`` loads it: transformer (safetensors), ``vae/`` (copied from the AutoencoderKL
+    folder ``vae``, else none), DDIM scheduler over the official schedule, ``id2label`` in model_index.json. Built
+    in a hidden folder beside ``out`` and renamed into place; ``ditdeploy_manifest.json`` inside records sha256 of
+    every file and, with ``verify``, that the written weights map back bit-exactly. Returns that manifest.
+    """
+    import torch
+
+    from ditdeploy.artifacts import sha256_file, tool_versions, write_json_atomic
+
+    diffusers = require_diffusers("writing a diffusers snapshot")
+    diffusers.utils.logging.set_verbosity_error()  # its notices (accelerate, vae=None) are noise on a CLI
+    out = Path(out)
+    cfg = net.config
+    kwargs = diffusers_config(cfg)
+    _prepare_out(out)
+    vae_model = None
+    if vae is not None:
+        from ditdeploy.export.vae import load_vae
+
+        vae_model = load_vae(vae)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.device("meta"):
+            tr = diffusers.DiTTransformer2DModel(**kwargs)
+        mapped = {k: v.detach().to("cpu", torch.float32).clone() for k, v in from_official(net.state_dict(), cfg).items()}
+        tr.load_state_dict(mapped, strict=True, assign=True)  # own copies: the per-block embedders must not alias
+        pipe = diffusers.DiTPipeline(transformer=tr.eval(), vae=vae_model, scheduler=_scheduler(diffusers))
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if id2label:
+            idx = tmp / INDEX
+            m = json.loads(idx.read_text())
+            m["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
+            idx.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        manifest = {
+            "kind": "diffusers-snapshot", "config": dataclasses.asdict(cfg), "diffusers_config": kwargs,
+            "source": dict(source or {}), "vae": vae_model is not None, "id2label": bool(id2label),
+            "tools": tool_versions() | {"diffusers": diffusers.__version__},
+            "parity": _written_parity(net, tmp, seed) if verify else None, "verified": verify,
+        }
+        manifest["files"] = {str(f.relative_to(tmp)): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                             for f in sorted(tmp.rglob("*")) if f.is_file()}
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

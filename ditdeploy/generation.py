@@ -47,7 +47,7 @@ class SampleRequest:
     backend: str | None = None  # onnxruntime | openvino | tensorrt | torch; None: from the file suffix
     options: dict[str, Any] = field(default_factory=dict)  # backend options, keys of BACKEND_OPTIONS
     vae: Path | None = None  # VAE decoder for latent models; None: the artifact manifest's "decoder"
-    labels: list[int] | None = None  # class ids; None: every class (few classes) or DiT's demo classes
+    labels: list[int | str] | None = None  # class ids or names (id2label); None: every class or DiT's demo classes
     num_per_label: int | None = None  # images per label
     sampler: str = "ddim"
     steps: int = 50
@@ -202,17 +202,12 @@ def work_summary(cfg: Any, timed: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------- labels
-def parse_label_spec(spec: str) -> list[int]:
-    """``"207,360"`` -> [207, 360] (one-line DitDeployError on anything else)."""
-    from ditdeploy.errors import DitDeployError
+def parse_label_spec(spec: str) -> list[int | str]:
+    """``"207, golden retriever"`` -> [207, "golden retriever"]: ids, and names resolved once the model (its
+    id2label) is loaded (``ditdeploy.labels``)."""
+    from ditdeploy.labels import parse_spec
 
-    try:
-        out = [int(v) for v in spec.replace(" ", "").split(",") if v != ""]
-    except ValueError as e:
-        raise DitDeployError(f"--labels takes comma-separated class ids like 207,360, got {spec!r}") from e
-    if not out:
-        raise DitDeployError("--labels is empty")
-    return out
+    return parse_spec(spec)
 
 
 def expand_labels(labels: list[int] | None, num_per_label: int | None,
@@ -243,9 +238,12 @@ def expand_labels(labels: list[int] | None, num_per_label: int | None,
     return [v for v in base for _ in range(k)], (k if k > 1 else None)
 
 
-def parse_labels(spec: str | None, num_per_label: int | None, num_classes: int) -> tuple[list[int], int | None]:
-    """:func:`expand_labels` of a ``--labels`` spec string (or None)."""
-    return expand_labels(parse_label_spec(spec) if spec else None, num_per_label, num_classes)
+def parse_labels(spec: str | None, num_per_label: int | None, num_classes: int,
+                 names: dict[int, str] | None = None) -> tuple[list[int], int | None]:
+    """:func:`expand_labels` of a ``--labels`` spec string (or None); names resolved against ``names``."""
+    from ditdeploy.labels import resolve
+
+    return expand_labels(resolve(spec, names, num_classes) if spec else None, num_per_label, num_classes)
 
 
 def row_len(labels) -> int | None:
@@ -365,11 +363,16 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     timings = Timings(load_s=time.perf_counter() - t0)
     cfg_scale = req.cfg_scale if req.cfg_scale is not None else (
         DEFAULT_CFG if den.config.class_dropout_prob > 0 else 1.0)  # DiT's default when there is a null class
-    all_labels, rows = expand_labels(req.labels, req.num_per_label, den.config.num_classes,
+    from ditdeploy.labels import display_names, for_model, resolve_items
+
+    n_cls = den.config.num_classes
+    names = for_model(den.manifest, den.config.variant, n_cls)
+    ids = resolve_items(req.labels, names, n_cls) if req.labels else None
+    all_labels, rows = expand_labels(ids, req.num_per_label, n_cls,
                                      bound=lambda n: _check_sizes(plan, n, den.config, decoder, mine, req.npz))
     res = _sample_range(den, decoder, req, cfg_scale, all_labels, mine, timings, say)
     t2 = time.perf_counter()
-    res.written = _write_outputs(req, res, mine, from_env, len(all_labels), rows)
+    res.written = _write_outputs(req, res, mine, from_env, len(all_labels), rows, display_names(names, n_cls))
     timings.write_s = time.perf_counter() - t2
     timings.total_s = time.perf_counter() - t_start
     _write_summary(req, res)
@@ -453,8 +456,9 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
 
 
 def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] | None, from_env: bool,
-                   n_total: int, rows: int | None) -> list[str]:
-    """Write this process's npz (or shard part) and the grid; under torchrun, rank 0 merges. Returns the paths."""
+                   n_total: int, rows: int | None, class_names: list[str] | None = None) -> list[str]:
+    """Write this process's npz (or shard part) and the grid (captioned with ``class_names`` when the model has
+    them); under torchrun, rank 0 merges. Returns the paths."""
     from ditdeploy import images, sharding
     from ditdeploy.errors import DitDeployError
 
@@ -465,7 +469,7 @@ def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] 
             written.append(str(req.npz))
         if req.out is not None:
             m = min(len(res.images), GRID_MAX)
-            images.save_image(images.grid(res.images[:m], res.labels[:m], cols=rows), req.out,
+            images.save_image(images.grid(res.images[:m], res.labels[:m], cols=rows, class_names=class_names), req.out,
                               GRID_FORMATS[req.grid_format()])
             written.append(str(req.out) + (f" (first {m} images)" if m < len(res.images) else ""))
         return written
@@ -481,12 +485,12 @@ def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] 
         sharding.merge_parts(req.npz, parts, n_total)
         written.append(str(req.npz))
         if req.out is not None:
-            _write_grid_from_npz(req, rows)
+            _write_grid_from_npz(req, rows, class_names)
             written.append(str(req.out))
     return written
 
 
-def _write_grid_from_npz(req: SampleRequest, rows: int | None) -> None:
+def _write_grid_from_npz(req: SampleRequest, rows: int | None, class_names: list[str] | None = None) -> None:
     import numpy as np
 
     from ditdeploy import images
@@ -495,7 +499,8 @@ def _write_grid_from_npz(req: SampleRequest, rows: int | None) -> None:
         n = min(len(z["labels"]), GRID_MAX)
         lab = z["labels"][:n]
         arr = np.asarray(z["arr_0"][:n])
-    images.save_image(images.grid(arr, lab, cols=rows), req.out, GRID_FORMATS[req.grid_format()])
+    images.save_image(images.grid(arr, lab, cols=rows, class_names=class_names), req.out,
+                      GRID_FORMATS[req.grid_format()])
 
 
 def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through: bool = False) -> SampleResult:

@@ -12,12 +12,13 @@ Stdlib only (the deploy path imports it).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ditdeploy.errors import DitDeployError
 
-__all__ = ["DIGIT_NAMES", "display_names", "for_model", "normalize", "resolve"]
+__all__ = ["DIGIT_NAMES", "display_names", "for_model", "normalize", "parse_spec", "resolve", "resolve_items"]
 
 DIGIT_NAMES: dict[int, str] = {i: str(i) for i in range(10)}
 _CLOSE = 5  # how many close matches an error lists
@@ -69,17 +70,16 @@ def _synonyms(id2label: Mapping[int, str]) -> dict[str, list[int]]:
     return table
 
 
-def _one(item: str, table: dict[str, list[int]], id2label: Mapping[int, str], num_classes: int) -> int:
-    if item.lstrip("-").isdigit():
-        v = int(item)
-        if not 0 <= v < num_classes:
-            raise DitDeployError(f"class id {v} is out of range: this model has classes 0..{num_classes - 1}")
-        return v
+def _is_id(item: str) -> bool:
+    return re.fullmatch(r"[+-]?[0-9]+", item) is not None
+
+
+def _by_name(item: str, table: dict[str, list[int]], id2label: Mapping[int, str], num_classes: int) -> int:
     ids = table.get(" ".join(item.lower().split()))
     if ids is None:
         close = difflib.get_close_matches(item.lower(), list(table), n=_CLOSE, cutoff=0.6)
-        hint = ("close matches: " + ", ".join(f"{c} ({table[c][0]})" for c in close)) if close else \
-            f"no close match; pass class ids (0..{num_classes - 1}) instead"
+        hint = (("close matches: " + ", ".join(f"{c} ({table[c][0]})" for c in close)) if close
+                else f"no close match; pass class ids 0..{num_classes - 1} instead")
         raise DitDeployError(f"unknown class name {item!r}: {hint}")
     if len(ids) > 1:
         which = ", ".join(f"{i} ({id2label[i]})" for i in sorted(ids))
@@ -87,17 +87,31 @@ def _one(item: str, table: dict[str, list[int]], id2label: Mapping[int, str], nu
     return ids[0]
 
 
-def resolve(spec: str, id2label: Mapping[int, str] | None, num_classes: int) -> list[int]:
-    """Class ids for a comma-separated ``--labels`` value of ids and/or names (case-insensitive)."""
+def parse_spec(spec: str) -> list[int | str]:
+    """A ``--labels`` value split at commas: class ids as ints, names as stripped strings (resolved later, against
+    the model's id2label, by :func:`resolve_items`)."""
     items = [s.strip() for s in spec.split(",")]
     items = [s for s in items if s]
     if not items:
         raise DitDeployError("--labels is empty")
-    names = [s for s in items if not s.lstrip("-").isdigit()]
+    return [int(s) if _is_id(s) else s for s in items]
+
+
+def resolve_items(items: list[int | str], id2label: Mapping[int, str] | None, num_classes: int) -> list[int]:
+    """Class ids for ids and/or names (case-insensitive; one-line errors naming close matches / ambiguity)."""
+    bad = [v for v in items if isinstance(v, int) and not 0 <= v < num_classes]
+    if bad:
+        raise DitDeployError(f"labels {bad} out of range: this model has classes 0..{num_classes - 1}")
+    names = [s for s in items if not isinstance(s, int)]
     if names and not id2label:
         raise DitDeployError(
-            f"--labels {names[0]!r}: this model has no class names (its manifest has no id2label): pass class ids "
-            f"0..{num_classes - 1}"
+            f"--labels {names[0]!r}: this model has no class names (no id2label in its manifest): pass "
+            f"comma-separated class ids 0..{num_classes - 1}"
         )
     table = _synonyms(id2label or {})
-    return [_one(s, table, id2label or {}, num_classes) for s in items]
+    return [v if isinstance(v, int) else _by_name(v, table, id2label or {}, num_classes) for v in items]
+
+
+def resolve(spec: str, id2label: Mapping[int, str] | None, num_classes: int) -> list[int]:
+    """Class ids for a comma-separated ``--labels`` value of ids and/or names (case-insensitive)."""
+    return resolve_items(parse_spec(spec), id2label, num_classes)

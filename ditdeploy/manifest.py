@@ -52,6 +52,12 @@ def _opt_int(v: Any, what: str) -> int | None:
         raise ArtifactError(f"the manifest's {what} {v!r} is not an integer: re-export the artifact") from e
 
 
+def _is_snapshot(path: Path) -> bool:
+    from ditdeploy.diffusers_io import is_snapshot_dir
+
+    return is_snapshot_dir(path)
+
+
 class Manifest(dict):
     """A loaded (or freshly built) manifest: the raw JSON fields plus the artifact path they describe.
 
@@ -291,7 +297,7 @@ class Manifest(dict):
                 continue
             p = Path(str(src))
             for cand in ((p,) if p.is_absolute() else (base / p, p)):
-                if cand.is_file():
+                if cand.is_file() or _is_snapshot(cand):  # a diffusers snapshot folder (export --checkpoint DIR)
                     return cand
         parent = s.get("onnx")
         if parent and depth < _MAX_SOURCE_DEPTH:

@@ -29,7 +29,7 @@ from ditdeploy.manifest import Manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
 _CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint",
-          "source_checkpoint", "latent_channels", "scaling_factor", "image_size", "name")
+          "source_checkpoint", "id2label", "latent_channels", "scaling_factor", "image_size", "name")
 
 
 def _parity_inputs(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:

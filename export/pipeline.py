@@ -47,9 +47,13 @@ def resolve_checkpoint(checkpoint: str, download: bool, say: Callable[[str], Non
     """An existing checkpoint path; an official file name is taken from the weights cache or, with ``download``,
     fetched (``ditdeploy.weights.resolve_checkpoint``). Absent and not downloadable: a one-line error saying where
     to put the file and that ``--download`` fetches it."""
-    from ditdeploy import weights
+    from ditdeploy import diffusers_io, weights
 
     p = Path(checkpoint).expanduser()
+    if p.is_dir():
+        return p  # a diffusers snapshot folder (checked when it is read)
+    if diffusers_io.looks_like_hub_id(str(checkpoint)):
+        raise diffusers_io.hub_id_error(str(checkpoint))
     name = p.name if p.name.endswith(".pt") else p.name + ".pt"
     official = not p.exists() and name in weights.OFFICIAL_WEIGHTS
     if official and download and weights.cached_official(name) is None:
@@ -115,8 +119,31 @@ def load_denoiser_model(
     if conditioning and net.config.conditioning != conditioning:
         raise DitDeployError(f"{path.name} is a {net.config.conditioning} model, not {conditioning}: drop "
                              "--conditioning (it only selects the block design of --random-weights)")
+    if path.is_dir():
+        return net, snapshot_source(path)
     return net, {"kind": kind, "path": str(path), "name": path.name, "sha256": sha256_file(path),
                  "bytes": path.stat().st_size}
+
+
+def snapshot_source(path: Path) -> dict[str, Any]:
+    """``source`` of a diffusers snapshot: its folder, a digest of the transformer files, and (not for the
+    manifest's ``source``; the command pops them) its ``vae/`` folder and ``id2label``."""
+    from ditdeploy import diffusers_io
+
+    snap = diffusers_io.locate(path)
+    return {"kind": "diffusers", "path": str(path.resolve()), "name": path.name,
+            "sha256": diffusers_io.snapshot_digest(snap),
+            "bytes": sum(f.stat().st_size for f in snap.weight_files),
+            "vae": str(snap.vae) if snap.vae else None, "id2label": snap.id2label}
+
+
+def class_names(net: Any, source: dict[str, Any]) -> dict[int, str] | None:
+    """The id2label the exported artifact records: the snapshot's, or "0".."9" for the digits model."""
+    from ditdeploy.labels import for_model
+
+    if source.get("id2label"):
+        return source["id2label"]
+    return for_model(None, net.config.variant, net.config.num_classes)
 
 
 def _optional(module: str, attr: str, what: str) -> Callable[..., Any]:
@@ -194,13 +221,17 @@ def export_denoiser(
     int8_options: dict[str, Any] | None = None,
     trt_options: dict[str, Any] | None = None,
     aoti_options: dict[str, Any] | None = None,
+    id2label: dict[int, str] | None = None,
 ) -> dict[str, Any]:
-    """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest."""
+    """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest. ``id2label``
+    (class names) goes into the manifest and is carried through INT8 / OpenVINO / TensorRT."""
     from ditdeploy.export.onnx import export_denoiser_onnx
 
     extra = {"source_checkpoint": ({"name": source.get("name"), "sha256": source.get("sha256")}
                                    if source.get("sha256") else None),
              "random_weights": source.get("kind") == "random"}
+    if id2label:
+        extra["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
     if fmt == "aoti":
         export_aoti = _optional("ditdeploy.export.aoti", "export_denoiser_aoti", "AOTInductor export")
         o = aoti_options or {}

@@ -417,7 +417,7 @@ def engine_metadata(plan: BuildPlan, gpu_name: str | None, compute_capability: t
     plus the carried denoiser fields, precision, batch profile, calibration hash and the whole plan.
     """
     carry = {k: source_manifest[k] for k in ("kind", "config", "opset", "decoder", "excluded_nodes",
-                                             "calibration_sha256") if k in source_manifest}
+                                             "calibration_sha256", "id2label") if k in source_manifest}
     cfg = plan.config
     return {
         **carry,

@@ -82,7 +82,13 @@ class Decoder(Protocol):
 
 
 def resolve_backend(path: str | os.PathLike, backend: str | None = None) -> str:
-    """The backend for ``path``: ``backend`` if given (checked against what it can read), else by suffix."""
+    """The backend for ``path``: ``backend`` if given (checked against what it can read), else by suffix.
+    A diffusers DiT snapshot folder is read by the torch backend (the mapped reference model)."""
+    if _is_snapshot(path):
+        if backend and ALIASES.get(backend.lower(), backend.lower()) != "torch":
+            raise DitDeployError(f"{Path(path).name}/ is a diffusers snapshot: only the torch backend reads it "
+                                 f"(export it first: ditdeploy export --checkpoint {path})")
+        return "torch"
     suffix = Path(path).suffix.lower()
     if backend:
         b = ALIASES.get(backend.lower(), backend.lower())
@@ -106,11 +112,17 @@ def _module(backend: str):
     return importlib.import_module(BACKENDS[backend])
 
 
+def _is_snapshot(path: str | os.PathLike) -> bool:
+    from ditdeploy.diffusers_io import is_snapshot_dir
+
+    return is_snapshot_dir(path)
+
+
 def _check_exists(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"no such file: {p}")
-    if p.is_dir():
+    if p.is_dir() and not _is_snapshot(p):
         raise ArtifactError(f"{p} is a directory, expected a model file")
     return p
 

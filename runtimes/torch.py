@@ -152,8 +152,15 @@ def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, ver
     except ImportError as e:  # pragma: no cover - checkpoints module ships with ditdeploy
         raise DitDeployError(f"the torch backend needs ditdeploy.checkpoints: {e}") from e
     p = Path(path)
-    manifest = Manifest.load(p, verify=verify, required=False)
+    manifest = Manifest.load(p, verify=verify, required=False) if p.is_file() else None
     model = load_model(p, image_size=image_size) if image_size else load_model(p)
+    if p.is_dir():  # a diffusers snapshot: its class names and vae/ folder (decoded by the torch reference)
+        from ditdeploy.diffusers_io import locate
+
+        snap = locate(p)
+        manifest = {"kind": "denoiser", "format": "diffusers", "precision": "fp32",
+                    "id2label": {str(k): v for k, v in (snap.id2label or {}).items()} or None,
+                    "decoder": str(snap.vae.relative_to(p.parent)) if snap.vae else None}
     if manifest is not None:
         manifest = Manifest({**manifest, "config": dataclasses.asdict(model.config)}, p)
     return TorchDenoiser(model, manifest=manifest, path=p, device=device, threads=threads, max_batch=max_batch,

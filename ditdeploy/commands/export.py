@@ -16,7 +16,9 @@ _EPILOG = (
     "ditdeploy export --model XL/2 --checkpoint DiT-XL-2-256x256.pt --precision fp16 | "
     "ditdeploy export --model S/2 --random-weights --fmt openvino | "
     "ditdeploy export --vae ./sd-vae-ft-ema --out vae_decoder.onnx | "
-    "ditdeploy export --model digits --fmt aoti --out digits.pt2"
+    "ditdeploy export --model digits --fmt aoti --out digits.pt2 | "
+    "ditdeploy export --checkpoint DiT-XL-2-256/ --out xl2.onnx (a diffusers snapshot: its vae/ is exported too) | "
+    "ditdeploy export --model digits --fmt diffusers --out digits-diffusers/"
 )
 
 
@@ -26,7 +28,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", "-m", help="Variant S/2 .. XL/8, or 'digits' (the shipped "
                                   "model); optional with --checkpoint (the file's config is used)."),
         checkpoint: str = typer.Option(None, "--checkpoint", "-c",
-                                       help="Official .pt (e.g. DiT-XL-2-256x256.pt) or ditdeploy .safetensors."),
+                                       help="Official .pt (e.g. DiT-XL-2-256x256.pt), ditdeploy .safetensors, or a "
+                                            "local diffusers DiT snapshot folder (e.g. DiT-XL-2-256/)."),
         random_weights: bool = typer.Option(False, "--random-weights",
                                             help="Export untrained random weights (benchmarking only)."),
         download: bool = typer.Option(False, "--download",
@@ -35,7 +38,8 @@ def register(app: typer.Typer) -> None:
         conditioning: str = typer.Option(None, "--conditioning",
                                          help="Block design for --random-weights: adaln-zero|adaln|in-context|"
                                               "cross-attn."),
-        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt | aoti (AOTInductor .pt2)."),
+        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt | aoti (AOTInductor .pt2) | "
+                                 "diffusers (a DiTPipeline snapshot folder)."),
         precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 | int8-dynamic; "
                                       "aoti: fp32 | bf16 | fp16 | fp8 (FP8 GPU + --calibration)."),
         device: str = typer.Option(None, "--device", help="--fmt aoti: cpu (default) | cuda: the device the .pt2 "
@@ -44,7 +48,8 @@ def register(app: typer.Typer) -> None:
         batch_max: int = typer.Option(None, "--batch-max", "--max-batch", help="Largest batch the artifact is built for "
                                       "(TensorRT profile, .pt2 dynamic batch; recorded in the manifest)."),
         vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
-                                 "(alone when no --model is given)."),
+                                 "(alone when no --model is given). Default with a snapshot --checkpoint: its vae/."),
+        no_vae: bool = typer.Option(False, "--no-vae", help="Do not export the snapshot's vae/ decoder."),
         calibration: Path = typer.Option(None, "--calibration", help="Calibration set (.npz from `ditdeploy "
                                          "calibrate`) for --precision int8."),
         int8_mode: str = typer.Option("static", "--int8-mode", help="static (Q/DQ, calibrated) | dynamic (ORT CPU)."),
@@ -75,8 +80,10 @@ def register(app: typer.Typer) -> None:
         prec = precision.lower()
         if prec == "int8-dynamic":
             prec, int8_mode = "int8", "dynamic"
-        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt", "aoti"):
-            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino, trt or aoti")
+        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt", "aoti", "diffusers"):
+            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino, trt, aoti or diffusers")
+        if fmt_ == "diffusers" and prec != "fp32":
+            raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
         fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
         if fmt_ == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
             _check_aoti(device, prec, calibration, vae)
@@ -116,6 +123,8 @@ def register(app: typer.Typer) -> None:
 
         latent_size = (image_size or 256) // 8
         if model is None and checkpoint is None:  # decoder only
+            if fmt_ == "diffusers":
+                raise DitDeployError("--fmt diffusers writes a DiT pipeline: pass --model or --checkpoint")
             dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt_ if fmt_ != 'trt' else 'onnx']}")
             if fmt_ == "trt":
                 raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
@@ -139,6 +148,19 @@ def register(app: typer.Typer) -> None:
                                          f"{k}={cc.get(k)}, not {getattr(net.config, k)}: capture it from this model")
         if source["kind"] == "random":
             say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
+        snapshot_vae, id2label = source.pop("vae", None), pipeline.class_names(net, source)
+        source.pop("id2label", None)
+        if vae is None and snapshot_vae and not no_vae and net.config.space == "latent":
+            vae = Path(snapshot_vae)
+        if fmt_ == "diffusers":
+            from ditdeploy.diffusers_io import write_snapshot
+
+            target = out or Path(pipeline.slug(net.config) + "-diffusers")
+            dm = write_snapshot(net, target, vae=None if no_vae else vae, id2label=id2label, verify=verify,
+                                seed=seed, source=source)
+            typer.echo(f"wrote diffusers snapshot {target}/ ({len(dm['files'])} files"
+                       + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
+            return
         target = out or pipeline.default_out(net.config, prec, fmt_)
         decoder_name = dec_out = None
         if vae is not None:
@@ -167,6 +189,7 @@ def register(app: typer.Typer) -> None:
             decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
             seed=seed, progress=sys.stderr.isatty(),
             int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
+            id2label=id2label,
             trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
                          "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
             aoti_options={"device": (device or "cpu").lower(), "min_batch": min_batch, "calibration": calibration}

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
                                     "torch (default: from the file suffix)."),
         vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for latent models (default: the "
                                  "manifest's 'decoder')."),
-        labels: str = typer.Option(None, "--labels", help="Comma-separated class ids, e.g. 207,360."),
+        labels: str = typer.Option(None, "--labels", help="Comma-separated class ids or names (the model's "
+                                   "id2label, case-insensitive), e.g. 207,360 or \"golden retriever, volcano\"."),
         num_per_label: int = typer.Option(None, "--num-per-label", help="Images per class (all classes unless "
                                           "--labels)."),
         sampler: str = typer.Option("ddim", "--sampler", help="ddpm | ddim | dpm-solver++"),
