@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 
 RESULT_TAG = "DITDEPLOY_H2H_RESULT "
-ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8", "ov-int8")
+ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8", "ov-int8", "ort-pair",
+                  "ort-less", "ov-less")
+LESS_WORK = ("ort-pair", "ort-less", "ov-less")  # contenders on the two-graph (--cache-graphs) export
 DEFAULT_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ort-int8")
 
 # SD VAE (stabilityai/sd-vae-ft-*) architecture, random weights
@@ -62,6 +64,8 @@ class Work:
     decoder_backend: str = "openvino"
     omp_wait_policy: str = "PASSIVE"
     ov_int8: str = ""  # optional static Q/DQ INT8 ONNX of the same weights, timed on OpenVINO in the paired run
+    cfg_interval: list[int] | None = None  # less-work contenders: guidance only at timesteps lo..hi
+    cache_interval: int | None = None  # less-work contenders: feature reuse, every N-th step full
 
 
 def _cpu_s() -> float:
@@ -237,9 +241,10 @@ def run_diffusers(w: Work) -> dict[str, Any]:
             "image_shape": list(np.asarray(img).shape), "peak_rss_mb": _rss_mb()}
 
 
-def _run_ditdeploy_loop(w: Work, den, dec, label: str) -> dict[str, Any]:
+def _run_ditdeploy_loop(w: Work, den, dec, label: str, less: bool = False) -> dict[str, Any]:
     from ditdeploy.diffusion import sample
     from ditdeploy.runtimes.base import Timed
+    from ditdeploy.work import spent_gmacs
 
     cfg = den.config
     noise, labels = _noise(w, cfg), _labels(w, cfg.num_classes)
@@ -250,7 +255,8 @@ def _run_ditdeploy_loop(w: Work, den, dec, label: str) -> dict[str, Any]:
         c0 = _cpu_s()
         t0 = time.perf_counter()
         lat = sample(td, noise, labels, method="dpm-solver++", steps=w.steps, cfg_scale=w.cfg_scale, seed=w.seed,
-                     num_classes=cfg.num_classes)
+                     num_classes=cfg.num_classes, cfg_interval=w.cfg_interval if less else None,
+                     cache_interval=w.cache_interval if less else None)
         img = tdec(lat)
         times.append(time.perf_counter() - t0)
         cpu.append(_cpu_s() - c0)
@@ -259,8 +265,10 @@ def _run_ditdeploy_loop(w: Work, den, dec, label: str) -> dict[str, Any]:
     out = Path(w.workdir) / f"latents-{label}.npy"
     np.save(out, lat)
     return {"runtime": f"{den.name} + decoder {dec.name}", "times_s": times, "cpu_s": cpu, "denoiser_s": den_s,
-            "decoder_s": dec_s, "denoiser_calls": td.calls, "image_shape": list(np.asarray(img).shape),
-            "peak_rss_mb": _rss_mb(), "latents": str(out)}
+            "decoder_s": dec_s, "denoiser_calls": td.calls, "denoiser_rows": td.rows, "light_rows": td.light_rows,
+            "gmac": spent_gmacs(cfg, td.rows - td.light_rows, td.light_rows),
+            "cfg_interval": w.cfg_interval if less else None, "cache_interval": w.cache_interval if less else None,
+            "image_shape": list(np.asarray(img).shape), "peak_rss_mb": _rss_mb(), "latents": str(out)}
 
 
 def run_torch(w: Work) -> dict[str, Any]:
@@ -278,6 +286,60 @@ def run_torch(w: Work) -> dict[str, Any]:
 def _onnx_paths(w: Work) -> tuple[Path, Path]:
     d = Path(w.workdir)
     return d / f"dit-{w.model.replace('/', '')}-{w.image_size}.onnx", d / "vae-decoder.onnx"
+
+
+def _pair_path(w: Work) -> Path:
+    return Path(w.workdir) / f"dit-{w.model.replace('/', '')}-{w.image_size}-pair.onnx"
+
+
+def prepare_pair(w: Work) -> dict[str, Any]:
+    """The two-graph (full + light) export of the same weights, and the VAE decoder ONNX."""
+    from ditdeploy.export.cache_graphs import export_cache_graphs
+    from ditdeploy.export.vae import export_vae_decoder_onnx
+
+    info: dict[str, Any] = {}
+    _, vae_path = _onnx_paths(w)
+    if not _pair_path(w).exists():
+        from ditdeploy.checkpoints import load_model
+
+        model = load_model(_checkpoint(w))
+        t0 = time.perf_counter()
+        export_cache_graphs(model, _pair_path(w), batch_sizes=(1, 2), source={"checkpoint": _checkpoint(w).name})
+        info["pair_export_s"] = time.perf_counter() - t0
+    if not vae_path.exists():
+        t0 = time.perf_counter()
+        export_vae_decoder_onnx(str(_vae_dir(w)), vae_path, latent_sizes=(w.image_size // 8,), batch_sizes=(1,))
+        info["decoder_export_s"] = time.perf_counter() - t0
+    info["peak_rss_mb"] = _rss_mb()
+    return info
+
+
+def run_less(w: Work, which: str) -> dict[str, Any]:
+    """The two-graph export: ``ort-pair`` full work (ORT fp32, decoder OpenVINO f32); ``ort-less`` the same with
+    ``w.cfg_interval`` / ``w.cache_interval`` and the decoder on OpenVINO bf16; ``ov-less`` also the denoiser on
+    OpenVINO with the bf16 hint. Less-work rows also record the bf16 decoder's PSNR against the f32 decoder on the
+    same latents (outside the timed run)."""
+    from ditdeploy import metrics
+    from ditdeploy.runtimes import load, load_decoder
+
+    _, vae_path = _onnx_paths(w)
+    th = {"threads": w.threads} if w.threads else {}
+    if which == "ort-pair":
+        den = load(_pair_path(w), backend="onnxruntime", **th)
+        return _run_ditdeploy_loop(w, den, load_decoder(vae_path, backend="openvino", precision_hint="f32", **th),
+                                   which)
+    if which == "ort-less":
+        den = load(_pair_path(w), backend="onnxruntime", **th)
+    else:
+        den = load(_pair_path(w), backend="openvino", precision_hint="bf16", **th)
+    dec = load_decoder(vae_path, backend="openvino", precision_hint="bf16", **th)
+    res = _run_ditdeploy_loop(w, den, dec, which, less=True)
+    lat = np.load(res["latents"])
+    ref = np.asarray(load_decoder(vae_path, backend="openvino", precision_hint="f32", **th)(lat), np.float64)
+    got = np.asarray(dec(lat), np.float64)
+    r255, g255 = (np.clip(ref, -1, 1) + 1) * 127.5, (np.clip(got, -1, 1) + 1) * 127.5
+    res["decoder_bf16_psnr_vs_f32_db"] = metrics.psnr(g255, r255, 255.0)
+    return res
 
 
 def prepare_exports(w: Work, need_int8: bool) -> dict[str, Any]:
@@ -350,6 +412,10 @@ def _child(which: str, w: Work) -> dict[str, Any]:
         return run_paired(w)
     if which == "torch":
         return run_torch(w)
+    if which == "prepare-pair":
+        return prepare_pair(w)
+    if which in LESS_WORK:
+        return run_less(w, which)
     return run_exported(w, which)
 
 
@@ -401,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired-ov-int8", default="",
                     help="static Q/DQ INT8 ONNX of the same seed's weights: timed on OpenVINO in --paired and as "
                          "the ov-int8 contender")
+    ap.add_argument("--cfg-interval", default=None, help="LO,HI for the less-work contenders (ort-less, ov-less)")
+    ap.add_argument("--cache-interval", type=int, default=None, help="N for the less-work contenders")
     ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work-json", default=None, help=argparse.SUPPRESS)
@@ -420,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     w = Work(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, cfg_scale=a.cfg_scale,
              seed=a.seed, repeats=a.repeats, threads=a.threads, workdir=str(wd),
              decoder_backend=a.decoder_backend, omp_wait_policy=a.omp_wait_policy,
-             ov_int8=str(Path(a.paired_ov_int8).resolve()) if a.paired_ov_int8 else "")
+             ov_int8=str(Path(a.paired_ov_int8).resolve()) if a.paired_ov_int8 else "",
+             cfg_interval=[int(v) for v in a.cfg_interval.split(",")] if a.cfg_interval else None,
+             cache_interval=a.cache_interval)
 
     from ditdeploy import metrics
     from ditdeploy.bench.machine import machine_info
@@ -428,8 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine_info()
     results: dict[str, Any] = {}
-    if any(c not in ("diffusers", "torch") for c in contenders):
+    if any(c not in ("diffusers", "torch", *LESS_WORK) for c in contenders):
         results["prepare"] = _spawn("prepare" if "ort-int8" in contenders else "prepare-noint8", w, a.timeout)
+    if any(c in LESS_WORK for c in contenders):
+        results["prepare-pair"] = _spawn("prepare-pair", w, a.timeout)
     for c in contenders:
         results[c] = _spawn(c, w, a.timeout)
     if a.paired:
@@ -439,11 +511,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # accuracy of the ditdeploy contenders vs the torch eager loop (same weights, noise, sampler)
     ref = results.get("torch", {}).get("latents")
+    full = results.get("ort-pair", {}).get("latents") or results.get("ort-fp32", {}).get("latents")
     for c, r in results.items():
         if r.get("latents") and ref and c != "torch":
             a_, b_ = np.load(r["latents"]), np.load(ref)
             r["latent_rel_l2_vs_torch"] = metrics.rel_l2(a_, b_)
             r["latent_cosine_vs_torch"] = metrics.cosine(a_, b_)
+        if r.get("latents") and full and c in ("ort-less", "ov-less"):  # latent drift vs full work, same runtime
+            a_, b_ = np.load(r["latents"]), np.load(full)
+            r["latent_drift_vs_full_work"] = {"rel_l2": metrics.rel_l2(a_, b_), "cosine": metrics.cosine(a_, b_)}
     rows = summarize(results, contenders, w.batch)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = {"created": started, "work": dataclasses.asdict(w), "machine": info, "rows": rows, "raw": results,
@@ -480,6 +556,9 @@ def summarize(results: dict[str, Any], contenders: list[str], batch: int) -> lis
             "speedup_vs_diffusers": (base_wall / wall) if base_wall else None,
             "cpu_speedup_vs_diffusers": (base_cpu / cpu) if (base_cpu and cpu) else None,
             "peak_rss_mb": r["peak_rss_mb"], "latent_rel_l2_vs_torch": r.get("latent_rel_l2_vs_torch"),
+            "gmac": r.get("gmac"), "cfg_interval": r.get("cfg_interval"), "cache_interval": r.get("cache_interval"),
+            "latent_drift_vs_full_work": r.get("latent_drift_vs_full_work"),
+            "decoder_bf16_psnr_vs_f32_db": r.get("decoder_bf16_psnr_vs_f32_db"),
         })
     return rows
 
