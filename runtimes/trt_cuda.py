@@ -63,49 +63,60 @@ def execute(context: Any, stream: Any, where: str) -> None:
 
 
 class CudaGraphExecutor:
-    """One execution context with fixed device buffers (sized for ``max_batch``) and a CUDA graph per batch size."""
+    """Fixed device buffers (sized for ``max_batch``) and, per batch size, its own execution context and CUDA graph.
+
+    A captured graph fixes the shapes and tensor addresses it was recorded with, and TensorRT may stage shape data
+    through its context during an enqueue; so each batch size gets a dedicated context (input shapes set once,
+    before its capture) instead of one context whose shapes change between replays. Replays run one after another
+    on one stream, so the I/O buffers are shared.
+    """
 
     def __init__(self, engine: Any, names: list[str], row_bytes: dict[str, int], max_batch: int):
         self.rt = rt = cudart()
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise DitDeployError("TensorRT could not create an execution context (out of GPU memory?)")
+        self.engine, self.names = engine, names
         self.stream = ck(rt, rt.cudaStreamCreate(), "cudaStreamCreate")
-        self.row_bytes = row_bytes
         self.dev = {n: ck(rt, rt.cudaMalloc(max_batch * row_bytes[n]), "cudaMalloc") for n in names}
-        for n in names:
-            if not self.context.set_tensor_address(n, int(self.dev[n])):
-                raise DitDeployError(f"TensorRT refused the device address of {n!r}")
         self.graphs: dict[int, Any] = {}
+        self.contexts: dict[int, Any] = {}
+
+    def _context(self, shapes: dict[str, tuple[int, ...]]) -> Any:
+        ctx = self.engine.create_execution_context()
+        if ctx is None:
+            raise DitDeployError("TensorRT could not create an execution context (out of GPU memory?)")
+        for n in self.names:
+            if not ctx.set_tensor_address(n, int(self.dev[n])):
+                raise DitDeployError(f"TensorRT refused the device address of {n!r}")
+        for n, shape in shapes.items():
+            if not ctx.set_input_shape(n, shape):
+                raise DitDeployError(f"TensorRT refused shape {shape} for {n!r}")
+        return ctx
 
     def run(self, inputs: dict[str, np.ndarray], out: np.ndarray, out_name: str) -> np.ndarray:
         """Copy ``inputs`` in, launch the graph for this batch (captured on first use), copy ``out`` back."""
         rt = self.rt
         n = out.shape[0]
         for name, a in inputs.items():
-            ok = self.context.set_input_shape(name, a.shape)
-            if ok is False:
-                raise DitDeployError(f"TensorRT refused shape {a.shape} for {name!r}")
             ck(rt, rt.cudaMemcpyAsync(self.dev[name], a.ctypes.data, a.nbytes,
                                       rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync H2D")
         if n not in self.graphs:
-            self.graphs[n] = self._capture()
+            self.contexts[n] = self._context({k: a.shape for k, a in inputs.items()})
+            self.graphs[n] = self._capture(self.contexts[n])
         ck(rt, rt.cudaGraphLaunch(self.graphs[n], self.stream), "cudaGraphLaunch")
         ck(rt, rt.cudaMemcpyAsync(out.ctypes.data, self.dev[out_name], out.nbytes,
                                   rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream), "cudaMemcpyAsync D2H")
         ck(rt, rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out
 
-    def _capture(self) -> Any:
-        """Capture one ``execute_async_v3`` for the current shapes; returns the instantiated graph."""
+    def _capture(self, context: Any) -> Any:
+        """Capture one ``execute_async_v3`` of ``context`` on the stream; returns the instantiated graph."""
         rt = self.rt
         # one plain launch first so TensorRT does its lazy per-shape setup outside the capture
-        execute(self.context, self.stream, "before the CUDA-graph capture")
+        execute(context, self.stream, "before the CUDA-graph capture")
         ck(rt, rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
         ck(rt, rt.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
         try:
-            execute(self.context, self.stream, "during the CUDA-graph capture")
+            execute(context, self.stream, "during the CUDA-graph capture")
         except Exception:
             ret = rt.cudaStreamEndCapture(self.stream)  # leave capture mode; discard the partial graph
             if isinstance(ret, tuple) and len(ret) > 1 and ret[1] is not None:
@@ -118,12 +129,13 @@ class CudaGraphExecutor:
             ck(rt, rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
 
     def close(self) -> None:
-        """Destroy the executable graphs, free the buffers and the stream (idempotent)."""
+        """Destroy the executable graphs, drop the contexts, free the buffers and the stream (idempotent)."""
         rt = self.rt
         for g in self.graphs.values():
             rt.cudaGraphExecDestroy(g)
+        self.graphs, self.contexts = {}, {}
         for p in self.dev.values():
             rt.cudaFree(p)
         if self.stream is not None:
             rt.cudaStreamDestroy(self.stream)
-        self.graphs, self.dev, self.stream, self.context = {}, {}, None, None
+        self.dev, self.stream = {}, None
