@@ -148,6 +148,25 @@ def test_missing_tensorrt_is_one_line_naming_the_extra(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="TensorRT is not installable on this machine (no NVIDIA GPU); the engine path is "
-                           "covered by the compatibility/chunking tests above and needs a GPU run")
-def test_engine_runs_on_gpu():  # pragma: no cover - needs a GPU
-    pytest.skip("needs a TensorRT engine built by `ditdeploy export --fmt trt` on this GPU")
+                           "covered by the compatibility/padding/chunking tests above and needs a GPU run")
+def test_fp32_engine_matches_onnx_runtime_on_gpu(digits_artifacts, tmp_path):  # pragma: no cover - needs a GPU
+    """Build a digits fp32 engine (profile 2..4, TF32 off) and run it plain and with CUDA graphs: a batch of 1 (padded
+    to the minimum), 3, and 7 (chunked) against ONNX Runtime CPU fp32 on the same inputs, rel-L2 <= 1e-5 (fp32
+    arithmetic both sides; TF32 would give ~1e-3)."""
+    from ditdeploy.export.tensorrt import build_engine
+    from ditdeploy.metrics import compare
+
+    plan = tmp_path / "d.plan"
+    m = build_engine(digits_artifacts["onnx"], plan, min_batch=2, opt_batch=2, max_batch=4, progress=False)
+    assert m["tensorrt"]["tf32"] is False and m["batch"] == {"min": 2, "opt": 2, "max": 4}
+    ref = load(digits_artifacts["onnx"], backend="onnxruntime", providers="cpu")
+    rng = np.random.default_rng(0)
+    for graph in (False, True):
+        den = load(plan, cuda_graph=graph)
+        assert (den.min_batch, den.max_batch) == (2, 4)
+        for n in (1, 3, 7):
+            x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
+            t, y = rng.integers(0, 1000, n), rng.integers(0, 11, n)
+            got, want = den(x, t, y), ref(x, t, y)
+            assert got.shape == want.shape and compare(got, want)["rel_l2"] <= 1e-5, (graph, n)
+        den.close()
