@@ -61,6 +61,24 @@ def test_digits_real_vs_noise_through_cli(digits_sets, tmp_path):
     assert "sfid" not in real  # the digits extractor has no spatial features
 
 
+def test_digits_extractor_against_an_npz_reference(digits_sets, tmp_path):
+    """--extractor digits with a reference npz: real half A vs real half B is near 0, noise vs real half B is far,
+    and the reference's count is the half's."""
+    reps = {}
+    for name in ("real_a", "noise"):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run_main(["fid", digits_sets[name], "--ref", digits_sets["dir"] / "real_b.npz", "--extractor",
+                                 "digits", "--json", out, *NO_PROGRESS])
+        assert code == 0, err
+        reps[name] = json.loads(out.read_text())
+    assert reps["real_a"]["reference"]["count"] == 899
+    assert reps["real_a"]["metrics"]["fid"] < 0.5 < 10.0 < reps["noise"]["metrics"]["fid"]
+    code, _, err = run_main(["fid", digits_sets["real_a"], "--ref", "digits", "--extractor", "inception", *NO_PROGRESS])
+    assert_one_line_error(code, err, ["--extractor inception"])
+    code, _, err = run_main(["fid", digits_sets["real_a"], "--ref", "digits", "--extractor", "clip", *NO_PROGRESS])
+    assert_one_line_error(code, err, ["--extractor", "clip"])
+
+
 def test_digits_extractor_is_deterministic():
     """Trained twice in one process (cache cleared): bit-identical weights, so the same sha256."""
     from ditdeploy.fid import digits
@@ -267,3 +285,8 @@ def test_bad_flags(digits_sets, tmp_path):
                              *NO_PROGRESS])
     assert_one_line_error(code, err, ["--inception", "digits"])
     assert not list(tmp_path.iterdir())
+    before = digits_sets["real_a"].read_bytes()
+    code, _, err = run_main(["fid", digits_sets["real_a"], "--ref", "digits", "--json", digits_sets["real_a"],
+                             *NO_PROGRESS])
+    assert_one_line_error(code, err, ["--json"])
+    assert digits_sets["real_a"].read_bytes() == before  # the report never replaces an input

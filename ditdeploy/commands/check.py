@@ -53,6 +53,12 @@ def register(app: typer.Typer) -> None:
                                          "only at timesteps LO..HI (the reference stays full work)."),
         cache_interval: int = typer.Option(None, "--cache-interval", help="N: the artifact's end-to-end run reuses "
                                            "features (every N-th step full); the reference stays full work."),
+        fid_ref: str = typer.Option(None, "--fid-ref", help="Also sample --fid-samples images with the artifact and "
+                                    "with the torch reference (same seeds) and report their FID against this "
+                                    "reference (an ADM npz, or 'digits') and the delta."),
+        fid_samples: int = typer.Option(1000, "--fid-samples", help="Images per --fid-ref run (whole classes)."),
+        inception: Path = typer.Option(None, "--inception", help="FID InceptionV3 weights for --fid-ref (see "
+                                       "`ditdeploy fid --help`)."),
         trt_lint: Path = typer.Option(None, "--trt-lint", help="Static TensorRT-readiness lint of an ONNX (ops, "
                                       "attributes, Q/DQ rules; no GPU): exit 1 on a violation."),
     ) -> None:
@@ -68,6 +74,11 @@ def register(app: typer.Typer) -> None:
             return
         if golden is not None and save_golden is not None:
             raise DitDeployError("--golden and --save-golden exclude each other: save on a torch machine, check elsewhere")
+        if fid_ref is not None and (golden is not None or engine is None):
+            raise DitDeployError("--fid-ref samples the artifact and its PyTorch reference: it needs --engine and "
+                                 "does not combine with --golden")
+        if fid_ref is not None and fid_samples < 2:
+            raise DitDeployError(f"--fid-samples must be >= 2, got {fid_samples}")
         if engine is None and save_golden is None:
             raise DitDeployError("nothing to check: pass --engine FILE (or --save-golden FILE with --reference)")
         if sampler not in SAMPLERS:
@@ -121,11 +132,36 @@ def register(app: typer.Typer) -> None:
                              decoder=decoder, run_e2e=not per_call_only, progress=True, cfg_interval=interval,
                              cache_interval=cache_interval)
         typer.echo(checking.format_report(rep))
+        fid = None
+        if fid_ref is not None:
+            from ditdeploy.fid.delta import format_delta
+
+            fid = _fid_delta(engine, backend, precision_hint, device, cuda_graph, ref_path, fid_ref, fid_samples,
+                             inception, vae, sampler, steps, cfg_scale, seed, interval, cache_interval)
+            typer.echo(format_delta(fid))
         if json_out is not None:
-            write_json_atomic(json_out, rep.to_dict())
+            write_json_atomic(json_out, {**rep.to_dict(), **({"fid": fid} if fid is not None else {})})
         if not rep.passed:
             more = f" (+{len(rep.failures) - 1} more)" if len(rep.failures) > 1 else ""
             raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more}")
+
+
+def _fid_delta(engine, backend, precision_hint, device, cuda_graph, ref_path, fid_ref, samples, inception, vae,
+               sampler, steps, cfg_scale, seed, interval, cache_interval) -> dict:
+    """--fid-ref: the artifact's and the torch reference's FID on the same seeds (``ditdeploy.fid.delta``)."""
+    from ditdeploy.fid.delta import FidDeltaRequest, fid_delta
+    from ditdeploy.generation import backend_options
+    from ditdeploy.runtimes import resolve_backend
+
+    b = resolve_backend(engine, backend)
+    opts = backend_options(b, {"device": device, "cuda_graph": cuda_graph})
+    if precision_hint is not None:
+        opts["precision_hint"] = precision_hint
+    return fid_delta(FidDeltaRequest(
+        artifact=engine, reference=ref_path, fid_ref=fid_ref, backend=b, options=opts, samples=samples,
+        sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+        cfg_interval=list(interval) if interval is not None else None, cache_interval=cache_interval, vae=vae,
+        inception=inception))
 
 
 def _run_trt_lint(path: Path, json_out: Path | None) -> None:

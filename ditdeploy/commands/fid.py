@@ -31,6 +31,8 @@ def register(app: typer.Typer) -> None:
         inception: Path = typer.Option(None, "--inception", help="FID InceptionV3 weights (pytorch-fid's "
                                        "pt_inception-2015-12-05-6726825d.pth). Default: the cache "
                                        "($DITDEPLOY_CACHE or ~/.cache/ditdeploy)."),
+        extractor: str = typer.Option("auto", "--extractor", help="auto (digits for --ref digits, else inception) | "
+                                      "inception | digits (8x8 digits against an npz reference)."),
         batch_size: int = typer.Option(50, "--batch-size", help="Images per feature-extractor batch."),
         device: str = typer.Option("auto", "--device", help="Inception device: auto | cpu | cuda[:N]."),
         pr: bool = typer.Option(True, "--pr/--no-pr", help="Precision / recall (needs reference images; "
@@ -43,10 +45,14 @@ def register(app: typer.Typer) -> None:
         carries what they need). Weights are never downloaded."""
         import json
 
-        from ditdeploy.fid import FidRequest, evaluate
+        from ditdeploy.fid import DIGITS_REF, FidRequest, evaluate
+        from ditdeploy.outputs import check_outputs
 
+        if json_out is not None:  # before any work: the report never replaces an input
+            check_outputs({"SAMPLES": samples, "--ref": None if ref == DIGITS_REF else Path(ref),
+                           "--inception": inception}, {"--json": json_out})
         req = FidRequest(samples=samples, ref=ref, inception=inception, batch_size=batch_size, device=device,
-                         precision_recall=pr, split_size=split_size,
+                         precision_recall=pr, split_size=split_size, extractor=extractor,
                          progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1")
         report = evaluate(req)
         if json_out is not None:

@@ -39,6 +39,7 @@ class FidRequest:
     precision_recall: bool = True
     split_size: int = 5000
     progress: bool = True
+    extractor: str = "auto"  # auto (digits for --ref digits, else inception) | inception | digits
 
 
 @dataclass
@@ -94,26 +95,36 @@ def _batches(u8: np.ndarray, bs: int) -> Iterator[np.ndarray]:
         yield u8[i : i + bs]
 
 
+def _extractor_kind(req: FidRequest) -> str:
+    kind = req.extractor
+    if kind not in ("auto", "inception", "digits"):
+        raise DitDeployError(f"--extractor takes auto, inception or digits, got {kind!r}")
+    if str(req.ref) == DIGITS_REF and kind == "inception":
+        raise DitDeployError("--ref digits is scored with the digits extractor: drop --extractor inception")
+    if kind == "auto":
+        kind = "digits" if str(req.ref) == DIGITS_REF else "inception"
+    if kind == "digits" and req.inception is not None:
+        raise DitDeployError("--inception does not apply to the digits extractor (it is trained in-process)")
+    return kind
+
+
 def _reference(req: FidRequest, samples_shape: tuple[int, ...]):
-    """(extractor, reference description, image batches factory or None, count, ImageNpz or None)."""
-    if str(req.ref) == DIGITS_REF:
-        if req.inception is not None:
-            raise DitDeployError("--inception does not apply to --ref digits (its extractor is trained in-process)")
+    """(extractor, reference description, in-memory reference images or None, reference ImageNpz or None)."""
+    kind = _extractor_kind(req)
+    ref = None if str(req.ref) == DIGITS_REF else ImageNpz(req.ref, "reference")
+    if ref is not None and not ref.has_images and not {"mu", "sigma"} <= ref.members:
+        raise DitDeployError(f"reference {ref.path} has neither arr_0 images nor precomputed mu/sigma")
+    if kind == "digits":
         from ditdeploy.fid.digits import IMAGE_SHAPE, digits_extractor, real_digits_u8
 
-        _check_shapes(samples_shape, None, IMAGE_SHAPE, "--ref digits")
-        ext = digits_extractor()
-        real, _ = real_digits_u8()
-        return ext, {"name": DIGITS_REF, "what": "all 1797 scikit-learn digits"}, real, None
-    ref = ImageNpz(req.ref, "reference")
-    has_stats = {"mu", "sigma"} <= ref.members
-    if not ref.has_images and not has_stats:
-        raise DitDeployError(f"reference {ref.path} has neither arr_0 images nor precomputed mu/sigma")
+        _check_shapes(samples_shape, ref.shape if ref is not None else None, IMAGE_SHAPE, "the digits extractor")
+        real = real_digits_u8()[0] if ref is None else None
+        info = {"name": DIGITS_REF, "what": "all 1797 scikit-learn digits"} if ref is None else {"name": str(ref.path)}
+        return digits_extractor(), info, real, ref
     _check_shapes(samples_shape, ref.shape, None, f"reference {ref.path.name}")
     from ditdeploy.fid.inception import load_inception
 
-    ext = load_inception(req.inception, device=req.device)
-    return ext, {"name": str(ref.path)}, None, ref
+    return load_inception(req.inception, device=req.device), {"name": str(ref.path)}, None, ref
 
 
 def _ref_stats(ref: ImageNpz | None, acc: _Acc | None) -> tuple[tuple | None, tuple | None, str]:
