@@ -32,12 +32,14 @@ VARIANTS: dict[str, tuple[str, str, dict, dict, str]] = {
     "ort-int8-static": ("int8s", "onnxruntime", {}, {}, "ONNX Runtime INT8 static Q/DQ (calibrated)"),
     "ov-bf16": ("onnx", "openvino", {"precision_hint": "bf16"}, {}, "OpenVINO bf16 hint"),
     "ov-int8-static": ("int8s", "openvino", {}, {}, "OpenVINO on the static Q/DQ artifact"),
-    "cfg-interval": ("torch", "torch", {}, {"cfg_interval": [0, 500]}, "torch fp32, guidance only at t in 0..500"),
+    "cfg-interval": ("onnx", "onnxruntime", {}, {"cfg_interval": [150, 750]},
+                     "ORT fp32, guidance only at t in 150..750"),
     "cache-2": ("torch", "torch", {}, {"cache_interval": 2}, "torch fp32, feature reuse every 2nd step"),
-    "cfg-1": ("torch", "torch", {}, {"cfg_scale": 1.0}, "torch fp32, no guidance (cfg 1)"),
-    "cfg-2": ("torch", "torch", {}, {"cfg_scale": 2.0}, "torch fp32, cfg 2"),
+    "less-work": ("torch", "torch", {}, {"cfg_interval": [150, 750], "cache_interval": 2},
+                  "torch fp32, interval 150..750 + cache 2 (bench/less_work.py's recommended setting)"),
+    "cfg-1": ("onnx", "onnxruntime", {}, {"cfg_scale": 1.0}, "ORT fp32, no guidance (cfg 1)"),
+    "cfg-2": ("onnx", "onnxruntime", {}, {"cfg_scale": 2.0}, "ORT fp32, cfg 2"),
     "ov-fp32": ("onnx", "openvino", {}, {}, "OpenVINO fp32"),
-    "cache-3": ("torch", "torch", {}, {"cache_interval": 3}, "torch fp32, feature reuse every 3rd step"),
 }
 
 
