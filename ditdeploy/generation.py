@@ -503,6 +503,21 @@ def _write_grid_from_npz(req: SampleRequest, rows: int | None, class_names: list
                       GRID_FORMATS[req.grid_format()])
 
 
+def _manifest_class_names(engine: Path | None) -> list[str] | None:
+    """Grid captions from an artifact's manifest (the sharded parent does not load the model), else None."""
+    from ditdeploy.errors import ArtifactError
+    from ditdeploy.labels import display_names, for_model
+    from ditdeploy.manifest import Manifest
+
+    try:
+        m = Manifest.load(engine, verify=False, required=False) if engine is not None else None
+    except ArtifactError:
+        return None
+    cfg = (m or {}).get("config") or {}
+    n = cfg.get("num_classes")
+    return display_names(for_model(m, cfg.get("variant"), n), n) if isinstance(n, int) else None
+
+
 def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through: bool = False) -> SampleResult:
     """Parent of ``shards`` worker processes: one JSON request each, then merge the parts and draw the grid."""
     import shutil
@@ -544,7 +559,7 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through:
         if req.out is not None:
             with np.load(final_npz) as z:
                 rows = row_len(z["labels"])
-            _write_grid_from_npz(dataclasses.replace(req, npz=final_npz), rows)
+            _write_grid_from_npz(dataclasses.replace(req, npz=final_npz), rows, _manifest_class_names(req.engine))
             written.append(str(req.out))
     finally:
         for p in parts:

@@ -146,6 +146,22 @@ def class_names(net: Any, source: dict[str, Any]) -> dict[int, str] | None:
     return for_model(None, net.config.variant, net.config.num_classes)
 
 
+@contextlib.contextmanager
+def removed_on_failure(artifact: Path | None) -> Iterator[None]:
+    """Delete ``artifact`` (and its manifest and external data) if the block fails: a decoder exported for a
+    denoiser whose export then failed is not left behind on its own."""
+    try:
+        yield
+    except BaseException:
+        if artifact is not None:
+            files = [artifact, artifact.with_name(artifact.name + ".json"), artifact.with_name(artifact.name + ".data")]
+            if artifact.suffix == ".xml":  # OpenVINO IR: weights in the .bin beside it
+                files.append(artifact.with_suffix(".bin"))
+            for f in files:
+                f.unlink(missing_ok=True)
+        raise
+
+
 def _optional(module: str, attr: str, what: str) -> Callable[..., Any]:
     """``module.attr`` or a one-line DitDeployError saying that part is not available yet."""
     try:

@@ -180,3 +180,31 @@ def test_torch_backend_reads_the_snapshot_and_matches_onnx(exported, tmp_path):
     assert z["torch"]["labels"].tolist() == [2, 0]
     diff = np.abs(z["torch"]["arr_0"].astype(int) - z["onnx"]["arr_0"].astype(int))
     assert diff.max() <= 1  # uint8 images: fp32 ONNX vs torch differ by at most one rounding step
+
+
+def test_decoder_removed_when_the_denoiser_export_fails(tmp_path):
+    """The snapshot's decoder is exported first (the denoiser manifest names it); if the denoiser then fails, the
+    decoder files written in this run are removed, so a failed export leaves nothing."""
+    from ditdeploy.export.pipeline import removed_on_failure
+
+    dec = tmp_path / "vae_decoder.xml"
+    for f in (dec, dec.with_suffix(".bin"), tmp_path / "vae_decoder.xml.json"):
+        f.write_text("x")
+    with pytest.raises(RuntimeError), removed_on_failure(dec):
+        raise RuntimeError("denoiser export failed")
+    assert list(tmp_path.iterdir()) == []
+    keep = tmp_path / "vae_decoder.onnx"
+    keep.write_text("x")
+    with removed_on_failure(keep):
+        pass
+    assert keep.exists()
+
+
+def test_sharded_sampling_resolves_names_in_workers(exported, tmp_path):
+    d, _ = exported
+    npz = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--engine", d / "t.onnx", "--labels", "golden retriever,VOLCANO,0",
+                             "--shards", "2", "--steps", "2", "--npz", npz, "--out", tmp_path / "g.png",
+                             "--no-progress"])
+    assert code == 0, err
+    assert np.load(npz)["labels"].tolist() == [1, 2, 0] and (tmp_path / "g.png").is_file()

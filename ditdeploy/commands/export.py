@@ -184,17 +184,18 @@ def register(app: typer.Typer) -> None:
                                            decoder=decoder_name, seed=seed)
             _summary(target, m)
             return
-        m = pipeline.export_denoiser(
-            net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
-            decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
-            seed=seed, progress=sys.stderr.isatty(),
-            int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
-            id2label=id2label,
-            trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
-                         "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
-            aoti_options={"device": (device or "cpu").lower(), "min_batch": min_batch, "calibration": calibration}
-            if fmt_ == "aoti" else None,
-        )
+        with pipeline.removed_on_failure(dec_out if decoder_name else None):
+            m = pipeline.export_denoiser(
+                net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
+                decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
+                seed=seed, progress=sys.stderr.isatty(),
+                int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
+                id2label=id2label,
+                trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
+                             "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
+                aoti_options={"device": (device or "cpu").lower(), "min_batch": min_batch, "calibration": calibration}
+                if fmt_ == "aoti" else None,
+            )
         if fmt_ == "trt" and dry_run:
             lint = m.get("trt_lint") or {}
             typer.echo(f"wrote TensorRT build plan {m.get('written_to')} (dry run: no engine built; TensorRT lint "
