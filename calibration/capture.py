@@ -357,6 +357,9 @@ class CalibrationSet:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    from ditdeploy.bounds import check_npz
+
+    check_npz(path, what="calibration set")  # declared sizes before anything is inflated
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

@@ -242,8 +242,10 @@ def _synthetic_inputs(cfg: Any, n: int = 16, seed: int = 0) -> dict[str, np.ndar
 def _session(path: Path, threads: int | None = None, optimize: bool = True):
     import onnxruntime as ort
 
+    from ditdeploy.runtimes.onnxruntime import log_level
+
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = log_level()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                    else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:

@@ -41,6 +41,11 @@ def available_memory() -> int:
             except (OSError, ValueError):
                 used = 0
             avail = max(0, int(lim) - used)
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]  # ulimit -v
+    if soft != resource.RLIM_INFINITY:
+        avail = min(avail, max(0, soft - psutil.Process().memory_info().vms))
     return avail
 
 

@@ -330,6 +330,9 @@ def load_golden(path: str | Path) -> Golden:
     p = Path(path)
     if not p.is_file():
         raise DitDeployError(f"golden file {p} not found: write one with `ditdeploy check --save-golden {p.name}`")
+    from ditdeploy.bounds import check_npz
+
+    check_npz(p, what="golden file")  # declared sizes before anything is inflated
     try:
         with np.load(p, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}

@@ -128,6 +128,9 @@ def save_npz(path: str | os.PathLike, images_u8: np.ndarray, labels: np.ndarray,
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read an ``.npz`` written by :func:`save_npz` into a dict of arrays."""
+    from ditdeploy.bounds import check_npz
+
+    check_npz(path)  # declared sizes before anything is inflated
     try:
         with np.load(path) as z:
             return {k: z[k] for k in z.files}

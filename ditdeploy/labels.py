@@ -90,10 +90,14 @@ def _by_name(item: str, table: dict[str, list[int]], id2label: Mapping[int, str]
 def parse_spec(spec: str) -> list[int | str]:
     """A ``--labels`` value split at commas: class ids as ints, names as stripped strings (resolved later, against
     the model's id2label, by :func:`resolve_items`)."""
-    items = [s.strip() for s in spec.split(",")]
-    items = [s for s in items if s]
+    items: list[str] = []
+    for part in (s.strip() for s in spec.split(",")):
+        words = part.split()
+        # "3 7" (ids separated by spaces) is two ids, never class 37 or a name; names may contain spaces
+        items += words if words and all(_is_id(w) for w in words) else ([part] if part else [])
     if not items:
-        raise DitDeployError("--labels is empty")
+        raise DitDeployError("--labels is empty: pass class ids or names like 207,360 (or leave --labels out for "
+                             "the default classes)")
     return [int(s) if _is_id(s) else s for s in items]
 
 

@@ -125,6 +125,9 @@ def merge_parts(final: str | os.PathLike, parts: Sequence[str | os.PathLike], n:
         p = Path(p)
         if not p.exists():
             raise DitDeployError(f"shard part {p} is missing: a shard failed or has not finished")
+        from ditdeploy.bounds import check_npz
+
+        check_npz(p, what="shard part")
         with np.load(p) as z:
             for k in ("arr_0", "labels", "index"):
                 if k not in z.files:

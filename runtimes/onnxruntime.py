@@ -45,7 +45,14 @@ def _ort():
             "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA), "
             "not both",
         ) from e
+    ort.set_default_logger_severity(log_level())
     return ort
+
+
+def log_level() -> int:
+    """ORT log severity: its own lines (e.g. "[E:onnxruntime:...] Non-zero status code ...") would reach stderr beside
+    the one-line error that reports the same failure, so only fatal ones (4) unless --debug (2: warnings)."""
+    return 2 if os.environ.get("DITDEPLOY_DEBUG") == "1" else 4
 
 
 def choose_providers(requested: str | list[str] | tuple[str, ...] | None = None,
@@ -87,7 +94,7 @@ def _session(path: Path, providers: list[str], threads: int | None, trt_cache: s
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = int(threads) if threads else physical_cores()
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = log_level()
     prov: list[Any] = []
     for p in providers:
         if p == "TensorrtExecutionProvider":

@@ -90,6 +90,10 @@ def register(app: typer.Typer) -> None:
                 raise DitDeployError(f"{name} must be >= 1, got {v}")
         if warmup < 0:
             raise DitDeployError("--warmup must be >= 0")
+        from ditdeploy.outputs import check_outputs
+
+        check_outputs({"--engine": engine, "--reference": reference, "--vae": vae},
+                      {"--json": json_out, "--csv": csv_out, "--plot": plot})
         engines = list(engine or [])
         if not engines:
             from ditdeploy import shipped

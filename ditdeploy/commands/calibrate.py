@@ -78,7 +78,11 @@ def register(app: typer.Typer) -> None:
             opts["threads"] = threads
         if image_size is not None:
             opts["image_size"] = image_size
+        from ditdeploy.outputs import check_outputs
+
+        check_outputs({"--checkpoint/--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
         den = load(src, backend=b, **opts)
+        _check_memory(settings, den.config)
         precision = Manifest.of(den.manifest).precision
         if precision != "fp32":
             typer.secho(f"warning: {Path(src).name} is {precision}; calibrate from the fp32 model you will quantize",
@@ -92,3 +96,13 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {out}: {describe(m)} in {time.perf_counter() - t0:.1f} s")
         if val_out is not None and val_samples:
             typer.echo(f"wrote {val_out} (validation set)")
+
+
+def _check_memory(settings, cfg) -> None:
+    """The captured inputs are held in memory: refuse a count that cannot fit before sampling."""
+    from ditdeploy.bounds import check_memory
+
+    calls = min(settings.timesteps, settings.steps) * (2 if settings.cfg_scale != 1 else 1)
+    n = (settings.samples + (settings.val_samples or 0)) * calls
+    check_memory(n, 4 * cfg.in_channels * cfg.input_size ** 2, f"{n} captured denoiser inputs",
+                 "lower --samples / --timesteps / --val-samples")

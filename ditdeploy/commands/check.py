@@ -81,6 +81,10 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError(f"--fid-samples must be >= 2, got {fid_samples}")
         if engine is None and save_golden is None:
             raise DitDeployError("nothing to check: pass --engine FILE (or --save-golden FILE with --reference)")
+        from ditdeploy.outputs import check_outputs
+
+        check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae},
+                      {"--json": json_out, "--save-golden": save_golden})
         if sampler not in SAMPLERS:
             raise DitDeployError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
         for name, v in (("--steps", steps), ("--batch", batch), ("--timesteps", timesteps)):

@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
         req = generation.SampleRequest(
             engine=engine, backend=backend, vae=vae,
-            labels=generation.parse_label_spec(labels) if labels else None,
+            labels=generation.parse_label_spec(labels) if labels is not None else None,
             num_per_label=num_per_label, sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed,
             batch_size=batch_size, out=None if no_out else out, output_format=output_format, npz=npz, shards=shards,
             shard=list(sharding.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,

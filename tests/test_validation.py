@@ -1,0 +1,111 @@
+"""Early validation (issue 14): --labels spellings, npz members bounded before they are inflated, outputs of every
+writing command checked against its inputs, counts against memory, and a runtime's own log lines kept off stderr."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_main
+
+from ditdeploy.artifacts import sha256_file
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "ditdeploy" / "assets"
+FAST = ["--steps", "2", "--no-progress"]
+
+
+@pytest.fixture()
+def model(tmp_path) -> Path:
+    for f in ("digits.onnx", "digits.onnx.json"):
+        shutil.copyfile(ASSETS / f, tmp_path / f)
+    return tmp_path / "digits.onnx"
+
+
+# --------------------------------------------------------------------------------------------------------- labels
+@pytest.mark.parametrize("spec", ["3 7", "3, 7", " 3,7 ", "3\t7", "3,,7"])
+def test_labels_separated_by_commas_or_spaces(model, tmp_path, spec):
+    npz = tmp_path / "s.npz"
+    code, _, err = run_main(["sample", "--engine", model, "--labels", spec, "--no-out", "--npz", npz, *FAST])
+    assert code == 0, err
+    with np.load(npz) as z:
+        assert z["labels"].tolist() == [3, 7]  # "3 7" is two classes, not class 37
+
+
+@pytest.mark.parametrize("spec,word", [("", "empty"), (" ", "empty"), (",", "empty"), ("3;7", "class ids"),
+                                       ("three", "class ids")])
+def test_bad_label_lists_are_refused(model, tmp_path, spec, word):
+    code, _, err = run_main(["sample", "--engine", model, "--labels", spec, "--out", tmp_path / "g.png", *FAST])
+    assert_one_line_error(code, err, ("--labels", word))
+    assert not (tmp_path / "g.png").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- npz
+def _npz_with_zeros(path: Path, nbytes: int) -> None:
+    """An npz whose one member is ``nbytes`` of zeros, deflated (a few hundred KB per 100 MB), written streaming."""
+    hdr = {"descr": "|u1", "fortran_order": False, "shape": (nbytes,)}
+    chunk = bytes(1 << 24)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, hdr)
+            left = nbytes
+            while left:
+                f.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+
+
+def test_npz_member_sizes_checked_before_inflating(tmp_path):
+    from ditdeploy.bounds import check_npz
+    from ditdeploy.errors import ArtifactError
+
+    p = tmp_path / "bomb.npz"
+    _npz_with_zeros(p, 256 << 20)
+    assert p.stat().st_size < 2 << 20  # 256 MiB of data in a file under 2 MiB
+    t0 = time.perf_counter()
+    with pytest.raises(ArtifactError) as e:
+        check_npz(p, max_bytes=64 << 20)
+    assert time.perf_counter() - t0 < 1.0  # refused from the headers, nothing inflated
+    assert "256.0 MiB" in str(e.value) and "\n" not in str(e.value)
+    assert check_npz(p, max_bytes=512 << 20) == {"arr_0": (256 << 20,)}
+
+
+def test_npz_member_whose_header_disagrees_with_the_zip_is_refused(tmp_path):
+    from ditdeploy.bounds import check_npz
+    from ditdeploy.errors import ArtifactError
+
+    p = tmp_path / "lie.npz"
+    with zipfile.ZipFile(p, "w") as zf, zf.open("x.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f8", "fortran_order": False, "shape": (10**9, 10**3)})
+        f.write(b"\0" * 64)  # declares 8 TB, holds 64 bytes
+    with pytest.raises(ArtifactError, match="damaged"):
+        check_npz(p)
+    code, _, err = run_main(["check", "--engine", ASSETS / "digits.onnx", "--golden", p, "--steps", "2"])
+    assert_one_line_error(code, err, ("golden", "damaged"))
+
+
+# --------------------------------------------------------------------------------------------------------- outputs
+def test_calibrate_output_that_is_its_engine_is_refused(model):
+    h = sha256_file(model)
+    code, _, err = run_main(["calibrate", "--engine", model, "--out", model, "--samples", "2", "--steps", "2"])
+    assert_one_line_error(code, err, ("input",), strict=False)
+    assert sha256_file(model) == h
+
+
+def test_check_json_that_is_its_engine_is_refused(model):
+    h = sha256_file(model)
+    code, _, err = run_main(["check", "--engine", model, "--json", model.with_name("digits.onnx.json"),
+                             "--golden", model, "--steps", "2"])
+    assert_one_line_error(code, err, ("input",))
+    assert sha256_file(model) == h
+
+
+def test_calibrate_count_is_bounded_before_sampling(model, tmp_path):
+    t0 = time.perf_counter()
+    code, _, err = run_main(["calibrate", "--engine", model, "--out", tmp_path / "c.npz", "--samples", "2000000000",
+                             "--steps", "50", "--timesteps", "25"])
+    assert_one_line_error(code, err, ("memory", "--samples"), strict=False)
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "c.npz").exists()
