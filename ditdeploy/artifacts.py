@@ -162,8 +162,8 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
     """Yield a temporary path in the final file's directory; rename it onto ``final`` only on success.
 
     On any exception the temporary file is removed and ``final`` is untouched, so an interrupted or failed write
-    never leaves a partial file at the final path. A symlink at ``final`` is followed (the link stays); an existing
-    character device or FIFO is written through, never replaced (the output policy of ``ditdeploy.outputs``).
+    never leaves a partial file at the final path. An existing character device or FIFO (or a symlink to one) is
+    written through, never replaced; any other symlink is replaced, its target untouched (``ditdeploy.outputs``).
     """
     final, through = _resolve_final(Path(final), through_ok=True)
     if through:
@@ -233,8 +233,8 @@ def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
 
     Used for multi-file artifacts (an ONNX model with external data plus its manifest). Files are moved
     data-first and the manifest last, so a reader never sees a manifest without its data, and if a move fails
-    (e.g. the manifest cannot be written) the files already moved are taken back (:func:`publish`). A final path
-    that is a symlink is followed; a device, FIFO or other non-regular file is refused, never replaced.
+    (e.g. the manifest cannot be written) the files already moved are taken back (:func:`publish`). A device, FIFO
+    or other non-regular file (or a symlink to one) at a final path is refused, never replaced.
     """
     finals = [_resolve_final(Path(p), through_ok=False)[0] for p in final_files]
     parent = finals[0].parent

@@ -13,7 +13,7 @@
 
 An existing character device or FIFO (``/dev/null``, ``/dev/stdout``, a named pipe), or a symlink to one, given as a
 single-file output (PNG, npz, JSON, CSV) is *written through* like ``cp`` does: the bytes go into it, it is never
-replaced. A symlink to a regular file is followed: the file it points to is replaced atomically, the link stays.
+replaced. Any other symlink at an output path is replaced by the new file; its target is never written.
 The atomic writers in :mod:`ditdeploy.artifacts` apply the same rules at write time (:func:`file_kind`,
 :func:`final_path`), so a path that changes between the check and the write is still never replaced.
 
@@ -59,9 +59,13 @@ def file_kind(p: str | os.PathLike) -> str:
 
 
 def final_path(p: str | os.PathLike) -> Path:
-    """Where bytes written to ``p`` land: a symlink (also a dangling one) is followed, so the link is kept."""
+    """Where bytes written to ``p`` land: a symlink to a character device or FIFO (``/dev/stdout``) is followed and
+    written through; any other symlink is itself replaced, its target never written (a planted link cannot redirect
+    an output)."""
     p = Path(p)
-    return Path(os.path.realpath(p)) if p.is_symlink() else p
+    if p.is_symlink() and file_kind(p) in WRITE_THROUGH:
+        return Path(os.path.realpath(p))
+    return p
 
 
 def human_bytes(n: float) -> str:
@@ -149,6 +153,14 @@ def _same(a: Path, b: Path, ida: tuple[int, int] | None, idb: tuple[int, int] | 
     return os.path.realpath(a) == os.path.realpath(b) or (ida is not None and ida == idb)
 
 
+def _lands(p: Path) -> tuple:
+    """Where an output's bytes land: the device/FIFO a link points to, else the (possibly symlink) path itself, whose
+    folder is resolved; a hard-linked regular file by its inode."""
+    f = final_path(p)
+    ident = _identity(f) if not f.is_symlink() else None
+    return ident or (os.path.join(os.path.realpath(f.parent), f.name),)
+
+
 def _check_not_input(label: str, out: Path, ins: list[tuple[str, Path, tuple[int, int] | None]]) -> None:
     oid = _identity(out)
     real = os.path.realpath(out)
@@ -234,7 +246,7 @@ def check_outputs(inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any],
         through = _check_destination(label, p, file_kind(p), in_set)
         _check_not_input(label, p, ins)
         for o in plan:
-            if _same(p, o.path, _identity(p), _identity(o.path)):
+            if _lands(p) == _lands(o.path):
                 raise DitDeployError(f"{o.label} and {label} name the same file {p}: give each output its own path")
         plan.append(Output(label, p, final_path(p), through))
     if isinstance(expected_bytes, int):

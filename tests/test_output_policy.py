@@ -98,12 +98,16 @@ def test_sample_output_that_is_an_input_is_refused(model, tmp_path, alias, monke
 
 def test_two_outputs_naming_one_file_are_refused(model, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "s.npz").symlink_to(out / "g.png")
-    for npz in (out / "g.png", out / "s.npz"):
+    (out / "sub").mkdir(parents=True)
+    for npz in (out / "g.png", out / "sub" / ".." / "g.png"):
         code, _, err = run_main(["sample", "--engine", model, "--out", out / "g.png", "--npz", npz, *FAST])
         assert_one_line_error(code, err, ("same file",))
     assert not (out / "g.png").exists()
+    (out / "g.png").write_bytes(b"old")
+    os.link(out / "g.png", out / "h.npz")  # two names, one file
+    code, _, err = run_main(["sample", "--engine", model, "--out", out / "g.png", "--npz", out / "h.npz", *FAST])
+    assert_one_line_error(code, err, ("same file",))
+    assert (out / "g.png").read_bytes() == b"old"
 
 
 def test_export_over_its_own_checkpoint_is_refused(tiny_ckpt, tmp_path):
@@ -171,7 +175,7 @@ def test_artifact_sets_refuse_devices_and_sockets(tiny_ckpt, model, tmp_path):
     assert _is_chardev(dev2) and not (tmp_path / "m2.onnx").exists()
 
 
-def test_symlink_to_a_regular_file_is_followed(model, tmp_path):
+def test_symlink_to_a_regular_file_is_replaced_not_followed(model, tmp_path):
     target = tmp_path / "real" / "grid.png"
     target.parent.mkdir()
     target.write_bytes(b"old")
@@ -179,7 +183,7 @@ def test_symlink_to_a_regular_file_is_followed(model, tmp_path):
     link.symlink_to(target)
     code, _, err = run_main(["sample", "--engine", model, "--out", link, *FAST])
     assert code == 0, err
-    assert link.is_symlink() and target.read_bytes()[:8] == PNG_MAGIC
+    assert not link.is_symlink() and link.read_bytes()[:8] == PNG_MAGIC and target.read_bytes() == b"old"
 
 
 # --------------------------------------------------------------------------------------------------------- units
