@@ -36,11 +36,12 @@ def test_labels_separated_by_commas_or_spaces(model, tmp_path, spec):
         assert z["labels"].tolist() == [3, 7]  # "3 7" is two classes, not class 37
 
 
-@pytest.mark.parametrize("spec,word", [("", "empty"), (" ", "empty"), (",", "empty"), ("3;7", "class ids"),
-                                       ("three", "class ids")])
-def test_bad_label_lists_are_refused(model, tmp_path, spec, word):
+@pytest.mark.parametrize("spec,words", [("", ("--labels", "empty")), (" ", ("--labels", "empty")),
+                                        (",", ("--labels", "empty")), ("3;7", ("class", "3;7")),
+                                        ("three", ("class", "three"))])
+def test_bad_label_lists_are_refused(model, tmp_path, spec, words):
     code, _, err = run_main(["sample", "--engine", model, "--labels", spec, "--out", tmp_path / "g.png", *FAST])
-    assert_one_line_error(code, err, ("--labels", word))
+    assert_one_line_error(code, err, words)
     assert not (tmp_path / "g.png").exists()
 
 
