@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.artifacts import write_json_atomic
-from ditdeploy.metrics import compare
+from ditdeploy.parity import compare
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 CFG_SCALE = 4.0
@@ -98,8 +98,8 @@ def random_copy(variant: str, image_size: int, seed: int) -> Any:
 
 
 def metrics(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """``ditdeploy.metrics.compare`` (rel-L2, cosine, max-abs, finite) plus the reference's RMS for scale."""
-    return {**compare(actual, reference), "ref_rms": float(np.sqrt(np.mean(np.asarray(reference, np.float64) ** 2)))}
+    """``ditdeploy.parity.compare`` (rel-L2, cosine, max-abs, finite) plus the reference's RMS for scale."""
+    return {**compare(actual, reference).metrics(), "ref_rms": float(np.sqrt(np.mean(np.asarray(reference, np.float64) ** 2)))}
 
 
 def set_tf32(enabled: bool) -> dict[str, bool]:

@@ -61,6 +61,7 @@ from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 from ditdeploy.manifest import Manifest
+from ditdeploy.parity import stacked_probe_inputs, thresholds_for
 
 __all__ = [
     "MODES",
@@ -76,10 +77,12 @@ MODES = ("static", "dynamic")
 FP16_QDQ_OPSET = 19
 ACTIVATIONS = ("int8", "uint8")
 METHODS = ("percentile", "entropy", "minmax")
-# The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: on the trained
-# digits model static int8 gives cosine 0.9998 over all validation outputs (0.994 for the worst single call, at
-# t = 0), entropy ranges 0.998 (0.953); a wrong scale or a quantized embedding table falls far below 0.98.
-MIN_COSINE = 0.98
+# The check at the end catches broken graphs (wrong scales, a quantized embedding), not quality: the int8 cosine
+# limit of ditdeploy.parity.THRESHOLDS (0.99, the one `check` applies per call; this used to be a separate 0.98)
+# applied to all validation outputs. On the trained digits model static int8 gives cosine 0.9998 over all
+# validation outputs (0.994 for the worst single call, at t = 0), entropy ranges 0.998 (0.953 worst call); a wrong
+# scale or a quantized embedding table falls far below.
+MIN_COSINE = thresholds_for("int8").call_cosine
 _CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space", "checkpoint",
           "source_checkpoint", "id2label", "random_weights")
 log = logging.getLogger("ditdeploy.calibration")
@@ -226,35 +229,10 @@ def _feeds(x: np.ndarray, t: np.ndarray, y: np.ndarray, batch_size: int) -> Iter
                "y": np.ascontiguousarray(y[i:i + batch_size], dtype=np.int64)}
 
 
-def _synthetic_inputs(cfg: Any, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
-    """Validation inputs when no calibration set is given: x ~ N(0, 1), t spread over 0..999, labels + null."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
-    t = np.rint(np.linspace(0, 999, n)).astype(np.int64)
-    y = rng.integers(0, cfg.num_classes, n).astype(np.int64)
-    y[1::2] = cfg.num_classes
-    return {"x": x, "t": t, "y": y}
-
-
-# ------------------------------------------------------------------------------------------------ ranges
-
-
 def _session(path: Path, threads: int | None = None, optimize: bool = True):
-    import onnxruntime as ort
+    from ditdeploy.runtimes.onnxruntime import make_session
 
-    from ditdeploy.runtimes.onnxruntime import log_level
-
-    so = ort.SessionOptions()
-    so.log_severity_level = log_level()
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {msg}") from e
+    return make_session(path, threads=threads, optimize=optimize)
 
 
 def collect_ranges(
@@ -593,7 +571,7 @@ def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options
         vin = {"x": calib.x[idx], "t": calib.t[idx], "y": calib.y[idx]}
         vsrc = "32 calibration inputs (the set has no validation part)"
     else:
-        vin = _synthetic_inputs(cfg)
+        vin = stacked_probe_inputs(cfg, 16)
         vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
     p = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size, src_precision)}
     say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "

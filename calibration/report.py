@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy import metrics
+from ditdeploy.parity import compare
 
 __all__ = ["error_curve", "plot_error_curves", "summarize_curve"]
 
@@ -54,21 +54,22 @@ def error_curve(
         outs_c.append(np.asarray(candidate(x[sl], t[sl], y[sl]), dtype=np.float32))
     ref = np.concatenate(outs_r)
     cand = np.concatenate(outs_c)
-    per_call_cos = np.array([metrics.cosine(cand[i], ref[i]) for i in range(n)])
-    per_call_rel = np.array([metrics.rel_l2(cand[i], ref[i]) for i in range(n)])
+    per_call = [compare(cand[i], ref[i]) for i in range(n)]
+    per_call_cos = np.array([c.cosine for c in per_call])
+    per_call_rel = np.array([c.rel_l2 for c in per_call])
     curve = []
     for tv in np.unique(t):
         m = t == tv
-        cmp = metrics.compare(cand[m], ref[m])
-        curve.append({"t": int(tv), "n": int(m.sum()), "cosine": cmp["cosine"], "rel_l2": cmp["rel_l2"],
-                      "max_abs": cmp["max_abs"]})
-    allc = metrics.compare(cand, ref)
+        cmp = compare(cand[m], ref[m])
+        curve.append({"t": int(tv), "n": int(m.sum()), "cosine": cmp.cosine, "rel_l2": cmp.rel_l2,
+                      "max_abs": cmp.max_abs})
+    allc = compare(cand, ref)
     overall = {
         "inputs": n,
-        "cosine": allc["cosine"],
-        "rel_l2": allc["rel_l2"],
-        "max_abs": allc["max_abs"],
-        "finite": allc["finite"],
+        "cosine": allc.cosine,
+        "rel_l2": allc.rel_l2,
+        "max_abs": allc.max_abs,
+        "finite": allc.finite,
         "per_call_cosine_mean": float(per_call_cos.mean()) if n else 1.0,
         "per_call_cosine_min": float(per_call_cos.min()) if n else 1.0,
         "per_call_rel_l2_mean": float(per_call_rel.mean()) if n else 0.0,

@@ -30,89 +30,19 @@ import numpy as np
 
 from ditdeploy import metrics
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.parity import (  # noqa: F401  (THRESHOLDS, thresholds_for, ...: the table lives in ditdeploy.parity)
+    THRESHOLDS,
+    Thresholds,
+    compare,
+    effective_precision,
+    probe_timesteps,
+    thresholds_for,
+)
+from ditdeploy.parity import trajectory_probes as make_probes
 from ditdeploy.variants import DiTConfig
+from ditdeploy.watch import NonFiniteError, Watched, ensure_finite, nonfinite_desc
 
 GOLDEN_VERSION = 1
-NUM_TRAIN_TIMESTEPS = 1000
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Thresholds
-# --------------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Thresholds:
-    """Pass/fail limits for one precision. ``None`` disables a gate. max-abs is reported but never gated: it scales
-    with the output's magnitude (eps predictions are O(1) but the learned-sigma channels are not)."""
-
-    call_rel_l2: float | None  # max rel-L2 of any single call (any timestep, either CFG half)
-    call_cosine: float | None  # min cosine of any single call
-    latent_rel_l2: float | None  # max rel-L2 of the final latents (x_0) after the whole sampling loop
-    psnr: float | None  # min PSNR (dB) of the final images, data range 255
-    ssim: float | None  # min mean SSIM of the final images
-    reason: str = ""
-
-    def replace(self, **kw: float | None) -> Thresholds:
-        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
-
-
-# Why these numbers (also in README "Proof: check and bench"):
-# fp32: the artifact computes the same function in the same format; only the order of float additions differs
-#       (fused kernels, different GEMM blocking), giving ~1e-7..1e-5 relative error per call (export verification
-#       measures ~1e-6). 1e-4 per call leaves 10x margin. Over the sampling loop these errors are carried, not
-#       amplified much by DDIM/DPM-Solver (deterministic, contractive at the end), so final latents within 1e-3 and
-#       images >= 40 dB PSNR (the runtime issue's cross-backend acceptance) are expected.
-# fp16: 11-bit mantissa, unit round-off 4.9e-4 per operation; errors of independent roundings grow ~sqrt(#ops) and the
-#       residual stream adds them over depth: measured 4.9e-4 per call for an S/2-sized model (REFERENCE.md §4).
-#       5e-3 allows 10x that for deeper models (XL has 28 blocks). End to end: 5e-2 latent rel-L2, 30 dB.
-# bf16: 8-bit mantissa, round-off 3.9e-3 (8x fp16); OpenVINO's bf16 hint measured 2% rel-L2 on an XL/2-sized random
-#       model and up to 5.6% on the shipped digits model (worst at t=0, where the eps target is hardest). Per call
-#       0.1 / cosine 0.995; end to end 0.15 and 25 dB (digits measured 1% and 48 dB).
-# int8: not a rounding of the same function but an approximation (8-bit weights/activations, ~0.4% step of the
-#       clipped range); PTQ work on DiT (PTQ4DiT, Q-DiT) judges layers by cosine. Per call cosine >= 0.99 (rel-L2
-#       <= 0.15, which is what cosine 0.99 allows); end to end the trajectories may drift apart: 20 dB PSNR, SSIM 0.8
-#       ("visibly the same image"), latent rel-L2 0.3.
-# fp8:  E4M3 token GEMMs (3-bit mantissa, per-channel weight / per-tensor activation scales, export/fp8.py) inside a
-#       bf16 model: an approximation like int8, judged by cosine at the GPU issue's bar (per call >= 0.995); end to
-#       end the int8 limits.
-THRESHOLDS: dict[str, Thresholds] = {
-    "fp32": Thresholds(1e-4, 0.99999, 1e-3, 40.0, 0.99, "same function, float reassociation only"),
-    "fp16": Thresholds(5e-3, 0.9999, 5e-2, 30.0, 0.95, "11-bit mantissa accumulated over depth"),
-    "bf16": Thresholds(0.1, 0.995, 0.15, 25.0, 0.90, "8-bit mantissa (bf16 inference hint)"),
-    "int8": Thresholds(0.15, 0.99, 0.30, 20.0, 0.80, "8-bit quantisation: an approximation, judged by cosine"),
-    "fp8": Thresholds(0.15, 0.995, 0.30, 20.0, 0.80, "E4M3 token GEMMs in bf16: an approximation, judged by cosine"),
-}
-
-
-_ALIASES = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16", "half": "fp16",
-            "bfloat16": "bf16", "qdq": "int8", "i8": "int8"}
-
-
-_LOSS_ORDER = ("fp32", "fp16", "bf16", "fp8", "int8")
-
-
-def effective_precision(denoiser: Any) -> str:
-    """The precision a loaded denoiser is judged at: the lossier of the artifact's (manifest ``precision``) and the
-    arithmetic the runtime reports (its name ends e.g. ``openvino:CPU:fp32->bf16`` when an inference-precision hint
-    overrides the artifact's). An int8 artifact stays int8 even where a runtime computes it in f32."""
-    from ditdeploy.manifest import Manifest
-
-    mp = Manifest.of(getattr(denoiser, "manifest", None)).precision.lower()
-    found = [_ALIASES.get(mp, mp)]
-    name = str(getattr(denoiser, "name", ""))
-    if ":" in name:
-        for part in name.rsplit(":", 1)[-1].split("->"):
-            key = part.strip().lower()
-            found.append(_ALIASES.get(key, key))
-    known = [p for p in found if p in _LOSS_ORDER]
-    return max(known, key=_LOSS_ORDER.index) if known else found[0]
-
-
-def thresholds_for(precision: str) -> Thresholds:
-    """The documented thresholds of a precision name (fp32, fp16, bf16, int8)."""
-    key = _ALIASES.get(precision.lower(), precision.lower())
-    if key not in THRESHOLDS:
-        raise DitDeployError(f"unknown precision {precision!r}: choose one of {', '.join(THRESHOLDS)}")
-    return THRESHOLDS[key]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,95 +77,9 @@ def has_torch() -> bool:
         return False
 
 
-def alphas_cumprod() -> np.ndarray:
-    """abar_t of the official 1000-step training schedule (float64), from ``ditdeploy.diffusion``."""
-    from ditdeploy.diffusion import base_schedule
-
-    return np.asarray(base_schedule().alphas_cumprod, dtype=np.float64)
-
-
-def probe_timesteps(n: int) -> np.ndarray:
-    """``n`` timesteps spread evenly over 0..999, both ends included (n=1 -> [999])."""
-    if n < 1:
-        raise DitDeployError("--timesteps must be >= 1")
-    if n == 1:
-        return np.array([NUM_TRAIN_TIMESTEPS - 1], dtype=np.int64)
-    return np.unique(np.round(np.linspace(0, NUM_TRAIN_TIMESTEPS - 1, n)).astype(np.int64))
-
-
 def spread_labels(batch: int, num_classes: int) -> np.ndarray:
     """``batch`` class labels spread over all classes (0, k, 2k, ...)."""
     return (np.arange(batch, dtype=np.int64) * num_classes // max(batch, 1)) % num_classes
-
-
-def make_probes(config: DiTConfig, x0: np.ndarray, labels: np.ndarray, timesteps: np.ndarray, seed: int):
-    """Per-call inputs: for each t, ``x_t`` from ``x0`` forward-noised, rows ``[cond labels; null class]``."""
-    abar = alphas_cumprod()
-    rng = np.random.default_rng(seed + 1)
-    b = x0.shape[0]
-    xs, ts, ys = [], [], []
-    y = np.concatenate([labels.astype(np.int64), np.full(b, config.null_class, dtype=np.int64)])
-    for t in timesteps:
-        eps = rng.standard_normal(x0.shape)
-        xt = math.sqrt(abar[t]) * x0.astype(np.float64) + math.sqrt(1.0 - abar[t]) * eps
-        xt = xt.astype(np.float32)
-        xs.append(np.concatenate([xt, xt]))
-        ts.append(np.full(2 * b, t, dtype=np.int64))
-        ys.append(y)
-    return np.stack(xs), np.stack(ts), np.stack(ys)
-
-
-class NonFiniteError(Exception):
-    """A backend produced NaN/Inf; the message names the backend and where."""
-
-
-def _nonfinite_desc(a: np.ndarray) -> str:
-    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-    return f"{n_nan} NaN and {n_inf} Inf of {a.size} values"
-
-
-class WatchedDenoiser:
-    """Wraps a denoiser: counts calls, times them, and raises :class:`NonFiniteError` on NaN/Inf output."""
-
-    def __init__(self, denoiser: Callable, backend: str):
-        self.denoiser = denoiser
-        self.backend = backend
-        self.calls = 0
-        self.seconds = 0.0
-        self.config = getattr(denoiser, "config", None)
-        self.supports_cache = bool(getattr(denoiser, "supports_cache", False))
-
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return self._watch(self.denoiser, x, t, y)
-
-    def forward_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feature reuse: a full step (output checked) and its cache."""
-        cache: list[np.ndarray] = []
-
-        def full(*a: np.ndarray) -> np.ndarray:
-            out, c = self.denoiser.forward_full(*a)  # type: ignore[attr-defined]
-            cache.append(c)
-            return out
-
-        return self._watch(full, x, t, y), cache[0]
-
-    def forward_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
-        """Feature reuse: a light step (output checked)."""
-        return self._watch(lambda *a: self.denoiser.forward_light(*a, cache), x, t, y)  # type: ignore[attr-defined]
-
-    def _watch(self, fn: Callable, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        import time
-
-        t0 = time.perf_counter()
-        out = np.asarray(fn(x, t, y))
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        if not np.isfinite(out).all():
-            raise NonFiniteError(
-                f"{self.backend} produced {_nonfinite_desc(out)} at sampling step {self.calls} "
-                f"(denoiser call with t={int(np.asarray(t).ravel()[0])})"
-            )
-        return out
 
 
 def run_probes(denoiser: Callable, probe_x, probe_t, probe_y, backend: str) -> np.ndarray:
@@ -243,28 +87,26 @@ def run_probes(denoiser: Callable, probe_x, probe_t, probe_y, backend: str) -> n
     outs = []
     for k in range(probe_x.shape[0]):
         out = np.asarray(denoiser(probe_x[k], probe_t[k], probe_y[k]), dtype=np.float32)
-        if not np.isfinite(out).all():
-            raise NonFiniteError(f"{backend} produced {_nonfinite_desc(out)} in the per-call check at "
-                                 f"t={int(probe_t[k, 0])}")
+        t = int(probe_t[k, 0])
+        ensure_finite(out, lambda a, t=t: f"{backend} produced {nonfinite_desc(a)} in the per-call check at t={t}")
         outs.append(out)
     return np.stack(outs)
 
 
 def sample_e2e(denoiser: Callable, config: DiTConfig, noise, labels, *, method: str, steps: int, cfg_scale: float,
                seed: int, backend: str, progress: bool = False, cfg_interval: Any = None,
-               cache_interval: int | None = None) -> tuple[np.ndarray, WatchedDenoiser]:
+               cache_interval: int | None = None) -> tuple[np.ndarray, Watched]:
     """The sampling loop of ``ditdeploy.diffusion`` with NaN/Inf watching; returns (x_0, watcher).
 
     ``cfg_interval`` / ``cache_interval``: the reduced-work options of ``sample`` (default off)."""
     from ditdeploy.diffusion import sample
 
-    w = WatchedDenoiser(denoiser, backend)
+    w = Watched(denoiser, backend, finite=True, unit="sampling step")
     x0 = sample(w, noise, labels, method=method, steps=steps, cfg_scale=cfg_scale, seed=seed,
                 num_classes=config.num_classes, progress=progress, cfg_interval=cfg_interval,
                 cache_interval=cache_interval)
     x0 = np.asarray(x0, dtype=np.float32)
-    if not np.isfinite(x0).all():
-        raise NonFiniteError(f"{backend}: the sampler's final latents contain {_nonfinite_desc(x0)}")
+    ensure_finite(x0, lambda a: f"{backend}: the sampler's final latents contain {nonfinite_desc(a)}")
     return x0, w
 
 
@@ -399,8 +241,9 @@ def compare_calls(actual: np.ndarray, g: Golden) -> list[dict[str, Any]]:
             if not sel.any():
                 continue
             a, r = actual[k][sel], g.probe_out[k][sel]
+            c = compare(a, r)
             row = {"t": int(g.probe_t[k, 0]), "half": half, "rows": int(sel.sum()),
-                   "max_abs": metrics.max_abs(a, r), "rel_l2": metrics.rel_l2(a, r), "cosine": metrics.cosine(a, r)}
+                   "max_abs": c.max_abs, "rel_l2": c.rel_l2, "cosine": c.cosine}
             row.update(elementwise_stats(a, r))
             rows.append(row)
     return rows
@@ -495,9 +338,10 @@ def check(denoiser: Callable, g: Golden, *, thresholds: Thresholds, precision: s
             rep.failures.extend(evaluate(rep))
             rep.failures.append(str(e))
             return rep
+        lc = compare(lat, g.ref_latents)
         e2e: dict[str, Any] = {
-            "latent_rel_l2": metrics.rel_l2(lat, g.ref_latents), "latent_cosine": metrics.cosine(lat, g.ref_latents),
-            "latent_max_abs": metrics.max_abs(lat, g.ref_latents), "denoiser_calls": w.calls,
+            "latent_rel_l2": lc.rel_l2, "latent_cosine": lc.cosine, "latent_max_abs": lc.max_abs,
+            "denoiser_calls": w.calls,
             "psnr": None, "ssim": None, "images": "none",
         }
         ref_img = to_images(cfg, g.ref_latents, decoder) if (decoder is not None or cfg.space == "pixel") else None

@@ -1,7 +1,8 @@
 """Numerical comparison metrics (numpy only): rel-L2, cosine, max-abs, PSNR, SSIM.
 
-Used by export verification, ``ditdeploy check``, calibration reports and tests, so that every number the project
-reports is computed one way. Computations run in float64.
+The elementwise primitives under ``ditdeploy.parity.compare`` (the one comparison export verification, ``check``,
+calibration reports and OpenVINO conversion use), so that every number the project reports is computed one way.
+Computations run in float64.
 """
 
 from __future__ import annotations
@@ -72,14 +73,3 @@ def ssim(actual, reference, data_range: float = 255.0, win: int = 7) -> float:
     sxx, syy, sxy = sxx * cov, syy * cov, sxy * cov
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
     return float(np.mean(s))
-
-
-def compare(actual, reference) -> dict[str, float]:
-    """The standard parity triple plus a finiteness flag."""
-    a = np.asarray(actual)
-    return {
-        "rel_l2": rel_l2(a, reference),
-        "cosine": cosine(a, reference),
-        "max_abs": max_abs(a, reference),
-        "finite": bool(np.isfinite(a).all()),
-    }

@@ -76,7 +76,7 @@ def _verify(full: Path, light: Path, feeds: list[dict[str, np.ndarray]], refs: l
     """Compare both ORT graphs with torch; raise NumericsError beyond ``tol`` (rel_l2 / cosine)."""
     from ditdeploy.errors import NumericsError
     from ditdeploy.export.verify import ort_session
-    from ditdeploy.metrics import compare
+    from ditdeploy.parity import compare
 
     fs, ls = ort_session(full), ort_session(light)
     worst: dict[str, dict[str, float]] = {}
@@ -87,7 +87,7 @@ def _verify(full: Path, light: Path, feeds: list[dict[str, np.ndarray]], refs: l
                                ("light_out", got_light, r["light"])):
             if got.shape != ref.shape:
                 raise NumericsError(f"{name}: ONNX shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
-            m = compare(got, ref)
+            m = compare(got, ref).metrics()
             w = worst.setdefault(name, {"rel_l2": 0.0, "cosine": 1.0, "max_abs": 0.0})
             w["rel_l2"], w["max_abs"] = max(w["rel_l2"], m["rel_l2"]), max(w["max_abs"], m["max_abs"])
             w["cosine"] = min(w["cosine"], m["cosine"])
@@ -107,8 +107,8 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
 
     from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, write_json_atomic
     from ditdeploy.export.onnx import DEFAULT_OPSET, check_out_path, readable
-    from ditdeploy.export.verify import TOLERANCES, denoiser_inputs
     from ditdeploy.feature_cache import CacheFull, CacheLight
+    from ditdeploy.parity import probe_inputs, tolerance_for
     from ditdeploy.runtimes.base import cache_shape
 
     config = getattr(model, "config", None)
@@ -134,8 +134,8 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
                              tmp / light.name, opset, {**meta, "ditdeploy.cache_graph": "light"})
         parity = None
         if verify:
-            feeds = denoiser_inputs(config, batch_sizes, seed)
-            parity = _verify(tmp / out.name, tmp / light.name, feeds, _torch_refs(model, feeds), TOLERANCES["fp32"])
+            feeds = probe_inputs(config, batch_sizes, seed)
+            parity = _verify(tmp / out.name, tmp / light.name, feeds, _torch_refs(model, feeds), tolerance_for("fp32"))
         d = ["batch", config.in_channels, s, s]
         manifest = make_manifest(
             tmp / out.name, files, kind="denoiser", format="onnx", precision="fp32",
@@ -211,12 +211,12 @@ def _ov_parity(full_onnx: Path, light_onnx: Path, full_xml: Path, light_xml: Pat
     import openvino as ov
 
     from ditdeploy.errors import NumericsError
-    from ditdeploy.export.openvino import _parity_inputs
-    from ditdeploy.export.verify import TOLERANCES, ort_session
-    from ditdeploy.metrics import compare
+    from ditdeploy.export.openvino import parity_feeds
+    from ditdeploy.export.verify import ort_session
+    from ditdeploy.parity import compare, tolerance_for
     from ditdeploy.runtimes.openvino import compile_config
 
-    feeds = _parity_inputs(m)
+    feeds = parity_feeds(m)
     ref_out, ref_cache = ort_session(full_onnx).run(["out", "cache"], feeds)
     ref_light = ort_session(light_onnx).run(["out"], {**feeds, "cache": ref_cache})[0]
     core = ov.Core()
@@ -226,9 +226,9 @@ def _ov_parity(full_onnx: Path, light_onnx: Path, full_xml: Path, light_xml: Pat
     got_out, got_cache = np.asarray(r[fc.output("out")]), np.asarray(r[fc.output("cache")])
     got_light = np.asarray(lc({**feeds, "cache": ref_cache})[lc.output(0)])
     res = {"reference": "onnxruntime CPU on the ONNX pair", "backend": "openvino CPU f32",
-           "full_out": compare(got_out, ref_out), "full_cache": compare(got_cache, ref_cache),
-           "light_out": compare(got_light, ref_light)}
-    tol = TOLERANCES["fp32"]
+           "full_out": compare(got_out, ref_out).metrics(), "full_cache": compare(got_cache, ref_cache).metrics(),
+           "light_out": compare(got_light, ref_light).metrics()}
+    tol = tolerance_for("fp32")
     for k in ("full_out", "full_cache", "light_out"):
         if not res[k]["rel_l2"] <= tol["rel_l2"]:
             raise NumericsError(f"OpenVINO cache graphs: {k} differs from ONNX Runtime (rel-L2 "

@@ -137,7 +137,7 @@ def export_denoiser_onnx(
     (batch,out_C,H,W). ``precision="fp16"`` exports ``HalfDiT(model, fp16_policy)`` (fp16 GEMMs, fp32 islands, f32
     I/O). With ``verify`` (default) ONNX Runtime CPU is compared with the fp32 torch model at each of
     ``batch_sizes`` and the export fails (``NumericsError``, nothing written) beyond ``tolerance`` (default
-    ``verify.TOLERANCES[precision]``). ``source`` (e.g. checkpoint path + sha256) and ``decoder`` (file name of a VAE
+    the per-call limits of ``ditdeploy.parity.THRESHOLDS[precision]``). ``source`` (e.g. checkpoint path + sha256) and ``decoder`` (file name of a VAE
     decoder artifact beside it) go into the manifest, as does everything in ``extra``. ``release_model`` frees the
     model's weights (moved to the meta device: the model is unusable afterwards) once the torch reference outputs
     are computed, so the torch weights and the ONNX Runtime session are never in memory together (the CLI does
@@ -266,10 +266,11 @@ def _trace(model: Any, config: Any, precision: str, opset: int, fp16_policy: Any
 def _verify(model: Any, onnx_path: Path, config: Any, precision: str, batch_sizes: Sequence[int], seed: int,
             tolerance: dict[str, float] | None, release_model: bool) -> dict[str, Any]:
     """ONNX Runtime CPU vs the fp32 torch model at each batch size; raises ``NumericsError`` beyond tolerance."""
-    from ditdeploy.export.verify import TOLERANCES, check_parity, denoiser_inputs, torch_reference
+    from ditdeploy.export.verify import check_parity, torch_reference
+    from ditdeploy.parity import probe_inputs, tolerance_for
 
-    tol = tolerance if tolerance is not None else TOLERANCES[precision]
-    feeds = denoiser_inputs(config, batch_sizes, seed)
+    tol = tolerance if tolerance is not None else tolerance_for(precision)
+    feeds = probe_inputs(config, batch_sizes, seed)
     parity = check_parity(onnx_path, torch_reference(model), feeds, tolerance=tol, what=f"{precision} ONNX",
                           after_reference=(lambda: _release(model)) if release_model else None)
     parity["reference"] = "torch-fp32"

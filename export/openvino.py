@@ -5,7 +5,8 @@
 manifest last). The manifest copies the ONNX manifest's model fields (kind, config, precision, batch, calibration
 hash…) and records the OpenVINO version and the default ``INFERENCE_PRECISION_HINT`` the runtime will use
 (``f32`` unless given: OpenVINO would otherwise run bf16 on CPUs that have it). Parity: the IR on OpenVINO CPU vs
-the ONNX on ONNX Runtime CPU, on seeded random inputs at batch 2.
+the ONNX on ONNX Runtime CPU, on ``ditdeploy.parity.probe_inputs`` at batch 2, gated by ``ditdeploy.parity``'s
+thresholds for the lossier of the artifact's precision and the hint.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ditdeploy.artifacts import (
     sha256_file,
     write_json_atomic,
 )
-from ditdeploy.errors import ArtifactError, DitDeployError, require
+from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 from ditdeploy.manifest import Manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
@@ -32,36 +33,38 @@ _CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256",
           "source_checkpoint", "id2label", "latent_channels", "scaling_factor", "image_size", "name")
 
 
-def _parity_inputs(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    if m.get("kind") == "decoder":
-        c = int(m.get("latent_channels") or 4)
-        cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
+def parity_feeds(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """The conversion's parity inputs (``ditdeploy.parity``'s probe generators) for a denoiser or decoder manifest."""
+    from ditdeploy.parity import decoder_probe_inputs, probe_inputs
+
+    m = Manifest.of(m)
+    if m.kind == "decoder":
+        cfg = m.config_dict or {}
         s = int(cfg.get("latent_size") or cfg.get("input_size") or 4)
-        return {"latents": rng.standard_normal((batch, c, s, s), dtype=np.float32)}
-    cfg = m["config"]
-    s, c, k = int(cfg["input_size"]), int(cfg["in_channels"]), int(cfg["num_classes"])
-    return {
-        "x": rng.standard_normal((batch, c, s, s), dtype=np.float32),
-        "t": rng.integers(0, 1000, size=batch).astype(np.int64),
-        "y": np.array([i % (k + 1) for i in range(batch)], dtype=np.int64),  # includes the null class at k
-    }
+        return decoder_probe_inputs(m.latent_channels, (s,), (batch,), seed)[0]
+    return probe_inputs(m.config, (batch,), seed)[0]
 
 
-def _parity(onnx_path: Path, xml: Path, m: dict[str, Any], hint: str) -> dict[str, Any]:
-    from ditdeploy import metrics
+def _parity(onnx_path: Path, xml: Path, m: Manifest, hint: str) -> dict[str, Any]:
+    """The IR on OpenVINO CPU vs the ONNX on ONNX Runtime CPU, judged by the thresholds of the lossier of the
+    artifact's precision and the inference hint; NumericsError (nothing written) when they miss."""
+    from ditdeploy.parity import compare, lossiest, thresholds_for
+    from ditdeploy.runtimes.onnxruntime import make_session
     from ditdeploy.runtimes.openvino import compile_config
 
     ov = require("openvino", "openvino", "OpenVINO export")
-    ort = require("onnxruntime", "dev", "the parity check")
-    feeds = _parity_inputs(m)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    feeds = parity_feeds(m)
+    ref = make_session(onnx_path).run(None, feeds)[0]
     compiled = ov.Core().compile_model(str(xml), "CPU", compile_config(hint))
     got = np.asarray(compiled(feeds)[compiled.output(0)])
+    rep = compare(got, ref)
+    judged = lossiest(m.precision, hint)
+    fails = rep.failures(thresholds_for(judged), "vs ONNX Runtime")
+    if fails:
+        raise NumericsError(f"OpenVINO IR of {onnx_path.name} ({hint}): {fails[0]}; nothing was written")
     return {"reference": f"onnxruntime CPU on {onnx_path.name}", "backend": f"openvino CPU {hint}",
-            "batch": int(next(iter(feeds.values())).shape[0]), **metrics.compare(got, ref)}
+            "batch": int(next(iter(feeds.values())).shape[0]), **rep.metrics(), "judged_as": judged,
+            "tolerance": thresholds_for(judged).tolerance()}
 
 
 def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, precision_hint: str | None = None,

@@ -24,8 +24,6 @@ from ditdeploy.errors import ArtifactError, DitDeployError, require
 
 DECODER_INPUT = "latents"
 DECODER_OUTPUT = "image"
-# fp32 decoder: convolution reassociation only (~1e-6); the clamp hides nothing below 1e-4.
-DECODER_TOLERANCE = {"rel_l2": 1e-4, "cosine": 0.99999}
 
 
 def load_vae(vae_dir: str | os.PathLike) -> Any:
@@ -80,17 +78,6 @@ def _diffusers_reference(vae: Any, scaling_factor: float, shift_factor: float | 
             return vae.decode(z).sample.clamp(-1.0, 1.0).float().numpy()
 
     return run
-
-
-def decoder_inputs(latent_channels: int, sizes: Sequence[int], batch_sizes: Sequence[int], seed: int = 0):
-    """Feeds ``{"latents"}``: N(0, 1) like sampled (scaled) latents, one per (batch, size) pair, zipped cyclically."""
-    rng = np.random.default_rng(seed)
-    n = max(len(sizes), len(batch_sizes))
-    feeds = []
-    for i in range(n):
-        b, s = batch_sizes[i % len(batch_sizes)], sizes[i % len(sizes)]
-        feeds.append({DECODER_INPUT: rng.standard_normal((b, latent_channels, s, s)).astype(np.float32)})
-    return feeds
 
 
 def export_vae_decoder_onnx(
@@ -198,10 +185,12 @@ def _verify_decoder(vae: Any, graph: Any, path: Path, latent_sizes: Sequence[int
                     seed: int, tolerance: dict[str, float] | None) -> dict[str, Any]:
     """ORT CPU vs diffusers ``decode`` (fp32, clamped) at each latent size x batch; raises beyond tolerance."""
     from ditdeploy.export.verify import check_parity
+    from ditdeploy.parity import decoder_probe_inputs, tolerance_for
 
-    feeds = decoder_inputs(int(vae.config.latent_channels), latent_sizes, batch_sizes, seed)
+    # fp32 decoder: convolution reassociation only (~1e-6): the fp32 row of ditdeploy.parity.THRESHOLDS
+    feeds = decoder_probe_inputs(int(vae.config.latent_channels), latent_sizes, batch_sizes, seed)
     parity = check_parity(path, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
-                          feeds, tolerance=tolerance or DECODER_TOLERANCE, what="VAE decoder ONNX")
+                          feeds, tolerance=tolerance or tolerance_for("fp32"), what="VAE decoder ONNX")
     parity["reference"] = "diffusers AutoencoderKL.decode (fp32, clamped)"
     for b, f in zip(parity["batches"], feeds, strict=True):
         b["latent_shape"] = list(f[DECODER_INPUT].shape)

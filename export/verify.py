@@ -1,9 +1,9 @@
 """Parity at export: run the freshly written ONNX file on ONNX Runtime CPU and compare it with the torch model.
 
-The inputs are deterministic (seeded): x ~ N(0, 1) like a diffusion state x_t, timesteps spread evenly over 0..999
-across all checked samples, labels random with the null class (``num_classes``) in every batch of two or more and in
-every other single-sample batch. Each batch size is one ``session.run`` on the same file, so the dynamic batch
-dimension is exercised too.
+The inputs are ``ditdeploy.parity.probe_inputs`` (seeded; both CFG halves; timesteps over 0..999), one
+``session.run`` per batch size on the same file, so the dynamic batch dimension is exercised too. The gates are the
+per-call rows of ``ditdeploy.parity.THRESHOLDS`` (:func:`tolerance_for`); the numbers come from
+``ditdeploy.parity.compare``.
 """
 
 from __future__ import annotations
@@ -17,47 +17,14 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.errors import NumericsError
-from ditdeploy.metrics import compare
-
-# Default tolerances (rel-L2 of the whole output vs the fp32 torch model; cosine as a second guard).
-# fp32: reassociation differences between torch and ORT kernels stay near 1e-6 even for 28 blocks; a wrong graph
-#       (e.g. the legacy exporter's) is >= 1e-2, so 1e-4 separates the two with margin.
-# fp16: 10-bit mantissa (unit roundoff 4.9e-4) on every GEMM input/output: rel-L2 a few 1e-4 is expected,
-#       we fail at 5e-3 (an order of magnitude of margin, still far below a broken graph).
-TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"rel_l2": 1e-4, "cosine": 0.99999},
-    "fp16": {"rel_l2": 5e-3, "cosine": 0.9999},
-}
-
-
-def denoiser_inputs(config: Any, batch_sizes: Sequence[int] = (1, 3), seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Deterministic denoiser feeds ``{"x", "t", "y"}`` for each batch size, for a ``DiTConfig``."""
-    rng = np.random.default_rng(seed)
-    total = int(sum(batch_sizes))
-    ts = np.rint(np.linspace(0, 999, total)).astype(np.int64)
-    ts = ts[rng.permutation(total)] if total > 2 else ts
-    feeds, k = [], 0
-    for i, b in enumerate(batch_sizes):
-        x = rng.standard_normal((b, config.in_channels, config.input_size, config.input_size)).astype(np.float32)
-        y = rng.integers(0, config.num_classes, size=b).astype(np.int64)
-        if b >= 2:
-            y[1] = config.null_class
-        elif i % 2 == 1:
-            y[0] = config.null_class
-        feeds.append({"x": x, "t": ts[k:k + b].copy(), "y": y})
-        k += b
-    return feeds
+from ditdeploy.parity import compare
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path`` (external data resolved from the model's directory)."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session for ``path`` with ORT's default settings (``runtimes.onnxruntime.make_session``)."""
+    from ditdeploy.runtimes.onnxruntime import make_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return make_session(path, threads=threads)
 
 
 def check_parity(
@@ -93,7 +60,7 @@ def check_parity(
             got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
         if got.shape != ref.shape:
             raise NumericsError(f"{what} output shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
-        entry = {"batch": int(next(iter(feed.values())).shape[0]), **compare(got, ref),
+        entry = {"batch": int(next(iter(feed.values())).shape[0]), **compare(got, ref).metrics(),
                  "reference_rms": float(np.sqrt(np.mean(np.square(ref, dtype=np.float64))))}
         for k in ("t", "y"):
             if k in feed:

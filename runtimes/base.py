@@ -6,7 +6,6 @@ Numpy + stdlib only (the deploy path must not import torch).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
 from ditdeploy.manifest import Manifest
 from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
+from ditdeploy.watch import Watched
 
 DENOISER_INPUTS = ("x", "t", "y")
 DENOISER_OUTPUT = "out"
@@ -231,46 +231,5 @@ class DecoderBase:
         return f"<{type(self).__name__} {self.name}>"
 
 
-class Timed:
-    """Wrap a denoiser/decoder callable and accumulate wall time and call counts spent inside it.
-
-    Attribute access (``name``, ``config``, ``manifest``…) is forwarded to the wrapped object, so a Timed denoiser
-    can be handed to the sampler in place of the original.
-    """
-
-    def __init__(self, fn: Callable[..., np.ndarray]):
-        self.fn = fn
-        self.seconds = 0.0
-        self.calls = 0
-        self.rows = 0
-        self.light_calls = 0  # feature-reuse light steps (included in calls/rows)
-        self.light_rows = 0
-
-    def _timed(self, fn: Callable[..., Any], args: tuple, light: bool = False) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
-            rows = (int(np.shape(args[0])[0]) if np.ndim(args[0]) else 1) if args else 0
-            self.rows += rows
-            if light:
-                self.light_calls += 1
-                self.light_rows += rows
-
-    def __call__(self, *args: Any) -> np.ndarray:
-        return self._timed(self.fn, args)
-
-    def forward_full(self, x: Any, t: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Timed ``fn.forward_full`` (feature reuse: output and cache)."""
-        return self._timed(self.fn.forward_full, (x, t, y))
-
-    def forward_light(self, x: Any, t: Any, y: Any, cache: np.ndarray) -> np.ndarray:
-        """Timed ``fn.forward_light`` (feature reuse: output from the cache), counted as a light call."""
-        return self._timed(self.fn.forward_light, (x, t, y, cache), light=True)
-
-    def __getattr__(self, item: str) -> Any:
-        if item == "fn":  # during unpickling / before __init__
-            raise AttributeError(item)
-        return getattr(self.fn, item)
+# The one timing/counting wrapper (also watches for NaN/Inf when asked): ``Timed(den)`` is ``Watched(den)``.
+Timed = Watched

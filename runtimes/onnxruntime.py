@@ -83,17 +83,25 @@ def choose_providers(requested: str | list[str] | tuple[str, ...] | None = None,
     return [p for p in PREFERENCE if p in available] or ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str], threads: int | None, trt_cache: str | None,
-             precision: str, spinning: bool = False) -> Any:
+def make_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",), *,
+                 threads: int | None = None, optimize: bool = True, spinning: bool | None = None,
+                 inter_op_threads: int | None = None, trt_cache: str | None = None, precision: str = "fp32") -> Any:
+    """The one place an ONNX Runtime ``InferenceSession`` is created (backend, export verification, INT8, OpenVINO
+    conversion parity). Options left ``None`` keep ONNX Runtime's defaults; log level errors-only; all graph
+    optimisations unless ``optimize=False``; sequential execution. A file ORT cannot load is a one-line
+    ArtifactError."""
     ort = _ort()
+    path = Path(path)
     so = ort.SessionOptions()
-    # Worker threads that spin after a run steal the cores the sampler's numpy work (and other processes) need:
-    # on a loaded 2-core machine, no spinning sampled the digits model 1.6x faster. spinning=True for a dedicated box.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if spinning is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = int(threads) if threads else physical_cores()
-    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if inter_op_threads:
+        so.inter_op_num_threads = int(inter_op_threads)
     so.log_severity_level = log_level()
     prov: list[Any] = []
     for p in providers:
@@ -109,6 +117,15 @@ def _session(path: Path, providers: list[str], threads: int | None, trt_cache: s
     except Exception as e:  # onnxruntime raises its own exception types (InvalidGraph, Fail, …)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"ONNX Runtime cannot load {path.name}: {msg}") from e
+
+
+def _session(path: Path, providers: list[str], threads: int | None, trt_cache: str | None,
+             precision: str, spinning: bool = False) -> Any:
+    """The backend's throughput settings: intra-op threads = physical cores, one inter-op thread, and no spinning
+    of idle worker threads (they steal the cores the sampler's numpy work and other processes need: on a loaded
+    2-core machine no spinning sampled the digits model 1.6x faster; ``spinning=True`` for a dedicated box)."""
+    return make_session(path, providers, threads=int(threads) if threads else physical_cores(), spinning=spinning,
+                        inter_op_threads=1, trt_cache=trt_cache, precision=precision)
 
 
 def _io(sess: Any) -> tuple[dict[str, Any], list[Any]]:

@@ -100,7 +100,7 @@ def test_activation_amax_of_first_qkv_is_its_input_max(digits):
 def test_calibrated_fp8_digits_within_goal(digits):
     """FP8 digits model (scales from sampling-trajectory inputs) vs fp32 on the export probes: cosine >= 0.995."""
     from ditdeploy.calibration.capture import capture_inputs
-    from ditdeploy.export.verify import denoiser_inputs
+    from ditdeploy.parity import probe_inputs as denoiser_inputs
     from ditdeploy.runtimes.torch import TorchDenoiser
 
     cal = capture_inputs(TorchDenoiser(digits), digits.config, samples=10, seed=1, steps=10, timesteps=5)

@@ -11,6 +11,7 @@ from ditdeploy.diffusion import samplers
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
 from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps
 from ditdeploy.errors import DitDeployError, NumericsError
+from ditdeploy.watch import ensure_finite
 
 __all__ = ["Denoiser", "GuidedModel", "denoiser_name", "check_cache_interval", "guided_steps", "parse_cfg_interval", "sample"]
 
@@ -161,11 +162,9 @@ class GuidedModel:
             )
         if out.dtype != np.float32:
             out = out.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise NumericsError(
-                f"denoiser {self.name} returned NaN/Inf at step {step_index + 1}/{self.num_steps} (t={t}); "
-                "check the model's precision (fp16/int8 overflow) and the inputs"
-            )
+        ensure_finite(out, lambda _: f"denoiser {self.name} returned NaN/Inf at step {step_index + 1}/"
+                                     f"{self.num_steps} (t={t}); check the model's precision (fp16/int8 overflow) "
+                                     "and the inputs", NumericsError)
         if not guide:
             return out
         cond, uncond = out[:b], out[b:]
