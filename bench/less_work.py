@@ -74,13 +74,13 @@ def evaluate(n_per_class: int = 12, method: str = "ddim", steps: int = 50, cfg_s
              options=OPTIONS, threads: int | None = 1) -> dict[str, Any]:
     """Every option's work, time and quality (see module doc); the first option must be full work."""
     from ditdeploy.bench.digits_quality import fit_classifier, real_digits
-    from ditdeploy.checking import shipped_digits
     from ditdeploy.checkpoints import load_model
     from ditdeploy.runtimes.torch import TorchDenoiser
+    from ditdeploy.shipped import DIGITS_CHECKPOINT
 
     real = real_digits()
     clf, clf_acc = fit_classifier(real)
-    den = TorchDenoiser.from_model(load_model(shipped_digits()), threads=threads)
+    den = TorchDenoiser.from_model(load_model(DIGITS_CHECKPOINT), threads=threads)
     labels = np.repeat(np.arange(10, dtype=np.int64), n_per_class)
     noise = np.random.default_rng(seed).standard_normal((len(labels), 1, 8, 8)).astype(np.float32)
     rows, full = [], None

@@ -169,14 +169,15 @@ def _quiet():
 
 def verify_package(package: Path, manifest: dict[str, Any], reference: Callable[[dict], Any], seed: int,
                    tolerance: dict[str, float], batch_sizes: Sequence[int] = (1, 3)) -> dict[str, Any]:
-    """Run the probe inputs of the ONNX path (``export/verify.py``) through the package on the ditdeploy runtime
+    """Run the probe inputs of the ONNX path (``ditdeploy.parity.probe_inputs``) through the package on the ditdeploy runtime
     and compare with ``reference`` (eager fp32); NumericsError beyond ``tolerance``."""
-    from ditdeploy.export.verify import check_parity, denoiser_inputs
+    from ditdeploy.export.verify import check_parity
+    from ditdeploy.parity import probe_inputs
     from ditdeploy.runtimes.aoti import AotiDenoiser
     from ditdeploy.variants import DiTConfig
 
     cfg = DiTConfig.from_dict(manifest["config"])
-    feeds = denoiser_inputs(cfg, batch_sizes, seed)
+    feeds = probe_inputs(cfg, batch_sizes, seed)
     den = AotiDenoiser(package, manifest=manifest)
     try:
         res = check_parity(package, reference, feeds, tolerance=tolerance, what=f"{manifest['precision']} .pt2",

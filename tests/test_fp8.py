@@ -128,7 +128,7 @@ def test_fp8_package_module_exports_with_scaled_mm(digits):
     the bf16 model, torch.export captures one `_scaled_mm` per quantized linear with a dynamic batch, and the
     exported program computes what the eager module does (cosine vs fp32 at the fp8 bar)."""
     from ditdeploy.export.aoti import precision_module
-    from ditdeploy.export.verify import denoiser_inputs
+    from ditdeploy.parity import probe_inputs as denoiser_inputs
 
     f8 = denoiser_inputs(digits.config, (8,), seed=3)[0]
 

@@ -154,7 +154,7 @@ def test_fp32_engine_matches_onnx_runtime_on_gpu(digits_artifacts, tmp_path):  #
     to the minimum), 3, and 7 (chunked) against ONNX Runtime CPU fp32 on the same inputs, rel-L2 <= 1e-5 (fp32
     arithmetic both sides; TF32 would give ~1e-3)."""
     from ditdeploy.export.tensorrt import build_engine
-    from ditdeploy.metrics import compare
+    from ditdeploy.parity import compare
 
     plan = tmp_path / "d.plan"
     m = build_engine(digits_artifacts["onnx"], plan, min_batch=2, opt_batch=2, max_batch=4, progress=False)
@@ -168,5 +168,5 @@ def test_fp32_engine_matches_onnx_runtime_on_gpu(digits_artifacts, tmp_path):  #
             x = rng.standard_normal((n, 1, 8, 8)).astype(np.float32)
             t, y = rng.integers(0, 1000, n), rng.integers(0, 11, n)
             got, want = den(x, t, y), ref(x, t, y)
-            assert got.shape == want.shape and compare(got, want)["rel_l2"] <= 1e-5, (graph, n)
+            assert got.shape == want.shape and compare(got, want).rel_l2 <= 1e-5, (graph, n)
         den.close()
