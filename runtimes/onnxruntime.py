@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.graphcheck import check_against_manifest
 from ditdeploy.runtimes.base import (
     DECODER_INPUT,
     DENOISER_INPUTS,
@@ -141,6 +142,7 @@ class OrtDenoiser(DenoiserBase):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = self.manifest.config
+        check_against_manifest(self.path, self.manifest, self.config)  # external data listed, config confirmed
         precision = self.manifest.precision
         self.providers = choose_providers(providers)
         self.session = _session(self.path, self.providers, threads, trt_cache, precision, spinning)
@@ -209,6 +211,7 @@ class OrtDecoder(DecoderBase):
                  max_batch: int | None = None, **_: Any):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "decoder", verify=verify)
+        check_against_manifest(self.path, self.manifest)  # every external-data file listed (and so verified)
         precision = self.manifest.precision
         self.providers = choose_providers(providers)
         self.session = _session(self.path, self.providers, threads, trt_cache, precision)

@@ -110,3 +110,59 @@ def test_calibrate_count_is_bounded_before_sampling(model, tmp_path):
                              "--steps", "50", "--timesteps", "25"])
     assert_one_line_error(code, err, ("memory", "--samples"), strict=False)
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "c.npz").exists()
+
+
+# --------------------------------------------------------------------------------------------------------- graph
+def _edit_config(model: Path, **changes) -> None:
+    import json
+
+    mp = model.with_name(model.name + ".json")
+    m = json.loads(mp.read_text())
+    m["config"].update(changes)
+    mp.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("changes,word", [({"num_classes": 9}, "num_classes"), ({"num_classes": 11}, "num_classes"),
+                                          ({"patch_size": 4}, "patch_size"), ({"hidden_size": 64}, "hidden_size"),
+                                          ({"class_dropout_prob": 0.0}, "num_classes")])
+def test_manifest_config_the_graph_contradicts_is_refused(model, tmp_path, changes, word):
+    """The label embedding table has 11 rows (10 classes + the null class): a manifest saying otherwise would sample
+    wrong classes (or guide against a real class) with exit 0."""
+    _edit_config(model, **changes)
+    code, _, err = run_main(["sample", "--engine", model, "--out", tmp_path / "g.png", *FAST])
+    assert_one_line_error(code, err, (word, "graph"))
+    assert not (tmp_path / "g.png").exists()
+
+
+def _with_external_data(model: Path, listed: bool) -> Path:
+    import json
+
+    import onnx
+
+    from ditdeploy.artifacts import sha256_file
+
+    m = onnx.load(str(model))
+    ext = model.with_name("ext.onnx")
+    onnx.save_model(m, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin",
+                    size_threshold=1024)
+    man = json.loads(model.with_name(model.name + ".json").read_text())
+    man["artifact"] = ext.name
+    man["files"] = {ext.name: {"sha256": sha256_file(ext), "bytes": ext.stat().st_size}}
+    if listed:
+        w = ext.with_name("w.bin")
+        man["files"]["w.bin"] = {"sha256": sha256_file(w), "bytes": w.stat().st_size}
+    ext.with_name(ext.name + ".json").write_text(json.dumps(man))
+    return ext
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(model, tmp_path):
+    pytest.importorskip("onnx")
+    ext = _with_external_data(model, listed=False)
+    code, _, err = run_main(["sample", "--engine", ext, "--out", tmp_path / "g.png", *FAST])
+    assert_one_line_error(code, err, ("w.bin", "does not list"))
+    ext = _with_external_data(model, listed=True)
+    code, _, err = run_main(["sample", "--engine", ext, "--out", tmp_path / "g.png", *FAST])
+    assert code == 0, err
+    ext.with_name("w.bin").write_bytes(ext.with_name("w.bin").read_bytes()[:-4] + b"\0\0\0\1")  # now verified
+    code, _, err = run_main(["sample", "--engine", ext, "--out", tmp_path / "g2.png", *FAST])
+    assert_one_line_error(code, err, ("sha256", "w.bin"))
