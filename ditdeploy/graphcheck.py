@@ -148,7 +148,7 @@ def scan(path: str | os.PathLike) -> OnnxScan:
 def _expect(what: str, got: Any, want: Any, path: Path) -> None:
     if got != want:
         raise ArtifactError(f"the manifest of {path.name} says {what} {want} but the graph has {got}: the manifest "
-                            "does not belong to this model; re-export it")
+                            "and the model do not belong together; re-export it")
 
 
 def check_against_manifest(path: str | os.PathLike, manifest: Any, config: Any = None) -> OnnxScan:
