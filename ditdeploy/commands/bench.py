@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
                     continue  # the torch row is the baseline below
                 opts.update(backend_options(name, {"cuda_graph": cuda_graph}))
                 targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
-                                              backend=name, path=str(p), opts=opts, decoder=dec))
+                                              backend=name, path=str(p), opts=opts, decoder=dec,
+                                              env=_torch_env() if name == "aoti" else {}))
             if torch_baseline and have_torch and cfg is not None:
                 key = cfg.to_json()
                 if key not in baselines:
@@ -151,7 +152,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _torch_env() -> dict[str, str]:
-    """Environment of the torch baseline's worker: OpenMP threads that sleep instead of spinning when idle (as our
+    """Environment of the torch baseline's (and a .pt2's) worker: OpenMP threads that sleep instead of spinning when idle (as our
     ONNX Runtime sessions do). On a shared CPU, spinning OpenMP barriers made a small torch model 10-100x slower
     here (digits batch 2: 242 ms default vs 3.3 ms passive under load 10), which would flatter every speed-up.
     A user-set OMP_WAIT_POLICY is kept."""
