@@ -189,6 +189,7 @@ def test_package_metadata_checks():
     (["--precision", "fp8"], ["fp8", "FP8 tensor cores"]),
     (["--precision", "int8"], ["--precision", "aoti"]),
     (["--device", "tpu"], ["--device", "cpu or cuda"]),
+    (["--dry-run"], ["--dry-run", "--fmt trt"]),
 ])
 def test_export_refusals_write_nothing(tmp_path: Path, extra: list[str], words: list[str]):
     if torch.cuda.is_available() and "fp8" in extra:

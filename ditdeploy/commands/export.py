@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
         fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
         if fmt_ == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
-            _check_aoti(device, prec, calibration, vae)
+            _check_aoti(device, prec, calibration, vae, dry_run)
         elif device is not None:
             raise DitDeployError("--device applies to --fmt aoti only")
         elif prec not in ("fp32", "fp16", "int8"):
@@ -204,7 +204,7 @@ def register(app: typer.Typer) -> None:
         _summary(target, m)
 
 
-def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None) -> None:
+def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None, dry_run: bool) -> None:
     """--fmt aoti: device/precision this machine can build (``export.aoti.check_target``), fp8's calibration set."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export.aoti import check_target
@@ -214,6 +214,8 @@ def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Pa
         raise DitDeployError("--precision fp8 needs --calibration FILE.npz (activation scales; `ditdeploy calibrate`)")
     if vae is not None:
         raise DitDeployError("--vae with --fmt aoti: export the VAE decoder separately (--fmt onnx)")
+    if dry_run:
+        raise DitDeployError("--dry-run applies to --fmt trt (a build plan); --fmt aoti compiles")
 
 
 def _summary(path: Path, m: dict) -> None:
