@@ -190,6 +190,7 @@ def test_package_metadata_checks():
     (["--precision", "int8"], ["--precision", "aoti"]),
     (["--device", "tpu"], ["--device", "cpu or cuda"]),
     (["--dry-run"], ["--dry-run", "--fmt trt"]),
+    (["--min-batch", "4", "--max-batch", "2"], ["batch range 4..2", "--min-batch <= --max-batch"]),
 ])
 def test_export_refusals_write_nothing(tmp_path: Path, extra: list[str], words: list[str]):
     if torch.cuda.is_available() and "fp8" in extra:
