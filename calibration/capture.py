@@ -367,6 +367,39 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise ArtifactError(f"{path} is not a readable calibration .npz ({type(e).__name__}: {e}); recapture it") from e
 
 
+def check_for_model(cs: CalibrationSet, config: Any) -> None:
+    """Check a calibration set against the model it will quantize, before any export work; the one-line error names
+    the calibration set as the culprit (recapture it) when its data cannot come from this model."""
+    name = cs.path.name
+    cc = cs.manifest.config_dict or {}
+    for k in ("in_channels", "input_size", "num_classes"):
+        if cc.get(k) != getattr(config, k):
+            raise ArtifactError(f"calibration set {name} was captured from a model with {k}={cc.get(k)}, not "
+                                f"{getattr(config, k)}: capture it from this model")
+    sets = {"": {"x": cs.x, "t": cs.t, "y": cs.y}}
+    if cs.val is not None:
+        sets["validation "] = {k: cs.val.get(k) for k in ("x", "t", "y")}
+    want = (config.in_channels, config.input_size, config.input_size)
+    for label, a in sets.items():
+        x, t, y = a["x"], a["t"], a["y"]
+        problems = [
+            (x is None or len(x) == 0, "holds no inputs"),
+            (x is not None and tuple(x.shape[1:]) != want, f"has inputs x of shape {None if x is None else x.shape[1:]}"
+                                                             f", the model takes {want}"),
+            (x is not None and x.dtype.kind != "f", f"has non-float inputs x ({None if x is None else x.dtype})"),
+            (t is None or t.dtype.kind not in "iu", f"has non-integer timesteps t ({None if t is None else t.dtype})"),
+            (y is None or y.dtype.kind not in "iu", f"has non-integer labels y ({None if y is None else y.dtype})"),
+            (t is not None and t.size and (t.min() < 0 or t.max() > 999), "has timesteps t outside 0..999"),
+            (y is not None and y.size and (y.min() < 0 or y.max() > config.num_classes),
+             f"has labels y outside 0..{config.num_classes} (classes + the null class)"),
+            (x is not None and x.size and not np.isfinite(x).all(), "has NaN/Inf inputs x"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ArtifactError(f"calibration set {name}: its {label}data {what}; the calibration set is at "
+                                    "fault, not the model: recapture it with `ditdeploy calibrate` from this model")
+
+
 def load_calibration(path: str | os.PathLike, verify: bool = True) -> CalibrationSet:
     """Load a calibration set written by :func:`capture_calibration_set` (manifest and sha256 checked)."""
     path = Path(path)

@@ -512,16 +512,10 @@ def _load_calib(calibration: str | os.PathLike | None, cfg: Any, src: Path, opts
             raise DitDeployError("static INT8 needs a calibration set: pass --calibration calib.npz "
                                  "(from `ditdeploy calibrate`) or use --int8-mode dynamic")
         return None
-    from ditdeploy.calibration.capture import load_calibration
+    from ditdeploy.calibration.capture import check_for_model, load_calibration
 
     calib = load_calibration(calibration)
-    cc = calib.manifest.config_dict or {}
-    for k in ("in_channels", "input_size", "num_classes"):
-        if cc.get(k) != getattr(cfg, k):
-            raise DitDeployError(
-                f"calibration set {calib.path.name} was captured from a model with {k}={cc.get(k)}, but "
-                f"{src.name} has {k}={getattr(cfg, k)}: capture it from this model"
-            )
+    check_for_model(calib, cfg)  # config, shapes, dtypes, t/y ranges, finite: the set named as the culprit
     return calib
 
 

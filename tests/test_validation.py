@@ -166,3 +166,48 @@ def test_external_data_the_manifest_does_not_list_is_refused(model, tmp_path):
     ext.with_name("w.bin").write_bytes(ext.with_name("w.bin").read_bytes()[:-4] + b"\0\0\0\1")  # now verified
     code, _, err = run_main(["sample", "--engine", ext, "--out", tmp_path / "g2.png", *FAST])
     assert_one_line_error(code, err, ("sha256", "w.bin"))
+
+
+# --------------------------------------------------------------------------------------------------------- calibration
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    """A tiny calibration set of the shipped digits model, made by the CLI."""
+    d = tmp_path_factory.mktemp("calib")
+    out = d / "calib.npz"
+    code, _, err = run_main(["calibrate", "--engine", ASSETS / "digits.onnx", "--out", out, "--samples", "2",
+                             "--steps", "2", "--timesteps", "2", "--val-samples", "0", "--batch-size", "2"])
+    assert code == 0, err
+    return out
+
+
+def _damaged(calib: Path, d: Path, fn) -> Path:
+    from conftest import copy_artifact, rehash
+
+    p = copy_artifact(calib, d)
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    fn(arrays)
+    with open(p, "wb") as f:
+        np.savez(f, **arrays)
+    rehash(p)
+    return p
+
+
+@pytest.mark.parametrize("case,fn,words", [
+    ("t-out-of-range", lambda a: a["t"].__setitem__(0, 1500), ("0..999",)),
+    ("t-negative", lambda a: a["t"].__setitem__(0, -1), ("0..999",)),
+    ("y-beyond-null", lambda a: a["y"].__setitem__(0, 11), ("labels", "0..10")),
+    ("t-float", lambda a: a.__setitem__("t", a["t"].astype(np.float32)), ("non-integer timesteps",)),
+    ("x-int", lambda a: a.__setitem__("x", a["x"].astype(np.int32)), ("non-float",)),
+    ("x-shape", lambda a: a.__setitem__("x", np.zeros((len(a["t"]), 1, 4, 4), np.float32)), ("shape",)),
+    ("empty", lambda a: [a.__setitem__(k, a[k][:0]) for k in ("x", "t", "y", "step", "sample")], ("no inputs",)),
+])
+def test_calibration_set_checked_against_the_model_before_export(calib, tmp_path, case, fn, words):
+    p = _damaged(calib, tmp_path / "in", fn)
+    t0 = time.perf_counter()
+    code, _, err = run_main(["export", "--checkpoint", ASSETS / "digits.safetensors", "--precision", "int8",
+                             "--calibration", p, "--out", tmp_path / "o" / "q.onnx", "--no-verify"])
+    line = assert_one_line_error(code, err, ("calibration set", p.name, *words), strict=False)
+    assert "at fault" in line or "recapture" in line
+    assert "[E:onnxruntime" not in err and not (tmp_path / "o" / "q.onnx").exists()
+    assert time.perf_counter() - t0 < 60  # before the export work

@@ -139,13 +139,9 @@ def register(app: typer.Typer) -> None:
             seed=seed, download=download, say=say,
         )
         if prec in ("int8", "fp8") and calibration is not None:  # fail before the slow export, not after it
-            from ditdeploy.calibration.capture import load_calibration
+            from ditdeploy.calibration.capture import check_for_model, load_calibration
 
-            cc = load_calibration(calibration).manifest.config_dict or {}
-            for k in ("in_channels", "input_size", "num_classes"):
-                if cc.get(k) != getattr(net.config, k):
-                    raise DitDeployError(f"calibration set {calibration.name} was captured from a model with "
-                                         f"{k}={cc.get(k)}, not {getattr(net.config, k)}: capture it from this model")
+            check_for_model(load_calibration(calibration), net.config)
         if source["kind"] == "random":
             say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
         snapshot_vae, id2label = source.pop("vae", None), pipeline.class_names(net, source)
