@@ -48,6 +48,7 @@ WEIGHTS = "diffusion_pytorch_model"
 DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 POS_EMBED_ATOL = 1e-5  # a stored pos_embed further than this from sin-cos was trained: diffusers cannot hold it
 OFFICIAL_LN_EPS = 1e-6  # every LayerNorm of the official DiT; diffusers' MLP LayerNorm uses config norm_eps
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx", ".json")
 _EMB = "transformer_blocks.{i}.norm1.emb."
 _T_EMB = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2"}
 _BLOCK = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
@@ -98,6 +99,8 @@ def is_snapshot_dir(path: str | os.PathLike) -> bool:
 
 def looks_like_hub_id(spec: str) -> bool:
     """``owner/name`` with no such local path (e.g. ``facebook/DiT-XL-2-256``)."""
+    if Path(spec).suffix.lower() in _FILE_SUFFIXES:  # runs/model.pt is a mistyped path, not a hub id
+        return False
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", spec)) and not Path(spec).exists()
 
 
@@ -105,7 +108,7 @@ def hub_id_error(spec: str) -> ArtifactError:
     """The one-line error for a hub id: ditdeploy never downloads snapshots; where to put one."""
     name = spec.rstrip("/").split("/")[-1]
     return ArtifactError(
-        f"--checkpoint {spec}: no such folder, and ditdeploy does not download from the Hugging Face hub; on a machine "
+        f"--checkpoint {spec}: no such file or folder; if it is a Hugging Face hub id: ditdeploy does not download, on a machine "
         f"with network access run `huggingface-cli download {spec} --local-dir {name}`, copy the {name}/ folder "
         f"(model_index.json, transformer/, vae/) here and pass --checkpoint {name}/"
     )

@@ -210,3 +210,9 @@ def tr_vae():
     from diffusers_snapshots import tiny_vae
 
     return tiny_vae()
+
+
+def test_mistyped_paths_are_not_hub_ids():
+    assert not diffusers_io.looks_like_hub_id("runs/model.safetensors")
+    assert not diffusers_io.looks_like_hub_id("ckpt/DiT-XL-2-256x256.pt")
+    assert diffusers_io.looks_like_hub_id("facebook/DiT-XL-2-512")
