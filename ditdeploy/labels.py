@@ -80,10 +80,10 @@ def _by_name(item: str, table: dict[str, list[int]], id2label: Mapping[int, str]
         close = difflib.get_close_matches(item.lower(), list(table), n=_CLOSE, cutoff=0.6)
         hint = (("close matches: " + ", ".join(f"{c} ({table[c][0]})" for c in close)) if close
                 else f"no close match; pass class ids 0..{num_classes - 1} instead")
-        raise DitDeployError(f"unknown class name {item!r}: {hint}")
+        raise DitDeployError(f"--labels: unknown class name {item!r}: {hint}")
     if len(ids) > 1:
         which = ", ".join(f"{i} ({id2label[i]})" for i in sorted(ids))
-        raise DitDeployError(f"class name {item!r} is ambiguous, it names {which}: pass the id")
+        raise DitDeployError(f"--labels: class name {item!r} is ambiguous, it names {which}: pass the id")
     return ids[0]
 
 
