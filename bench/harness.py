@@ -77,8 +77,11 @@ def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
 
 
 def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
-    """``"openvino:bf16"`` -> ("openvino", {"precision_hint": "bf16"}, "openvino:bf16"); plain names pass through."""
-    from ditdeploy.runtimes import ALIASES, BACKENDS
+    """``"openvino:bf16"`` -> ("openvino", {"precision_hint": "bf16"}, "openvino:bf16"); ``"name:key=value,..."`` sets
+    backend options (checked against the backend's option set: a misspelt one is a one-line error); plain names pass
+    through."""
+    from ditdeploy.runtimes import ALIASES, BACKENDS, check_options
+    from ditdeploy.runtimes.options import parse_value
 
     name, _, arg = spec.partition(":")
     name = ALIASES.get(name.lower(), name.lower())
@@ -86,9 +89,17 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
         raise DitDeployError(f"unknown backend {spec!r}: choose from {', '.join(BACKENDS)} "
                              "(openvino:bf16 / openvino:f32 set OpenVINO's precision hint)")
     opts: dict[str, Any] = {}
-    if arg:
+    if "=" in arg:
+        for item in arg.split(","):
+            key, eq, val = item.partition("=")
+            if not eq or not key.strip():
+                raise DitDeployError(f"backend option {item!r} in {spec!r}: write KEY=VALUE (e.g. onnxruntime:threads=2)")
+            opts[key.strip()] = parse_value(val)
+        check_options(name, opts)
+    elif arg:
         if name != "openvino":
-            raise DitDeployError(f"backend option ':{arg}' is only understood for openvino (precision hint)")
+            raise DitDeployError(f"backend option ':{arg}' is only understood for openvino (precision hint); "
+                                 f"other options are KEY=VALUE (e.g. {name}:threads=2)")
         opts["precision_hint"] = arg
     return name, opts, (f"{name}:{arg}" if arg else name)
 

@@ -30,11 +30,12 @@ DEFAULT_CFG = 4.0
 GRID_MAX = 256  # images shown in the grid image when sampling many (the npz holds all)
 SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
 GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL format
-# backend options and the backend(s) each applies to (None: every backend), with the flag that sets it
-BACKEND_OPTIONS = {"threads": (None, "--threads"), "providers": ("onnxruntime", "--provider"),
-                   "precision_hint": ("openvino", "--precision-hint"), "image_size": ("torch", "--image-size"),
-                   "device": (("torch", "aoti"), "--device"), "cuda_graph": (("torch", "aoti", "tensorrt"), "--cuda-graph")}
-DECODER_OPTIONS = ("threads", "providers", "precision_hint", "device")  # options a decoder on the same backend takes
+# the backend options `sample` sets, with the flag that sets each; which backend takes which is the backend's own
+# option set (ditdeploy.runtimes.options_for), not a list kept here
+BACKEND_OPTIONS = {"threads": "--threads", "providers": "--provider", "precision_hint": "--precision-hint",
+                   "image_size": "--image-size", "device": "--device", "cuda_graph": "--cuda-graph"}
+# --device names a torch device (cpu, cuda, cuda:1): OpenVINO's and TensorRT's own `device` options mean other things
+FLAG_BACKENDS = {"device": ("torch", "aoti")}
 
 Say = Callable[[str], None]
 
@@ -265,16 +266,17 @@ def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options to pass to ``runtimes.load`` for ``backend`` (None values dropped); an option meant for another
     backend is a one-line error naming its flag."""
     from ditdeploy.errors import DitDeployError
+    from ditdeploy.runtimes import BACKENDS, options_for
 
     out = {}
     for k, v in options.items():
         if v is None or v is False:
             continue
-        only, flag = BACKEND_OPTIONS[k]
-        allowed = (only,) if isinstance(only, str) else only
-        if allowed is not None and backend not in allowed:
-            raise DitDeployError(f"{flag} applies to the {', '.join(allowed)} backend{'s' * (len(allowed) > 1)} only"
-                                 + (" (bare .pt checkpoints)" if only == "torch" else "") + f", not {backend}")
+        allowed = list(FLAG_BACKENDS.get(k) or (b for b in BACKENDS if k in options_for(b)))
+        if backend not in allowed:
+            raise DitDeployError(f"{BACKEND_OPTIONS.get(k, k)} applies to the {', '.join(allowed)} backend"
+                                 f"{'s' * (len(allowed) > 1)} only"
+                                 + (" (bare .pt checkpoints)" if k == "image_size" else "") + f", not {backend}")
         out[k] = v
     return out
 
@@ -283,7 +285,7 @@ def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, An
     """The VAE decoder of a latent model (``vae`` or the manifest's), loaded; None for pixel models."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.manifest import Manifest
-    from ditdeploy.runtimes import READS, load_decoder
+    from ditdeploy.runtimes import READS, load_decoder, options_for, resolve_backend
 
     if den.config.space == "pixel":
         if vae is not None:
@@ -302,12 +304,10 @@ def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, An
     if Path(path).is_dir():  # a diffusers AutoencoderKL folder: the torch reference decoder
         return load_decoder(path, backend="torch", **({"threads": opts["threads"]} if "threads" in opts else {}))
     dec_backend = backend if Path(path).suffix.lower() in READS.get(backend, ()) else None
-    dec_opts = {k: v for k, v in opts.items() if k in DECODER_OPTIONS}
-    if dec_backend is None:
-        dec_opts.pop("precision_hint", None)
-        dec_opts.pop("device", None)
-        if Path(path).suffix.lower() != ".onnx":
-            dec_opts.pop("providers", None)
+    # the denoiser's options that the decoder's backend also takes (its own option set decides)
+    target = dec_backend or resolve_backend(path)
+    takes = options_for(target, "decoder")
+    dec_opts = {k: v for k, v in opts.items() if k in takes and target in FLAG_BACKENDS.get(k, (target,))}
     return load_decoder(path, backend=dec_backend, **dec_opts)
 
 

@@ -25,9 +25,11 @@ import numpy as np
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import Timed
+from ditdeploy.runtimes.options import accepted, validate
 from ditdeploy.variants import DiTConfig
 
-__all__ = ["BACKENDS", "Decoder", "Denoiser", "Timed", "load", "load_decoder", "resolve_backend"]
+__all__ = ["BACKENDS", "Decoder", "Denoiser", "Timed", "check_options", "load", "load_decoder", "options_for",
+           "resolve_backend"]
 
 # backend name -> module (imported only when chosen)
 BACKENDS: dict[str, str] = {
@@ -132,11 +134,15 @@ def load(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> De
 
     ``opts`` go to the backend: e.g. ``threads``, ``providers`` (onnxruntime), ``precision_hint`` /
     ``performance_hint`` (openvino), ``cuda_graph`` (tensorrt, aoti, torch), ``image_size`` (torch, for bare .pt files),
-    ``verify`` (sha256 check, default True).
+    ``verify`` (sha256 check, default True). Each backend takes a fixed, typed set (:func:`options_for`); an
+    unknown or misspelt option, or a value of the wrong type, is a one-line DitDeployError naming the valid ones,
+    raised before anything loads.
     """
     p = _check_exists(path)
     b = resolve_backend(p, backend)
-    return _module(b).load_denoiser(p, **opts)
+    entry = _module(b).load_denoiser
+    validate(b, "denoiser", entry, opts)
+    return entry(p, **opts)
 
 
 def load_decoder(path: str | os.PathLike, backend: str | None = None, **opts: Any) -> Decoder:
@@ -148,10 +154,29 @@ def load_decoder(path: str | os.PathLike, backend: str | None = None, **opts: An
     if p.is_dir():
         if backend and ALIASES.get(backend.lower(), backend.lower()) != "torch":
             raise DitDeployError(f"{p} is a diffusers VAE folder: only the torch backend reads it")
+        validate("torch", "decoder", _module("torch").load_decoder, opts)
         return _module("torch").load_decoder(p, **opts)
     p = _check_exists(path)
     b = resolve_backend(p, backend)
     mod = _module(b)
     if not hasattr(mod, "load_decoder"):
         raise DitDeployError(f"the {b} backend has no VAE decoder support; export the decoder to ONNX")
+    validate(b, "decoder", mod.load_decoder, opts)
     return mod.load_decoder(p, **opts)
+
+
+def options_for(backend: str, kind: str = "denoiser") -> tuple[str, ...]:
+    """The options ``backend`` takes for a ``denoiser`` or ``decoder`` (``()`` when it has no decoder support).
+
+    They are the keyword parameters of the backend's entry point (``runtimes/options.py``)."""
+    b = ALIASES.get(backend.lower(), backend.lower())
+    if b not in BACKENDS:
+        raise DitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    entry = getattr(_module(b), f"load_{kind}", None)
+    return accepted(entry) if entry is not None else ()
+
+
+def check_options(backend: str, opts: dict[str, Any], kind: str = "denoiser") -> None:
+    """One-line DitDeployError when ``opts`` holds an option the ``backend``'s ``kind`` does not take."""
+    b = ALIASES.get(backend.lower(), backend.lower())
+    validate(b, kind, getattr(_module(b), f"load_{kind}"), opts)

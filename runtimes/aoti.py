@@ -23,8 +23,6 @@ from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DenoiserBase, read_manifest
 
-OPTIONS = ("verify", "device", "threads", "cuda_graph", "manifest")
-
 
 def _torch():
     if "torch" not in sys.modules:
@@ -173,10 +171,5 @@ def _load_package(path: Path, device: Any) -> Any:
     return run
 
 
-def load_denoiser(path: str | os.PathLike, **opts: Any) -> AotiDenoiser:
-    """Load a ``.pt2`` denoiser; options: verify, device, threads, cuda_graph (a misspelt option is an error)."""
-    bad = sorted(set(opts) - set(OPTIONS))
-    if bad:
-        raise DitDeployError(f"unknown option(s) for the aoti backend: {', '.join(bad)} (it takes "
-                             f"{', '.join(o for o in OPTIONS if o != 'manifest')})")
-    return AotiDenoiser(path, **opts)
+# the backend entry point used by ditdeploy.runtimes.load: its signature is the option set
+load_denoiser = AotiDenoiser

@@ -138,7 +138,7 @@ class OrtDenoiser(DenoiserBase):
 
     def __init__(self, path: str | os.PathLike, *, providers: str | list[str] | None = None,
                  threads: int | None = None, verify: bool = True, io_binding: bool | None = None,
-                 trt_cache: str | None = None, max_batch: int | None = None, spinning: bool = False, **_: Any):
+                 trt_cache: str | None = None, max_batch: int | None = None, spinning: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = self.manifest.config
@@ -208,7 +208,7 @@ class OrtDecoder(DecoderBase):
 
     def __init__(self, path: str | os.PathLike, *, providers: str | list[str] | None = None,
                  threads: int | None = None, verify: bool = True, trt_cache: str | None = None,
-                 max_batch: int | None = None, **_: Any):
+                 max_batch: int | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "decoder", verify=verify)
         check_against_manifest(self.path, self.manifest)  # every external-data file listed (and so verified)
@@ -231,11 +231,6 @@ class OrtDecoder(DecoderBase):
         self.session = None
 
 
-def load_denoiser(path: str | os.PathLike, **opts: Any) -> OrtDenoiser:
-    """Backend entry point used by :func:`ditdeploy.runtimes.load`."""
-    return OrtDenoiser(path, **opts)
-
-
-def load_decoder(path: str | os.PathLike, **opts: Any) -> OrtDecoder:
-    """Backend entry point used by :func:`ditdeploy.runtimes.load_decoder`."""
-    return OrtDecoder(path, **opts)
+# the backend entry points used by ditdeploy.runtimes.load / load_decoder: their signatures are the option sets
+load_denoiser = OrtDenoiser
+load_decoder = OrtDecoder

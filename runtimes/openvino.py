@@ -125,7 +125,7 @@ class OpenVINODenoiser(DenoiserBase):
 
     def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = None,
                  performance_hint: str = "LATENCY", threads: int | None = None, verify: bool = True,
-                 max_batch: int | None = None, **_: Any):
+                 max_batch: int | None = None):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "denoiser", verify)
         self.config = self.manifest.config
@@ -178,7 +178,7 @@ class OpenVINODecoder(DecoderBase):
 
     def __init__(self, path: str | os.PathLike, *, device: str = "CPU", precision_hint: str | None = None,
                  performance_hint: str = "LATENCY", threads: int | None = None, verify: bool = True,
-                 max_batch: int | None = None, **_: Any):
+                 max_batch: int | None = None):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "decoder", verify)
         hint = _default_hint(self.manifest, precision_hint)
@@ -199,11 +199,6 @@ class OpenVINODecoder(DecoderBase):
         self._m = None
 
 
-def load_denoiser(path: str | os.PathLike, **opts: Any) -> OpenVINODenoiser:
-    """Backend entry point used by :func:`ditdeploy.runtimes.load`."""
-    return OpenVINODenoiser(path, **opts)
-
-
-def load_decoder(path: str | os.PathLike, **opts: Any) -> OpenVINODecoder:
-    """Backend entry point used by :func:`ditdeploy.runtimes.load_decoder`."""
-    return OpenVINODecoder(path, **opts)
+# the backend entry points used by ditdeploy.runtimes.load / load_decoder: their signatures are the option sets
+load_denoiser = OpenVINODenoiser
+load_decoder = OpenVINODecoder

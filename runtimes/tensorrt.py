@@ -165,7 +165,7 @@ class TensorRTDenoiser(DenoiserBase):
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, device: int = 0, cuda_graph: bool = False,
-                 strict_gpu_name: bool = True, max_batch: int | None = None, **_: Any):
+                 strict_gpu_name: bool = True, max_batch: int | None = None):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = self.manifest.config
@@ -251,6 +251,5 @@ def _deserialize(ptrt: Any, path: Path) -> Any:
         raise ArtifactError(f"TensorRT could not deserialize {path.name}: {' '.join(str(e).split())[:300]}") from e
 
 
-def load_denoiser(path: str | os.PathLike, **opts: Any) -> TensorRTDenoiser:
-    """Backend entry point used by :func:`ditdeploy.runtimes.load`."""
-    return TensorRTDenoiser(path, **opts)
+# the backend entry point used by ditdeploy.runtimes.load: its signature is the option set
+load_denoiser = TensorRTDenoiser

@@ -124,8 +124,7 @@ class TorchDecoder(DecoderBase):
         return out.detach().float().clamp(-1.0, 1.0).cpu().numpy()
 
 
-def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
-                 **_: Any) -> TorchDecoder:
+def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> TorchDecoder:
     """A diffusers ``AutoencoderKL`` folder (local files only) as the reference decoder."""
     _torch()
     diffusers = require("diffusers", "vae", "the torch VAE decoder")
@@ -139,7 +138,7 @@ def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int |
 
 def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, verify: bool = True,
                   device: str = "cpu", threads: int | None = None, max_batch: int | None = None,
-                  cuda_graph: bool = False, **_: Any) -> TorchDenoiser:
+                  cuda_graph: bool = False) -> TorchDenoiser:
     """Load a checkpoint with ``ditdeploy.checkpoints.load_model`` (config from safetensors metadata, or
     inferred for official .pt files with ``image_size``); a manifest beside it, if present, is verified."""
     _torch()

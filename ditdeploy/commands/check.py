@@ -185,13 +185,7 @@ def _load_artifact(engine: Path, backend: str | None, precision_hint: str | None
     from ditdeploy.runtimes import load, resolve_backend
 
     b = resolve_backend(engine, backend)
-    opts = backend_options(b, {"device": device, "cuda_graph": cuda_graph})
-    if precision_hint is not None:
-        if b != "openvino":
-            from ditdeploy.errors import DitDeployError
-
-            raise DitDeployError("--precision-hint applies to the openvino backend only")
-        opts["precision_hint"] = precision_hint
+    opts = backend_options(b, {"device": device, "cuda_graph": cuda_graph, "precision_hint": precision_hint})
     return load(engine, backend=b, **opts)
 
 
