@@ -169,9 +169,10 @@ def _openvino_matmul(n: int, hint: str) -> Callable[[], Any] | None:
     b = ops.parameter([n, n], ov.Type.f32)
     model = ov.Model([ops.matmul(a, b, False, False)], [a, b])
     from ditdeploy.runtimes.base import physical_cores
+    from ditdeploy.runtimes.openvino import compile_cpu
 
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
-                                                      "INFERENCE_NUM_THREADS": physical_cores()})
+    compiled = compile_cpu(model, {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY",
+                                   "INFERENCE_NUM_THREADS": physical_cores()})
     req = compiled.create_infer_request()
     rng = np.random.default_rng(0)
     xa, xb = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)

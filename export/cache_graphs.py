@@ -208,20 +208,18 @@ def export_cache_graphs_openvino(onnx_path: str | os.PathLike, out_xml: str | os
 
 def _ov_parity(full_onnx: Path, light_onnx: Path, full_xml: Path, light_xml: Path,
                m: dict[str, Any]) -> dict[str, Any]:
-    import openvino as ov
 
     from ditdeploy.errors import NumericsError
     from ditdeploy.export.openvino import parity_feeds
     from ditdeploy.export.verify import ort_session
     from ditdeploy.parity import compare, tolerance_for
-    from ditdeploy.runtimes.openvino import compile_config
+    from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 
     feeds = parity_feeds(m)
     ref_out, ref_cache = ort_session(full_onnx).run(["out", "cache"], feeds)
     ref_light = ort_session(light_onnx).run(["out"], {**feeds, "cache": ref_cache})[0]
-    core = ov.Core()
-    fc = core.compile_model(str(full_xml), "CPU", compile_config("f32"))
-    lc = core.compile_model(str(light_xml), "CPU", compile_config("f32"))
+    fc = compile_cpu(str(full_xml), compile_config("f32"))
+    lc = compile_cpu(str(light_xml), compile_config("f32"))
     r = fc(feeds)
     got_out, got_cache = np.asarray(r[fc.output("out")]), np.asarray(r[fc.output("cache")])
     got_light = np.asarray(lc({**feeds, "cache": ref_cache})[lc.output(0)])

@@ -50,12 +50,12 @@ def _parity(onnx_path: Path, xml: Path, m: Manifest, hint: str) -> dict[str, Any
     artifact's precision and the inference hint; NumericsError (nothing written) when they miss."""
     from ditdeploy.parity import compare, lossiest, thresholds_for
     from ditdeploy.runtimes.onnxruntime import make_session
-    from ditdeploy.runtimes.openvino import compile_config
+    from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 
-    ov = require("openvino", "openvino", "OpenVINO export")
+    require("openvino", "openvino", "OpenVINO export")
     feeds = parity_feeds(m)
     ref = make_session(onnx_path).run(None, feeds)[0]
-    compiled = ov.Core().compile_model(str(xml), "CPU", compile_config(hint))
+    compiled = compile_cpu(str(xml), compile_config(hint))
     got = np.asarray(compiled(feeds)[compiled.output(0)])
     rep = compare(got, ref)
     judged = lossiest(m.precision, hint)

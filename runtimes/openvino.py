@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.altstack import keep_sigaltstack
 from ditdeploy.artifacts import manifest_path
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
@@ -39,6 +40,12 @@ def _ov():
     from ditdeploy.errors import require
 
     return require("openvino", "openvino", "the OpenVINO backend")
+
+
+def compile_cpu(model: Any, cfg: dict[str, Any], device: str = "CPU") -> Any:
+    """``ov.Core().compile_model`` keeping this thread's alternate signal stack (see ``ditdeploy.altstack``)."""
+    with keep_sigaltstack():
+        return _ov().Core().compile_model(model, device, cfg)
 
 
 def compile_config(precision_hint: str | None = "f32", performance_hint: str = "LATENCY",
@@ -85,14 +92,16 @@ class _Compiled:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"OpenVINO cannot read {path.name}: {first}") from e
         try:
-            self.compiled = core.compile_model(self.model, device, cfg)
+            with keep_sigaltstack():  # see ditdeploy.altstack: the CPU plugin swaps this thread's signal stack
+                self.compiled = core.compile_model(self.model, device, cfg)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DitDeployError(f"OpenVINO cannot compile {path.name} for {device}: {first}") from e
         self.request = self.compiled.create_infer_request()
         self.out = self.compiled.output(0)
         try:
-            self.exec_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+            with keep_sigaltstack():
+                self.exec_precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         except Exception:  # pragma: no cover - property missing on some devices
             self.exec_precision = "?"
 
