@@ -41,8 +41,30 @@ def build_app() -> Any:
 
     for mod in (train, export, calibrate, sample, check, bench, fid, info):
         mod.register(app)
+    _compact_help_types()
     _APP = app
     return app
+
+
+def _compact_help_types() -> None:
+    """``--help`` at 80 columns: no type column entry for on/off flags (typer prints ``<bool>``), and ``<int>``
+    instead of ``<int range>`` (the range is printed beside it). Skipped if typer's internals change."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(TyperOption, "display_type_rich", None)
+    if orig is None or getattr(orig, "_ditdeploy", False):
+        return
+
+    def display_type_rich(self, ctx):  # type: ignore[no-untyped-def]
+        if getattr(self, "is_flag", False):
+            return None
+        shown = orig(self, ctx)
+        return shown.replace(" range>", ">") if isinstance(shown, str) else shown
+
+    display_type_rich._ditdeploy = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich
 
 
 def _ensure_std_streams() -> None:

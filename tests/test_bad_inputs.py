@@ -29,8 +29,8 @@ from conftest import assert_one_line_error, copy_artifact, edit_manifest, rehash
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_SAMPLE = ["--steps", "2", "--no-progress"]
-FAST_CHECK = ["--steps", "2", "--batch", "1", "--timesteps", "2"]
-FAST_BENCH = ["--no-torch", "--no-probe", "--steps", "1", "--repeats", "1", "--warmup", "0", "--batch", "1",
+FAST_CHECK = ["--steps", "2", "--batch-size", "1", "--timesteps", "2"]
+FAST_BENCH = ["--no-torch", "--no-probe", "--steps", "1", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1",
               "--backends", "onnxruntime"]
 
 
@@ -299,9 +299,9 @@ CASES = [
     Case("sample-nan-cfg", "--cfg-scale nan",
          lambda c: S(c, c.onnx, "--cfg-scale", "nan"), ("--cfg-scale",)),
     Case("sample-unknown-sampler", "--sampler euler",
-         lambda c: S(c, c.onnx, "--sampler", "euler"), ("unknown sampler", "ddim")),
+         lambda c: S(c, c.onnx, "--sampler", "euler"), ("--sampler", "'euler' is not one of", "ddim")),
     Case("sample-unknown-backend", "--backend tvm",
-         lambda c: S(c, c.onnx, "--backend", "tvm"), ("unknown backend",)),
+         lambda c: S(c, c.onnx, "--backend", "tvm"), ("--backend", "'tvm' is not one of")),
     Case("sample-backend-cannot-read", "--backend tensorrt on an .onnx file",
          lambda c: S(c, c.onnx, "--backend", "tensorrt"), ("cannot read",)),
     Case("sample-unknown-suffix", "engine file with an unknown suffix",
@@ -365,7 +365,7 @@ CASES = [
     Case("calibrate-steps-zero", "--steps 0",
          lambda c: ["calibrate", "--engine", c.onnx, "--out", c.out / "c.npz", "--steps", "0"], ("--steps",)),
     Case("calibrate-unknown-sampler", "--sampler heun",
-         lambda c: CAL(c, "--engine", c.onnx, "--sampler", "heun"), ("unknown sampler",)),
+         lambda c: CAL(c, "--engine", c.onnx, "--sampler", "heun"), ("--sampler", "'heun' is not one of")),
     Case("calibrate-negative-cfg", "--cfg-scale -2",
          lambda c: CAL(c, "--engine", c.onnx, "--cfg-scale", "-2"), ("--cfg-scale",)),
     Case("calibrate-missing-engine", "--engine that does not exist",
@@ -397,7 +397,7 @@ CASES = [
     Case("check-steps-zero", "--steps 0",
          lambda c: ["check", "--engine", c.onnx, "--steps", "0"], ("--steps",)),
     Case("check-unknown-sampler", "--sampler euler",
-         lambda c: CHK(c, "--engine", c.onnx, "--sampler", "euler"), ("unknown sampler",)),
+         lambda c: CHK(c, "--engine", c.onnx, "--sampler", "euler"), ("--sampler", "'euler' is not one of")),
     Case("check-nan-denoiser", "an ONNX returning NaN fails the check (exit 1) naming NaN; the JSON report says so",
          lambda c: CHK(c, "--engine", c.inp["nan_onnx"], "--golden", c.inp["golden"]), ("nan",), strict=False,
          report="report.json"),
@@ -405,8 +405,10 @@ CASES = [
          lambda c: ["check", "--engine", c.onnx, "--golden", c.inp["golden"], "--json", _under_file(c, "r.json")],
          ("not a directory",), strict=False),
     # ---------------------------------------------------------------------------------------------- bench
-    Case("bench-batch-zero", "--batch 0", lambda c: B(c, "--engine", c.onnx, "--batch", "0"), ("--batch",)),
-    Case("bench-batch-not-ints", "--batch 1,x", lambda c: B(c, "--engine", c.onnx, "--batch", "1,x"), ("--batch",)),
+    Case("bench-batch-zero", "--batch-sizes 0", lambda c: B(c, "--engine", c.onnx, "--batch-sizes", "0"),
+         ("--batch-sizes",)),
+    Case("bench-batch-not-ints", "--batch-sizes 1,x", lambda c: B(c, "--engine", c.onnx, "--batch-sizes", "1,x"),
+         ("--batch-sizes",)),
     Case("bench-steps-zero", "--steps 0", lambda c: B(c, "--engine", c.onnx, "--steps", "0"), ("--steps",)),
     Case("bench-missing-engine", "--engine that does not exist",
          lambda c: B(c, "--engine", c.tmp / "none.onnx"), ("no such artifact",)),
@@ -575,10 +577,10 @@ def test_subprocess_corrupt_golden_torch_free(digits_artifacts, tmp_path):
 
 
 def test_debug_shows_the_traceback(digits_artifacts, tmp_path):
-    r = _cli(["--debug", "sample", "--engine", digits_artifacts["onnx"], "--steps", "0"])
+    r = _cli(["--debug", "sample", "--engine", digits_artifacts["onnx"], "--labels", "3,10"])
     assert r.returncode != 0
     assert "Traceback (most recent call last)" in r.stderr and "DitDeployError" in r.stderr
-    assert "--steps must be" in r.stderr
+    assert "labels [10] out of range" in r.stderr
 
 
 def _fsize_limit(limit: int):

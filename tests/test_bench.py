@@ -42,7 +42,7 @@ def _main(args: list[str]) -> int:
     return 0
 
 
-FAST = ["--batch", "1,3", "--repeats", "3", "--warmup", "1", "--steps", "2", "--probe-size", "256"]
+FAST = ["--batch-sizes", "1,3", "--repeats", "3", "--warmup", "1", "--steps", "2", "--probe-size", "256"]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_bench_is_torch_free_on_onnx(art, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
     js = tmp_path / "b.json"
     p = subprocess.run([sys.executable, "-m", "ditdeploy", "bench", "--engine", str(art["onnx"]), "--backends",
-                        "onnxruntime", "--batch", "2", "--repeats", "2", "--warmup", "1", "--steps", "2",
+                        "onnxruntime", "--batch-sizes", "2", "--repeats", "2", "--warmup", "1", "--steps", "2",
                         "--probe-size", "128", "--json", str(js)], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr
@@ -157,9 +157,9 @@ def test_matmul_peak_probe_measures_each_precision():
 
 
 def test_bench_bad_arguments(art):
-    p = subprocess.run([sys.executable, "-m", "ditdeploy", "bench", "--engine", str(art["onnx"]), "--batch", "1,x"],
+    p = subprocess.run([sys.executable, "-m", "ditdeploy", "bench", "--engine", str(art["onnx"]), "--batch-sizes", "1,x"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert p.returncode == 2 and "--batch" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert p.returncode == 2 and "--batch-sizes" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     p = subprocess.run([sys.executable, "-m", "ditdeploy", "bench", "--engine", str(art["onnx"]), "--backends",
                         "nope"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert p.returncode == 2 and "unknown backend" in p.stderr

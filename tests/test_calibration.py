@@ -174,16 +174,16 @@ def test_calibrate_cli(digits_denoiser, tmp_path, capsys):
     ckpt = tmp_path / "digits.safetensors"
     save_safetensors(digits_denoiser.model, ckpt, digits_denoiser.config)
     out = tmp_path / "cli.npz"
-    main(["calibrate", "--checkpoint", str(ckpt), "--samples", "4", "--steps", "25", "--val-samples", "2",
+    main(["calibrate", "--engine", str(ckpt), "--samples", "4", "--steps", "25", "--val-samples", "2",
           "--batch-size", "4", "--out", str(out)])
     assert "200 inputs (100 cond + 100 uncond)" in capsys.readouterr().out  # cfg 4 by default: both halves
     m = json.loads(manifest_path(out).read_text())
     assert m["counts"]["cond"] == m["counts"]["uncond"] == 4 * 25
     assert m["source"]["sha256"] == sha256_file(ckpt) and m["source"]["backend"].startswith("torch")
     for argv, frag in ((["--steps", "0"], "--steps"), (["--out", str(tmp_path / "x.txt")], ".npz"),
-                       (["--sampler", "heun"], "unknown sampler")):
+                       (["--sampler", "heun"], "'heun' is not one of")):
         with pytest.raises(SystemExit) as e:
-            main(["calibrate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.npz"), *argv])
+            main(["calibrate", "--engine", str(ckpt), "--out", str(tmp_path / "e.npz"), *argv])
         assert e.value.code != 0
         err = capsys.readouterr().err.strip()
         assert frag in err and "\n" not in err and err.startswith("error:")

@@ -67,7 +67,7 @@ def test_check_against_the_snapshot_in_torch(exported):
     """`check` finds the torch reference through the manifest's source (the snapshot folder)."""
     d, _ = exported
     code, out, err = run_main(["check", "--engine", d / "t.onnx", "--steps", "3", "--timesteps", "3",
-                               "--batch", "2"])
+                               "--batch-size", "2"])
     assert code == 0, err + out
 
 
@@ -150,7 +150,7 @@ def test_digits_sample_names(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [["--fmt", "openvino"], ["--precision", "int8-dynamic"]])
+@pytest.mark.parametrize("extra", [["--fmt", "openvino"], ["--precision", "int8", "--int8-mode", "dynamic"]])
 def test_openvino_and_int8_carry_decoder_and_labels(exported, tmp_path, extra):
     _, snap = exported
     out = tmp_path / ("t.xml" if "openvino" in extra else "t.onnx")

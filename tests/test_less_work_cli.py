@@ -99,7 +99,7 @@ def test_check_and_bench_take_the_same_options(tmp_path, capsys, tiny_ckpt):
     """check: the artifact's end-to-end run uses the options, the reference stays full work; bench: e2e rows record
     the work done."""
     js = tmp_path / "c.json"
-    code, _, err = run_cli(["check", "--engine", "ditdeploy/assets/digits.onnx", "--steps", "6", "--batch", "2",
+    code, _, err = run_cli(["check", "--engine", "ditdeploy/assets/digits.onnx", "--steps", "6", "--batch-size", "2",
                             "--timesteps", "2", "--cfg-interval", "300,700", "--json", str(js),
                             "--threshold-latent-rel-l2", "10", "--threshold-psnr", "0", "--threshold-ssim", "0"],
                            capsys)
@@ -111,7 +111,7 @@ def test_check_and_bench_take_the_same_options(tmp_path, capsys, tiny_ckpt):
     assert code == 2 and "cannot reuse features" in err
     bj = tmp_path / "b.json"
     code, _, err = run_cli(["bench", "--engine", "ditdeploy/assets/digits.onnx", "--backends", "onnxruntime",
-                            "--batch", "2", "--steps", "4", "--repeats", "1", "--warmup", "0",
+                            "--batch-sizes", "2", "--steps", "4", "--repeats", "1", "--warmup", "0",
                             "--cfg-interval", "150,750", "--no-probe", "--no-torch", "--in-process",
                             "--json", str(bj)], capsys)
     assert code == 0, err

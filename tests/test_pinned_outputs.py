@@ -122,7 +122,7 @@ def test_check_report_pinned(tmp_path):
         pytest.skip("check against the PyTorch reference needs torch")
     engine = Path(__file__).resolve().parent.parent / "ditdeploy" / "assets" / "digits.onnx"
     rep = tmp_path / "c.json"
-    code, out, err = run_main(["check", "--engine", engine, "--steps", "4", "--timesteps", "2", "--batch", "2",
+    code, out, err = run_main(["check", "--engine", engine, "--steps", "4", "--timesteps", "2", "--batch-size", "2",
                                "--json", rep])
     assert code == 0, err
     r = json.loads(rep.read_text())
@@ -137,7 +137,7 @@ def test_bench_fields_pinned(tmp_path):
     if not has_torch():
         pytest.skip("the bench baseline row needs torch")
     js = tmp_path / "b.json"
-    code, _, err = run_main(["bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--batch", "1,2",
+    code, _, err = run_main(["bench", "--steps", "2", "--repeats", "1", "--warmup", "0", "--batch-sizes", "1,2",
                              "--no-probe", "--in-process", "--backends", "onnxruntime", "--json", js])
     assert code == 0, err
     d = json.loads(js.read_text())

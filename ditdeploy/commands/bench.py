@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from ditdeploy.commands import _common as c
+
 
 def default_backends(path: Path) -> list[str]:
     """Backends that read ``path``: ONNX on ONNX Runtime and OpenVINO (f32, plus the bf16 hint on CPUs with native
@@ -41,104 +43,76 @@ def _cpu_has_bf16() -> bool:
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench(
-        engine: list[Path] = typer.Option(None, "--engine", "-e",
+        engine: list[Path] = typer.Option(None, "--engine", "-e", rich_help_panel=c.PANEL_MODEL,
                                           help="Artifact(s) to bench; repeat the option. Default: the shipped digits."),
         backends: str = typer.Option(
-            None, "--backends",
+            None, "--backends", rich_help_panel=c.PANEL_MODEL,
             help="Comma-separated backends for every engine (onnxruntime, openvino, openvino:bf16, tensorrt). "
                  "Default: every installed backend that reads the file."),
-        batch: str = typer.Option("1,2,8", "--batch", help="Denoiser batch sizes, comma-separated."),
-        steps: int = typer.Option(10, "--steps", help="Sampling steps of the end-to-end run."),
-        repeats: int = typer.Option(10, "--repeats", help="Timed denoiser calls per batch (after warm-up)."),
-        warmup: int = typer.Option(2, "--warmup", help="Untimed calls before timing."),
-        cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Guidance of the end-to-end run (doubles the batch)."),
-        sampler: str = typer.Option("ddim", "--sampler", help="Sampler of the end-to-end run."),
-        e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also time a full sampling run per batch."),
-        torch_baseline: bool = typer.Option(
-            True, "--torch/--no-torch",
-            help="Time torch eager fp32 on the same model for the speed-up column (when torch is installed)."),
+        threads: int = c.threads_option(),
         reference: Path = typer.Option(
-            None, "--reference",
+            None, "--reference", rich_help_panel=c.PANEL_MODEL,
             help="Checkpoint for the torch baseline (default: the manifest's, the shipped digits, or random weights "
                  "of the same config: speed does not depend on the weights)."),
-        vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for the end-to-end run (default: manifest's)."),
-        threads: int = typer.Option(None, "--threads",
-                                    help="Intra-op threads for every backend (default: each runtime's, = physical cores)."),
-        probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure this machine's matmul peak per precision."),
-        probe_size: int = typer.Option(2048, "--probe-size", help="n of the n x n x n GEMM peak probe."),
-        in_process: bool = typer.Option(False, "--in-process",
+        vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for the end-to-end run (default: "
+                                 "the manifest's).", rich_help_panel=c.PANEL_MODEL),
+        batch_sizes: str = typer.Option("1,2,8", "--batch-sizes", help="Denoiser batch sizes, comma-separated.",
+                                        rich_help_panel=c.PANEL_SAMPLING),
+        batch: str = typer.Option(None, "--batch", hidden=True, help="Old spelling of --batch-sizes."),
+        steps: int = c.steps_option(10, "Sampling steps of the end-to-end run."),
+        repeats: int = typer.Option(10, "--repeats", min=1, help="Timed denoiser calls per batch (after warm-up).",
+                                    rich_help_panel=c.PANEL_SAMPLING),
+        warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls before timing.",
+                                   rich_help_panel=c.PANEL_SAMPLING),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", min=0.0, help="Guidance of the end-to-end run "
+                                        "(doubles the batch).", rich_help_panel=c.PANEL_SAMPLING),
+        sampler: c.Sampler = c.sampler_option("Sampler of the end-to-end run."),
+        e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Also time a full sampling run per batch.",
+                                 rich_help_panel=c.PANEL_SAMPLING),
+        torch_baseline: bool = typer.Option(
+            True, "--torch/--no-torch", rich_help_panel=c.PANEL_SAMPLING,
+            help="Time torch eager fp32 on the same model for the speed-up column (when torch is installed)."),
+        probe: bool = typer.Option(True, "--probe/--no-probe", help="Measure this machine's matmul peak per "
+                                   "precision.", rich_help_panel=c.PANEL_SAMPLING),
+        probe_size: int = typer.Option(2048, "--probe-size", min=16, help="n of the n x n x n GEMM peak probe.",
+                                       rich_help_panel=c.PANEL_SAMPLING),
+        in_process: bool = typer.Option(False, "--in-process", rich_help_panel=c.PANEL_SAMPLING,
                                         help="Run targets in this process (faster start; RSS then accumulates)."),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: torch/aoti/tensorrt targets replay "
-                                        "CUDA graphs (per batch size)."),
-        json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON."),
+                                        "CUDA graphs (per batch size).", rich_help_panel=c.PANEL_MODEL),
         cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: end-to-end runs guide only at "
-                                         "timesteps LO..HI."),
+                                         "timesteps LO..HI.", rich_help_panel=c.PANEL_SAMPLING),
         cache_interval: int = typer.Option(None, "--cache-interval", help="N: end-to-end runs reuse features "
-                                           "(torch, or `export --cache-graphs` artifacts)."),
-        csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row."),
-        plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib)."),
+                                           "(torch, or `export --cache-graphs` artifacts).",
+                                           rich_help_panel=c.PANEL_SAMPLING),
+        json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON.",
+                                      rich_help_panel=c.PANEL_OUTPUT),
+        csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row.",
+                                     rich_help_panel=c.PANEL_OUTPUT),
+        plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib).",
+                                  rich_help_panel=c.PANEL_OUTPUT),
+        progress: bool = c.progress_option(),
     ) -> None:
         """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch."""
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.bench import harness, report
+        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
         from ditdeploy.errors import DitDeployError
-        from ditdeploy.generation import backend_options
 
-        batches = harness.parse_batches(batch, "--batch")
-        for name, v in (("--steps", steps), ("--repeats", repeats)):
-            if v < 1:
-                raise DitDeployError(f"{name} must be >= 1, got {v}")
-        if warmup < 0:
-            raise DitDeployError("--warmup must be >= 0")
+        spec = c.deprecated("--batch", "--batch-sizes", batch, batch_sizes, default="1,2,8")
+        batches = harness.parse_batches(spec, "--batch" if batch is not None else "--batch-sizes")
         from ditdeploy.outputs import check_outputs
 
         check_outputs({"--engine": engine, "--reference": reference, "--vae": vae},
                       {"--json": json_out, "--csv": csv_out, "--plot": plot})
-        engines = list(engine or [])
-        if not engines:
-            from ditdeploy import shipped
-
-            engines = [shipped.default_model(None)]
-        targets: list[harness.Target] = []
-        baselines: dict[str, harness.Target] = {}
-        from ditdeploy.checking import has_torch
-
-        have_torch = has_torch()
-        for p in engines:
-            if not p.exists():
-                raise DitDeployError(f"no such artifact: {p}")
-            specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_backends(p)
-            m, cfg = _manifest_and_config(p)
-            dec = _decoder_for(p, m, vae)
-            for spec in specs:
-                name, opts, label = harness.parse_backend_spec(spec)
-                if threads:
-                    opts["threads"] = threads
-                if name == "torch":
-                    continue  # the torch row is the baseline below
-                opts.update(backend_options(name, {"cuda_graph": cuda_graph}))
-                targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
-                                              backend=name, path=str(p), opts=opts, decoder=dec,
-                                              env=_torch_env() if name == "aoti" else {}))
-            if torch_baseline and have_torch and cfg is not None:
-                key = cfg.to_json()
-                if key not in baselines:
-                    ref = _torch_reference(p, m, cfg, reference)
-                    baselines[key] = harness.Target(
-                        label="torch eager" + (f" {cfg.variant}" if len(engines) > 1 else ""), backend="torch",
-                        path=str(ref) if ref else None, config=None if ref else _asdict(cfg), decoder=dec,
-                        baseline=True, opts={"threads": threads} if threads else {}, env=_torch_env())
-        targets = list(baselines.values()) + targets
-        if not targets:
-            raise DitDeployError("nothing to bench: no backend reads the given artifact(s)")
-        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
-
+        targets = _targets(list(engine or []), backends, threads, vae, reference, torch_baseline, cuda_graph)
         interval = parse_cfg_interval(cfg_interval)
         check_cache_interval(cache_interval)
         settings = harness.Settings(batches=batches, steps=steps, repeats=repeats, warmup=warmup,
-                                    cfg_scale=cfg_scale, sampler=sampler, e2e=e2e,
+                                    cfg_scale=cfg_scale, sampler=c.value(sampler), e2e=e2e,
                                     cfg_interval=list(interval) if interval else None, cache_interval=cache_interval)
-        result = harness.run_bench(targets, settings, probe=probe, probe_size=probe_size, in_process=in_process)
+        result = harness.run_bench(targets, settings, probe=probe, probe_size=probe_size, in_process=in_process,
+                                   progress=c.progress_on(progress))
         typer.echo(report.format_table(result))
         if json_out is not None:
             write_json_atomic(json_out, result)
@@ -149,6 +123,47 @@ def register(app: typer.Typer) -> None:
         if not result["rows"]:
             raise DitDeployError("every bench target failed: " + "; ".join(
                 f"{e['target']}: {e['error']}" for e in result["errors"]))
+
+
+def _targets(engines: list[Path], backends: str | None, threads: int | None, vae: Path | None,
+             reference: Path | None, torch_baseline: bool, cuda_graph: bool = False) -> list:
+    """One harness target per (engine, backend), torch eager baselines first (one per model config)."""
+    from ditdeploy.bench import harness
+    from ditdeploy.checking import has_torch
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.generation import backend_options
+    from ditdeploy.shipped import default_model
+
+    engines = engines or [default_model(None)]
+    targets: list[harness.Target] = []
+    baselines: dict[str, harness.Target] = {}
+    have_torch = has_torch()
+    for p in engines:
+        if not p.exists():
+            raise DitDeployError(f"no such artifact: {p}")
+        specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_backends(p)
+        m, cfg = _manifest_and_config(p)
+        dec = _decoder_for(p, m, vae)
+        for spec in specs:
+            name, opts, label = harness.parse_backend_spec(spec)
+            if threads:
+                opts["threads"] = threads
+            if name == "torch":
+                continue  # the torch row is the baseline below
+            opts.update(backend_options(name, {"cuda_graph": cuda_graph}))
+            targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
+                                          backend=name, path=str(p), opts=opts, decoder=dec,
+                                          env=_torch_env() if name == "aoti" else {}))
+        if torch_baseline and have_torch and cfg is not None and cfg.to_json() not in baselines:
+            ref = _torch_reference(p, m, cfg, reference)
+            baselines[cfg.to_json()] = harness.Target(
+                label="torch eager" + (f" {cfg.variant}" if len(engines) > 1 else ""), backend="torch",
+                path=str(ref) if ref else None, config=None if ref else _asdict(cfg), decoder=dec,
+                baseline=True, opts={"threads": threads} if threads else {}, env=_torch_env())
+    targets = list(baselines.values()) + targets
+    if not targets:
+        raise DitDeployError("nothing to bench: no backend reads the given artifact(s)")
+    return targets
 
 
 def _torch_env() -> dict[str, str]:

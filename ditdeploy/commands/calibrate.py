@@ -9,78 +9,71 @@ from pathlib import Path
 
 import typer
 
+from ditdeploy.commands import _common as c
+
 _EPILOG = (
     "Examples: ditdeploy calibrate --out calib.npz (the shipped digits model) | "
     "ditdeploy calibrate --engine dit-xl-2-256-fp32.onnx --samples 16 --steps 50 --cfg-scale 4 --out xl-calib.npz | "
-    "ditdeploy calibrate --checkpoint digits.safetensors --sampler ddpm --steps 250 --out calib.npz"
+    "ditdeploy calibrate --engine digits.safetensors --sampler ddpm --steps 250 --out calib.npz"
 )
 
 
 def register(app: typer.Typer) -> None:
     @app.command("calibrate", epilog=_EPILOG)
     def calibrate(
-        out: Path = typer.Option(..., "--out", "-o", help="Calibration set to write (.npz; manifest beside it)."),
-        checkpoint: Path = typer.Option(None, "--checkpoint", "-c",
-                                        help="Torch checkpoint (.safetensors / .pt) run as the fp32 reference."),
-        engine: Path = typer.Option(None, "--engine", "-e",
-                                    help="An fp32 artifact (.onnx / .xml) to run instead of a checkpoint."),
-        backend: str = typer.Option(None, "--backend", help="Runtime for --engine (default: by suffix)."),
-        samples: int = typer.Option(32, "--samples", "-n", help="Trajectories (images) for the calibration set."),
-        steps: int = typer.Option(50, "--steps", help="Sampling steps, as deployed."),
-        sampler: str = typer.Option("ddim", "--sampler", help="ddim | ddpm | dpm-solver++, as deployed."),
-        cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Guidance scale, as deployed (both CFG halves "
-                                        "are captured when != 1)."),
-        eta: float = typer.Option(0.0, "--eta", help="DDIM eta."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the calibration trajectories."),
-        timesteps: int = typer.Option(25, "--timesteps", help="Denoiser calls kept per trajectory, evenly spread "
-                                      "over it (all when --steps is smaller)."),
-        val_samples: int = typer.Option(8, "--val-samples", help="Trajectories of the held-out validation set "
-                                        "(0: none)."),
-        val_seed: int = typer.Option(None, "--val-seed", "--val-seeds",
-                                     help="Seed of the validation trajectories (default: --seed + 1000003)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Calibration set to write (.npz; manifest beside it).",
+                                 rich_help_panel=c.PANEL_OUTPUT),
+        engine: Path = c.engine_option("The fp32 model to run: a torch checkpoint (.safetensors/.pt) or an "
+                                       "artifact (.onnx/.xml). Default: the shipped digits model."),
+        checkpoint: Path = typer.Option(None, "--checkpoint", "-c", hidden=True, help="Old spelling of --engine."),
+        backend: c.Backend = c.backend_option(),
+        threads: int = c.threads_option(),
+        image_size: int = typer.Option(None, "--image-size", min=8, help="Image size for bare official .pt "
+                                       "checkpoints.", rich_help_panel=c.PANEL_MODEL),
+        samples: int = typer.Option(32, "--samples", "-n", min=1, help="Trajectories (images) for the "
+                                    "calibration set.", rich_help_panel=c.PANEL_SAMPLING),
+        steps: int = c.steps_option(50, "Sampling steps, as deployed."),
+        sampler: c.Sampler = c.sampler_option("Sampler, as deployed."),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", min=0.0, help="Guidance scale, as deployed (both "
+                                        "CFG halves are captured when != 1).", rich_help_panel=c.PANEL_SAMPLING),
+        eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM eta.", rich_help_panel=c.PANEL_SAMPLING),
+        seed: int = c.seed_option("Seed of the calibration trajectories."),
+        timesteps: int = typer.Option(25, "--timesteps", min=1, help="Denoiser calls kept per trajectory, evenly "
+                                      "spread over it (all when --steps is smaller).",
+                                      rich_help_panel=c.PANEL_SAMPLING),
+        batch_size: int = typer.Option(16, "--batch-size", min=1, help="Trajectories sampled together.",
+                                       rich_help_panel=c.PANEL_SAMPLING),
+        val_samples: int = typer.Option(8, "--val-samples", min=0, help="Trajectories of the held-out validation "
+                                        "set (0: none).", rich_help_panel=c.PANEL_OUTPUT),
+        val_seed: int = typer.Option(None, "--val-seed", "--val-seeds", min=0, help="Seed of the validation "
+                                     "trajectories (default: --seed + 1000003).", rich_help_panel=c.PANEL_OUTPUT),
         val_out: Path = typer.Option(None, "--val-out", help="Write the validation set to this .npz instead of "
-                                     "into --out."),
-        batch_size: int = typer.Option(16, "--batch-size", help="Trajectories sampled together."),
-        threads: int = typer.Option(None, "--threads", help="Intra-op threads of the runtime."),
-        image_size: int = typer.Option(None, "--image-size", help="Image size for bare official .pt checkpoints."),
+                                     "into --out.", rich_help_panel=c.PANEL_OUTPUT),
+        progress: bool = c.progress_option(),
     ) -> None:
         """Capture denoiser inputs (x_t, t, y) of both CFG halves over whole sampling trajectories for INT8."""
-        import sys
         import time
 
         from ditdeploy.artifacts import sha256_file
         from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set, describe
-        from ditdeploy.errors import DitDeployError
         from ditdeploy.manifest import Manifest
         from ditdeploy.runtimes import load
+        from ditdeploy.shipped import default_model
 
-        settings = CaptureSettings(samples=samples, steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=eta,
-                                   seed=seed, timesteps=timesteps, batch_size=batch_size, val_samples=val_samples,
-                                   val_seed=val_seed)
+        settings = CaptureSettings(samples=samples, steps=steps, sampler=c.value(sampler), cfg_scale=cfg_scale,
+                                   eta=eta, seed=seed, timesteps=timesteps, batch_size=batch_size,
+                                   val_samples=val_samples, val_seed=val_seed)
         settings.validate()
-        if checkpoint is not None and engine is not None:
-            raise DitDeployError("pass either --checkpoint or --engine, not both")
-        if checkpoint is not None:
-            src, b = checkpoint, "torch"
-        elif engine is not None:
-            src, b = engine, backend
-        else:
-            from ditdeploy import shipped
-
-            src, b = shipped.default_model(backend), backend
-            typer.echo(f"no --checkpoint/--engine: calibrating the shipped default model {src.name}", err=True)
-        if not Path(src).exists():
-            raise DitDeployError(f"no such file: {src}")
-        if threads is not None and threads < 1:
-            raise DitDeployError(f"--threads must be >= 1, got {threads}")
-        opts = {}
-        if threads:
-            opts["threads"] = threads
-        if image_size is not None:
-            opts["image_size"] = image_size
+        src = c.deprecated("--checkpoint", "--engine", checkpoint, engine)
+        b = c.value(backend)
+        if src is None:
+            src = default_model(b)
+            typer.echo(f"no --engine: calibrating the shipped default model {src.name}", err=True)
+        c.existing(src)
+        opts = {k: v for k, v in (("threads", threads), ("image_size", image_size)) if v is not None}
         from ditdeploy.outputs import check_outputs
 
-        check_outputs({"--checkpoint/--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
+        check_outputs({"--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
         den = load(src, backend=b, **opts)
         _check_memory(settings, den.config)
         precision = Manifest.of(den.manifest).precision
@@ -91,7 +84,7 @@ def register(app: typer.Typer) -> None:
         m = capture_calibration_set(
             den, out, settings, val_out=val_out,
             source={"path": Path(src).name, "sha256": sha256_file(src), "backend": den.name, "precision": precision},
-            progress=sys.stderr.isatty(),
+            progress=c.progress_on(progress),
         )
         typer.echo(f"wrote {out}: {describe(m)} in {time.perf_counter() - t0:.1f} s")
         if val_out is not None and val_samples:

@@ -6,10 +6,13 @@ Imports only typer + stdlib at module import; torch and the exporters load insid
 
 from __future__ import annotations
 
-import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
+
+from ditdeploy.commands import _common as c
+from ditdeploy.variants import CONDITIONINGS
 
 _EPILOG = (
     "Examples: ditdeploy export --model digits | "
@@ -20,6 +23,32 @@ _EPILOG = (
     "ditdeploy export --checkpoint DiT-XL-2-256/ --out xl2.onnx (a diffusers snapshot: its vae/ is exported too) | "
     "ditdeploy export --model digits --fmt diffusers --out digits-diffusers/"
 )
+
+
+class Fmt(str, Enum):
+    onnx = "onnx"
+    openvino = "openvino"
+    trt = "trt"
+    tensorrt = "tensorrt"  # = trt
+    aoti = "aoti"
+    diffusers = "diffusers"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"  # aoti
+    int8 = "int8"
+    fp8 = "fp8"  # aoti
+    int8_dynamic = "int8-dynamic"  # deprecated: --precision int8 --int8-mode dynamic
+
+
+class Int8Mode(str, Enum):
+    static = "static"
+    dynamic = "dynamic"
+
+
+Conditioning = Enum("Conditioning", {k: k for k in CONDITIONINGS}, type=str)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,54 +63,57 @@ def register(app: typer.Typer) -> None:
                                             help="Export untrained random weights (benchmarking only)."),
         download: bool = typer.Option(False, "--download",
                                       help="Fetch the official weights into the cache when they are absent."),
-        image_size: int = typer.Option(None, "--image-size", help="256 or 512 (latent models; default 256)."),
-        conditioning: str = typer.Option(None, "--conditioning",
-                                         help="Block design for --random-weights: adaln-zero|adaln|in-context|"
-                                              "cross-attn."),
-        fmt: str = typer.Option("onnx", "--fmt", "-f", help="onnx | openvino | trt | aoti (AOTInductor .pt2) | "
-                                 "diffusers (a DiTPipeline snapshot folder)."),
-        precision: str = typer.Option("fp32", "--precision", "-p", help="fp32 | fp16 | int8 | int8-dynamic; "
-                                      "aoti: fp32 | bf16 | fp16 | fp8 (FP8 GPU + --calibration)."),
+        image_size: int = typer.Option(None, "--image-size", min=8, help="256 or 512 (latent models; default 256)."),
+        conditioning: Conditioning = typer.Option(None, "--conditioning",
+                                                  help="Block design for --random-weights."),
+        fmt: Fmt = typer.Option(Fmt.onnx, "--fmt", "-f", help="aoti: AOTInductor .pt2; diffusers: a DiTPipeline "
+                                "snapshot folder."),
+        precision: Precision = typer.Option(Precision.fp32, "--precision", "-p", help="The artifact's precision "
+                                            "(bf16, fp8: aoti only; fp8 needs an FP8 GPU + --calibration)."),
         device: str = typer.Option(None, "--device", help="--fmt aoti: cpu (default) | cuda: the device the .pt2 "
                                    "is compiled for (it runs only there)."),
-        opset: int = typer.Option(18, "--opset", help="ONNX opset (>= 17: LayerNormalization as one node)."),
-        batch_max: int = typer.Option(None, "--batch-max", "--max-batch", help="Largest batch the artifact is built for "
+        opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset (>= 17: LayerNormalization as one node)."),
+        max_batch: int = typer.Option(None, "--max-batch", min=1, help="Largest batch the artifact is built for "
                                       "(TensorRT profile, .pt2 dynamic batch; recorded in the manifest)."),
+        batch_max: int = typer.Option(None, "--batch-max", min=1, hidden=True, help="Old spelling of --max-batch."),
         vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
                                  "(alone when no --model is given). Default with a snapshot --checkpoint: its vae/."),
         no_vae: bool = typer.Option(False, "--no-vae", help="Do not export the snapshot's vae/ decoder."),
         calibration: Path = typer.Option(None, "--calibration", help="Calibration set (.npz from `ditdeploy "
                                          "calibrate`) for --precision int8."),
-        int8_mode: str = typer.Option("static", "--int8-mode", help="static (Q/DQ, calibrated) | dynamic (ORT CPU)."),
+        int8_mode: Int8Mode = typer.Option(Int8Mode.static, "--int8-mode", help="static (Q/DQ, calibrated) | "
+                                           "dynamic (ORT CPU)."),
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
                                     "adaln, final, attention, linear, other), 'default', 'none', or node/module "
                                     "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
-        min_batch: int = typer.Option(None, "--min-batch", help="TensorRT profile / .pt2: smallest batch (default 1)."),
-        opt_batch: int = typer.Option(None, "--opt-batch", help="TensorRT profile: batch tuned for (default 8)."),
+        min_batch: int = typer.Option(None, "--min-batch", min=1, help="TensorRT profile / .pt2: smallest batch (default 1)."),
+        opt_batch: int = typer.Option(None, "--opt-batch", min=1, help="TensorRT profile: batch tuned for (default 8)."),
         timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (read if "
                                           "present, written after the build)."),
-        opt_level: int = typer.Option(3, "--opt-level", help="TensorRT builder optimisation level 0..5."),
+        opt_level: int = typer.Option(3, "--opt-level", min=0, max=5, help="TensorRT builder optimisation level."),
         dry_run: bool = typer.Option(False, "--dry-run", help="--fmt trt: write the build plan "
                                      "(<out>.buildplan.json) instead of building; needs no TensorRT."),
         no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ORT-vs-torch parity check (not "
                                        "recommended; the manifest records verified: false)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of --random-weights and of the verification inputs."),
-        out: Path = typer.Option(None, "--out", "-o", help="Output file (default <variant>-<res>-<precision>.onnx "
-                                 "/ .xml / .plan in the current directory)."),
+        seed: int = typer.Option(0, "--seed", min=0, help="Seed of --random-weights and of the verification inputs."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output file (default: named after variant, resolution "
+                                 "and precision, in the current directory)."),
         cache_graphs: bool = typer.Option(False, "--cache-graphs", help="Two-graph artifact for feature reuse "
                                           "(`sample --cache-interval N`): OUT (full graph + cache output) and "
                                           "OUT's .light graph; fp32 onnx/openvino; both verified vs torch."),
+        progress: bool = c.progress_option(),
     ) -> None:
         """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
         from ditdeploy.errors import DitDeployError
         from ditdeploy.outputs import check_outputs
 
-        fmt_ = fmt.lower()
-        prec = precision.lower()
+        fmt_, prec, int8_mode, conditioning = c.value(fmt), c.value(precision), c.value(int8_mode), \
+            c.value(conditioning)
         if prec == "int8-dynamic":
+            c.warn_deprecated("--precision int8-dynamic", "--precision int8 --int8-mode dynamic")
             prec, int8_mode = "int8", "dynamic"
-        if fmt_ not in ("onnx", "openvino", "trt", "tensorrt", "aoti", "diffusers"):
-            raise DitDeployError(f"--fmt {fmt!r}: choose onnx, openvino, trt, aoti or diffusers")
+        batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
+        show_progress = c.progress_on(progress)
         if fmt_ == "diffusers" and prec != "fp32":
             raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
         fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
@@ -90,11 +122,7 @@ def register(app: typer.Typer) -> None:
         elif device is not None:
             raise DitDeployError("--device applies to --fmt aoti only")
         elif prec not in ("fp32", "fp16", "int8"):
-            raise DitDeployError(f"--precision {precision!r}: choose fp32, fp16 or int8")
-        if opset < 17:
-            raise DitDeployError(f"--opset {opset}: needs >= 17 (LayerNormalization as one node)")
-        if batch_max is not None and batch_max < 1:
-            raise DitDeployError("--batch-max must be >= 1")
+            raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
         if cache_graphs and (fmt_ not in ("onnx", "openvino") or prec != "fp32"):
             raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
         if cache_graphs and model is None and checkpoint is None:
@@ -130,7 +158,7 @@ def register(app: typer.Typer) -> None:
                 raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
             check_outputs({"--vae": vae}, {}, sets={"--out": dec_out})
             m = pipeline.export_decoder(str(vae), dec_out, fmt_, opset=opset, verify=verify,
-                                        latent_size=latent_size, progress=sys.stderr.isatty())
+                                        latent_size=latent_size, progress=show_progress)
             _summary(dec_out, m)
             return
 
@@ -172,7 +200,7 @@ def register(app: typer.Typer) -> None:
                       sets={} if dry_run else {"--out": target, "--vae decoder": dec_out})
         if vae is not None:
             dm = pipeline.export_decoder(str(vae), dec_out, dec_fmt, opset=opset, verify=verify,
-                                         latent_size=net.config.input_size, progress=sys.stderr.isatty())
+                                         latent_size=net.config.input_size, progress=show_progress)
             _summary(dec_out, dm)
             decoder_name = dec_out.name
         if cache_graphs:
@@ -184,7 +212,7 @@ def register(app: typer.Typer) -> None:
             m = pipeline.export_denoiser(
                 net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
                 decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
-                seed=seed, progress=sys.stderr.isatty(),
+                seed=seed, progress=show_progress,
                 int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
                 id2label=id2label,
                 trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,

@@ -5,10 +5,11 @@ Thin wiring: flags -> ``ditdeploy.fid.FidRequest`` -> ``ditdeploy.fid.evaluate``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
+
+from ditdeploy.commands import _common as c
 
 
 def _summary(report: dict) -> str:
@@ -33,13 +34,13 @@ def register(app: typer.Typer) -> None:
                                        "($DITDEPLOY_CACHE or ~/.cache/ditdeploy)."),
         extractor: str = typer.Option("auto", "--extractor", help="auto (digits for --ref digits, else inception) | "
                                       "inception | digits (8x8 digits against an npz reference)."),
-        batch_size: int = typer.Option(50, "--batch-size", help="Images per feature-extractor batch."),
+        batch_size: int = typer.Option(50, "--batch-size", min=1, help="Images per feature-extractor batch."),
         device: str = typer.Option("auto", "--device", help="Inception device: auto | cpu | cuda[:N]."),
         pr: bool = typer.Option(True, "--pr/--no-pr", help="Precision / recall (needs reference images; "
                                 "O(N^2) distances)."),
-        split_size: int = typer.Option(5000, "--split-size", help="Inception Score split size (ADM: 5000)."),
+        split_size: int = typer.Option(5000, "--split-size", min=1, help="Inception Score split size (ADM: 5000)."),
         json_out: Path = typer.Option(None, "--json", help="Also write the full report as JSON here."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+        progress: bool = c.progress_option(),
     ) -> None:
         """FID and Inception Score of SAMPLES against --ref (+ sFID / precision / recall when the reference
         carries what they need). Weights are never downloaded."""
@@ -53,7 +54,7 @@ def register(app: typer.Typer) -> None:
                            "--inception": inception}, {"--json": json_out})
         req = FidRequest(samples=samples, ref=ref, inception=inception, batch_size=batch_size, device=device,
                          precision_recall=pr, split_size=split_size, extractor=extractor,
-                         progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1")
+                         progress=c.progress_on(progress))
         report = evaluate(req)
         if json_out is not None:
             from ditdeploy.artifacts import write_json_atomic

@@ -10,9 +10,14 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
-        artifact: Path = typer.Argument(None, help="An exported artifact (.onnx/.xml/.plan/.safetensors) to describe."),
+        engine: Path = typer.Option(None, "--engine", "-e", help="An artifact (.onnx/.xml/.plan/.safetensors) "
+                                    "whose manifest to show."),
+        artifact: Path = typer.Argument(None, hidden=True, help="Old spelling of --engine."),
     ) -> None:
         """Show versions, available runtimes and variants, or an artifact's manifest."""
+        from ditdeploy.commands._common import deprecated
+
+        artifact = deprecated("the positional ARTIFACT", "--engine", artifact, engine)
         import importlib.util
         import json
 

@@ -7,63 +7,74 @@ imports torch unless ``--backend torch`` is chosen.
 
 from __future__ import annotations
 
-import os
+from enum import Enum
 from pathlib import Path
 
 import typer
 
+from ditdeploy.commands import _common as c
 from ditdeploy.generation import DEFAULT_BATCH, DEFAULT_CFG, GRID_FORMATS
+
+GridFormat = Enum("GridFormat", {k: k for k in GRID_FORMATS}, type=str)  # --output-format choices
 
 
 def register(app: typer.Typer) -> None:
     @app.command("sample")
     def sample(
-        engine: Path = typer.Option(None, "--engine", "-e", help="Denoiser artifact (.onnx, .xml, .plan/.engine, "
-                                    ".pt2, .safetensors/.pt). Default: the shipped digits model."),
-        backend: str = typer.Option(None, "--backend", "-b", help="onnxruntime | openvino | tensorrt | aoti | "
-                                    "torch (default: from the file suffix)."),
-        vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for latent models (default: the "
-                                 "manifest's 'decoder')."),
-        labels: str = typer.Option(None, "--labels", help="Comma-separated class ids or names (the model's "
-                                   "id2label, case-insensitive), e.g. 207,360 or \"golden retriever, volcano\"."),
-        num_per_label: int = typer.Option(None, "--num-per-label", help="Images per class (all classes unless "
-                                          "--labels)."),
-        sampler: str = typer.Option("ddim", "--sampler", help="ddpm | ddim | dpm-solver++"),
-        steps: int = typer.Option(50, "--steps", help="Sampling steps (model evaluations)."),
-        cfg_scale: float = typer.Option(None, "--cfg-scale", help=f"Classifier-free guidance scale (1 = off; "
-                                        f"default {DEFAULT_CFG:g}, or 1 for models without a null class)."),
-        eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
-        seed: int = typer.Option(0, "--seed", help="Seed; image i's noise derives from (seed, i)."),
-        batch_size: int = typer.Option(None, "--batch-size", help=f"Images per sampler batch (default "
-                                       f"{DEFAULT_BATCH}); the runtime chunks to the artifact's max batch."),
-        out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Labelled grid image."),
-        output_format: str = typer.Option(None, "--output-format", help=f"Grid image format: "
-                                          f"{' | '.join(GRID_FORMATS)} (default: from --out's suffix, else png)."),
-        no_out: bool = typer.Option(False, "--no-out", help="Do not write the PNG grid (e.g. with --npz)."),
-        npz: Path = typer.Option(None, "--npz", help="Write arr_0 (N,H,W,C) uint8 + labels (ADM evaluator "
-                                 "layout)."),
-        shards: int = typer.Option(1, "--shards", help="Split the images over N worker processes and merge."),
-        threads: int = typer.Option(None, "--threads", help="Intra-op threads (default: physical cores)."),
-        provider: str = typer.Option(None, "--provider", help="onnxruntime providers, e.g. cpu or cuda,cpu."),
-        precision_hint: str = typer.Option(None, "--precision-hint", help="openvino INFERENCE_PRECISION_HINT: "
-                                           "f32 (default, parity) | bf16 | f16 | default."),
-        guide_all_channels: bool = typer.Option(False, "--guide-all-channels", help="Apply CFG to all eps "
-                                                "channels, not the official first 3."),
-        image_size: int = typer.Option(None, "--image-size", help="Image size for bare official .pt checkpoints "
-                                       "(torch backend)."),
-        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: guidance only at original timesteps "
-                                         "LO..HI (inclusive, 0..999); other steps run the conditional half only."),
-        cache_interval: int = typer.Option(None, "--cache-interval", help="N: feature reuse, every N-th step "
-                                           "computes all blocks (torch, or an `export --cache-graphs` artifact)."),
-        json_out: Path = typer.Option(None, "--json", help="Write the run summary (work, GMACs, timings) here."),
+        engine: Path = c.engine_option("Denoiser artifact (.onnx, .xml, .plan/.engine, .pt2, .safetensors/.pt). "
+                                       "Default: the shipped digits model."),
+        backend: c.Backend = c.backend_option(),
+        vae: Path = c.vae_option(),
+        threads: int = c.threads_option(),
+        provider: str = c.provider_option(),
+        precision_hint: c.PrecisionHint = c.precision_hint_option(),
+        image_size: int = typer.Option(None, "--image-size", min=8, help="Image size for bare official .pt "
+                                       "checkpoints (torch backend).", rich_help_panel=c.PANEL_MODEL),
         device: str = typer.Option(None, "--device", help="torch backend: cpu | cuda; aoti: the .pt2's device "
-                                   "(default)."),
+                                   "(default).", rich_help_panel=c.PANEL_MODEL),
         cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only (torch, aoti, tensorrt): replay a "
-                                        "captured CUDA graph per batch size."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="tqdm bar over sampling steps."),
+                                        "captured CUDA graph per batch size.", rich_help_panel=c.PANEL_MODEL),
+        labels: str = typer.Option(None, "--labels", help="Comma-separated class ids or names (the model's "
+                                   "id2label, case-insensitive), e.g. 207,360 or \"golden retriever, volcano\".",
+                                   rich_help_panel=c.PANEL_SAMPLING),
+        num_per_label: int = typer.Option(None, "--num-per-label", min=1, help="Images per class (all classes "
+                                          "unless --labels).", rich_help_panel=c.PANEL_SAMPLING),
+        sampler: c.Sampler = c.sampler_option(),
+        steps: int = c.steps_option(50),
+        cfg_scale: float = typer.Option(None, "--cfg-scale", min=0.0, help=f"Classifier-free guidance scale (1 = "
+                                        f"off; default {DEFAULT_CFG:g}, or 1 for models without a null class).",
+                                        rich_help_panel=c.PANEL_SAMPLING),
+        eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM eta (0 = deterministic).",
+                                  rich_help_panel=c.PANEL_SAMPLING),
+        seed: int = c.seed_option(),
+        batch_size: int = typer.Option(None, "--batch-size", min=1, help=f"Images per sampler batch (default "
+                                       f"{DEFAULT_BATCH}); the runtime chunks to the artifact's max batch.",
+                                       rich_help_panel=c.PANEL_SAMPLING),
+        guide_all_channels: bool = typer.Option(False, "--guide-all-channels", help="Apply CFG to all eps "
+                                                "channels, not the official first 3.",
+                                                rich_help_panel=c.PANEL_SAMPLING),
+        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: guidance only at original timesteps "
+                                         "LO..HI (inclusive, 0..999); other steps run the conditional half only.",
+                                         rich_help_panel=c.PANEL_SAMPLING),
+        cache_interval: int = typer.Option(None, "--cache-interval", help="N: feature reuse, every N-th step "
+                                           "computes all blocks (torch, or an `export --cache-graphs` artifact).",
+                                           rich_help_panel=c.PANEL_SAMPLING),
+        out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Labelled grid image.",
+                                 rich_help_panel=c.PANEL_OUTPUT),
+        output_format: GridFormat = typer.Option(None, "--output-format", help="Grid image format (default: from "
+                                                 "--out's suffix, else png).", rich_help_panel=c.PANEL_OUTPUT),
+        no_out: bool = typer.Option(False, "--no-out", help="Do not write the grid (e.g. with --npz).",
+                                    rich_help_panel=c.PANEL_OUTPUT),
+        npz: Path = typer.Option(None, "--npz", help="Write arr_0 (N,H,W,C) uint8 + labels (ADM evaluator "
+                                 "layout).", rich_help_panel=c.PANEL_OUTPUT),
+        shards: int = typer.Option(1, "--shards", min=1, help="Split the images over N worker processes and "
+                                   "merge.", rich_help_panel=c.PANEL_OUTPUT),
+        json_out: Path = typer.Option(None, "--json", help="Write the run summary (work, GMACs, timings) here.",
+                                      rich_help_panel=c.PANEL_OUTPUT),
+        progress: bool = c.progress_option(),
         shard: str = typer.Option(None, "--shard", hidden=True, help="INDEX/COUNT: sample only this shard."),
     ) -> None:
-        """Sample class-conditional images on any backend; writes a labelled PNG grid and/or an npz.
+        """Sample class-conditional images on any backend; writes a labelled grid image and/or an npz.
 
         With no arguments: the shipped digits model on ONNX Runtime CPU, all 10 classes -> samples.png.
         """
@@ -73,15 +84,14 @@ def register(app: typer.Typer) -> None:
 
         if no_out and npz is None:
             raise DitDeployError("nothing to write: pass --out FILE and/or --npz FILE")
-
         req = generation.SampleRequest(
-            engine=engine, backend=backend, vae=vae,
-            labels=generation.parse_label_spec(labels) if labels is not None else None,
-            num_per_label=num_per_label, sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed,
-            batch_size=batch_size, out=None if no_out else out, output_format=output_format, npz=npz, shards=shards,
+            engine=engine, backend=c.value(backend), vae=vae,
+            labels=generation.parse_label_spec(labels) if labels is not None else None, num_per_label=num_per_label,
+            sampler=c.value(sampler), steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed, batch_size=batch_size,
+            out=None if no_out else out, output_format=c.value(output_format), npz=npz, shards=shards,
             shard=list(sharding.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,
-            progress=progress and os.environ.get("DITDEPLOY_NO_PROGRESS") != "1",
-            options={"threads": threads, "providers": provider, "precision_hint": precision_hint,
+            progress=c.progress_on(progress),
+            options={"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                      "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None},
             cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
             cache_interval=cache_interval, json_summary=json_out,
