@@ -2,7 +2,7 @@
 
 INT8 ranges must come from the activations the deployed model will see, so the set is recorded from the floating-point
 model running ``ditdeploy.diffusion.sample`` with the deployment's sampler, step count and guidance scale
-(REFERENCE §3, PTQ4DiT / Q-DiT):
+(docs/reference.md §3, PTQ4DiT / Q-DiT):
 
 - both classifier-free-guidance halves: with ``cfg_scale != 1`` the sampler calls ``denoiser([x; x], t, [y; null])``
   and both halves are kept;
@@ -50,7 +50,7 @@ __all__ = [
 KIND = "calibration"
 ARRAYS = ("x", "t", "y", "step", "sample")
 VAL_PREFIX = "val_"
-MIN_TIMESTEPS = 25  # REFERENCE §3: at least 25 timesteps spread over the trajectory
+MIN_TIMESTEPS = 25  # docs/reference.md §3: at least 25 timesteps spread over the trajectory
 VAL_SEED_OFFSET = 1_000_003  # default validation seed = seed + this (a different noise stream)
 
 

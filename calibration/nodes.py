@@ -9,7 +9,7 @@ Every MatMul / Gemm / Conv node of a denoiser ONNX graph gets a role:
 - ``linear``: the token GEMMs ``qkv``, ``proj``, ``fc1``, ``fc2`` (and cross-attention projections of the tokens);
 - ``other``: anything that could not be identified (kept in high precision).
 
-Only ``linear`` nodes are quantized by default (REFERENCE §3: embedders, adaLN modulation, the final layer and
+Only ``linear`` nodes are quantized by default (docs/reference.md §3: embedders, adaLN modulation, the final layer and
 attention stay in high precision). Roles come from the torch module path that the dynamo exporter records in each
 node's ``pkg.torch.onnx.name_scopes`` metadata; graphs without that metadata (other exporters, graph rewriters that
 drop it) fall back to topology: which graph input a node's activation depends on, and whether its weight is a

@@ -21,7 +21,7 @@ activation inputs of the nodes to quantize are exposed, streaming histograms are
 
 External-data models (XL/2: 2.7 GB of weights) work: the graph (without its weights) is staged as a hidden temporary
 file beside the source so its data resolves (ONNX and ORT refuse symlinked or hard-linked data), removed afterwards, ``quant_pre_process`` is not used (it fails on external
-data, REFERENCE §4), and the output is written with external data (``<out>.data``) when the source had it.
+data, docs/reference.md §4), and the output is written with external data (``<out>.data``) when the source had it.
 
 ``mode="dynamic"``: ``quantize_dynamic`` (per-channel int8 weights, uint8 activations quantized at run time,
 MatMul/Gemm with constant weights) for ONNX Runtime CPU; no calibration needed. The same node exclusions apply (ORT

@@ -4,7 +4,7 @@ Everything a build needs is decided here, without TensorRT or a GPU, so it can b
 JSON (``ditdeploy export --fmt trt --dry-run``) and recorded in the engine's manifest. ``ditdeploy.export.tensorrt``
 only executes a :class:`BuildPlan` against the installed ``tensorrt`` module.
 
-Decisions (REFERENCE §2, TensorRT 10 -> 11 migration guide):
+Decisions (docs/reference.md §2, TensorRT 10 -> 11 migration guide):
 
 - Precision lives in the ONNX (strong typing): fp32 ONNX -> fp32 engine, the fp16 export -> fp16 engine, the static
   Q/DQ INT8 export (int8 symmetric activations, zero point 0) -> INT8 engine. No FP16/INT8 builder flags are ever

@@ -1,6 +1,6 @@
 """Test helper: an independent, deliberately plain re-implementation of the official DiT forward pass.
 
-Written from the published description (facebookresearch/DiT models.py semantics, see shared/REFERENCE.md §1), not
+Written from the published description (facebookresearch/DiT models.py semantics, see docs/reference.md §1), not
 from ``ditdeploy.models``: explicit softmax(QK^T / sqrt(d)) V attention, explicit LayerNorm / modulate / tanh-GELU,
 the timestep sinusoid and 2D sin-cos position table written out, patchify and unpatchify by explicit loops. It works
 on a plain ``{official name: tensor}`` state dict and computes in float64 (except the timestep sinusoid, which the

@@ -1,6 +1,6 @@
 """bench/gpu_engines on a CPU: the plan (dry run) and the tiny digits run of the CPU-testable sections. Every derived
 number is recomputed from the JSON's raw fields; parity values are real (bf16/fp16 autocast vs fp32 eager).
-The CUDA-graph, AOTI-on-GPU, FP8 and TensorRT rows need the device run (bench/gpu_run.sh engines)."""
+The CUDA-graph, AOTI-on-GPU, FP8 and TensorRT rows need the device run (experiments/gpu_run.sh engines)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ditdeploy.bench.gpu_engines import main  # noqa: E402
 from ditdeploy.variants import DIGITS  # noqa: E402
+from experiments.gpu_engines import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def test_tiny_cpu_run(tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert "not importable" in d["notes"]["tensorrt_fp16"]
     assert fast == "eager_bf16"  # no AOTI section in this run
-    from ditdeploy.bench.gpu_engines import summarize
+    from experiments.gpu_engines import summarize
 
     md = summarize(d)
     r = d["rows"]["eager_bf16/b2"]

@@ -245,7 +245,7 @@ def test_int8_samples_match_fp32_samples(work, static):
     With the shipped (trained) digits model the accuracy drop must be <= 3 points; until it exists the random
     digits-config model is used and the SVC's predictions on INT8 samples must agree with those on fp32 samples.
     """
-    from ditdeploy.bench.int8_quality import compare_samples
+    from experiments.int8_quality import compare_samples
 
     res = compare_samples(work["fp32"], static[0], n_per_class=6, steps=20, seed=11)
     assert res["psnr_db"] > 30.0  # 0..16 pixel scale

@@ -18,8 +18,8 @@ def _restore_threads():
 
 @pytest.mark.skipif(not ASSET.exists(), reason="shipped digits model not present")
 def test_shipped_digits_model_quality():
-    from ditdeploy.bench.digits_quality import evaluate
     from ditdeploy.checkpoints import load_model
+    from experiments.digits_quality import evaluate
 
     m = load_model(ASSET)
     assert m.config.variant == "digits" and m.config.num_classes == 10 and m.config.space == "pixel"

@@ -21,7 +21,7 @@ from ditdeploy.errors import DitDeployError
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Held-out split of the 1797 scikit-learn digits: a fixed permutation (seed 0); the first 297 are held out (used by
-# bench/digits_quality.py to score the classifier and as the "real unseen digits" memorisation baseline).
+# experiments/digits_quality.py to score the classifier and as the "real unseen digits" memorisation baseline).
 DIGITS_HELD_OUT = 297
 
 

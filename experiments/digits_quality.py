@@ -11,7 +11,7 @@
 - Memorisation: L2 distance (pixel units 0..16, 64 pixels) of each sample to its nearest training image, against
   the same for the real held-out digits (which the model never saw); exact copies would give ~0.
 
-Run: ``python -m ditdeploy.bench.digits_quality [--model PATH] [--n-per-class 10] [--cfg-scale 3] [--steps 25]``.
+Run: ``python -m experiments.digits_quality [--model PATH] [--n-per-class 10] [--cfg-scale 3] [--steps 25]``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU-machine run (no network there): install ditdeploy offline, then one of
-#   bash bench/gpu_run.sh            # bench/gpu_torch.py (PyTorch CUDA parity/speed/e2e) + the CUDA training test
-#   bash bench/gpu_run.sh engines    # bench/gpu_engines.py: eager fp16/bf16, AOTI fp16/bf16/fp8 (+CUDA graphs),
+#   bash experiments/gpu_run.sh            # experiments/gpu_torch.py (PyTorch CUDA parity/speed/e2e) + the CUDA training test
+#   bash experiments/gpu_run.sh engines    # experiments/gpu_engines.py: eager fp16/bf16, AOTI fp16/bf16/fp8 (+CUDA graphs),
 #                                    # torch.compile max-autotune, TensorRT if importable; < 8 minutes in all
-#   bash bench/gpu_run.sh dry-run    # the engines plan only (settings, which hooks this checkout has); no GPU needed
+#   bash experiments/gpu_run.sh dry-run    # the engines plan only (settings, which hooks this checkout has); no GPU needed
 # Everything lands under $OUT (default /tmp/gpu_run); copy $OUT/gpu/*.json into bench/results/ with the machine's
 # name (the JSON carries nvidia-smi / torch / CUDA / CPU facts under "machine" and "cuda").
 set -u
@@ -23,7 +23,7 @@ torch.version.cuda, torch.cuda.is_available()); print("ort", o.__version__, o.ge
   # editable install without build isolation works offline (setuptools + wheel are in the image)
   timeout 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e . -q \
     || timeout 120 python3 -m pip install --no-deps --no-build-isolation --no-index . -q
-  if ! python3 -c 'import ditdeploy.bench.gpu_torch, ditdeploy.runtimes.torch'; then
+  if ! python3 -c 'import experiments.gpu_torch, ditdeploy.runtimes.torch'; then
     # last resort: the package-dir mapping of pyproject.toml rebuilt as a folder on PYTHONPATH
     rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r ditdeploy /tmp/shim/ \
       && for d in export calibration runtimes bench; do cp -r "$d" "/tmp/shim/ditdeploy/$d"; done
@@ -35,13 +35,13 @@ torch.version.cuda, torch.cuda.is_available()); print("ort", o.__version__, o.ge
 case "$MODE" in
   engines|dry-run)
     extra=(); [ "$MODE" = dry-run ] && extra=(--dry-run)
-    timeout "$ENGINES_S" python3 -m ditdeploy.bench.gpu_engines --out "$OUT/gpu" \
+    timeout "$ENGINES_S" python3 -m experiments.gpu_engines --out "$OUT/gpu" \
       --budget-s $((ENGINES_S - 30)) "${extra[@]}" > "$OUT/gpu_engines.log" 2>&1
     echo "gpu_engines exit $?" >> "$OUT/gpu_engines.log"
     tail -n 3 "$OUT/install.txt" "$OUT/gpu_engines.log"
     ;;
   *)
-    timeout "$BENCH_S" python3 -m ditdeploy.bench.gpu_torch --out "$OUT/gpu" > "$OUT/gpu_torch.log" 2>&1
+    timeout "$BENCH_S" python3 -m experiments.gpu_torch --out "$OUT/gpu" > "$OUT/gpu_torch.log" 2>&1
     echo "gpu_torch exit $?" >> "$OUT/gpu_torch.log"
     timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider tests/test_training_ddp.py > "$OUT/pytest_ddp.txt" 2>&1
     echo "pytest exit $?" >> "$OUT/pytest_ddp.txt"

@@ -4,7 +4,7 @@ For an fp32 denoiser ONNX and its INT8 version(s):
 
 - samples: ``n_per_class`` images per class from both models with identical initial noise, labels and sampler
   (DDIM, guidance ``cfg_scale``) on ONNX Runtime CPU;
-- classifier: the digits bench's SVC (``ditdeploy.bench.digits_quality``: RBF, gamma 0.001, C 1, trained on the
+- classifier: the digits bench's SVC (``experiments.digits_quality``: RBF, gamma 0.001, C 1, trained on the
   preset's training split); reports the accuracy on fp32 samples, on INT8 samples, the drop (points), and how often
   the two predictions agree;
 - PSNR / SSIM of INT8 samples against the fp32 samples (pixel scale 0..16, like the classifier's input);
@@ -13,7 +13,7 @@ For an fp32 denoiser ONNX and its INT8 version(s):
 
 Run (the shipped model; builds what it needs in a scratch folder unless given)::
 
-    python -m ditdeploy.bench.int8_quality [--fp32 digits.onnx --calibration calib.npz] [--json out.json] [--png]
+    python -m experiments.int8_quality [--fp32 digits.onnx --calibration calib.npz] [--json out.json] [--png]
 
 Without ``--fp32`` it exports the shipped ``digits.safetensors`` (or ``--random-weights``) to ONNX, captures a
 calibration set, quantizes static (int8 symmetric, TensorRT-ready) and dynamic, and compares all of them.
@@ -56,8 +56,8 @@ def compare_samples(fp32: str | os.PathLike, int8: str | os.PathLike, *, n_per_c
                     classifier: Any = None) -> dict[str, Any]:
     """Sample both models from the same seeds and compare them through the digits classifier."""
     from ditdeploy import metrics
-    from ditdeploy.bench.digits_quality import fit_classifier, real_digits
     from ditdeploy.runtimes import load
+    from experiments.digits_quality import fit_classifier, real_digits
 
     cfg = load(fp32, threads=threads).config
     labels = np.repeat(np.arange(cfg.num_classes, dtype=np.int64), n_per_class)
@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from ditdeploy.artifacts import write_json_atomic
-    from ditdeploy.bench.digits_quality import fit_classifier, real_digits
     from ditdeploy.calibration.quantize import quantize_int8
     from ditdeploy.calibration.report import plot_error_curves, summarize_curve
+    from experiments.digits_quality import fit_classifier, real_digits
 
     with tempfile.TemporaryDirectory(prefix="int8-quality-") as tmp:
         work = Path(tmp)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"model": what, "classifier_heldout_accuracy": clf_acc, "goal_accuracy_drop_points": 3.0,
                   "calibration": json.loads((calib.parent / (calib.name + ".json")).read_text()).get("counts"),
                   "machine": machine_info(), "results": results,
-                  "command": "python -m ditdeploy.bench.int8_quality " + " ".join(argv or sys.argv[1:])}
+                  "command": "python -m experiments.int8_quality " + " ".join(argv or sys.argv[1:])}
         if a.json:
             write_json_atomic(a.json, report)
             print(f"wrote {a.json}")

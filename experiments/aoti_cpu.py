@@ -8,7 +8,7 @@ per batch after a warm-up: machine load hits both sides of each ratio alike. Wal
 call are reported with the 1-minute load average; rel-L2 of the .pt2 output vs the ORT output on the same inputs.
 
 Run once, by hand (not a test: the XL/2 compile takes minutes and several GB):
-``python -m ditdeploy.bench.aoti_cpu [--variant XL/2] [--batches 2 8] [--repeats 5] [--work DIR]``; results are
+``python -m experiments.aoti_cpu [--variant XL/2] [--batches 2 8] [--repeats 5] [--work DIR]``; results are
 written to ``bench/results/aoti_cpu.json`` with the machine description.
 """
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("/tmp/ditdeploy-aoti-bench"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "aoti_cpu.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "bench" / "results" / "aoti_cpu.json")
     a = ap.parse_args(argv)
     from ditdeploy.bench.machine import machine_info
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "pt2": {k: pt2_m.get(k) for k in ("compile_seconds", "export_seconds", "peak_rss_bytes", "parity", "torch")},
         "onnx": {k: onnx_m.get(k) for k in ("export_seconds", "peak_rss_bytes")},
         "rows": rows,
-        "command": "python -m ditdeploy.bench.aoti_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.aoti_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2, default=str) + "\n")

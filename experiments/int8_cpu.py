@@ -10,7 +10,7 @@ halves), and INT8 artifacts are built with ``ditdeploy.calibration.quantize.quan
 - ``dynamic``: ``quantize_dynamic`` per-channel on the token GEMMs (exclusions honoured);
 - ``dynamic+fuse``: the same with the ORT CPU fusions;
 - optional ``dynamic+fuse+adaln`` (``--with-adaln``): also the adaLN modulation GEMMs in dynamic int8 (the
-  sensitive layers REFERENCE §3 says to keep in high precision: a speed data point, not a recommendation).
+  sensitive layers docs/reference.md §3 says to keep in high precision: a speed data point, not a recommendation).
 
 The fp32 reference is the exported fp32 ONNX on ORT (and ``fp32+fuse``: the same graph with the same fusions, so the
 gain of the fusions alone is visible; ``--openvino`` adds fp32 and the static Q/DQ artifact on OpenVINO CPU). Every artifact is loaded through ``ditdeploy.runtimes.load`` (ORT_ENABLE_ALL,
@@ -20,7 +20,7 @@ machine load hits both sides of each ratio alike); medians and minima per call a
 average. Cosine / rel-L2 of each output vs the fp32 output on the same inputs (x from the held-out validation set, t
 spread over the trajectory, both CFG halves).
 
-Run: ``python -m ditdeploy.bench.int8_cpu --variants S/2 B/2 [--work DIR] [--repeats 7]``; XL/2 is heavy (2.7 GB of
+Run: ``python -m experiments.int8_cpu --variants S/2 B/2 [--work DIR] [--repeats 7]``; XL/2 is heavy (2.7 GB of
 weights, ~7 GB peak RSS during export): ``--variants XL/2`` once, on a quiet machine. Results are merged into
 ``bench/results/int8_cpu.json`` (one entry per variant) with the machine description.
 """
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             results["machine"] = machine_info()
             results["goal"] = {"speedup_vs_ort_fp32": GOAL_SPEEDUP, "per_call_cosine": GOAL_COSINE,
                                "variant": "XL/2"}
-            results["command"] = "python -m ditdeploy.bench.int8_cpu " + " ".join(argv or sys.argv[1:])
+            results["command"] = "python -m experiments.int8_cpu " + " ".join(argv or sys.argv[1:])
             if a.json:
                 write_json_atomic(a.json, results)
                 print(f"wrote {a.json}", flush=True)

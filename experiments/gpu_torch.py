@@ -1,7 +1,7 @@
 """PyTorch CUDA path of ditdeploy on a GPU: parity per precision, per-call speed, end to end, ONNX export from GPU.
 
-    python3 -m ditdeploy.bench.gpu_torch --out DIR                 # on a CUDA machine -> DIR/gpu_torch.json
-    python3 -m ditdeploy.bench.gpu_torch --out DIR --device cpu --quick   # S/2 only, tiny counts (code-path check)
+    python3 -m experiments.gpu_torch --out DIR                 # on a CUDA machine -> DIR/gpu_torch.json
+    python3 -m experiments.gpu_torch --out DIR --device cpu --quick   # S/2 only, tiny counts (code-path check)
 
 Sections (each guarded: a failure records its error and the rest still runs; the JSON is rewritten atomically after
 every measurement, so a timeout keeps what was measured):
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     warmup, iters = (1, 3) if args.quick else (5, 25)
     steps = 5 if args.quick else 50
     images = 2 if args.quick else 8
-    header = {"benchmark": "ditdeploy.bench.gpu_torch", "device": str(device), "quick": args.quick,
+    header = {"benchmark": "experiments.gpu_torch", "device": str(device), "quick": args.quick,
               "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "settings": {"variants": variants, "batches": batches, "warmup": warmup, "iters": iters,
                            "e2e_steps": steps, "e2e_images": images, "cfg_scale": CFG_SCALE}}

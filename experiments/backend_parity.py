@@ -11,7 +11,7 @@ that are bit-identical. Models:
 
 Run::
 
-    python3 bench/backend_parity.py      # -> bench/results/backend_parity.json
+    python3 experiments/backend_parity.py      # -> bench/results/backend_parity.json
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-per-label", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "backend_parity.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "bench" / "results" / "backend_parity.json")
     a = ap.parse_args(argv)
     arts = build(a.cache)
     rows = []
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"what": "uint8 image PSNR vs the torch backend, same checkpoint/seed/sampler/labels", "rows": rows,
               "min_psnr_db": min(r["psnr_db"] for r in rows), "seed": a.seed, "num_per_label": a.num_per_label,
               "threads": a.threads, "tools": tool_versions(), "loadavg_at_end": os.getloadavg(),
-              "command": "python3 bench/backend_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": "python3 experiments/backend_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json_atomic(a.out, result)
     print(f"min PSNR {result['min_psnr_db']:.2f} dB -> {a.out}", file=sys.stderr)
     return 0

@@ -9,7 +9,7 @@ step noise — with the denoiser wrapped in ``runtimes.Timed``, and reports
 
 VAE decoding is excluded by definition (it is a model call, like the denoiser). Run::
 
-    python3 bench/sampler_overhead.py            # -> bench/results/sampler_overhead.json
+    python3 experiments/sampler_overhead.py            # -> bench/results/sampler_overhead.json
 
 The JSON holds every raw timing, the machine, and the load average during the run (the machine is shared).
 """
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--runs", default=",".join(f"{m}:{s}" for m, s in RUNS), help="method:steps,…")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ditdeploy-bench")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sampler_overhead.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "bench" / "results" / "sampler_overhead.json")
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "loadavg_at_end": os.getloadavg()},
         "tools": tool_versions(),
-        "command": "python3 bench/sampler_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python3 experiments/sampler_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     write_json_atomic(a.out, result)
     print(f"max overhead {result['max_overhead_pct']:.3f}% -> {a.out}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Export + verify every DiT variant (random weights) to ONNX, measuring time and peak RSS; plus the FP16 island study.
 
-    python3 -m ditdeploy.bench.export_all      # 12 variants fp32 + S/2,B/2,L/2,XL/2 fp16 at 256 -> results/export_all.json
-    python3 -m ditdeploy.bench.export_all --precision fp32 --variants S/2,XL/2
-    python3 -m ditdeploy.bench.export_all --fp16-study-only     # only the per-block fp16 error study
+    python3 -m experiments.export_all      # 12 variants fp32 + S/2,B/2,L/2,XL/2 fp16 at 256 -> results/export_all.json
+    python3 -m experiments.export_all --precision fp32 --variants S/2,XL/2
+    python3 -m experiments.export_all --fp16-study-only     # only the per-block fp16 error study
 
 Each export runs in its own subprocess (so ``ru_maxrss`` is that export's peak, model construction included) and
 writes into a scratch folder that is deleted afterwards unless ``--keep DIR``. XL/2 fp32 (2.7 GB of weights) takes
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_TAG = "EXPORT_ALL_RESULT "
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "export_all.json"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "bench" / "results" / "export_all.json"
 
 
 def _load() -> list[float] | None:
@@ -77,8 +77,8 @@ def run_one(variant: str, image_size: int, precision: str, scratch: Path, keep: 
     spec = {"variant": variant, "image_size": image_size, "precision": precision, "dir": str(d), "name": slug}
     load_before = _load()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ditdeploy.bench.export_all", "--worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "experiments.export_all", "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     wall = time.perf_counter() - t0
     res: dict[str, Any] | None = None
     for line in proc.stdout.splitlines():
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     from ditdeploy.bench.machine import machine_info
 
     results: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                               "command": " ".join([Path(sys.executable).name, "-m", "ditdeploy.bench.export_all",
+                               "command": " ".join([Path(sys.executable).name, "-m", "experiments.export_all",
                                                     *(argv if argv is not None else sys.argv[1:])]),
                                "goals": {"xl2_256_fp32_export_s": 60, "peak_rss_over_weight_bytes": 2.0},
                                "runs": []}

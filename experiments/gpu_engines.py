@@ -1,9 +1,9 @@
-"""Compiled GPU engines of one DiT (XL/2 256 by default) in one timed run, as ``bench/gpu_run.sh engines`` does.
+"""Compiled GPU engines of one DiT (XL/2 256 by default) in one timed run, as ``experiments/gpu_run.sh engines`` does.
 
-    python3 -m ditdeploy.bench.gpu_engines --out DIR                       # on a CUDA machine -> DIR/gpu_engines.json
-    python3 -m ditdeploy.bench.gpu_engines --out DIR --device cpu --tiny   # the code path on a CPU (digits model)
-    python3 -m ditdeploy.bench.gpu_engines --out DIR --dry-run             # the plan only: what would run
-    python3 -m ditdeploy.bench.gpu_engines --summarize DIR/gpu_engines.json  # markdown tables of a result
+    python3 -m experiments.gpu_engines --out DIR                       # on a CUDA machine -> DIR/gpu_engines.json
+    python3 -m experiments.gpu_engines --out DIR --device cpu --tiny   # the code path on a CPU (digits model)
+    python3 -m experiments.gpu_engines --out DIR --dry-run             # the plan only: what would run
+    python3 -m experiments.gpu_engines --summarize DIR/gpu_engines.json  # markdown tables of a result
 
 Contenders per batch (2 / 8 / 32), each timed on device tensors with CUDA events (median after warm-up):
 
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.bench.gpu_torch import (
+from experiments.gpu_torch import (
     Recorder,
     _empty_cache,
     _stats,
@@ -452,7 +452,7 @@ def summarize(d: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["--summarize"]:  # python -m ditdeploy.bench.gpu_engines --summarize gpu_engines.json
+    if argv[:1] == ["--summarize"]:  # python -m experiments.gpu_engines --summarize gpu_engines.json
         print(summarize(json.loads(Path(argv[1]).read_text())), end="")
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     st = settings(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    header = {"benchmark": "ditdeploy.bench.gpu_engines", "device": args.device, "argv": argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": st, "dry_run": args.dry_run}
+    header = {"benchmark": "experiments.gpu_engines", "device": args.device, "argv": argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": st, "dry_run": args.dry_run}
     rec = Recorder(args.out / "gpu_engines.json", header)
     if args.dry_run:
         print(f"[gpu_engines] plan written to {rec.path}", file=sys.stderr)
