@@ -162,7 +162,7 @@ BAD = [
     (["--cfg-scale", "-1"], "Invalid value for '--cfg-scale': Input should be greater than or equal to 0"),
     (["--cfg-scale", "inf"], "--cfg-scale must be a finite number >= 0"),
     (["--sampler", "euler"], "'euler' is not one of 'ddim', 'ddpm', 'dpm-solver++'"),
-    (["--backend", "tvm"], "'tvm' is not one of 'onnxruntime', 'openvino', 'tensorrt', 'torch'"),
+    (["--backend", "tvm"], "'tvm' is not one of 'aoti', 'onnxruntime', 'openvino', 'tensorrt', 'torch'"),
     (["--engine", "/nonexistent/m.onnx"], "no such file: /nonexistent/m.onnx"),
     (["--batch-size", "0"], "Invalid value for '--batch-size': Input should be greater than or equal to 1"),
     (["--num-per-label", "0"], "'--num-per-label': Input should be greater than or equal to 1"),
