@@ -13,7 +13,7 @@ import json
 import pytest
 from conftest import assert_one_line_error, run_main
 
-FAST = ["--steps", "2", "--batch", "1", "--timesteps", "2", "--cfg-scale", "1"]
+FAST = ["--steps", "2", "--batch-size", "1", "--timesteps", "2", "--cfg-scale", "1"]
 
 
 def test_check_fid_ref_digits_fp32(digits_artifacts, tmp_path):

@@ -4,7 +4,7 @@ feature reuse alone stays >= 30 dB PSNR from full work."""
 
 from __future__ import annotations
 
-from ditdeploy.bench.less_work import OPTIONS, RECOMMENDED, evaluate
+from experiments.less_work import OPTIONS, RECOMMENDED, evaluate
 
 
 def test_recommended_settings_keep_the_digits_quality_bar():

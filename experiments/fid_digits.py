@@ -6,7 +6,7 @@ come from the CLI (``ditdeploy export`` / ``ditdeploy calibrate``). Each row rep
 the delta to the torch fp32 row, and FID of the variant's samples against the torch fp32 samples themselves.
 Baselines: real half A vs half B (the floor at this sample size), real half A vs all real, uniform noise.
 
-Run: ``python -m ditdeploy.bench.fid_digits [--work DIR] [--n-per-class 100] [--json bench/results/fid_digits.json]
+Run: ``python -m experiments.fid_digits [--work DIR] [--n-per-class 100] [--json bench/results/fid_digits.json]
 [--only NAME,...]``. The artifacts and npz files stay in ``--work``.
 """
 
@@ -36,7 +36,7 @@ VARIANTS: dict[str, tuple[str, str, dict, dict, str]] = {
                      "ORT fp32, guidance only at t in 150..750"),
     "cache-2": ("torch", "torch", {}, {"cache_interval": 2}, "torch fp32, feature reuse every 2nd step"),
     "less-work": ("torch", "torch", {}, {"cfg_interval": [150, 750], "cache_interval": 2},
-                  "torch fp32, interval 150..750 + cache 2 (bench/less_work.py's recommended setting)"),
+                  "torch fp32, interval 150..750 + cache 2 (experiments/less_work.py's recommended setting)"),
     "cfg-1": ("onnx", "onnxruntime", {}, {"cfg_scale": 1.0}, "ORT fp32, no guidance (cfg 1)"),
     "cfg-2": ("onnx", "onnxruntime", {}, {"cfg_scale": 2.0}, "ORT fp32, cfg 2"),
     "ov-fp32": ("onnx", "openvino", {}, {}, "OpenVINO fp32"),

@@ -8,7 +8,7 @@ the official values in place (sinusoid divisor: ``time_proj.downscale_freq_shift
 records the results.
 
 Run by hand (numerics only, seconds to a minute for S/2 / B/2):
-``python -m ditdeploy.bench.diffusers_numerics --variant B/2``
+``python -m experiments.diffusers_numerics --variant B/2``
 """
 
 from __future__ import annotations

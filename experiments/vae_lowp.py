@@ -5,7 +5,7 @@ seed 0, validation seed 1, different noise). Every decoder is timed round-robin 
 latent (batch 1), so load changes of a shared machine hit all alike; accuracy is the PSNR of decoded images (0..255)
 against the fp32 decoder on ONNX Runtime.
 
-Run: ``python -m ditdeploy.bench.vae_lowp --decoder vae-decoder.onnx --denoiser dit-pair.onnx --json FILE``.
+Run: ``python -m experiments.vae_lowp --decoder vae-decoder.onnx --denoiser dit-pair.onnx --json FILE``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ seconds of sampling, and quality: class accuracy of the samples by the project's
 and PSNR against the full-work samples from the same seeds (pixels 0..255). Guidance intervals change the samples
 by design (judge them by accuracy and spread); feature reuse approximates the same trajectory (PSNR applies).
 
-Run: ``python -m ditdeploy.bench.less_work [--n-per-class 12] [--method ddim] [--steps 50] [--json FILE]``.
+Run: ``python -m experiments.less_work [--n-per-class 12] [--method ddim] [--steps 50] [--json FILE]``.
 """
 
 from __future__ import annotations
