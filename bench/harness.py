@@ -64,6 +64,18 @@ class Settings:
     cfg_interval: list[int] | None = None  # guidance only at timesteps lo..hi in the end-to-end run
     cache_interval: int | None = None  # feature reuse in the end-to-end run (every N-th step full)
 
+    def less_work(self) -> bool:
+        """Whether a reduced-work option is set (only then do reports carry the less-work fields)."""
+        return self.cfg_interval is not None or self.cache_interval is not None
+
+    def report(self) -> dict[str, Any]:
+        """The settings as reported: the less-work keys only when set, so default reports stay as before."""
+        d = dataclasses.asdict(self)
+        if not self.less_work():
+            d.pop("cfg_interval")
+            d.pop("cache_interval")
+        return d
+
 
 def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
     """``"1,2,8"`` -> [1, 2, 8] (sorted, unique); a one-line DitDeployError naming ``flag`` otherwise."""
@@ -197,12 +209,14 @@ def run_target(t: Target, s: Settings) -> dict[str, Any]:
             e2e = time.perf_counter() - e0
             row.update({
                 "e2e_s": e2e, "images_per_s": b / e2e, "e2e_denoiser_s": td.seconds, "e2e_decoder_s": dec_s,
-                "e2e_denoiser_calls": td.calls, "e2e_denoiser_rows": td.rows, "e2e_light_rows": td.light_rows,
-                "e2e_gmac": spent_gmacs(cfg, td.rows - td.light_rows, td.light_rows),
-                "cfg_interval": s.cfg_interval, "cache_interval": s.cache_interval,
+                "e2e_denoiser_calls": td.calls, "e2e_denoiser_rows": td.rows,
                 "sampler_overhead_pct": 100.0 * max(0.0, e2e - td.seconds - dec_s) / e2e,
                 "steps": s.steps, "cfg_scale": s.cfg_scale, "sampler": s.sampler, "decoded": dec is not None,
             })
+            if s.less_work():
+                row.update({"e2e_light_rows": td.light_rows, "cfg_interval": s.cfg_interval,
+                            "cache_interval": s.cache_interval,
+                            "e2e_gmac": spent_gmacs(cfg, td.rows - td.light_rows, td.light_rows)})
         row["peak_rss_mb"] = peak_rss_mb()
         row["gpu_mem_mb"] = gpu_memory_used_mb()
         rows.append(row)
@@ -298,7 +312,7 @@ def run_bench(targets: list[Target], s: Settings, *, probe: bool = True, probe_s
             peaks[p] = matmul_peak(p, n=probe_size)
     attach_derived(rows, peaks)
     info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-    return {"created": started, "machine": info, "peaks": peaks, "settings": dataclasses.asdict(s),
+    return {"created": started, "machine": info, "peaks": peaks, "settings": s.report(),
             "targets": [dataclasses.asdict(t) for t in targets], "rows": rows, "errors": errors}
 
 

@@ -118,6 +118,6 @@ def test_check_and_bench_take_the_same_options(tmp_path, capsys, tiny_ckpt):
     row = json.loads(bj.read_text())["rows"][0]
     assert (row["cache_interval"], row["cfg_interval"]) == (None, [150, 750])
     # ddim 4: t = 750, 500, 250, 0 -> three guided steps of 4 rows, one conditional-only step of 2
-    assert (row["e2e_denoiser_rows"], row["e2e_light_rows"]) == (14, 0)
+    assert (row["e2e_denoiser_rows"], row["e2e_light_rows"]) == (14, 0) and row["e2e_gmac"] > 0
     code, _, err = run_cli(["bench", "--cfg-interval", "5,1", "--json", str(tmp_path / "x.json")], capsys)
     assert code == 2 and "cfg interval" in err and not (tmp_path / "x.json").exists()
