@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         from ditdeploy.artifacts import write_json_atomic
 
         write_json_atomic(a.json, res)
+        Path(a.json + ".partial").unlink(missing_ok=True)
     return 0
 
 
