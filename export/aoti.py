@@ -122,6 +122,13 @@ def batch_range(min_batch: int | None, max_batch: int | None) -> tuple[int, int 
     return lo, None if max_batch is None else int(max_batch)
 
 
+def inductor_options(device: str) -> dict[str, Any]:
+    """Inductor settings of the compile. CPU: ``freezing`` (weights treated as constants, so linears are prepacked
+    into oneDNN's blocked layout at compile time): S/2 256 batch 2 measured 543 ms per call without it, 145 ms with
+    it, ONNX Runtime fp32 212 ms (same inputs, interleaved, shared machine); parity unchanged (~5e-7)."""
+    return {"freezing": True} if device == "cpu" else {}
+
+
 def compile_package(module: Any, config: Any, package: Path, device: str, batch: tuple[int, int | None]) -> None:
     """``torch.export`` ``module`` with a dynamic batch dim in ``batch`` and AOTInductor-package it at ``package``."""
     lo, hi = batch
@@ -140,7 +147,8 @@ def compile_package(module: Any, config: Any, package: Path, device: str, batch:
         except Exception as e:
             raise DitDeployError(f"torch.export failed: {_first_line(e)}") from e
         try:
-            torch._inductor.aoti_compile_and_package(ep, package_path=str(package))
+            with torch._inductor.config.patch(inductor_options(device)):
+                torch._inductor.aoti_compile_and_package(ep, package_path=str(package))
         except Exception as e:
             raise DitDeployError(f"AOTInductor compile failed: {_first_line(e)}") from e
 
@@ -232,6 +240,7 @@ def export_denoiser_aoti(
                 "dtypes": {"x": "float32", "t": "int64", "y": "int64", "out": "float32"}},
             batch={"min": batch[0], "max": batch[1]}, torch=_torch_info(device), fp8=fp8_info,
             exporter=f"torch.export + torch._inductor.aoti_compile_and_package (torch {torch.__version__})",
+            inductor_options=inductor_options(device),
             source=source, **(extra or {}))
         parity = None
         if verify:
