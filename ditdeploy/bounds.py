@@ -18,7 +18,7 @@ from pathlib import Path
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.outputs import human_bytes
 
-__all__ = ["available_memory", "check_memory", "check_npz"]
+__all__ = ["available_memory", "check_memory", "check_npz", "check_threads", "max_threads"]
 
 #: share of the available memory a run may plan to use
 MEMORY_SHARE = 0.9
@@ -113,3 +113,17 @@ def check_npz(path: str | os.PathLike, max_bytes: int | None = None, what: str =
         raise ArtifactError(f"{what} {path.name} inflates to {human_bytes(total)}, more than the "
                             f"{human_bytes(limit)} this run can hold in memory")
     return shapes
+
+
+def max_threads() -> int:
+    """The most intra-op threads a run may ask for: 4x the logical CPUs (at least 64); beyond that a runtime spends
+    its time creating threads (ONNX Runtime with 100000 threads does not finish starting)."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(n: int | None, flag: str = "--threads") -> None:
+    """Refuse a thread count below 1 or above :func:`max_threads` (one line)."""
+    if n is None:
+        return
+    if n < 1 or n > max_threads():
+        raise DitDeployError(f"{flag} must be in 1..{max_threads()} (this machine has {os.cpu_count()} CPUs), got {n}")

@@ -92,6 +92,9 @@ class SampleRequest:
         for ok, msg in checks:
             if not ok:
                 raise DitDeployError(msg)
+        from ditdeploy.bounds import check_threads
+
+        check_threads(self.options.get("threads"))
         from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
 
         parse_cfg_interval(self.cfg_interval)

@@ -211,3 +211,14 @@ def test_calibration_set_checked_against_the_model_before_export(calib, tmp_path
     assert "at fault" in line or "recapture" in line
     assert "[E:onnxruntime" not in err and not (tmp_path / "o" / "q.onnx").exists()
     assert time.perf_counter() - t0 < 60  # before the export work
+
+
+@pytest.mark.parametrize("cmd", ["sample", "calibrate", "bench"])
+def test_absurd_thread_count_is_refused_before_any_work(model, tmp_path, cmd):
+    args = {"sample": ["--out", tmp_path / "g.png", *FAST],
+            "calibrate": ["--out", tmp_path / "c.npz", "--samples", "2", "--steps", "2"],
+            "bench": ["--no-torch", "--no-probe", "--steps", "1", "--repeats", "1", "--batch", "1"]}[cmd]
+    t0 = time.perf_counter()
+    code, _, err = run_main([cmd, "--engine", model, "--threads", "100000", *args])
+    assert_one_line_error(code, err, ("--threads", "100000"), strict=False)
+    assert time.perf_counter() - t0 < 30 and list(tmp_path.glob("[gc].*")) == []

@@ -66,7 +66,9 @@ def backend_option() -> Any:
 
 
 def threads_option() -> Any:
-    return typer.Option(None, "--threads", min=1, help="Intra-op threads (default: physical cores).",
+    from ditdeploy.bounds import max_threads
+
+    return typer.Option(None, "--threads", min=1, max=max_threads(), help="Intra-op threads (default: physical cores).",
                         rich_help_panel=PANEL_MODEL)
 
 
