@@ -224,3 +224,12 @@ def test_absurd_thread_count_is_refused_before_any_work(model, tmp_path, cmd):
 
     assert_one_line_error(code, err, ("--threads", str(max_threads())), strict=False)
     assert time.perf_counter() - t0 < 30 and list(tmp_path.glob("[gc].*")) == []
+
+
+def test_train_export_ema_over_its_resume_checkpoint_is_refused(tmp_path):
+    ck = tmp_path / "0000010.pt"
+    ck.write_bytes(b"checkpoint bytes")
+    code, _, err = run_main(["train", "--preset", "digits", "--steps", "1", "--out", tmp_path / "run", "--resume", ck,
+                             "--export-ema", ck])
+    assert_one_line_error(code, err, ("--export-ema", "input"))
+    assert ck.read_bytes() == b"checkpoint bytes"

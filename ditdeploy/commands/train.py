@@ -52,10 +52,17 @@ def register(app: typer.Typer) -> None:
         `ditdeploy train --data imagenet/train --vae sd-vae-ft-ema --model XL/2 --out runs/xl2 --precompute-latents`.
         Resume after any interruption with the same command plus `--resume OUT`.
         """
+        from pathlib import Path
+
+        from ditdeploy.outputs import check_outputs
+
+        # a --resume run folder is rewritten by design; a --resume checkpoint file is an input
+        check_outputs({"--data": data, "--vae": vae, "--resume": resume if resume and Path(resume).is_file() else None},
+                      {"--export-ema": export_ema})
         from ditdeploy.training.loop import resolve_args
         from ditdeploy.training.loop import train as run_training
 
-        given = dict(locals())
+        given = {k: v for k, v in locals().items() if k not in ("Path", "check_outputs")}
         args, ck = resolve_args(given)
         summary = run_training(args, ck)
         if summary.get("world_size", 1) == 1 or _is_rank0():
