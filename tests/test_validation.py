@@ -233,3 +233,25 @@ def test_train_export_ema_over_its_resume_checkpoint_is_refused(tmp_path):
                              "--export-ema", ck])
     assert_one_line_error(code, err, ("--export-ema", "input"))
     assert ck.read_bytes() == b"checkpoint bytes"
+
+
+RUN_OUT_OF_RANGE = """
+import numpy as np, sys
+from ditdeploy.runtimes import load
+den = load(sys.argv[1])
+x = np.zeros((1, 1, 8, 8), np.float32)
+try:
+    den(x, np.array([10]), np.array([50]))  # class 50 of a 10-class model: ONNX Runtime's Gather fails
+except Exception as e:
+    print("raised", type(e).__name__)
+"""
+
+
+def test_runtime_log_lines_stay_off_stderr(model):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", RUN_OUT_OF_RANGE, str(model)], capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in __import__("os").environ.items() if k != "DITDEPLOY_DEBUG"})
+    assert "raised" in r.stdout, r.stderr[-2000:]
+    assert "[E:onnxruntime" not in r.stderr and "[W:onnxruntime" not in r.stderr, r.stderr[-2000:]
