@@ -114,52 +114,16 @@ def register(app: typer.Typer) -> None:
             prec, int8_mode = "int8", "dynamic"
         batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
         show_progress = c.progress_on(progress)
-        if fmt_ == "diffusers" and prec != "fp32":
-            raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
-        fmt_ = "trt" if fmt_ == "tensorrt" else fmt_
-        if fmt_ == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
-            _check_aoti(device, prec, calibration, vae, dry_run)
-        elif device is not None:
-            raise DitDeployError("--device applies to --fmt aoti only")
-        elif prec not in ("fp32", "fp16", "int8"):
-            raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
-        if cache_graphs and (fmt_ not in ("onnx", "openvino") or prec != "fp32"):
-            raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
-        if cache_graphs and model is None and checkpoint is None:
-            raise DitDeployError("--cache-graphs needs a denoiser: pass --model or --checkpoint")
-        if model is None and checkpoint is None and vae is None:
-            raise DitDeployError("nothing to export: pass --model VARIANT|digits or --checkpoint FILE "
-                                 "(and/or --vae DIR)")
-        if prec == "int8" and int8_mode == "static" and calibration is None:
-            raise DitDeployError("--precision int8 needs --calibration FILE.npz (from `ditdeploy calibrate`), "
-                                 "or --int8-mode dynamic for ONNX Runtime CPU")
+        fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
+                                  model is not None or checkpoint is not None, no_verify)
         verify = not no_verify
-        if no_verify:
-            typer.secho("warning: --no-verify: the exported graph is NOT checked against torch "
-                        "(manifest records verified: false)", fg="yellow", err=True)
-        if fmt_ == "trt" and prec == "int8" and int8_mode != "static":
-            raise DitDeployError("TensorRT needs the static Q/DQ INT8 (--int8-mode static --calibration ...)")
-        if fmt_ == "trt" and not dry_run:  # fail before the slow ONNX export, not after it
-            from ditdeploy.export.tensorrt import import_tensorrt
-
-            import_tensorrt()
-
         from ditdeploy.export import pipeline
 
         def say(s: str) -> None:
             typer.echo(s, err=True)
 
-        latent_size = (image_size or 256) // 8
         if model is None and checkpoint is None:  # decoder only
-            if fmt_ == "diffusers":
-                raise DitDeployError("--fmt diffusers writes a DiT pipeline: pass --model or --checkpoint")
-            dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt_ if fmt_ != 'trt' else 'onnx']}")
-            if fmt_ == "trt":
-                raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
-            check_outputs({"--vae": vae}, {}, sets={"--out": dec_out})
-            m = pipeline.export_decoder(str(vae), dec_out, fmt_, opset=opset, verify=verify,
-                                        latent_size=latent_size, progress=show_progress)
-            _summary(dec_out, m)
+            _export_decoder_only(vae, out, fmt_, opset, verify, (image_size or 256) // 8, show_progress)
             return
 
         net, source = pipeline.load_denoiser_model(
@@ -177,13 +141,7 @@ def register(app: typer.Typer) -> None:
         if vae is None and snapshot_vae and not no_vae and net.config.space == "latent":
             vae = Path(snapshot_vae)
         if fmt_ == "diffusers":
-            from ditdeploy.diffusers_io import write_snapshot
-
-            target = out or Path(pipeline.slug(net.config) + "-diffusers")
-            dm = write_snapshot(net, target, vae=None if no_vae else vae, id2label=id2label, verify=verify,
-                                seed=seed, source=source)
-            typer.echo(f"wrote diffusers snapshot {target}/ ({len(dm['files'])} files"
-                       + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
+            _write_diffusers(net, out, None if no_vae else vae, id2label, verify, seed, source)
             return
         target = out or pipeline.default_out(net.config, prec, fmt_)
         decoder_name = dec_out = None
@@ -226,6 +184,73 @@ def register(app: typer.Typer) -> None:
                        f"passed on {lint.get('nodes', '?')} nodes)")
             return
         _summary(target, m)
+
+
+def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, calibration: Path | None,
+                       vae: Path | None, dry_run: bool, cache_graphs: bool, has_model: bool, no_verify: bool) -> str:
+    """Refuse flag combinations that cannot work, before anything slow (warn loudly about --no-verify); returns
+    the format (tensorrt -> trt)."""
+    from ditdeploy.errors import DitDeployError
+
+    if fmt == "diffusers" and prec != "fp32":
+        raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
+    fmt = "trt" if fmt == "tensorrt" else fmt
+    if fmt == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
+        _check_aoti(device, prec, calibration, vae, dry_run)
+    elif device is not None:
+        raise DitDeployError("--device applies to --fmt aoti only")
+    elif prec not in ("fp32", "fp16", "int8"):
+        raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
+    if cache_graphs and (fmt not in ("onnx", "openvino") or prec != "fp32"):
+        raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
+    if cache_graphs and not has_model:
+        raise DitDeployError("--cache-graphs needs a denoiser: pass --model or --checkpoint")
+    if not has_model and vae is None:
+        raise DitDeployError("nothing to export: pass --model VARIANT|digits or --checkpoint FILE "
+                             "(and/or --vae DIR)")
+    if prec == "int8" and int8_mode == "static" and calibration is None:
+        raise DitDeployError("--precision int8 needs --calibration FILE.npz (from `ditdeploy calibrate`), "
+                             "or --int8-mode dynamic for ONNX Runtime CPU")
+    if no_verify:
+        typer.secho("warning: --no-verify: the exported graph is NOT checked against torch "
+                    "(manifest records verified: false)", fg="yellow", err=True)
+    if fmt == "trt" and prec == "int8" and int8_mode != "static":
+        raise DitDeployError("TensorRT needs the static Q/DQ INT8 (--int8-mode static --calibration ...)")
+    if fmt == "trt" and not dry_run:  # fail before the slow ONNX export, not after it
+        from ditdeploy.export.tensorrt import import_tensorrt
+
+        import_tensorrt()
+    return fmt
+
+
+def _export_decoder_only(vae: Path, out: Path | None, fmt: str, opset: int, verify: bool, latent_size: int,
+                         progress: bool) -> None:
+    """``export --vae DIR`` without a denoiser: the VAE decoder alone."""
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.export import pipeline
+    from ditdeploy.outputs import check_outputs
+
+    if fmt == "diffusers":
+        raise DitDeployError("--fmt diffusers writes a DiT pipeline: pass --model or --checkpoint")
+    dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt if fmt != 'trt' else 'onnx']}")
+    if fmt == "trt":
+        raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
+    check_outputs({"--vae": vae}, {}, sets={"--out": dec_out})
+    m = pipeline.export_decoder(str(vae), dec_out, fmt, opset=opset, verify=verify, latent_size=latent_size,
+                                progress=progress)
+    _summary(dec_out, m)
+
+
+def _write_diffusers(net, out: Path | None, vae: Path | None, id2label, verify: bool, seed: int,
+                     source: dict) -> None:
+    """``--fmt diffusers``: a DiTPipeline snapshot folder."""
+    from ditdeploy.diffusers_io import write_snapshot
+    from ditdeploy.export import pipeline
+
+    target = out or Path(pipeline.slug(net.config) + "-diffusers")
+    dm = write_snapshot(net, target, vae=vae, id2label=id2label, verify=verify, seed=seed, source=source)
+    typer.echo(f"wrote diffusers snapshot {target}/ ({len(dm['files'])} files"
+               + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
 
 
 def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None, dry_run: bool) -> None:
