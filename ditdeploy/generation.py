@@ -99,6 +99,10 @@ class SampleRequest:
 
         parse_cfg_interval(self.cfg_interval)
         check_cache_interval(self.cache_interval)
+        implied = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}.get(self.out.suffix.lower() if self.out else "")
+        if self.output_format and implied and implied != self.output_format:
+            raise DitDeployError(f"--output-format {self.output_format} but --out {self.out} names a {implied} file: "
+                                 "make them agree")
         if self.json_summary is not None and Path(self.json_summary).suffix.lower() != ".json":
             raise DitDeployError(f"--json {self.json_summary}: the run summary file must end in .json")
         unknown = sorted(set(self.options) - set(BACKEND_OPTIONS))

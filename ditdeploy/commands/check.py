@@ -211,7 +211,9 @@ def _fid_delta(engine: Path, backend: str | None, opts: dict, ref_path: Path, fi
 def _run_trt_lint(path: Path, json_out: Path | None) -> None:
     from ditdeploy.artifacts import write_json_atomic
     from ditdeploy.export.trt_lint import lint_onnx, require_lint_pass
+    from ditdeploy.outputs import check_outputs
 
+    check_outputs({"--trt-lint": path}, {"--json": json_out})  # the report never replaces the linted model
     rep = lint_onnx(path)
     typer.echo(rep.format())
     if json_out is not None:

@@ -155,7 +155,8 @@ def register(app: typer.Typer) -> None:
         check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration},
                       {"--out": target.with_name(target.stem + ".buildplan.json")} if dry_run else {},
                       None if dry_run else {"--out": n_bytes},
-                      sets={} if dry_run else {"--out": target, "--vae decoder": dec_out})
+                      sets={} if dry_run else {"--out": target, "--vae decoder": dec_out,
+                                               "--cache-graphs light graph": _light(target) if cache_graphs else None})
         if vae is not None:
             dm = pipeline.export_decoder(str(vae), dec_out, dec_fmt, opset=opset, verify=verify,
                                          latent_size=net.config.input_size, progress=show_progress)
@@ -195,8 +196,10 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
     if fmt == "diffusers" and prec != "fp32":
         raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
     fmt = "trt" if fmt == "tensorrt" else fmt
+    if dry_run and fmt != "trt":  # a dry run never writes the real artifact
+        raise DitDeployError(f"--dry-run applies to --fmt trt (a build plan); --fmt {fmt} writes the artifact")
     if fmt == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
-        _check_aoti(device, prec, calibration, vae, dry_run)
+        _check_aoti(device, prec, calibration, vae)
     elif device is not None:
         raise DitDeployError("--device applies to --fmt aoti only")
     elif prec not in ("fp32", "fp16", "int8"):
@@ -253,7 +256,14 @@ def _write_diffusers(net, out: Path | None, vae: Path | None, id2label, verify: 
                + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
 
 
-def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None, dry_run: bool) -> None:
+def _light(target: Path) -> Path:
+    """The light graph ``--cache-graphs`` writes beside ``target``."""
+    from ditdeploy.export.cache_graphs import light_path
+
+    return light_path(target)
+
+
+def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Path | None) -> None:
     """--fmt aoti: device/precision this machine can build (``export.aoti.check_target``), fp8's calibration set."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export.aoti import check_target
@@ -263,8 +273,6 @@ def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Pa
         raise DitDeployError("--precision fp8 needs --calibration FILE.npz (activation scales; `ditdeploy calibrate`)")
     if vae is not None:
         raise DitDeployError("--vae with --fmt aoti: export the VAE decoder separately (--fmt onnx)")
-    if dry_run:
-        raise DitDeployError("--dry-run applies to --fmt trt (a build plan); --fmt aoti compiles")
 
 
 def _summary(path: Path, m: dict) -> None:
