@@ -84,11 +84,12 @@ def test_output_format_must_agree_with_the_out_suffix(digits):
 @pytest.mark.parametrize("flag,value", [("--probe-size", "-1"), ("--probe-size", "0"), ("--threads", "-2")])
 def test_bench_bad_sizes_refused_before_any_work(digits, flag, value):
     """bench --probe-size -1 ran every target, then died with exit 1 (ValueError); --threads -2 ran with every
-    OpenVINO target failing on a runtime message (exit 0)."""
+    OpenVINO target failing on a runtime message (exit 0). Fixed on main meanwhile by the flags' bounds (kept as a
+    guard)."""
     csv = digits.parent / "r.csv"
     code, _, err = run_main(["bench", "-e", digits, "--probe", flag, value, "--steps", "1", "--repeats", "1",
                              "--csv", csv])
-    assert_one_line_error(code, err, [flag, ">= 1"])
+    assert_one_line_error(code, err, [flag])
     assert code == 2 and not csv.exists()
 
 
