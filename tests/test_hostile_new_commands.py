@@ -107,3 +107,20 @@ def test_fid_json_naming_an_input_or_a_device(tmp_path):
                                  "--json", out])
         assert_one_line_error(code, err, ["--json", "input"])
         assert code == 2 and _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("role", ["samples", "--ref", "--inception"])
+def test_fid_input_that_is_a_device_is_named_as_such(tmp_path, role):
+    """fid given a device node as an input said 'not found' / 'does not exist' (it exists: it is not a regular
+    file)."""
+    if os.geteuid() != 0:
+        pytest.skip("mknod of a character device needs root")
+    node = tmp_path / "node"
+    os.mknod(node, 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    good = tmp_path / "s.npz"
+    np.savez(good, arr_0=np.zeros((4, 8, 8, 1), dtype=np.uint8))
+    args = {"samples": [node, "--ref", "digits"], "--ref": [good, "--ref", node, "--extractor", "digits"],
+            "--inception": [good, "--ref", good, "--extractor", "inception", "--inception", node]}[role]
+    code, _, err = run_main(["fid", *args, "--no-progress"])
+    assert_one_line_error(code, err, ["node", "not a regular file"])
+    assert code == 2 and stat.S_ISCHR(os.lstat(node).st_mode)

@@ -182,7 +182,8 @@ def _load_state(path: Path):
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come as several types; all mean "not a weights file"
-        raise ArtifactError(f"cannot read Inception weights {path}: {' '.join(str(e).split())[:300]}") from e
+        raise ArtifactError(f"cannot read Inception weights {path}: not a PyTorch weights file ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]})") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -256,7 +257,8 @@ def load_inception(path: str | os.PathLike | None = None, device: str = "auto") 
     """The extractor with weights from ``path`` or the cache; a missing file is a one-line error saying where."""
     p = Path(path) if path is not None else default_weights_path()
     if not p.is_file():
-        where = f"--inception {p} does not exist" if path is not None else f"Inception weights not found at {p}"
+        where = (f"--inception {p} " + ("is not a regular file" if p.exists() else "does not exist")
+                 if path is not None else f"Inception weights not found at {p}")
         raise ArtifactError(f"{where}: put pytorch-fid's {WEIGHTS_NAME} (from {WEIGHTS_URL}) at "
                             f"{default_weights_path()} (cache: $DITDEPLOY_CACHE or ~/.cache/ditdeploy), or pass "
                             f"--inception FILE; nothing is downloaded at run time")

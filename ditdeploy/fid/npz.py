@@ -28,7 +28,8 @@ class ImageNpz:
         self.path = Path(path)
         self.what = what
         if not self.path.is_file():
-            raise DitDeployError(f"{what} file {self.path} not found")
+            why = "is not a regular file" if self.path.exists() else "not found"
+            raise DitDeployError(f"{what} file {self.path} {why}")
         try:
             with zipfile.ZipFile(self.path) as z:
                 self.members = {n[:-4] for n in z.namelist() if n.endswith(".npy")}
