@@ -263,10 +263,10 @@ CASES = [
          lambda c: S(c, _truncated_to_zero(c)), ("sha256 mismatch",)),
     Case("sample-truncated-onnx", "ONNX truncated to half (manifest not updated): sha256 mismatch",
          lambda c: S(c, _truncated(c, rehashed=False)), ("sha256 mismatch", "re-export")),
-    Case("sample-truncated-onnx-rehashed", "truncated ONNX whose manifest matches it: ONNX Runtime's refusal, one line",
-         lambda c: S(c, _truncated(c, rehashed=True)), ("cannot load",)),
-    Case("sample-corrupt-onnx", "ONNX of random bytes (manifest matches): ONNX Runtime's refusal, one line",
-         lambda c: S(c, _random_bytes(c)), ("cannot load",)),
+    Case("sample-truncated-onnx-rehashed", "truncated ONNX whose manifest matches it: refused by the graph scan "
+         "before ONNX Runtime, one line", lambda c: S(c, _truncated(c, rehashed=True)), ("not a readable ONNX model",)),
+    Case("sample-corrupt-onnx", "ONNX of random bytes (manifest matches): refused by the graph scan, one line",
+         lambda c: S(c, _random_bytes(c)), ("not a readable ONNX model",)),
     Case("sample-flipped-byte", "one byte flipped in the ONNX, same size: sha256 mismatch",
          lambda c: S(c, _flipped(c)), ("sha256 mismatch",)),
     Case("sample-no-manifest", "ONNX without its .json manifest",
@@ -275,9 +275,9 @@ CASES = [
          lambda c: S(c, _bad_json(c)), ("not valid json",)),
     Case("sample-external-data-missing", "external-data ONNX whose .data file (listed in the manifest) is gone",
          lambda c: S(c, _external_data(c, keep_data=False, listed=True)), ("missing", ".onnx.data")),
-    Case("sample-external-data-missing-unlisted", "external-data ONNX, .data gone and not in the manifest: ORT's "
-         "'external data' refusal, one line", lambda c: S(c, _external_data(c, keep_data=False, listed=False)),
-         ("cannot load", "external data")),
+    Case("sample-external-data-missing-unlisted", "external-data ONNX, .data gone and not in the manifest: an "
+         "unlisted external-data file is refused (cannot be verified), one line",
+         lambda c: S(c, _external_data(c, keep_data=False, listed=False)), ("external data", "does not list")),
     Case("sample-wrong-latent-size", "manifest says 16x16 inputs, the graph takes 8x8",
          lambda c: S(c, _set_config(c, input_size=16)), ("do not belong together", "16")),
     Case("sample-wrong-channels", "manifest says 4 input channels, the graph takes 1",
