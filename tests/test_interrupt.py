@@ -263,13 +263,14 @@ def _metrics(out: Path) -> list[dict]:
 
 
 def test_train_sigkill_at_ten_random_points(tmp_path):
-    """Ten SIGKILLs at random points of a 30-step run (checkpoint every step), each followed by --resume: every
-    final-named checkpoint always loads, and the resumed run's losses equal an uninterrupted run's."""
+    """Ten SIGKILLs at random points of a 60-step run (checkpoint every step), each followed by --resume: every
+    final-named checkpoint always loads, and the resumed run's losses equal an uninterrupted run's. (60 steps: each
+    attempt runs 1-3 steps plus a random delay before its kill, so 30 steps could end before the tenth kill landed.)"""
     from ditdeploy.training import state as ckstate
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(TRAIN_PRELOAD)
-    steps = 30
+    steps = 60
 
     def start(out: Path, resume: bool):
         argv = ["train", *TRAIN_TINY, "--steps", str(steps), "--out", str(out)]
