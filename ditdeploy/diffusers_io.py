@@ -157,7 +157,22 @@ def locate(path: str | os.PathLike) -> Snapshot:
             raise ArtifactError(f"{root / INDEX}: {e}") from e
         if (root / "vae" / "config.json").is_file():
             vae = root / "vae"
+    if root is not None and (root / MANIFEST_NAME).is_file():  # written by ditdeploy: verify what it recorded
+        _verify_snapshot(root)
     return Snapshot(transformer=tdir, weight_files=_find_weights(tdir), root=root, vae=vae, id2label=id2label)
+
+
+def _verify_snapshot(root: Path) -> None:
+    """Every file a ditdeploy-written snapshot's manifest lists exists with its recorded sha256."""
+    from ditdeploy.artifacts import safe_member, sha256_file
+
+    files = _read_json(root / MANIFEST_NAME).get("files")
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
+        f = safe_member(root, name)
+        want = rec.get("sha256") if isinstance(rec, dict) else None
+        if not f.is_file() or sha256_file(f) != want:
+            raise ArtifactError(f"{root}: {name} is missing or differs from the sha256 its {MANIFEST_NAME} records: "
+                                "the snapshot is damaged; copy it again")
 
 
 def snapshot_digest(snap: Snapshot) -> str:

@@ -124,3 +124,20 @@ def test_fid_input_that_is_a_device_is_named_as_such(tmp_path, role):
     code, _, err = run_main(["fid", *args, "--no-progress"])
     assert_one_line_error(code, err, ["node", "not a regular file"])
     assert code == 2 and stat.S_ISCHR(os.lstat(node).st_mode)
+
+
+def test_damaged_ditdeploy_snapshot_is_refused_before_export(tmp_path):
+    """export --checkpoint SNAPSHOT_DIR: a byte changed in a ditdeploy-written snapshot's weights (still a valid
+    safetensors file) was exported silently with the wrong weights; its ditdeploy_manifest.json sha256s are now
+    checked."""
+    snap = tmp_path / "snap"
+    code, _, err = run_main(["export", "--model", "digits", "--fmt", "diffusers", "--out", snap, "--no-verify"])
+    assert code == 0, err
+    w = next((snap / "transformer").glob("*.safetensors"))
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0x01  # the last weight byte: the file still parses
+    w.write_bytes(bytes(data))
+    out = tmp_path / "m.onnx"
+    code, _, err = run_main(["export", "--checkpoint", snap, "--out", out, "--no-verify"])
+    assert_one_line_error(code, err, ["damaged", w.name], strict=False)
+    assert code == 2 and not out.exists()
