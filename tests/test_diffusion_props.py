@@ -74,7 +74,9 @@ def test_respaced_abar_equals_original_at_kept_timesteps(kept):
     r = base_schedule().respace(kept)
     keep = np.array(sorted(kept))
     np.testing.assert_array_equal(r.timestep_map, keep)
-    np.testing.assert_allclose(r.alphas_cumprod, ABAR[keep], rtol=1e-12)
+    # the respaced betas are ratios of abar and their cumulative product re-forms abar: float64 rounding over up to
+    # 1000 factors gives ~1e-12 relative (1.3e-12 seen at kept={0, 997}), so 1e-10 still catches any wrong rule
+    np.testing.assert_allclose(r.alphas_cumprod, ABAR[keep], rtol=1e-10)
     assert ((r.betas > 0) & (r.betas <= 1)).all()
     # the respaced posterior is a proper Gaussian: variances in [0, beta], coefficients positive
     assert (r.posterior_variance >= 0).all() and (r.posterior_variance <= r.betas + 1e-15).all()

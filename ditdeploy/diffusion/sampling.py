@@ -235,46 +235,8 @@ def sample(
 
     Raises ``DitDeployError`` (one line) for bad inputs and ``NumericsError`` when the denoiser returns NaN/Inf.
     """
-    if method not in METHODS:
-        raise DitDeployError(f"unknown sampling method {method!r}; valid methods: {', '.join(METHODS)}")
-    if not _is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise DitDeployError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
-    if not _is_real(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise DitDeployError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
-    if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
-        raise DitDeployError(f"eta must be a finite number >= 0, got {eta!r}")
-    if eta != 0 and method != "ddim":
-        raise DitDeployError(f"eta is only used by method 'ddim', not {method!r}; leave it at 0")
-    if not callable(denoiser):
-        raise DitDeployError(f"denoiser must be callable as denoiser(x, t, y), got {type(denoiser).__name__}")
-    if seed is not None and rng is not None:
-        raise DitDeployError("pass either seed or rng, not both")
-    if rng is not None and not isinstance(rng, np.random.Generator):
-        raise DitDeployError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-
-    x = np.asarray(noise)
-    if x.dtype.kind != "f" or x.ndim != 4 or x.shape[0] < 1 or 0 in x.shape:
-        raise DitDeployError(
-            f"noise must be a float array of shape (B, C, H, W) with B >= 1, got {x.dtype} {tuple(x.shape)}"
-        )
-    x = x.astype(np.float32)  # a copy: the caller's array is never modified
-    if not np.isfinite(x).all():
-        raise DitDeployError("noise contains NaN/Inf; pass finite initial noise (e.g. rng.standard_normal)")
-    y = np.asarray(labels)
-    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
-        raise DitDeployError(
-            f"labels must be integers of shape ({x.shape[0]},) (one per noise sample), got {y.dtype} {tuple(y.shape)}"
-        )
-    n_cls = _resolve_num_classes(denoiser, num_classes)
-    if n_cls is not None and (not _is_int(n_cls) or n_cls < 1):
-        raise DitDeployError(f"num_classes must be a positive integer, got {n_cls!r}")
-    if y.size and (y.min() < 0 or (n_cls is not None and y.max() >= n_cls)):
-        upper = f"{n_cls - 1}" if n_cls is not None else "..."
-        raise DitDeployError(f"labels must lie in 0..{upper}, got min {y.min()} max {y.max()}")
-    if cfg_scale != 1.0 and n_cls is None:
-        raise DitDeployError(
-            "cfg_scale != 1 needs num_classes (the null class id used for the unconditional half); pass num_classes="
-        )
+    _check_settings(denoiser, method, steps, cfg_scale, eta, seed, rng)
+    x, y, n_cls = _check_inputs(denoiser, noise, labels, num_classes, cfg_scale)
     interval = parse_cfg_interval(cfg_interval)
     check_cache_interval(cache_interval, denoiser)
     if cfg_scale != 1.0 and getattr(getattr(denoiser, "config", None), "class_dropout_prob", None) == 0:
@@ -299,3 +261,53 @@ def sample(
     if method == "ddim":
         return samplers.ddim(model, x, base.respace(ts), eta=float(eta), noise=noise_fn, **common)
     return samplers.dpmpp_2m(model, x, base, ts, **common)
+
+
+def _check_settings(denoiser: Denoiser, method: str, steps: int, cfg_scale: float, eta: float, seed: int | None,
+                    rng: np.random.Generator | None) -> None:
+    """One-line errors for a bad method, step count, guidance scale, eta, denoiser or randomness source."""
+    if method not in METHODS:
+        raise DitDeployError(f"unknown sampling method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not _is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
+        raise DitDeployError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
+    if not _is_real(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise DitDeployError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
+    if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
+        raise DitDeployError(f"eta must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and method != "ddim":
+        raise DitDeployError(f"eta is only used by method 'ddim', not {method!r}; leave it at 0")
+    if not callable(denoiser):
+        raise DitDeployError(f"denoiser must be callable as denoiser(x, t, y), got {type(denoiser).__name__}")
+    if seed is not None and rng is not None:
+        raise DitDeployError("pass either seed or rng, not both")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise DitDeployError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+
+def _check_inputs(denoiser: Denoiser, noise: np.ndarray, labels: np.ndarray, num_classes: int | None,
+                  cfg_scale: float) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """The initial noise (a float32 copy) and labels, checked; returns (x, y, num_classes)."""
+    x = np.asarray(noise)
+    if x.dtype.kind != "f" or x.ndim != 4 or x.shape[0] < 1 or 0 in x.shape:
+        raise DitDeployError(
+            f"noise must be a float array of shape (B, C, H, W) with B >= 1, got {x.dtype} {tuple(x.shape)}"
+        )
+    x = x.astype(np.float32)  # a copy: the caller's array is never modified
+    if not np.isfinite(x).all():
+        raise DitDeployError("noise contains NaN/Inf; pass finite initial noise (e.g. rng.standard_normal)")
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu" or y.shape != (x.shape[0],):
+        raise DitDeployError(
+            f"labels must be integers of shape ({x.shape[0]},) (one per noise sample), got {y.dtype} {tuple(y.shape)}"
+        )
+    n_cls = _resolve_num_classes(denoiser, num_classes)
+    if n_cls is not None and (not _is_int(n_cls) or n_cls < 1):
+        raise DitDeployError(f"num_classes must be a positive integer, got {n_cls!r}")
+    if y.size and (y.min() < 0 or (n_cls is not None and y.max() >= n_cls)):
+        upper = f"{n_cls - 1}" if n_cls is not None else "..."
+        raise DitDeployError(f"labels must lie in 0..{upper}, got min {y.min()} max {y.max()}")
+    if cfg_scale != 1.0 and n_cls is None:
+        raise DitDeployError(
+            "cfg_scale != 1 needs num_classes (the null class id used for the unconditional half); pass num_classes="
+        )
+    return x, y, n_cls
