@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -110,3 +111,54 @@ def assert_one_line_error(code: int, stderr: str, keywords: str | Iterable[str],
     for kw in [keywords] if isinstance(keywords, str) else keywords:
         assert kw.lower() in line.lower(), f"{kw!r} not named in: {line}"
     return line
+
+
+ASSETS = Path(__file__).resolve().parent.parent / "ditdeploy" / "assets"
+
+# Runs the CLI (argv[2:]) and SIGKILLs itself at the instant before the rename that publishes argv[1].
+KILL_BEFORE_RENAME = """
+import os, signal, sys
+target = os.path.abspath(sys.argv[1])
+_replace = os.replace
+def _replace_or_die(src, dst, *a, **k):
+    if os.path.abspath(dst) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *a, **k)
+os.replace = _replace_or_die
+from ditdeploy.cli import main
+main(sys.argv[2:])
+"""
+
+
+def shipped_digits_copy(dest: Path) -> Path:
+    """A private copy of the shipped digits ONNX and its manifest in ``dest``."""
+    for f in ("digits.onnx", "digits.onnx.json"):
+        shutil.copyfile(ASSETS / f, dest / f)
+    return dest / "digits.onnx"
+
+
+def tiny_checkpoint(dest: Path) -> Path:
+    """A 1-block, 32-wide digits-shaped safetensors checkpoint in ``dest`` (for refusals before export work)."""
+    import dataclasses
+
+    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.export.randomize import random_model
+    from ditdeploy.variants import DIGITS
+
+    cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
+    return save_safetensors(random_model(cfg, seed=4), dest / "tiny.safetensors", cfg)
+
+
+def private_mount_prefix(mountpoint: Path, options: str) -> list[str] | None:
+    """``unshare`` argv prefix giving the command a private tmpfs at ``mountpoint`` (mount ``options``, e.g.
+    ``size=16k`` or ``ro,size=64k``) that vanishes with it; prints ``LEFT:<names>`` of what the command left there.
+    None where user namespaces or unshare are unavailable."""
+    if shutil.which("unshare") is None:
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs {mountpoint}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        return None
+    script = (f'mount -t tmpfs -o {options} tmpfs {mountpoint} || exit 99; "$@"; rc=$?; '
+              f'echo "LEFT:$(ls -A {mountpoint} | tr "\\n" " ")"; exit $rc')
+    return ["unshare", "-rm", "sh", "-c", script, "sh"]

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, copy_artifact, edit_manifest, rehash, run_main
+from conftest import (
+    assert_one_line_error,
+    copy_artifact,
+    edit_manifest,
+    private_mount_prefix,
+    rehash,
+    run_main,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_SAMPLE = ["--steps", "2", "--no-progress"]
@@ -612,25 +618,11 @@ def test_full_disk_calibrate(digits_artifacts, tmp_path):
     assert os.listdir(out) == []
 
 
-def _private_mount_prefix(mountpoint: Path, options: str) -> list[str] | None:
-    """``unshare`` a private mount namespace with a tmpfs at ``mountpoint`` (gone when the process exits)."""
-    if shutil.which("unshare") is None:
-        return None
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs {mountpoint}"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        return None
-    # run the command, then list what it left on the private mount (it vanishes with the namespace)
-    script = (f'mount -t tmpfs -o {options} tmpfs {mountpoint} || exit 99; "$@"; rc=$?; '
-              f'echo "LEFT:$(ls -A {mountpoint} | tr "\\n" " ")"; exit $rc')
-    return ["unshare", "-rm", "sh", "-c", script, "sh"]
-
-
 def test_read_only_output_location(digits_artifacts, tmp_path):
     """An output folder on a read-only file system (a private read-only tmpfs): refused before any work."""
     ro = tmp_path / "ro"
     ro.mkdir()
-    prefix = _private_mount_prefix(ro, "ro,size=64k")
+    prefix = private_mount_prefix(ro, "ro,size=64k")
     if prefix is None:
         pytest.skip("cannot mount a private tmpfs here (needs unshare + user namespaces)")
     r = _cli(["export", "--model", "digits", "--checkpoint", digits_artifacts["ckpt"], "--out", ro / "m.onnx"],
@@ -644,7 +636,7 @@ def test_full_tmpfs_sample(digits_artifacts, tmp_path):
     """A genuinely full file system (16 KiB tmpfs, ENOSPC) under the PNG + npz outputs."""
     small = tmp_path / "small"
     small.mkdir()
-    prefix = _private_mount_prefix(small, "size=16k")
+    prefix = private_mount_prefix(small, "size=16k")
     if prefix is None:
         pytest.skip("cannot mount a private tmpfs here (needs unshare + user namespaces)")
     r = _cli(["sample", "--engine", digits_artifacts["onnx"], "--steps", "2", "--num-per-label", "40",

@@ -32,24 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import KILL_BEFORE_RENAME
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The child SIGKILLs itself right before os.replace(..., <target>) - the rename that publishes <target>.
-KILL_BEFORE_RENAME = """
-import os, signal, sys
-target = os.path.abspath(sys.argv[1])
-_replace = os.replace
-def _replace_or_die(src, dst, *a, **k):
-    if os.path.abspath(dst) == target:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _replace(src, dst, *a, **k)
-os.replace = _replace_or_die
-from ditdeploy.cli import main
-main(sys.argv[2:])
-"""
-
-
 def _env() -> dict[str, str]:
     env = {**os.environ, "DITDEPLOY_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("DITDEPLOY_DEBUG", None)

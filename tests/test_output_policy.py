@@ -9,7 +9,6 @@ permitted. Each case asserts what happened to the real file afterwards (sha256, 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -22,7 +21,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, run_main
+from conftest import (
+    KILL_BEFORE_RENAME,
+    assert_one_line_error,
+    private_mount_prefix,
+    run_main,
+    shipped_digits_copy,
+    tiny_checkpoint,
+)
 
 from ditdeploy.artifacts import sha256_file
 
@@ -34,21 +40,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture()
 def model(tmp_path) -> Path:
-    """A private copy of the shipped digits ONNX and its manifest."""
-    for f in ("digits.onnx", "digits.onnx.json"):
-        shutil.copyfile(ASSETS / f, tmp_path / f)
-    return tmp_path / "digits.onnx"
+    return shipped_digits_copy(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    """A 1-block, 32-wide digits-shaped checkpoint (export refusals happen before any export work)."""
-    from ditdeploy.checkpoints import save_safetensors
-    from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
-
-    cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
-    return save_safetensors(random_model(cfg, seed=4), tmp_path_factory.mktemp("policy") / "tiny.safetensors", cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("policy"))
 
 
 def _chardev(path: Path) -> Path:
@@ -214,20 +211,6 @@ def test_failed_publish_takes_back_what_was_moved(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data", "m.onnx.json"]
 
 
-KILL_BEFORE_RENAME = """
-import os, signal, sys
-target = os.path.abspath(sys.argv[1])
-_replace = os.replace
-def _replace_or_die(src, dst, *a, **k):
-    if os.path.abspath(dst) == target:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _replace(src, dst, *a, **k)
-os.replace = _replace_or_die
-from ditdeploy.cli import main
-main(sys.argv[2:])
-"""
-
-
 def test_next_run_cleans_what_a_killed_run_left(model, tmp_path):
     out = tmp_path / "o"
     args = ["sample", "--engine", model, "--out", out / "g.png", *FAST]
@@ -267,23 +250,11 @@ def test_absurd_image_count_is_refused_before_any_work(model, tmp_path):
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "g.png").exists()
 
 
-def _private_tmpfs(mountpoint: Path, size: str) -> list[str] | None:
-    if shutil.which("unshare") is None:
-        return None
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {mountpoint}"],
-                           capture_output=True)
-    if probe.returncode != 0:
-        return None
-    script = (f'mount -t tmpfs -o size={size} tmpfs {mountpoint} || exit 99; "$@"; rc=$?; '
-              f'echo "LEFT:$(ls -A {mountpoint} | tr "\\n" " ")"; exit $rc')
-    return ["unshare", "-rm", "sh", "-c", script, "sh"]
-
-
 def test_full_destination_is_refused_before_sampling(model, tmp_path):
     """1000 images (64 KB of npz) into a 16 KiB file system: refused before the first denoiser call."""
     small = tmp_path / "small"
     small.mkdir()
-    prefix = _private_tmpfs(small, "16k")
+    prefix = private_mount_prefix(small, "size=16k")
     if prefix is None:
         pytest.skip("cannot mount a private tmpfs here (needs unshare + user namespaces)")
     env = {**os.environ, "DITDEPLOY_NO_PROGRESS": "1"}

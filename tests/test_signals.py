@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, shipped_digits_copy, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "ditdeploy" / "assets"
@@ -42,19 +40,12 @@ def _default_sigint() -> None:
 
 @pytest.fixture()
 def model(tmp_path) -> Path:
-    for f in ("digits.onnx", "digits.onnx.json"):
-        shutil.copyfile(ASSETS / f, tmp_path / f)
-    return tmp_path / "digits.onnx"
+    return shipped_digits_copy(tmp_path)
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from ditdeploy.checkpoints import save_safetensors
-    from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
-
-    cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
-    return save_safetensors(random_model(cfg, seed=4), tmp_path_factory.mktemp("signals") / "tiny.safetensors", cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("signals"))
 
 
 # --------------------------------------------------------------------------------------------------------- SIGHUP
