@@ -3,7 +3,7 @@
 Options (``OPTIONS``): limited-interval guidance (``cfg_interval``), feature reuse (``cache_interval``) and their
 combination. For each: the denoiser work actually done (rows, light rows, GMACs from ``ditdeploy.work``), CPU and wall
 seconds of sampling, and quality: class accuracy of the samples by the project's digits classifier (the SVC of
-``bench/digits_quality.py``), within-class spread (per-pixel std and pairwise L2, as ratios to real held-out digits),
+``experiments/digits_quality.py``), within-class spread (per-pixel std and pairwise L2, as ratios to real held-out digits),
 and PSNR against the full-work samples from the same seeds (pixels 0..255). Guidance intervals change the samples
 by design (judge them by accuracy and spread); feature reuse approximates the same trajectory (PSNR applies).
 
@@ -57,7 +57,7 @@ def run_option(den: Any, noise: np.ndarray, labels: np.ndarray, *, method: str, 
 
 def quality(x: np.ndarray, labels: np.ndarray, clf: Any, real: dict[str, np.ndarray], seed: int) -> dict[str, float]:
     """Accuracy and within-class spread ratios (vs an equal-sized real held-out set) of samples ``x``."""
-    from ditdeploy.bench.digits_quality import _spread, _to_pixels
+    from experiments.digits_quality import _spread, _to_pixels
 
     px = _to_pixels(x)
     rng = np.random.default_rng(seed)
@@ -73,10 +73,10 @@ def quality(x: np.ndarray, labels: np.ndarray, clf: Any, real: dict[str, np.ndar
 def evaluate(n_per_class: int = 12, method: str = "ddim", steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
              options=OPTIONS, threads: int | None = 1) -> dict[str, Any]:
     """Every option's work, time and quality (see module doc); the first option must be full work."""
-    from ditdeploy.bench.digits_quality import fit_classifier, real_digits
     from ditdeploy.checkpoints import load_model
     from ditdeploy.runtimes.torch import TorchDenoiser
     from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from experiments.digits_quality import fit_classifier, real_digits
 
     real = real_digits()
     clf, clf_acc = fit_classifier(real)

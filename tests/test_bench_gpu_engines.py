@@ -30,7 +30,7 @@ def test_dry_run_writes_the_plan(tmp_path):
 
 
 def test_gpu_run_script_parses():
-    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(REPO / "experiments" / "gpu_run.sh")]).returncode == 0
 
 
 def test_tiny_cpu_run(tmp_path):

@@ -72,8 +72,10 @@ def test_output_format_jpg_end_to_end(tmp_path):
     assert a.shape == b.shape
     assert np.abs(a - b).mean() < 4.0  # quality-95 JPEG of a flat labelled grid: mean error ~1 grey level
     assert (tmp_path / "g-jpg.img").read_bytes() == (tmp_path / "g.jpg").read_bytes()
+    # a format that contradicts an image suffix is refused (a PNG inside p.jpg would mislead every viewer)
     code, _, err = run_main([*common, "--out", tmp_path / "p.jpg", "--output-format", "png"])
-    assert code == 0 and Image.open(tmp_path / "p.jpg").format == "PNG"
+    assert_one_line_error(code, err, "--output-format")
+    assert not (tmp_path / "p.jpg").exists()
 
 
 def test_output_format_bad_value_fails_in_the_parser(tmp_path):
