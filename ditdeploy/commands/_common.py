@@ -99,6 +99,21 @@ def seed_option(help: str = "Seed; image i's noise derives from (seed, i).") -> 
     return typer.Option(0, "--seed", min=0, help=help, rich_help_panel=PANEL_SAMPLING)
 
 
+def cfg_interval_option(help: str) -> Any:
+    """``--cfg-interval LO,HI`` (parsed and checked by the sampler: one spelling, one parser)."""
+    return typer.Option(None, "--cfg-interval", help=help, rich_help_panel=PANEL_SAMPLING)
+
+
+def cache_interval_option(help: str) -> Any:
+    """``--cache-interval N`` (feature reuse; N is checked by the sampler against the artifact)."""
+    return typer.Option(None, "--cache-interval", help=help, rich_help_panel=PANEL_SAMPLING)
+
+
+def cuda_graph_option(help: str) -> Any:
+    """``--cuda-graph`` (CUDA only; refused in one line on the CPU)."""
+    return typer.Option(False, "--cuda-graph", help=help, rich_help_panel=PANEL_MODEL)
+
+
 def progress_option() -> Any:
     return typer.Option(None, "--progress/--no-progress", help="Progress bars on stderr (default: on when stderr "
                         "is a terminal).", show_default=False)

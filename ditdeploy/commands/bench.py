@@ -78,13 +78,12 @@ def register(app: typer.Typer) -> None:
                                        rich_help_panel=c.PANEL_SAMPLING),
         in_process: bool = typer.Option(False, "--in-process", rich_help_panel=c.PANEL_SAMPLING,
                                         help="Run targets in this process (faster start; RSS then accumulates)."),
-        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: torch/aoti/tensorrt targets replay "
-                                        "CUDA graphs (per batch size).", rich_help_panel=c.PANEL_MODEL),
-        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: end-to-end runs guide only at "
-                                         "timesteps LO..HI.", rich_help_panel=c.PANEL_SAMPLING),
-        cache_interval: int = typer.Option(None, "--cache-interval", help="N: end-to-end runs reuse features "
-                                           "(torch, or `export --cache-graphs` artifacts).",
-                                           rich_help_panel=c.PANEL_SAMPLING),
+        cuda_graph: bool = c.cuda_graph_option("CUDA only: torch/aoti/tensorrt targets replay "
+                                        "CUDA graphs (per batch size)."),
+        cfg_interval: str = c.cfg_interval_option("LO,HI: end-to-end runs guide only at "
+                                         "timesteps LO..HI."),
+        cache_interval: int = c.cache_interval_option("N: end-to-end runs reuse features "
+                                           "(torch, or `export --cache-graphs` artifacts)."),
         json_out: Path = typer.Option(None, "--json", help="Write the full results (machine, peaks, rows) as JSON.",
                                       rich_help_panel=c.PANEL_OUTPUT),
         csv_out: Path = typer.Option(None, "--csv", help="Write one CSV line per row.",

@@ -33,8 +33,8 @@ def register(app: typer.Typer) -> None:
         precision_hint: c.PrecisionHint = c.precision_hint_option(),
         device: str = typer.Option(None, "--device", help="torch/aoti artifact: cpu | cuda.",
                                    rich_help_panel=c.PANEL_MODEL),
-        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only: run the artifact through CUDA "
-                                        "graphs.", rich_help_panel=c.PANEL_MODEL),
+        cuda_graph: bool = c.cuda_graph_option("CUDA only: run the artifact through CUDA "
+                                        "graphs."),
         vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for image metrics (default: the "
                                  "manifest's).", rich_help_panel=c.PANEL_MODEL),
         reference: Path = typer.Option(
@@ -57,12 +57,10 @@ def register(app: typer.Typer) -> None:
         seed: int = c.seed_option("Seed of noise, labels and stochastic samplers."),
         per_call_only: bool = typer.Option(False, "--per-call-only", help="Skip the end-to-end sampling run.",
                                            rich_help_panel=c.PANEL_SAMPLING),
-        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: the artifact's end-to-end run guides "
-                                         "only at timesteps LO..HI (the reference stays full work).",
-                                         rich_help_panel=c.PANEL_SAMPLING),
-        cache_interval: int = typer.Option(None, "--cache-interval", help="N: the artifact's end-to-end run reuses "
-                                           "features (every N-th step full); the reference stays full work.",
-                                           rich_help_panel=c.PANEL_SAMPLING),
+        cfg_interval: str = c.cfg_interval_option("LO,HI: the artifact's end-to-end run guides "
+                                         "only at timesteps LO..HI (the reference stays full work)."),
+        cache_interval: int = c.cache_interval_option("N: the artifact's end-to-end run reuses "
+                                           "features (every N-th step full); the reference stays full work."),
         precision: Precision = typer.Option(
             None, "--precision", rich_help_panel=c.PANEL_MODEL,
             help="The artifact's precision, whose thresholds apply. Default: what the runtime reports it runs."),

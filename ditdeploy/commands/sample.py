@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
                                        "checkpoints (torch backend).", rich_help_panel=c.PANEL_MODEL),
         device: str = typer.Option(None, "--device", help="torch backend: cpu | cuda; aoti: the .pt2's device "
                                    "(default).", rich_help_panel=c.PANEL_MODEL),
-        cuda_graph: bool = typer.Option(False, "--cuda-graph", help="CUDA only (torch, aoti, tensorrt): replay a "
-                                        "captured CUDA graph per batch size.", rich_help_panel=c.PANEL_MODEL),
+        cuda_graph: bool = c.cuda_graph_option("CUDA only (torch, aoti, tensorrt): replay a "
+                                        "captured CUDA graph per batch size."),
         labels: str = typer.Option(None, "--labels", help="Comma-separated class ids or names (the model's "
                                    "id2label, case-insensitive), e.g. 207,360 or \"golden retriever, volcano\".",
                                    rich_help_panel=c.PANEL_SAMPLING),
@@ -53,12 +53,10 @@ def register(app: typer.Typer) -> None:
         guide_all_channels: bool = typer.Option(False, "--guide-all-channels", help="Apply CFG to all eps "
                                                 "channels, not the official first 3.",
                                                 rich_help_panel=c.PANEL_SAMPLING),
-        cfg_interval: str = typer.Option(None, "--cfg-interval", help="LO,HI: guidance only at original timesteps "
-                                         "LO..HI (inclusive, 0..999); other steps run the conditional half only.",
-                                         rich_help_panel=c.PANEL_SAMPLING),
-        cache_interval: int = typer.Option(None, "--cache-interval", help="N: feature reuse, every N-th step "
-                                           "computes all blocks (torch, or an `export --cache-graphs` artifact).",
-                                           rich_help_panel=c.PANEL_SAMPLING),
+        cfg_interval: str = c.cfg_interval_option("LO,HI: guidance only at original timesteps "
+                                         "LO..HI (inclusive, 0..999); other steps run the conditional half only."),
+        cache_interval: int = c.cache_interval_option("N: feature reuse, every N-th step "
+                                           "computes all blocks (torch, or an `export --cache-graphs` artifact)."),
         out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="Labelled grid image.",
                                  rich_help_panel=c.PANEL_OUTPUT),
         output_format: GridFormat = typer.Option(None, "--output-format", help="Grid image format (default: from "
