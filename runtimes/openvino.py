@@ -92,8 +92,7 @@ class _Compiled:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ArtifactError(f"OpenVINO cannot read {path.name}: {first}") from e
         try:
-            with keep_sigaltstack():  # see ditdeploy.altstack: the CPU plugin swaps this thread's signal stack
-                self.compiled = core.compile_model(self.model, device, cfg)
+            self.compiled = compile_cpu(self.model, cfg, device)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DitDeployError(f"OpenVINO cannot compile {path.name} for {device}: {first}") from e
