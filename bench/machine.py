@@ -24,38 +24,27 @@ from typing import Any
 
 import numpy as np
 
-_INTERESTING_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-                      "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "sve", "asimd")
-
-
-def _cpuinfo() -> dict[str, str]:
-    out: dict[str, str] = {}
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if ":" in line:
-                k, v = (s.strip() for s in line.split(":", 1))
-                out.setdefault(k, v)
-    return out
-
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    ci = _cpuinfo()
-    return set(ci.get("flags", ci.get("Features", "")).split())
+    """The CPU's inference-relevant ISA flags (``ditdeploy.cpu_isa.detect``: /proc/cpuinfo, or DITDEPLOY_CPU_ISA)."""
+    from ditdeploy.cpu_isa import detect
+
+    return set(detect().flags)
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, relevant ISA flags, memory, load, OS and library versions."""
     from ditdeploy.artifacts import tool_versions
+    from ditdeploy.cpu_isa import cpuinfo, detect
 
-    ci = _cpuinfo()
-    flags = set(ci.get("flags", ci.get("Features", "")).split())
+    ci, isa = cpuinfo(), detect()
     info: dict[str, Any] = {
         "cpu": ci.get("model name") or platform.processor() or platform.machine(),
         "arch": platform.machine(),
         "cpu_id": {k: ci.get(k) for k in ("vendor_id", "cpu family", "model", "stepping", "microcode") if ci.get(k)},
         "logical_cpus": os.cpu_count(),
-        "flags": [f for f in _INTERESTING_FLAGS if f in flags],
+        "flags": isa.record()["flags"],
+        "cpu_isa": isa.record(),
         "os": f"{platform.system()} {platform.release()}",
     }
     with contextlib.suppress(AttributeError, OSError):
@@ -69,7 +58,7 @@ def machine_info() -> dict[str, Any]:
         pass
     with contextlib.suppress(OSError, AttributeError):
         info["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-    info["hypervisor"] = "hypervisor" in flags
+    info["hypervisor"] = "hypervisor" in ci.get("flags", "").split()
     versions = tool_versions()
     import importlib.metadata as md
 

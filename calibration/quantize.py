@@ -31,6 +31,12 @@ names are passed).
 An fp16 export can be the source too (what TensorRT wants: layers without Q/DQ then run in fp16 under strong
 typing): its graph is converted to opset 19 (fp16 Q/DQ scales need it) and the activation scales are fp16.
 
+The INT8 form follows the machine that runs it (``target``, ``ditdeploy.cpu_isa``; default ``auto`` = this CPU):
+``cpu-vnni`` and ``trt`` keep full-range int8 weights; ``cpu-avx2`` (x86 without VNNI) quantizes the weights to 7 bits
+(``reduce_range``, |w| <= 64) so that ONNX Runtime's AVX2/AVX-512BW u8s8 kernels, which add pairs of u8 x s8
+products into saturating int16 lanes, cannot saturate (2 x 255 x 64 = 32640 <= 32767). The target and the form go
+into the manifest's ``int8`` block.
+
 Every output is checked at the end against its source on ONNX Runtime CPU (held-out validation inputs, per
 timestep); the numbers go into the manifest's ``parity``.
 """
@@ -59,6 +65,7 @@ from ditdeploy.artifacts import (
 )
 from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
+from ditdeploy.cpu_isa import INT8_TARGETS, detect, resolve_int8_target
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 from ditdeploy.manifest import Manifest
 from ditdeploy.parity import stacked_probe_inputs, thresholds_for
@@ -68,6 +75,7 @@ __all__ = [
     "Int8Options",
     "collect_ranges",
     "count_qdq",
+    "int8_form",
     "external_data_files",
     "quantize_int8",
     "stratified_subset",
@@ -102,6 +110,12 @@ class Int8Options:
     num_bins: int = 2048
     seed: int = 0
     quantize_outputs: bool = False  # ORT's default placement (Q/DQ on GEMM outputs too): for comparison only
+    target: str = "cpu-vnni"  # a resolved INT8_TARGETS name (quantize_int8 resolves "auto")
+
+    @property
+    def reduce_range(self) -> bool:
+        """7-bit weights: the form for x86 CPUs without VNNI (see the module doc)."""
+        return self.target == "cpu-avx2"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +129,18 @@ class Int8Options:
             raise DitDeployError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.max_inputs < 1 or self.batch_size < 1:
             raise DitDeployError("max_inputs and batch_size must be >= 1")
+        if self.target not in INT8_TARGETS:
+            raise DitDeployError(f"unknown INT8 target {self.target!r}: choose auto, {', '.join(INT8_TARGETS)}")
+        if self.target == "trt" and (self.mode != "static" or self.activations != "int8"):
+            raise DitDeployError("the TensorRT INT8 target is the static symmetric int8 Q/DQ: use --int8-mode static "
+                                 "with int8 activations, or a CPU target (--int8-target cpu-vnni|cpu-avx2)")
+
+
+def int8_form(reduce_range: bool, target: str) -> dict[str, Any]:
+    """The manifest's record of an INT8 weight form: target, weight bits, and whether non-VNNI x86 CPUs saturate."""
+    return {"target": target, "reduce_range": reduce_range, "weight_bits": 7 if reduce_range else 8,
+            "weight_range": [-64, 64] if reduce_range else [-127, 127],
+            "saturates_without_vnni": not reduce_range, "chosen_for": INT8_TARGETS[target]}
 
 
 # ------------------------------------------------------------------------------------------------ graph staging
@@ -229,10 +255,10 @@ def _feeds(x: np.ndarray, t: np.ndarray, y: np.ndarray, batch_size: int) -> Iter
                "y": np.ascontiguousarray(y[i:i + batch_size], dtype=np.int64)}
 
 
-def _session(path: Path, threads: int | None = None, optimize: bool = True):
+def _session(path: Path, threads: int | None = None, optimize: bool = True, int8_exact: bool = False):
     from ditdeploy.runtimes.onnxruntime import make_session
 
-    return make_session(path, threads=threads, optimize=optimize)
+    return make_session(path, threads=threads, optimize=optimize, int8_exact=int8_exact)
 
 
 def collect_ranges(
@@ -365,7 +391,9 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
             src_precision: str = "fp32") -> dict[str, Any]:
     from ditdeploy.calibration.report import error_curve, summarize_curve
 
-    ref_s, q_s = _session(src), _session(out)
+    # int8_exact: the target's integer arithmetic (no int16 saturation even where this CPU lacks VNNI), so the gate
+    # judges the artifact, not the exporting machine's kernels
+    ref_s, q_s = _session(src), _session(out, int8_exact=True)
 
     def run(s):
         return lambda x, t, y: s.run(None, {"x": x, "t": t, "y": y})[0]
@@ -401,6 +429,7 @@ def quantize_int8(
     per_channel: bool = True,
     ort_fusions: bool | None = None,
     quantize_outputs: bool = False,
+    target: str | None = "auto",
     max_inputs: int = 512,
     batch_size: int = 8,
     verify: bool = True,
@@ -417,12 +446,16 @@ def quantize_int8(
     ``ort_fusions``: fuse GELU into ONNX Runtime's ``FastGelu`` first (faster on CPU; a ``com.microsoft`` op that
     ONNX Runtime and OpenVINO read, TensorRT does not). None (default): on for the CPU-only artifacts (dynamic, or
     uint8 activations), off for the TensorRT-ready static int8 Q/DQ, where asking for it is an error.
+    ``target``: the machine the artifact is for (``auto`` = this CPU, ``cpu-vnni``, ``cpu-avx2``, ``trt``); it picks
+    the weight form (module doc) and is recorded in the manifest.
     """
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
                        per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size,
-                       quantize_outputs=quantize_outputs)
+                       quantize_outputs=quantize_outputs, target=resolve_int8_target(target))
     ort_fusions = _resolve_fusions(opts, ort_fusions)
     say = log_fn or (lambda s: log.info(s))
+    say(f"int8 target {opts.target} ({'7-bit weights, reduce_range' if opts.reduce_range else 'full-range int8 weights'}"
+        f"); this CPU: {detect().label()}")
     onnx = require("onnx", "export", "INT8 quantization")
     require("onnxruntime.quantization", "export", "INT8 quantization")
     src, out = Path(onnx_in), Path(onnx_out)
@@ -581,10 +614,12 @@ def _int8_record(opts: Int8Options, quantized: Sequence[NodeRole], excluded: Seq
         acts = "int8 symmetric (zero point 0)" if opts.activations == "int8" else "uint8 asymmetric"
     else:
         acts = "uint8 asymmetric, quantized at run time"
+    bits = "7-bit range (reduce_range) " if opts.reduce_range else ""
     return {
         "mode": opts.mode,
         "format": "QDQ" if static else "dynamic (MatMulInteger)",
-        "weights": "int8 symmetric, per output channel" if opts.per_channel else "int8 symmetric, per tensor",
+        "weights": f"int8 {bits}symmetric, per {'output channel' if opts.per_channel else 'tensor'}",
+        **int8_form(opts.reduce_range, opts.target),
         "activations": acts,
         "calibrate_method": opts.calibrate_method if static else None,
         "percentile": opts.percentile if static and opts.calibrate_method == "percentile" else None,
@@ -670,7 +705,7 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=op_types,
         per_channel=opts.per_channel,
-        reduce_range=False,
+        reduce_range=opts.reduce_range,
         activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         nodes_to_quantize=[r.name for r in quantized],
@@ -696,7 +731,7 @@ def _dynamic(staged: Path, tmp_q: Path, quantized: Sequence[NodeRole], excluded:
         str(staged), str(tmp_q),
         op_types_to_quantize=sorted({r.op_type for r in quantized}),
         per_channel=opts.per_channel,
-        reduce_range=False,
+        reduce_range=opts.reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_quantize=both([r.name for r in quantized]),
         nodes_to_exclude=both([r.name for r in excluded]),

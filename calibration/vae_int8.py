@@ -5,7 +5,9 @@ real sampling runs, per-channel symmetric INT8 weights, with its accuracy agains
 ``per_channel=True``, weights int8 symmetric, activations uint8 by min/max over the calibration latents) on the
 decoder's convolutions only (GroupNorm, SiLU, the mid-block attention and the up-sampling interpolation stay fp32).
 Verification on ``val_latents`` (sampled with other seeds): PSNR of the INT8 decoder's images against the fp32
-decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` nothing is written. The result is
+decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` nothing is written. The weight
+form follows ``target`` like the denoiser's (``calibration.quantize``): ``cpu-avx2`` (x86 without VNNI, the default
+there) quantizes the weights to 7 bits (``reduce_range``) so the AVX2 u8s8 convolution kernels cannot saturate. The result is
 a ``kind: decoder`` artifact with ``precision: int8`` that ``runtimes.load_decoder`` runs on ONNX Runtime or OpenVINO.
 """
 
@@ -51,19 +53,29 @@ def _accuracy(src: Path, q: Path, val: np.ndarray) -> dict[str, Any]:
     from ditdeploy import metrics
     from ditdeploy.export.verify import ort_session
 
-    ref, got = _images_255(ort_session(src), val), _images_255(ort_session(q), val)
+    ref, got = _images_255(ort_session(src), val), _images_255(ort_session(q, int8_exact=True), val)
     return {"reference": f"fp32 decoder {src.name} on ONNX Runtime CPU", "val_latents": int(len(val)),
             "psnr_db": float(metrics.psnr(got, ref, 255.0)), "rel_l2": float(metrics.rel_l2(got, ref)),
             "max_abs_255": float(np.abs(got - ref).max())}
 
 
 def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latents: Any, val_latents: Any, *,
-                          min_psnr_db: float = DEFAULT_MIN_PSNR_DB, source: str = "") -> dict[str, Any]:
-    """Quantize the fp32 decoder ONNX ``src`` to ``out`` (see module doc); returns the manifest."""
+                          min_psnr_db: float = DEFAULT_MIN_PSNR_DB, source: str = "",
+                          target: str | None = "auto") -> dict[str, Any]:
+    """Quantize the fp32 decoder ONNX ``src`` to ``out`` (see module doc); returns the manifest. ``target``: auto
+    (this CPU), cpu-vnni or cpu-avx2 (the decoder INT8 is a CPU artifact: activations uint8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from ditdeploy.artifacts import atomic_dir, load_manifest, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.calibration.quantize import int8_form
+    from ditdeploy.cpu_isa import resolve_int8_target
     from ditdeploy.export.onnx import readable
+
+    tgt = resolve_int8_target(target)
+    if tgt == "trt":
+        raise DitDeployError("the INT8 VAE decoder is a CPU artifact (uint8 activations): use target auto, cpu-vnni "
+                             "or cpu-avx2")
+    reduce_range = tgt == "cpu-avx2"
 
     src, out = Path(src), Path(out)
     if out.suffix != ".onnx" or out.resolve() == src.resolve():
@@ -77,8 +89,9 @@ def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latent
     calib, val = _check_latents("latents", latents, ch), _check_latents("val_latents", val_latents, ch)
     with atomic_dir([out, manifest_path(out)]) as tmp:
         quantize_static(str(src), str(tmp / out.name), _Reader(calib), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+                        op_types_to_quantize=["Conv"], per_channel=True, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
         acc = _accuracy(src, tmp / out.name, val)
         if not acc["psnr_db"] >= min_psnr_db:
             raise NumericsError(f"INT8 decoder: PSNR {acc['psnr_db']:.1f} dB vs the fp32 decoder < {min_psnr_db:g} dB; "
@@ -87,8 +100,9 @@ def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latent
                                     "shift_factor", "io", "batch") if k in m}
         fields.update(
             format="onnx", precision="int8", parity=acc, verified=True,
-            int8={"method": "onnxruntime quantize_static QDQ", "ops": ["Conv"], "weights": "int8 per-channel "
-                  "symmetric", "activations": "uint8 min/max over the calibration latents"},
+            int8={"method": "onnxruntime quantize_static QDQ", "ops": ["Conv"],
+                  "weights": f"int8 {'7-bit range (reduce_range) ' if reduce_range else ''}per-channel symmetric",
+                  "activations": "uint8 min/max over the calibration latents", **int8_form(reduce_range, tgt)},
             calibration={"latents": int(len(calib)), "shape": list(calib.shape[1:]), "source": source,
                          "sha256": hashlib.sha256(calib.tobytes()).hexdigest()},
             fp32_source={"onnx": src.name, "sha256": (m.get("files") or {}).get(src.name, {}).get("sha256")},

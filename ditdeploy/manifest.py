@@ -28,6 +28,7 @@ from ditdeploy.artifacts import (
     tool_versions,
     write_json_atomic,
 )
+from ditdeploy.cpu_isa import detect
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
 
@@ -103,14 +104,15 @@ class Manifest(dict):
 
     @classmethod
     def build(cls, artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> Manifest:
-        """A new manifest for ``artifact``: ``fields`` plus sha256 and size of every file (names relative)."""
+        """A new manifest for ``artifact``: ``fields`` plus sha256 and size of every file (names relative), the tool
+        versions and the writing machine's ``cpu_isa`` (:func:`ditdeploy.cpu_isa.detect`)."""
         artifact = Path(artifact)
         entries = {}
         for f in files:
             f = Path(f)
             entries[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         return cls({"manifest_version": MANIFEST_VERSION, "artifact": artifact.name, "files": entries,
-                    "tools": tool_versions(), **fields}, artifact)
+                    "tools": tool_versions(), "cpu_isa": detect().record(), **fields}, artifact)
 
     def verify(self, artifact: str | os.PathLike | None = None) -> None:
         """Check that every listed file exists beside the artifact with the recorded sha256."""
@@ -248,6 +250,15 @@ class Manifest(dict):
             return None
         p = safe_member((self.artifact or Path("x")).parent, name)
         return p if (p.exists() or not existing) else None
+
+    @property
+    def int8_full_range(self) -> bool:
+        """An INT8 artifact whose weights use the full int8 range (they can saturate on x86 CPUs without VNNI:
+        ``ditdeploy.cpu_isa``); manifests written before ``int8.saturates_without_vnni`` was recorded count as
+        full range (that was the only form)."""
+        if self.precision != "int8":
+            return False
+        return bool(self.section("int8").get("saturates_without_vnni", True))
 
     @property
     def openvino_hint(self) -> str | None:

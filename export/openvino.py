@@ -29,7 +29,7 @@ from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, requi
 from ditdeploy.manifest import Manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
-_CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint",
+_CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint", "int8",
           "source_checkpoint", "id2label", "latent_channels", "scaling_factor", "image_size", "name")
 
 

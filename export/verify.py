@@ -20,11 +20,12 @@ from ditdeploy.errors import NumericsError
 from ditdeploy.parity import compare
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime CPU session for ``path`` with ORT's default settings (``runtimes.onnxruntime.make_session``)."""
+def ort_session(path: str | os.PathLike, threads: int | None = None, int8_exact: bool = False):
+    """An ONNX Runtime CPU session for ``path`` with ORT's default settings (``runtimes.onnxruntime.make_session``;
+    ``int8_exact``: no int16 saturation of int8 GEMMs on CPUs without VNNI)."""
     from ditdeploy.runtimes.onnxruntime import make_session
 
-    return make_session(path, threads=threads)
+    return make_session(path, threads=threads, int8_exact=int8_exact)
 
 
 def check_parity(

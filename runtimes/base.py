@@ -5,6 +5,7 @@ Numpy + stdlib only (the deploy path must not import torch).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ DENOISER_INPUTS = ("x", "t", "y")
 DENOISER_OUTPUT = "out"
 DECODER_INPUT = "latents"
 DECODER_OUTPUT = "image"
+log = logging.getLogger("ditdeploy.runtimes")
+_SAID: set[str] = set()
 
 
 def missing(module: str, message: str) -> MissingDependencyError:
@@ -50,6 +53,24 @@ def read_manifest(path: str | os.PathLike, kind: str, verify: bool = True) -> Ma
     m = Manifest.load(path, verify=verify)
     assert m is not None
     return m.require_kind(kind)
+
+
+def int8_saturates_here(m: Manifest, path: str | os.PathLike, runtime: str, remedy: str) -> bool:
+    """True when ``m`` is an INT8 artifact with full-range int8 weights and this CPU has no VNNI (its u8s8 kernels
+    pair-add into saturating int16 lanes: ``ditdeploy.cpu_isa``); says so in one warning line, once per artifact and
+    process. ``remedy``: what the runtime does about it."""
+    from ditdeploy.cpu_isa import detect
+
+    isa = detect()
+    if not (m.int8_full_range and isa.int8_saturates):
+        return False
+    key = f"{runtime}:{Path(path).resolve()}"
+    if key not in _SAID:
+        _SAID.add(key)
+        log.warning("warning: %s has full-range int8 weights and this CPU has no VNNI (%s): %s's int8 kernels can "
+                    "saturate; %s. Re-export with `--int8-target cpu-avx2` (7-bit weights) for this CPU",
+                    Path(path).name, isa.label(), runtime, remedy)
+    return True
 
 
 def check_dims(what: str, declared: Sequence[Any], expected: Sequence[int | None], path: str | os.PathLike) -> None:

@@ -2,7 +2,9 @@
 
 Session options: all graph optimisations, intra-op threads = physical cores (override ``threads=``), sequential
 execution, no spinning of idle worker threads (``spinning=True`` to allow it). On GPU providers the output is
-bound on the device with I/O binding and copied back once per call.
+bound on the device with I/O binding and copied back once per call. An INT8 artifact whose full-range int8 weights
+would saturate on this CPU (x86 without VNNI, ``ditdeploy.cpu_isa``) is said in one warning line and run on ONNX
+Runtime's u8u8 kernels, which do not saturate (``make_session(int8_exact=True)``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ditdeploy.runtimes.base import (
     check_dims,
     check_export_id,
     denoiser_shapes,
+    int8_saturates_here,
     light_graph,
     missing,
     physical_cores,
@@ -33,6 +36,7 @@ PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutio
 SHORT = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
          "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 GPU_PROVIDERS = {"TensorrtExecutionProvider", "CUDAExecutionProvider"}
+X64_QUANT_PRECISION = "session.x64quantprecision"  # ORT: s8 weights -> u8 on x86 without VNNI (no int16 saturation)
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(float16)": np.float16,
               "tensor(int32)": np.int32}
 
@@ -86,11 +90,14 @@ def choose_providers(requested: str | list[str] | tuple[str, ...] | None = None,
 
 def make_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...] = ("CPUExecutionProvider",), *,
                  threads: int | None = None, optimize: bool = True, spinning: bool | None = None,
-                 inter_op_threads: int | None = None, trt_cache: str | None = None, precision: str = "fp32") -> Any:
+                 inter_op_threads: int | None = None, trt_cache: str | None = None, precision: str = "fp32",
+                 int8_exact: bool = False) -> Any:
     """The one place an ONNX Runtime ``InferenceSession`` is created (backend, export verification, INT8, OpenVINO
     conversion parity). Options left ``None`` keep ONNX Runtime's defaults; log level errors-only; all graph
-    optimisations unless ``optimize=False``; sequential execution. A file ORT cannot load is a one-line
-    ArtifactError."""
+    optimisations unless ``optimize=False``; sequential execution. ``int8_exact``: on x86 CPUs without VNNI, ONNX
+    Runtime converts int8 weights outside [-64, 64] to uint8 and runs its u8u8 kernels, which do not saturate
+    (session option ``session.x64quantprecision``; a no-op on CPUs with VNNI and on 7-bit weights). A file ORT
+    cannot load is a one-line ArtifactError."""
     ort = _ort()
     path = Path(path)
     so = ort.SessionOptions()
@@ -104,6 +111,8 @@ def make_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
     if inter_op_threads:
         so.inter_op_num_threads = int(inter_op_threads)
     so.log_severity_level = log_level()
+    if int8_exact:
+        so.add_session_config_entry(X64_QUANT_PRECISION, "1")
     prov: list[Any] = []
     for p in providers:
         if p == "TensorrtExecutionProvider":
@@ -121,12 +130,19 @@ def make_session(path: str | os.PathLike, providers: list[str] | tuple[str, ...]
 
 
 def _session(path: Path, providers: list[str], threads: int | None, trt_cache: str | None,
-             precision: str, spinning: bool = False) -> Any:
+             precision: str, spinning: bool = False, int8_exact: bool = False) -> Any:
     """The backend's throughput settings: intra-op threads = physical cores, one inter-op thread, and no spinning
     of idle worker threads (they steal the cores the sampler's numpy work and other processes need: on a loaded
     2-core machine no spinning sampled the digits model 1.6x faster; ``spinning=True`` for a dedicated box)."""
     return make_session(path, providers, threads=int(threads) if threads else physical_cores(), spinning=spinning,
-                        inter_op_threads=1, trt_cache=trt_cache, precision=precision)
+                        inter_op_threads=1, trt_cache=trt_cache, precision=precision, int8_exact=int8_exact)
+
+
+def _int8_exact(m: Any, path: Path, providers: list[str]) -> bool:
+    """Whether this CPU would saturate on ``m``'s INT8 weights (then said in one line, and ORT's u8u8 kernels used)."""
+    return providers[0] == "CPUExecutionProvider" and int8_saturates_here(
+        m, path, "ONNX Runtime", f"using ONNX Runtime's u8u8 kernels instead ({X64_QUANT_PRECISION}: no saturation, "
+        "slower)")
 
 
 def _io(sess: Any) -> tuple[dict[str, Any], list[Any]]:
@@ -145,7 +161,8 @@ class OrtDenoiser(DenoiserBase):
         check_against_manifest(self.path, self.manifest, self.config)  # external data listed, config confirmed
         precision = self.manifest.precision
         self.providers = choose_providers(providers)
-        self.session = _session(self.path, self.providers, threads, trt_cache, precision, spinning)
+        exact = _int8_exact(self.manifest, self.path, self.providers)
+        self.session = _session(self.path, self.providers, threads, trt_cache, precision, spinning, exact)
         ins, outs = _io(self.session)
         missing_in = [n for n in DENOISER_INPUTS if n not in ins]
         if missing_in:
@@ -164,7 +181,7 @@ class OrtDenoiser(DenoiserBase):
         lg = light_graph(self.path, self.manifest)
         if lg is not None:
             lpath, export_id = lg
-            self.light_session = _session(lpath, self.providers, threads, trt_cache, precision, spinning)
+            self.light_session = _session(lpath, self.providers, threads, trt_cache, precision, spinning, exact)
             for p, sess in ((self.path, self.session), (lpath, self.light_session)):
                 check_export_id(p, sess.get_modelmeta().custom_metadata_map.get("ditdeploy.export_id"), export_id)
             if "cache" not in {o.name for o in outs}:
@@ -214,7 +231,8 @@ class OrtDecoder(DecoderBase):
         check_against_manifest(self.path, self.manifest)  # every external-data file listed (and so verified)
         precision = self.manifest.precision
         self.providers = choose_providers(providers)
-        self.session = _session(self.path, self.providers, threads, trt_cache, precision)
+        self.session = _session(self.path, self.providers, threads, trt_cache, precision,
+                                int8_exact=_int8_exact(self.manifest, self.path, self.providers))
         ins, outs = _io(self.session)
         if DECODER_INPUT not in ins:
             raise ArtifactError(f"{self.path.name} lacks the input {DECODER_INPUT!r} (has {sorted(ins)})")

@@ -25,6 +25,7 @@ from ditdeploy.runtimes.base import (
     DenoiserBase,
     check_dims,
     denoiser_shapes,
+    int8_saturates_here,
     light_graph,
     physical_cores,
     read_manifest,
@@ -69,6 +70,12 @@ def _default_hint(m: Manifest, precision_hint: str | None) -> str | None:
     if precision_hint is not None:
         return precision_hint
     return m.openvino_hint or "f32"
+
+
+def _int8_note(m: Manifest, path: Path) -> None:
+    """One warning line when ``m``'s full-range INT8 weights can saturate on this CPU (x86 without VNNI): OpenVINO
+    has no switch to pick other kernels, so the artifact runs as it is."""
+    int8_saturates_here(m, path, "OpenVINO", "OpenVINO runs it as it is (accuracy may drop: `ditdeploy check` it)")
 
 
 def _manifest_for(path: Path, kind: str, verify: bool) -> Manifest:
@@ -138,6 +145,7 @@ class OpenVINODenoiser(DenoiserBase):
         self.manifest = _manifest_for(self.path, "denoiser", verify)
         self.config = self.manifest.config
         hint = _default_hint(self.manifest, precision_hint)
+        _int8_note(self.manifest, self.path)
         self.compile_config = compile_config(hint, performance_hint, threads)
         self._m = _Compiled(self.path, device, self.compile_config)
         ins = self._m.inputs()
@@ -190,6 +198,7 @@ class OpenVINODecoder(DecoderBase):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "decoder", verify)
         hint = _default_hint(self.manifest, precision_hint)
+        _int8_note(self.manifest, self.path)
         self._m = _Compiled(self.path, device, compile_config(hint, performance_hint, threads))
         ins = self._m.inputs()
         if DECODER_INPUT not in ins:

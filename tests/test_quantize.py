@@ -105,8 +105,11 @@ def test_static_qdq_structure_and_exclusions(work, static):
 
 
 def test_int8_weights_equal_independent_per_channel_quantization(work, static):
-    """Recompute one quantized weight from the fp32 graph: scale = max|W[:, j]| / 127, round half to even."""
-    out, _ = static
+    """Recompute each quantized weight from the fp32 graph: scale = max|W[:, j]| / qmax, round half to even, with
+    qmax 127 (full-range int8) or 64 (the 7-bit form chosen for x86 CPUs without VNNI, ``reduce_range``)."""
+    out, man = static
+    qmax = man["int8"]["weight_range"][1]
+    assert qmax == (64 if man["int8"]["target"] == "cpu-avx2" else 127)
     q = _load(out)
     f = _load(work["fp32"])
     f_inits = {i.name: numpy_helper.to_array(i) for i in f.graph.initializer}
@@ -123,9 +126,9 @@ def test_int8_weights_equal_independent_per_channel_quantization(work, static):
         w = f_inits[f_nodes[node.name].input[1]].astype(np.float64)  # (K, N)
         wq, scale, zp = (q_inits[dq.input[0]], q_inits[dq.input[1]], q_inits[dq.input[2]])
         assert wq.dtype == np.int8 and scale.shape == (w.shape[1],) and not zp.any()  # per output channel, sym.
-        ref_scale = np.abs(w).max(axis=0) / 127.0
+        ref_scale = np.abs(w).max(axis=0) / qmax
         np.testing.assert_allclose(scale, ref_scale, rtol=1e-6)
-        ref = np.clip(np.rint(w / scale.astype(np.float64)), -127, 127)
+        ref = np.clip(np.rint(w / scale.astype(np.float64)), -qmax, qmax)
         assert np.mean(ref != wq) < 1e-3 and np.abs(ref - wq).max() <= 1  # float32 vs float64 rounding ties
         checked += 1
     assert checked == 4 * DEPTH

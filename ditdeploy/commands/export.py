@@ -48,6 +48,13 @@ class Int8Mode(str, Enum):
     dynamic = "dynamic"
 
 
+class Int8Target(str, Enum):
+    auto = "auto"
+    cpu_vnni = "cpu-vnni"
+    cpu_avx2 = "cpu-avx2"
+    trt = "trt"
+
+
 Conditioning = Enum("Conditioning", {k: k for k in CONDITIONINGS}, type=str)
 
 
@@ -83,6 +90,10 @@ def register(app: typer.Typer) -> None:
                                          "calibrate`) for --precision int8."),
         int8_mode: Int8Mode = typer.Option(Int8Mode.static, "--int8-mode", help="static (Q/DQ, calibrated) | "
                                            "dynamic (ORT CPU)."),
+        int8_target: Int8Target = typer.Option(Int8Target.auto, "--int8-target", help="The machine the INT8 "
+                                               "artifact runs on: auto (this CPU's ISA) | cpu-vnni (full-range int8 "
+                                               "weights) | cpu-avx2 (x86 without VNNI: 7-bit weights, no int16 "
+                                               "saturation) | trt (TensorRT Q/DQ; the default for --fmt trt)."),
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
                                     "adaln, final, attention, linear, other), 'default', 'none', or node/module "
                                     "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
@@ -109,6 +120,7 @@ def register(app: typer.Typer) -> None:
 
         fmt_, prec, int8_mode, conditioning = c.value(fmt), c.value(precision), c.value(int8_mode), \
             c.value(conditioning)
+        int8_target = c.value(int8_target)
         if prec == "int8-dynamic":
             c.warn_deprecated("--precision int8-dynamic", "--precision int8 --int8-mode dynamic")
             prec, int8_mode = "int8", "dynamic"
@@ -116,6 +128,7 @@ def register(app: typer.Typer) -> None:
         show_progress = c.progress_on(progress)
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify)
+        int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
         verify = not no_verify
         from ditdeploy.export import pipeline
 
@@ -172,7 +185,9 @@ def register(app: typer.Typer) -> None:
                 net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
                 decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
                 seed=seed, progress=show_progress,
-                int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None,
+                int8_options={"target": int8_target,
+                              **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
+                if prec == "int8" else None,
                 id2label=id2label,
                 trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
                              "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
@@ -224,6 +239,24 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
 
         import_tensorrt()
     return fmt
+
+
+def _int8_target(fmt: str, prec: str, int8_mode: str, target: str) -> str:
+    """The INT8 target: ``trt`` for --fmt trt, else the one asked for (auto: this CPU's); mismatches refused."""
+    from ditdeploy.errors import DitDeployError
+
+    if prec != "int8":
+        if target != "auto":
+            raise DitDeployError("--int8-target applies to --precision int8")
+        return target
+    if fmt == "trt":
+        if target not in ("auto", "trt"):
+            raise DitDeployError(f"--fmt trt builds the TensorRT INT8 form: drop --int8-target {target} (or use "
+                                 "--fmt onnx|openvino for a CPU form)")
+        return "trt"
+    if target == "trt" and int8_mode != "static":
+        raise DitDeployError("--int8-target trt is the static Q/DQ form: use --int8-mode static --calibration ...")
+    return target
 
 
 def _export_decoder_only(vae: Path, out: Path | None, fmt: str, opset: int, verify: bool, latent_size: int,
