@@ -268,9 +268,12 @@ class CheckReport:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
+        from ditdeploy.cpu_isa import detect
+
         worst = summarize_calls(self.calls)
         return {
             "artifact": self.artifact, "backend": self.backend, "precision": self.precision,
+            "cpu_isa": detect().record(),  # the kernels (and INT8 saturation) depend on it: a result names its CPU
             "reference": self.reference, "passed": self.passed, "failures": self.failures,
             "thresholds": dataclasses.asdict(self.thresholds), "settings": self.settings,
             "calls": self.calls, "calls_worst": worst, "end_to_end": self.e2e,
@@ -368,6 +371,12 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
+def _cpu_label() -> str:
+    from ditdeploy.cpu_isa import detect
+
+    return detect().label()
+
+
 def format_report(rep: CheckReport) -> str:
     """The per-call table, the end-to-end lines and the verdict."""
     th = rep.thresholds
@@ -376,6 +385,7 @@ def format_report(rep: CheckReport) -> str:
              f"thresholds ({rep.precision}: {th.reason}): per-call rel-L2 <= {_fmt(th.call_rel_l2, 'g')}, "
              f"cosine >= {_fmt(th.call_cosine, 'g')}; latent rel-L2 <= {_fmt(th.latent_rel_l2, 'g')}, "
              f"PSNR >= {_fmt(th.psnr, 'g')} dB, SSIM >= {_fmt(th.ssim, 'g')}",
+             f"cpu: {_cpu_label()}",
              ""]
     hdr = f"{'t':>5} {'half':>6} {'max-abs':>10} {'rel-L2':>10} {'cosine':>10} {'med |rel|':>10}  status"
     lines += [hdr, "-" * len(hdr)]

@@ -306,7 +306,7 @@ def _lower_precision_gates(art, path: Path, precision: str, tmp_path: Path) -> d
     js = tmp_path / f"{precision}.json"
     rc = _main(["check", "--engine", str(path), "--reference", str(art["ckpt"]), *FAST, "--json", str(js)])
     rep = json.loads(js.read_text())
-    assert rep["precision"] == precision and rc == 0 and rep["passed"], rep["failures"]
+    assert rep["precision"] == precision and rc == 0 and rep["passed"], f"{rep['failures']} on CPU {rep['cpu_isa']}"
     th = checking.thresholds_for(precision)
     worst = rep["calls_worst"]
     assert worst["rel_l2"] <= th.call_rel_l2 and worst["cosine"] >= th.call_cosine

@@ -157,3 +157,32 @@ def test_cli_refuses_target_mismatches(tmp_path):
     code, _, err = run_main(["export", "--model", "digits", "--int8-target", "cpu-avx2", "--out", tmp_path / "y.onnx"])
     assert_one_line_error(code, err, ["--int8-target", "--precision int8"])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("simulated", [None, "avx2,fma"], ids=["this-cpu", "simulated-avx2"])
+def test_int8_checks_name_the_cpu(tmp_path, monkeypatch, simulated):
+    """`check`'s INT8 gates on the shipped (trained) digits model quantized for this CPU (``auto``) and for a
+    simulated AVX2-only CPU: the report records the ISA, every assertion and the one-line failure name it, so a red
+    run on another machine says which CPU (and INT8 form) it was."""
+    pytest.importorskip("torch")
+    from ditdeploy.calibration.quantize import quantize_int8
+    from ditdeploy.parity import THRESHOLDS
+
+    if simulated:
+        monkeypatch.setenv(cpu_isa.ENV, simulated)
+    isa = cpu_isa.detect()
+    q = tmp_path / "digits-int8.onnx"
+    m = quantize_int8(shipped_digits_copy(tmp_path), q, None, mode="dynamic", progress=False)
+    where = f"INT8 form {m['int8']['target']} on CPU {isa.label()}"
+    assert m["int8"]["target"] == isa.int8_target, where
+    js = tmp_path / "c.json"
+    fast = ["check", "--engine", q, "--steps", "5", "--batch-size", "2", "--timesteps", "4"]
+    code, out, err = run_main([*fast, "--json", js])
+    rep = json.loads(js.read_text())
+    assert rep["cpu_isa"] == isa.record() and f"cpu: {isa.label()}" in out, where
+    assert code == 0 and rep["passed"], f"{where}: {rep['failures']}"
+    th = THRESHOLDS["int8"]
+    assert rep["precision"] == "int8" and rep["calls_worst"]["cosine"] >= th.call_cosine, where
+    assert rep["end_to_end"]["psnr"] >= th.psnr, where
+    code, _, err = run_main([*fast, "--per-call-only", "--threshold-call-cosine", "0.99999999"])
+    assert_one_line_error(code, err, ["cosine", isa.label()], strict=False)

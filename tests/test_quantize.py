@@ -24,11 +24,13 @@ from ditdeploy.artifacts import manifest_path, sha256_file  # noqa: E402
 from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set  # noqa: E402
 from ditdeploy.calibration.nodes import classify_nodes, resolve_exclusions, role_counts  # noqa: E402
 from ditdeploy.calibration.quantize import count_qdq, quantize_int8  # noqa: E402
+from ditdeploy.cpu_isa import detect  # noqa: E402
 from ditdeploy.errors import DitDeployError  # noqa: E402
 from ditdeploy.export.trt_plan import check_int8_graph  # noqa: E402
 
 DEPTH = 4  # digits config
 SEED = 7
+ON = f"on CPU {detect().label()}"  # in INT8 assertion messages: a failure names the ISA (issue 20)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_static_manifest_and_parity(work, static):
     assert set(man["files"]) == {out.name, out.name + ".data"}
     p = man["parity"]
     # int8 GEMMs on 4 tiny blocks: per-call cosine vs fp32 stays near 1 (a broken scale gives < 0.9)
-    assert p["finite"] and p["per_call_cosine_min"] > 0.999 and p["rel_l2"] < 0.03
+    assert p["finite"] and p["per_call_cosine_min"] > 0.999 and p["rel_l2"] < 0.03, f"{man['int8']['target']} {ON}"
     assert len(p["per_timestep"]) == 25 and p["inputs_from"].startswith("calibration set's held-out")
     # nothing left beside the source or the output
     assert sorted(x.name for x in work["fp32"].parent.iterdir() if x.name.startswith(".")) == []
@@ -164,14 +166,14 @@ def test_int8_runs_through_the_runtime_and_matches_fp32(work, static):
     y = np.array([0, 3, 10, 5, 10, 9])
     assert q.name.endswith(":int8")
     ref, qo = f(x, t, y), q(x, t, y)
-    assert cosine(qo, ref) > 0.999
+    assert cosine(qo, ref) > 0.999, ON
     # the same Q/DQ artifact on OpenVINO CPU (the fastest CPU INT8 path measured here): it honours the Q/DQ (its
     # output is close to ORT's int8 output, not bit-equal to fp32) and stays as close to fp32
     pytest.importorskip("openvino")
     ov = load(out, backend="openvino", threads=1)
     oo = ov(x, t, y)
     assert "int8" in ov.name
-    assert cosine(oo, ref) > 0.999 and cosine(oo, qo) > 0.999
+    assert cosine(oo, ref) > 0.999 and cosine(oo, qo) > 0.999, ON
     assert float(np.abs(oo - ref).max()) > 1e-4  # quantized arithmetic, not an fp32 fallback
 
 
@@ -206,9 +208,25 @@ def test_dynamic_int8_keeps_exclusions(work, tmp_path):
     assert sum(n.op_type == "FastGelu" for n in q.graph.node) == DEPTH
     assert not any(n.op_type in ("Tanh", "Pow") for n in q.graph.node)
     assert "calibration_sha256" not in man
-    assert man["parity"]["per_call_cosine_min"] > 0.999
+    assert man["parity"]["per_call_cosine_min"] > 0.999, f"{man['int8']['target']} {ON}"
     with pytest.raises(DitDeployError, match="TensorRT needs the static"):
         check_int8_graph(q)
+
+
+def test_static_for_cpus_without_vnni(work, tmp_path):
+    """--int8-target cpu-avx2 on the static Q/DQ: 7-bit weights (|w| <= 64, so AVX2's u8 x s8 pair-add cannot
+    saturate), still symmetric Q/DQ that TensorRT's rules accept, parity within the int8 gate."""
+    out = tmp_path / "s7.onnx"
+    man = quantize_int8(work["fp32"], out, work["calib"], target="cpu-avx2", progress=False)
+    q = _load(out)
+    w = [numpy_helper.to_array(i).astype(np.int32) for i in q.graph.initializer
+         if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(w) == 4 * DEPTH and max(int(np.abs(a).max()) for a in w) == 64
+    assert man["int8"]["target"] == "cpu-avx2" and man["int8"]["saturates_without_vnni"] is False
+    assert check_int8_graph(q) == {"QuantizeLinear": 4 * DEPTH, "DequantizeLinear": 8 * DEPTH}
+    assert man["parity"]["per_call_cosine_min"] > 0.999, ON
+    with pytest.raises(DitDeployError, match="TensorRT INT8 target"):
+        quantize_int8(work["fp32"], tmp_path / "x.onnx", None, mode="dynamic", target="trt")
 
 
 def test_static_requires_calibration_and_refuses_bad_targets(work, tmp_path):

@@ -189,8 +189,11 @@ def _compare(art, engine: Path, g, vae: Path | None, precision: str | None, over
     if json_out is not None:
         write_json_atomic(json_out, {**rep.to_dict(), **({"fid": fid} if fid is not None else {})})
     if not rep.passed:
+        from ditdeploy.cpu_isa import detect
+
         more = f" (+{len(rep.failures) - 1} more)" if len(rep.failures) > 1 else ""
-        raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more}")
+        raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more} "
+                            f"[CPU {detect().label()}]")
 
 
 def _fid_delta(engine: Path, backend: str | None, opts: dict, ref_path: Path, fid_ref: str, samples: int,
