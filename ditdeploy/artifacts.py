@@ -58,11 +58,12 @@ def _check_writable_dir(d: Path) -> None:
         raise DitDeployError(f"output directory {d} is not writable: choose another --out")
 
 
-def _default_mode() -> int:
-    """0666 minus the process umask (what a plain ``open(..., "w")`` would give)."""
+def _default_mode(base: int = 0o666) -> int:
+    """``base`` (0666: a file, 0777: a folder) minus the process umask (what a plain ``open(..., "w")`` or
+    ``mkdir`` would give)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return base & ~mask
 
 
 # Temporary names carry the writer's pid, so a later run can tell the leftovers of a killed run from a live one's.
@@ -254,6 +255,63 @@ def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_folder(final: str | os.PathLike) -> Path:
+    """Refuse (one line) a folder-artifact destination that exists and is not an empty folder, or is a link; create
+    its parent. Returns the path."""
+    final = Path(final)
+    if final.is_symlink() or (final.exists() and (not final.is_dir() or any(final.iterdir()))):
+        raise DitDeployError(f"{final} already exists: choose another --out or remove it (a new folder is written)")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DitDeployError(f"could not create {final.parent}: {e.strerror or e}") from e
+    _check_writable_dir(final.parent)
+    return final
+
+
+def folder_files(root: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of a folder artifact: sha256 and size of every file under ``root``, by relative path."""
+    root = Path(root)
+    return {str(f.relative_to(root)): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary folder beside ``final``; rename it to ``final`` only on success (a folder artifact:
+    a diffusers snapshot, a Triton model repository). ``final`` must be new or an empty folder (never a link): an
+    existing folder's content is never replaced or merged into. On any exception the temporary folder is removed."""
+    final = check_new_folder(final)
+    clean_stale_temps(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(kind="folder"), dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes 0700; a published folder gets the umask's mode
+        if final.is_dir():
+            final.rmdir()  # empty (checked above)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_folder(root: str | os.PathLike, manifest_name: str) -> dict[str, Any]:
+    """Read the manifest ``root/manifest_name`` of a folder artifact and check that every file it lists exists with
+    its recorded sha256; returns the manifest. One-line ArtifactError otherwise."""
+    root = Path(root)
+    try:
+        m = json.loads((root / manifest_name).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{root}: no readable {manifest_name} ({e}); write the folder again") from e
+    files = m.get("files") if isinstance(m, dict) else None
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
+        f = safe_member(root, name)
+        want = rec.get("sha256") if isinstance(rec, dict) else None
+        if not f.is_file() or sha256_file(f) != want:
+            raise ArtifactError(f"{root}: {name} is missing or differs from the sha256 its {manifest_name} records: "
+                                "the folder is damaged; copy or write it again")
+    return m
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,15 +162,9 @@ def locate(path: str | os.PathLike) -> Snapshot:
 
 def _verify_snapshot(root: Path) -> None:
     """Every file a ditdeploy-written snapshot's manifest lists exists with its recorded sha256."""
-    from ditdeploy.artifacts import safe_member, sha256_file
+    from ditdeploy.artifacts import verify_folder
 
-    files = _read_json(root / MANIFEST_NAME).get("files")
-    for name, rec in (files.items() if isinstance(files, dict) else ()):
-        f = safe_member(root, name)
-        want = rec.get("sha256") if isinstance(rec, dict) else None
-        if not f.is_file() or sha256_file(f) != want:
-            raise ArtifactError(f"{root}: {name} is missing or differs from the sha256 its {MANIFEST_NAME} records: "
-                                "the snapshot is damaged; copy it again")
+    verify_folder(root, MANIFEST_NAME)
 
 
 def snapshot_digest(snap: Snapshot) -> str:
@@ -388,12 +380,6 @@ def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
 MANIFEST_NAME = "ditdeploy_manifest.json"  # inside the written snapshot; diffusers ignores unknown files
 
 
-def _prepare_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DitDeployError(f"{out} already exists: choose another --out or remove it (a snapshot is a new folder)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
 def _scheduler(diffusers: Any) -> Any:
     """DDIM over the official 1000-step linear schedule (1e-4..0.02), no x0 clipping (DiT's sample.py)."""
     return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
@@ -446,21 +432,26 @@ def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike |
     """
     import torch
 
-    from ditdeploy.artifacts import sha256_file, tool_versions, write_json_atomic
+    from ditdeploy.artifacts import (
+        atomic_folder,
+        check_new_folder,
+        folder_files,
+        tool_versions,
+        write_json_atomic,
+    )
 
     diffusers = require_diffusers("writing a diffusers snapshot")
     diffusers.utils.logging.set_verbosity_error()  # its notices (accelerate, vae=None) are noise on a CLI
     out = Path(out)
     cfg = net.config
     kwargs = diffusers_config(cfg)
-    _prepare_out(out)
+    check_new_folder(out)
     vae_model = None
     if vae is not None:
         from ditdeploy.export.vae import load_vae
 
         vae_model = load_vae(vae)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         with torch.device("meta"):
             tr = diffusers.DiTTransformer2DModel(**kwargs)
         mapped = {k: v.detach().to("cpu", torch.float32).clone() for k, v in from_official(net.state_dict(), cfg).items()}
@@ -478,12 +469,6 @@ def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike |
             "tools": tool_versions() | {"diffusers": diffusers.__version__},
             "parity": _written_parity(net, tmp, seed) if verify else None, "verified": verify,
         }
-        manifest["files"] = {str(f.relative_to(tmp)): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-                             for f in sorted(tmp.rglob("*")) if f.is_file()}
+        manifest["files"] = folder_files(tmp)
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -21,7 +21,8 @@ _EPILOG = (
     "ditdeploy export --vae ./sd-vae-ft-ema --out vae_decoder.onnx | "
     "ditdeploy export --model digits --fmt aoti --out digits.pt2 | "
     "ditdeploy export --checkpoint DiT-XL-2-256/ --out xl2.onnx (a diffusers snapshot: its vae/ is exported too) | "
-    "ditdeploy export --model digits --fmt diffusers --out digits-diffusers/"
+    "ditdeploy export --model digits --fmt diffusers --out digits-diffusers/ | "
+    "ditdeploy export --model digits --fmt triton --out repo/ (a Triton model repository; docs/serving.md)"
 )
 
 
@@ -32,6 +33,7 @@ class Fmt(str, Enum):
     tensorrt = "tensorrt"  # = trt
     aoti = "aoti"
     diffusers = "diffusers"
+    triton = "triton"
 
 
 class Precision(str, Enum):
@@ -74,14 +76,18 @@ def register(app: typer.Typer) -> None:
         conditioning: Conditioning = typer.Option(None, "--conditioning",
                                                   help="Block design for --random-weights."),
         fmt: Fmt = typer.Option(Fmt.onnx, "--fmt", "-f", help="aoti: AOTInductor .pt2; diffusers: a DiTPipeline "
-                                "snapshot folder."),
+                                "snapshot folder; triton: a Triton model repository folder (ONNX denoiser, "
+                                "generate loop, VAE decoder)."),
         precision: Precision = typer.Option(Precision.fp32, "--precision", "-p", help="The artifact's precision "
                                             "(bf16, fp8: aoti only; fp8 needs an FP8 GPU + --calibration)."),
         device: str = typer.Option(None, "--device", help="--fmt aoti: cpu (default) | cuda: the device the .pt2 "
                                    "is compiled for (it runs only there)."),
         opset: int = typer.Option(18, "--opset", min=17, help="ONNX opset (>= 17: LayerNormalization as one node)."),
         max_batch: int = typer.Option(None, "--max-batch", min=1, help="Largest batch the artifact is built for "
-                                      "(TensorRT profile, .pt2 dynamic batch; recorded in the manifest)."),
+                                      "(TensorRT profile, .pt2 dynamic batch; recorded in the manifest; --fmt "
+                                      "triton: denoiser rows per call, default 64)."),
+        instances: int = typer.Option(None, "--instances", min=1, max=256, help="--fmt triton: generate model "
+                                      "instances = requests sampled at once (default 8)."),
         batch_max: int = typer.Option(None, "--batch-max", min=1, hidden=True, help="Old spelling of --max-batch."),
         vae: Path = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: also export its decoder "
                                  "(alone when no --model is given). Default with a snapshot --checkpoint: its vae/."),
@@ -126,6 +132,8 @@ def register(app: typer.Typer) -> None:
             prec, int8_mode = "int8", "dynamic"
         batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
         show_progress = c.progress_on(progress)
+        if instances is not None and fmt_ != "triton":
+            raise DitDeployError("--instances applies to --fmt triton only")
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify)
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
@@ -155,6 +163,10 @@ def register(app: typer.Typer) -> None:
             vae = Path(snapshot_vae)
         if fmt_ == "diffusers":
             _write_diffusers(net, out, None if no_vae else vae, id2label, verify, seed, source)
+            return
+        if fmt_ == "triton":
+            _write_triton(net, out, prec, vae, max_batch, instances, opset, verify, seed, source, id2label,
+                          show_progress, calibration, int8_mode, exclude)
             return
         target = out or pipeline.default_out(net.config, prec, fmt_)
         decoder_name = dec_out = None
@@ -221,6 +233,9 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
         raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
     if cache_graphs and (fmt not in ("onnx", "openvino") or prec != "fp32"):
         raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
+    if fmt == "triton" and not has_model:
+        raise DitDeployError("--fmt triton packages a denoiser: pass --model or --checkpoint (and --vae for a "
+                             "latent model)")
     if cache_graphs and not has_model:
         raise DitDeployError("--cache-graphs needs a denoiser: pass --model or --checkpoint")
     if not has_model and vae is None:
@@ -287,6 +302,31 @@ def _write_diffusers(net, out: Path | None, vae: Path | None, id2label, verify: 
     dm = write_snapshot(net, target, vae=vae, id2label=id2label, verify=verify, seed=seed, source=source)
     typer.echo(f"wrote diffusers snapshot {target}/ ({len(dm['files'])} files"
                + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
+
+
+def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch: int | None,
+                  instances: int | None, opset: int, verify: bool, seed: int, source: dict, id2label,
+                  progress: bool, calibration: Path | None, int8_mode: str, exclude: str | None) -> None:
+    """``--fmt triton``: a Triton model repository folder."""
+    from ditdeploy.export import pipeline
+    from ditdeploy.export.triton_repo import (
+        DEFAULT_INSTANCES,
+        DEFAULT_MAX_BATCH,
+        RepoOptions,
+        export_repository,
+    )
+    from ditdeploy.outputs import check_outputs
+
+    target = out or Path(pipeline.slug(net.config) + "-triton")
+    check_outputs({"--vae": vae, "--calibration": calibration}, {})
+    options = RepoOptions(max_batch=max_batch or DEFAULT_MAX_BATCH, instances=instances or DEFAULT_INSTANCES)
+    m = export_repository(net, target, precision=prec, vae=vae, options=options, opset=opset, verify=verify,
+                          seed=seed, source=source, id2label=id2label, progress=progress,
+                          calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
+                          int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None)
+    size = sum(f["bytes"] for f in m["files"].values())
+    typer.echo(f"wrote Triton model repository {target}/ ({', '.join(m['models'])}; {size / 1e6:.1f} MB, "
+               f"{m['precision']}; variants: default onnxruntime, --model-config-name tensorrt|openvino|python)")
 
 
 def _light(target: Path) -> Path:
