@@ -5,7 +5,8 @@
 here, on the server environment ``ditdeploy serve`` uses. PyTriton's binary is used directly: its Python-backend
 stub is copied in for the environment's Python version, that Python's LIBDIR goes first on ``LD_LIBRARY_PATH`` (the
 stub links ``libpython3.X.so`` without an RPATH), and ``DITDEPLOY_PYTHONPATH`` gives the stub's isolated interpreter
-the environment's site-packages (numpy<2, which the stub needs) and this process's (ditdeploy).
+the environment's site-packages (numpy<2, which the stub needs; ditdeploy, installed there by README's install
+line) and, after it, this process's.
 
 :class:`LocalTriton` starts it in its own session, waits until it is ready, and stops it (SIGTERM, then SIGKILL)
 with its workspace removed. Standard library only.
@@ -44,8 +45,13 @@ class ServerEnv:
     version: str
 
     @classmethod
-    def probe(cls, python: str | os.PathLike) -> ServerEnv:
-        """Ask ``python`` (an environment with nvidia-pytriton) where its pieces are."""
+    def probe(cls, python: str | os.PathLike | None = None) -> ServerEnv:
+        """Ask ``python`` (default: the server environment of :func:`ditdeploy.serving.env.server_python`) where
+        PyTriton's pieces are."""
+        if python is None:
+            from ditdeploy.serving.env import server_python
+
+            python = server_python()
         try:
             out = subprocess.run([str(python), "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
             d = json.loads(out.stdout.strip().splitlines()[-1])
@@ -61,13 +67,6 @@ class ServerEnv:
     @property
     def libs(self) -> Path:
         return self.pytriton.parent / "nvidia_pytriton.libs"
-
-
-def server_python() -> Path | None:
-    """The Python of the server environment: ``$DITDEPLOY_SERVE_PYTHON``, else ``.venv-serve`` in the checkout."""
-    env = os.environ.get("DITDEPLOY_SERVE_PYTHON")
-    cands = [Path(env)] if env else [Path(__file__).resolve().parents[1] / ".venv-serve" / "bin" / "python"]
-    return next((p for p in cands if p.is_file()), None)
 
 
 def free_port() -> int:

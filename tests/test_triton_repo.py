@@ -178,12 +178,13 @@ def test_cli_export_triton_writes_the_repository(tmp_path):
 
 # ------------------------------------------------------------------------------------------ on a real tritonserver
 def _server_env():
-    from ditdeploy.triton_local import ServerEnv, server_python
+    from ditdeploy.serving.env import ServeEnvError
+    from ditdeploy.triton_local import ServerEnv
 
-    py = server_python()
-    if py is None:
-        pytest.skip("no server environment with nvidia-pytriton (README: Serving)")
-    return ServerEnv.probe(py)
+    try:
+        return ServerEnv.probe()
+    except ServeEnvError as e:
+        pytest.skip(str(e))
 
 
 def _infer(url: str, model: str, inputs: list[dict]) -> dict:

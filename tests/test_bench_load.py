@@ -1,0 +1,122 @@
+"""``bench --server`` load test: its statistics against hand computations, the seeded Poisson arrivals, the two
+drivers' scheduling, and Triton's metrics text."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ditdeploy.bench.load import (
+    Outcome,
+    default_metrics_url,
+    percentile,
+    poisson_arrivals,
+    run_closed,
+    run_open,
+    summarize,
+    triton_counts,
+)
+
+
+def test_percentile_by_hand_and_against_numpy():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)  # between the 2nd and 3rd of 1,2,3,4
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)  # rank 0.9*3 = 2.7: 3 + 0.7*(4-3)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
+    assert percentile([7.0], 99) == 7.0 and percentile([], 50) is None
+    xs = np.random.default_rng(0).exponential(size=101)
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(list(xs), q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12)
+
+
+def test_summary_numbers_by_hand():
+    outs = [Outcome(0, arrival=0.0, sent=0.0, done=1.0, admission_s=0.1),
+            Outcome(1, arrival=0.5, sent=0.5, done=2.5, admission_s=0.3),
+            Outcome(2, arrival=1.0, sent=1.0, done=4.0),
+            Outcome(3, arrival=1.5, sent=1.5, done=1.6, status="refused", images=0, error="busy"),
+            Outcome(4, arrival=2.0, sent=2.0, done=2.1, status="error", images=0, error="boom")]
+    s = summarize(outs, wall_s=4.0, slo_s=2.0, rows_calls=(120.0, 15.0))
+    assert (s["requests"], s["completed"], s["refused"], s["errors"], s["images"]) == (5, 3, 1, 1, 3)
+    assert s["images_per_s"] == pytest.approx(3 / 4.0)
+    # latencies 1.0, 2.0, 3.0 (done - arrival of the completed ones)
+    assert s["latency_s"]["p50"] == pytest.approx(2.0) and s["latency_s"]["p90"] == pytest.approx(2.8)
+    assert s["latency_s"]["p99"] == pytest.approx(2.98) and s["latency_s"]["mean"] == pytest.approx(2.0)
+    assert s["admission_s"]["p50"] == pytest.approx(0.2) and s["admission_s"]["reported"] == 2
+    # SLO 2 s: requests 0 and 1 meet it; the refused and failed ones count as misses: 2 of 5
+    assert s["slo"] == {"latency_s": 2.0, "met": 2, "attainment": pytest.approx(0.4)}
+    assert s["denoiser"] == {"rows": 120.0, "calls": 15.0, "mean_batch": pytest.approx(8.0)}
+    assert s["error_messages"] == ["boom", "busy"]
+
+
+def test_poisson_arrivals_are_seeded_and_have_the_rate():
+    a = poisson_arrivals(50.0, 40.0, seed=3)
+    assert a == poisson_arrivals(50.0, 40.0, seed=3) and a != poisson_arrivals(50.0, 40.0, seed=4)
+    assert all(0 < x < 40.0 for x in a) and a == sorted(a)
+    # count ~ Poisson(2000): sd 44.7; 5 sd bounds cannot fail by chance in practice and catch a wrong rate (x2)
+    assert abs(len(a) - 2000) < 5 * 2000 ** 0.5
+    gaps = np.diff([0.0, *a])
+    assert abs(gaps.mean() - 1 / 50.0) < 5 * (1 / 50.0) / len(gaps) ** 0.5  # exponential: sd of the mean = mean/sqrt(n)
+    with pytest.raises(Exception, match="--rate"):
+        poisson_arrivals(0, 10, 0)
+
+
+def _gate(hold: float = 0.02):
+    """A send() that records how many calls are in flight at once and holds each for ``hold`` seconds."""
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def send(i: int):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(hold)
+        with lock:
+            state["now"] -= 1
+        if i == 3:
+            raise RuntimeError("request 3 failed")
+        return "ok", 1, None, None
+
+    return send, state
+
+
+def test_closed_loop_keeps_c_in_flight_and_stops_by_itself():
+    send, state = _gate()
+    outs, wall = run_closed(send, concurrency=3, duration=0.3)
+    assert state["max"] == 3  # never more than C clients at once, and all C were used
+    assert [o.index for o in outs] == list(range(len(outs))) and len(outs) >= 3
+    assert all(o.sent < 0.3 for o in outs)  # nothing started after the duration
+    assert outs[3].status == "error" and "request 3 failed" in outs[3].error  # a failure is recorded, not raised
+    assert wall == max(o.done for o in outs)
+    outs, _ = run_closed(send, concurrency=2, duration=float("inf"), max_requests=5)  # the sequential baseline form
+    assert len(outs) == 5
+
+
+def test_open_loop_sends_at_the_arrival_times():
+    send, state = _gate(hold=0.5)  # long enough that a loaded machine still starts the four together
+    arrivals = [0.0, 0.0, 0.0, 0.0, 0.05]
+    outs, _ = run_open(send, arrivals)
+    assert [o.arrival for o in outs] == arrivals
+    assert state["max"] >= 4  # arrivals are not serialised behind slow answers
+    assert all(o.latency >= o.done - o.sent for o in outs)  # latency counts from the scheduled arrival
+
+
+def test_triton_metrics_counts():
+    text = """# HELP nv_inference_count Number of inferences performed (does not include cached requests)
+# TYPE nv_inference_count counter
+nv_inference_count{model="generate",version="1"} 16
+nv_inference_count{model="denoise",version="1"} 1600
+nv_inference_count{model="denoise",version="2"} 40
+nv_inference_exec_count{model="denoise",version="1"} 150
+nv_inference_exec_count{model="denoise",version="2"} 10
+nv_inference_exec_count{model="generate",version="1"} 16
+"""
+    assert triton_counts(text) == (1640.0, 160.0)
+    assert triton_counts(text, "generate") == (16.0, 16.0)
+    assert triton_counts(text, "vae_decoder") is None
+
+
+def test_default_metrics_url():
+    assert default_metrics_url("http://127.0.0.1:8000") == "http://127.0.0.1:8002/metrics"
+    assert default_metrics_url("localhost:9100/") == "http://localhost:9102/metrics"
