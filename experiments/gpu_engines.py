@@ -1,6 +1,7 @@
 """Compiled GPU engines of one DiT (XL/2 256 by default) in one timed run, as ``experiments/gpu_run.sh engines`` does.
 
     python3 -m experiments.gpu_engines --out DIR                       # on a CUDA machine -> DIR/gpu_engines.json
+    python3 -m experiments.gpu_engines --out DIR --plan first          # the short first run (FIRST_PLAN, < 5 min)
     python3 -m experiments.gpu_engines --out DIR --device cpu --tiny   # the code path on a CPU (digits model)
     python3 -m experiments.gpu_engines --out DIR --dry-run             # the plan only: what would run
     python3 -m experiments.gpu_engines --summarize DIR/gpu_engines.json  # markdown tables of a result
@@ -9,11 +10,12 @@ Contenders per batch (2 / 8 / 32), each timed on device tensors with CUDA events
 
 * ``eager_fp16`` / ``eager_bf16``: ``torch.autocast`` over fp32 weights;
 * ``aoti_<p>`` / ``aoti_<p>_graph`` for p in bf16, fp16, fp8: an AOTInductor package (``ditdeploy.export.aoti``'s
-  ``check_target`` + ``precision_module`` + ``compile_package``, dynamic batch) loaded with
-  ``torch._inductor.aoti_load_package``, plain and replayed as a CUDA graph per batch; fp8 goes through
-  ``ditdeploy.export.fp8`` (activation scales from the fixed inputs: random weights have no data). Hooks: a module
-  missing from the checkout, or a target ``check_target`` refuses (fp8 below compute capability 8.9), is recorded
-  as not measured, nothing is faked;
+  ``check_target`` + ``precision_module`` + ``compile_package``, dynamic batch) loaded as ``ditdeploy sample``
+  loads it (``runtimes.aoti.load_package``, single-threaded: capturable), plain at every batch, then replayed as a
+  CUDA graph per batch (each capture inside its own row's guard); fp8 goes through ``ditdeploy.export.fp8``
+  (activation scales from the fixed inputs: random weights have no data). A module missing from the checkout, a
+  torch API missing (``runtimes.torch_env``), no CUDA toolkit (every AOTI row skipped with that one line), or a
+  target ``check_target`` refuses (fp8 below compute capability 8.9), is recorded as not measured, nothing faked;
 * ``compile_bf16``: ``torch.compile(mode="max-autotune")`` of the bf16-autocast model (one compile per batch);
 * ``tensorrt_fp16``: only when ``import tensorrt`` works (fp16 ONNX -> engine -> ``TensorRTDenoiser``, per-call
   time includes the host copies); otherwise the row says TensorRT is not importable.
@@ -23,7 +25,8 @@ Every row: per-call parity against fp32 eager (TF32 off) on the same inputs (rel
 End to end: DDIM-50, cfg 4, 8 images (denoiser batch 16) with fp32 eager and with AOTI bf16 (else eager bf16) as a
 CUDA graph, both through ``runtimes.cuda_staging.StagedCall`` (numpy in/out, as ``ditdeploy sample`` runs them).
 Sections run in order of importance under ``--budget-s``; a section that would not fit is recorded as skipped, and
-the JSON is rewritten after every measurement, so a timeout keeps what was measured.
+the JSON is rewritten after every measurement, so a timeout keeps what was measured. Exit status 1 when a section or
+a row recorded an error.
 """
 
 from __future__ import annotations
@@ -66,9 +69,6 @@ class Budget:
 
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.t0)
-
-    def allows(self, section: str) -> bool:
-        return self.left() >= NEEDS_S.get(section, 0)
 
 
 # --------------------------------------------------------------------------------------------- measuring helpers
@@ -141,11 +141,16 @@ class Rows:
         self.rec, self.cfg, self.device, self.peak = rec, cfg, device, peak_tflops
         self.refs, self.warmup, self.iters = refs, warmup, iters
 
-    def measure(self, name: str, batch: int, fn: Callable[..., Any], args: tuple[Any, ...], **extra: Any) -> None:
+    def measure(self, name: str, batch: int, fn: Callable[..., Any] | None, args: tuple[Any, ...], *,
+                build: Callable[[], Callable[..., Any]] | None = None, **extra: Any) -> None:
+        """Time ``fn`` (or the callable ``build()`` returns: built inside the row's guard, so a failed CUDA-graph
+        capture is this row's error and the other rows still run) on ``args``."""
         import torch
 
         key = f"{name}/b{batch}"
         try:
+            if build is not None:
+                fn = build()
             with torch.inference_mode():
                 out = _tensor(fn(*args)).detach().to("cpu", torch.float64).numpy()
                 ms = time_ms(lambda: fn(*args), self.device, self.warmup, self.iters)
@@ -179,12 +184,13 @@ class Autocast:
             return self.model(x, t, y).float()
 
 
-def section_eager(rows: Rows, model: Any, batches: list[int], seed: int) -> None:
+def section_eager(rows: Rows, model: Any, batches: list[int], seed: int,
+                  precisions: tuple[str, ...] = ("fp16", "bf16")) -> None:
     import torch
 
     set_tf32(False)
-    for prec, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        fn = Autocast(model, rows.device, dt)
+    for prec in precisions:
+        fn = Autocast(model, rows.device, {"fp16": torch.float16, "bf16": torch.bfloat16}[prec])
         for b in batches:
             rows.measure(f"eager_{prec}", b, fn, device_inputs(model.config, b, rows.device, seed))
 
@@ -202,20 +208,58 @@ def _fixed_calibration(cfg: Any, seed: int, n: int = 16) -> Any:
     return Calib()
 
 
-def aoti_package(model: Any, precision: str, device: Any, workdir: Path, max_batch: int, seed: int) -> Any:
-    """Build (hook: ``ditdeploy.export.aoti``) and load an AOTInductor package; returns the loaded callable."""
-    import torch
+def load_aoti(path: Path, device: Any) -> Callable[..., Any]:
+    """The package loaded as ``ditdeploy sample`` loads it (``runtimes.aoti.load_package``: single-threaded, so a
+    CUDA graph can capture it)."""
+    from ditdeploy.runtimes.aoti import load_package
 
-    from ditdeploy.export.aoti import compile_package, precision_module  # HOOK: helper "aoti"'s module
+    return load_package(Path(path), device)
+
+
+def aoti_package(model: Any, precision: str, device: Any, workdir: Path, batch: tuple[int, int], seed: int) -> Any:
+    """Build (``ditdeploy.export.aoti``, the CLI's path: the module is not moved here, it is on ``model``'s device)
+    and load an AOTInductor package; returns the loaded callable."""
+    from ditdeploy.export.aoti import compile_package, precision_module
 
     calib = _fixed_calibration(model.config, seed) if precision == "fp8" else None
-    module, _ = precision_module(model, precision, calib) if calib is not None else precision_module(model, precision)
+    module, _ = precision_module(model, precision, calib)
     path = workdir / f"dit-{precision}.pt2"
-    compile_package(module.to(device), model.config, path, device.type, (1, max_batch))
-    return torch._inductor.aoti_load_package(str(path))
+    compile_package(module, model.config, path, device.type, batch)
+    return load_aoti(path, device)
 
 
-def section_aoti(rows: Rows, model: Any, precision: str, batches: list[int], workdir: Path, seed: int) -> Any:
+def aoti_skipped(rows: Rows, device_type: str, precisions: list[str],
+                 toolkit: Callable[[], tuple[Any, str]] | None = None) -> bool:
+    """On CUDA without a CUDA toolkit, every AOTI row is recorded as skipped with the one-line reason (and no
+    compile is tried: each would fail after minutes of Inductor work); True when so."""
+    if device_type != "cuda":
+        return False
+    from ditdeploy.runtimes.torch_env import find_cuda_toolkit
+
+    home, line = (toolkit or find_cuda_toolkit)()
+    rows.rec.data["cuda_toolkit"] = line
+    if home is not None:
+        return False
+    print(f"[gpu_engines] AOTI skipped: {line}", file=sys.stderr, flush=True)
+    for prec in precisions:
+        for name in (f"aoti_{prec}", f"aoti_{prec}_graph"):
+            rows.note(name, f"skipped: {line}")
+    return True
+
+
+def measure_package(rows: Rows, name: str, fn: Callable[..., Any], batches: list[int], graph_batches: list[int],
+                    cfg: Any, seed: int) -> None:
+    """``name`` plain at every batch, then replayed as a CUDA graph at ``graph_batches`` (plain rows first: a
+    capture that fails cannot cost them); each graph is captured inside its own row's guard."""
+    for b in batches:
+        rows.measure(name, b, fn, device_inputs(cfg, b, rows.device, seed))
+    for b in graph_batches:
+        args = device_inputs(cfg, b, rows.device, seed)
+        rows.measure(f"{name}_graph", b, None, args, build=lambda args=args: cuda_graphed(fn, args))
+
+
+def section_aoti(rows: Rows, model: Any, precision: str, batches: list[int], workdir: Path, seed: int,
+                 graph_batches: list[int] | None = None) -> Any:
     """AOTI ``precision`` plain and (on CUDA) as CUDA graphs; returns the loaded package (or None)."""
     if precision == "fp8" and importlib.util.find_spec("ditdeploy.export.fp8") is None:
         rows.note("aoti_fp8", "HOOK: ditdeploy.export.fp8 is not on this checkout; FP8 not measured")
@@ -232,13 +276,10 @@ def section_aoti(rows: Rows, model: Any, precision: str, batches: list[int], wor
         rows.note(f"aoti_{precision}", f"not measured: {e}")
         return None
     t0 = time.perf_counter()
-    pkg = aoti_package(model, precision, rows.device, workdir, max(batches), seed)
+    pkg = aoti_package(model, precision, rows.device, workdir, (1, max(batches)), seed)
     rows.rec.put("compile_s", f"aoti_{precision}", round(time.perf_counter() - t0, 1))
-    for b in batches:
-        args = device_inputs(model.config, b, rows.device, seed)
-        rows.measure(f"aoti_{precision}", b, pkg, args)
-        if rows.device.type == "cuda":
-            rows.measure(f"aoti_{precision}_graph", b, cuda_graphed(pkg, args), args)
+    graphs = (batches if graph_batches is None else graph_batches) if rows.device.type == "cuda" else []
+    measure_package(rows, f"aoti_{precision}", pkg, batches, graphs, model.config, seed)
     if rows.device.type != "cuda":
         rows.note(f"aoti_{precision}_graph", "CUDA graphs need a CUDA device: not measured here")
     return pkg
@@ -344,16 +385,32 @@ def _numpy_call(fn: Callable[..., Any], device: Any, graph: bool) -> Callable[..
 # --------------------------------------------------------------------------------------------- the run
 
 
+# ``--plan first``: the rows a first, short GPU run must not miss, most valuable first (<= 5 minutes on an H100 with
+# the install: gpu_run.sh first). Per AOTI precision: plain batches, then CUDA-graph batches (empty: none).
+FIRST_PLAN = {"batches": [2, 32], "sections": ["eager", "aoti"], "eager_precisions": ["bf16"],
+              "aoti": {"bf16": {"batches": [2, 32], "graph_batches": [2, 32]},
+                       "fp8": {"batches": [32], "graph_batches": []}}}
+NEEDS_S_FIRST = {"aoti": 30}  # first plan: a compile cut by the timeout loses nothing already written
+
+
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Variant, batches, counts and sections of this run (``--tiny``: digits, one batch, tiny counts)."""
-    tiny = args.tiny
+    """Variant, batches, counts and sections of this run (``--tiny``: digits, one batch, tiny counts;
+    ``--plan first``: :data:`FIRST_PLAN`)."""
+    tiny, first = args.tiny, args.plan == "first"
+    batches = [2] if tiny else FIRST_PLAN["batches"] if first else [int(b) for b in args.batches.split(",")]
+    precisions = (args.aoti_precisions or ("bf16" if tiny and not first else
+                                           ",".join(FIRST_PLAN["aoti"] if first else AOTI_PRECISIONS))).split(",")
+    aoti = {p: (dict(FIRST_PLAN["aoti"][p]) if first and not tiny and p in FIRST_PLAN["aoti"]
+                else {"batches": batches, "graph_batches": batches}) for p in precisions}
     return {
-        "variant": "digits" if tiny else args.variant, "image_size": 256,
-        "batches": [2] if tiny else [int(b) for b in args.batches.split(",")],
+        "plan": args.plan, "variant": "digits" if tiny else args.variant, "image_size": 256,
+        "batches": batches,
         "warmup": 1 if tiny else 5, "iters": 3 if tiny else 20,
         "e2e_steps": 3 if tiny else 50, "e2e_images": 2 if tiny else 8, "cfg_scale": CFG_SCALE,
-        "sections": args.sections.split(","), "budget_s": args.budget_s,
-        "aoti_precisions": (args.aoti_precisions or ("bf16" if tiny else ",".join(AOTI_PRECISIONS))).split(","),
+        "sections": FIRST_PLAN["sections"] if first and args.sections is None else
+        (args.sections or "eager,aoti,e2e,compile,tensorrt").split(","),
+        "eager_precisions": FIRST_PLAN["eager_precisions"] if first else ["fp16", "bf16"],
+        "budget_s": args.budget_s, "aoti_precisions": precisions, "aoti": aoti,
         "tensorrt_importable": importlib.util.find_spec("tensorrt") is not None,
         "aoti_module": importlib.util.find_spec("ditdeploy.export.aoti") is not None,
         "fp8_module": importlib.util.find_spec("ditdeploy.export.fp8") is not None,
@@ -382,13 +439,23 @@ def run(rec: Recorder, st: dict[str, Any], device: Any, seed: int, workdir: Path
                 _refs(model, st["batches"], device, seed), st["warmup"], st["iters"])
     if "eager" in sec:
         with rec.guard("eager"):
-            section_eager(rows, model, st["batches"], seed)
+            section_eager(rows, model, st["batches"], seed, tuple(st["eager_precisions"]))
     packages: dict[str, Any] = {}
+    from ditdeploy.runtimes.torch_env import api_problems
+
+    rec.data["torch_api_problems"] = problems = api_problems()  # each names the feature and its minimum torch
+    if "aoti" in sec and [p for p in problems if p.startswith(".pt2")]:
+        for prec in st["aoti_precisions"]:
+            rows.note(f"aoti_{prec}", "skipped: " + next(p for p in problems if p.startswith(".pt2")))
+        sec.discard("aoti")
+    if "aoti" in sec and aoti_skipped(rows, device.type, st["aoti_precisions"]):
+        sec.discard("aoti")
     for i, prec in enumerate(st["aoti_precisions"] if "aoti" in sec else ()):
-        if not _fits(rec, budget, "aoti", f"aoti_{prec}"):
+        if not _fits(rec, budget, "aoti", f"aoti_{prec}", st["plan"]):
             continue
+        plan = st["aoti"][prec]
         with rec.guard(f"aoti {prec}"):
-            packages[prec] = section_aoti(rows, model, prec, st["batches"], workdir, seed)
+            packages[prec] = section_aoti(rows, model, prec, plan["batches"], workdir, seed, plan["graph_batches"])
         if i == 0 and "e2e" in sec and _fits(rec, budget, "e2e", "e2e"):
             _e2e(rec, model, device, packages, st, seed)
             sec.discard("e2e")
@@ -405,11 +472,11 @@ def run(rec: Recorder, st: dict[str, Any], device: Any, seed: int, workdir: Path
                 section_tensorrt(rows, model, st["batches"], workdir, seed)
 
 
-def _fits(rec: Recorder, budget: Budget, section: str, name: str) -> bool:
-    if budget.allows(section):
+def _fits(rec: Recorder, budget: Budget, section: str, name: str, plan: str = "engines") -> bool:
+    need = (NEEDS_S_FIRST if plan == "first" else NEEDS_S).get(section, NEEDS_S.get(section, 0))
+    if budget.left() >= need:
         return True
-    rec.put("notes", name, f"skipped: {budget.left():.0f} s of the budget left, the section needs "
-                           f"~{NEEDS_S[section]} s")
+    rec.put("notes", name, f"skipped: {budget.left():.0f} s of the budget left, the section needs ~{need} s")
     return False
 
 
@@ -460,7 +527,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variant", default="XL/2")
     ap.add_argument("--batches", default="2,8,32")
-    ap.add_argument("--sections", default="eager,aoti,e2e,compile,tensorrt")
+    ap.add_argument("--sections", default=None, help="default eager,aoti,e2e,compile,tensorrt (--plan first: "
+                    "eager,aoti)")
+    ap.add_argument("--plan", choices=("engines", "first"), default="engines",
+                    help="first: the short first run (FIRST_PLAN: eager bf16, AOTI bf16 b2/b32 +graphs, FP8 b32)")
     ap.add_argument("--aoti-precisions", default=None, help="default bf16,fp16,fp8 (--tiny: bf16)")
     ap.add_argument("--budget-s", type=float, default=400.0, help="wall-clock budget of the measurements")
     ap.add_argument("--tiny", action="store_true", help="digits model, batch 2, tiny counts (CPU code-path check)")
@@ -488,7 +558,10 @@ def main(argv: list[str] | None = None) -> None:
     rec.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rec.flush()
     n_err = len([k for k in rec.data["errors"] if "." not in k])
-    print(f"[gpu_engines] wrote {rec.path} ({n_err} error(s))", file=sys.stderr)
+    n_rows = len([r for r in (rec.data.get("rows") or {}).values() if "error" in r])
+    print(f"[gpu_engines] wrote {rec.path} ({n_err} section error(s), {n_rows} row error(s))", file=sys.stderr)
+    if n_err or n_rows:
+        raise SystemExit(1)  # results kept; the exit status says something failed (gpu_run.sh passes it on)
 
 
 if __name__ == "__main__":

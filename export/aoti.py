@@ -58,6 +58,12 @@ def check_target(device: str, precision: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise DitDeployError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; export with "
                              "--device cpu, or run the export on the GPU machine that will use the .pt2")
+    if device == "cuda":
+        from ditdeploy.runtimes.torch_env import find_cuda_toolkit
+
+        home, line = find_cuda_toolkit()
+        if home is None:  # torch's C++ build would fail minutes later with "CUDA_HOME environment variable is not set"
+            raise DitDeployError(f"--device cuda: {line}")
     if precision == "fp8":
         cap = torch.cuda.get_device_capability() if device == "cuda" else None
         if cap is None or tuple(cap) < FP8_MIN_CAPABILITY:

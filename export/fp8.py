@@ -61,10 +61,12 @@ class FP8Linear(nn.Module):
         super().__init__()
         w = lin.weight.detach().float()
         ws = weight_scales(w)
+        dev = w.device  # every buffer on the linear's device: a CPU scale beside CUDA weights fails torch.export's
+        # fake-tensor device propagation and eager CUDA ``_scaled_mm`` (scale_a.device == a.device)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.register_buffer("weight_fp8", quantize(w, ws[:, None]))
         self.register_buffer("w_scale", ws.reshape(1, -1).contiguous())  # (1, out): _scaled_mm's row-wise scale_b
-        self.register_buffer("a_scale", torch.tensor(float(a_scale), dtype=torch.float32))
+        self.register_buffer("a_scale", torch.tensor(float(a_scale), dtype=torch.float32, device=dev))
         self.register_buffer("bias", None if lin.bias is None else lin.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ class AotiDenoiser(DenoiserBase):
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
-        self.model = _load_package(self.path, self.device)
+        self.model = load_package(self.path, self.device)
         self.max_batch = self.manifest.max_batch
         self.min_batch = self.manifest.batch.min or 1
         self.precision = self.manifest.precision
@@ -142,7 +143,15 @@ def check_package_metadata(md: dict[str, str], path: Path, device: Any, cpu_capa
                             f"{cuda_capability[0]}.{cuda_capability[1]}: re-export it on this GPU")
 
 
-def _load_package(path: Path, device: Any) -> Any:
+# ``run_single_threaded=True`` (AOTIModelPackageLoader's third argument, torch 2.11 and 2.13 alike): the container
+# then runs without its thread-synchronisation logic. In the default multi-threaded mode a CUDA container, from its
+# second call on, queries the CUDA event the previous run recorded, which is illegal while a stream is capturing
+# ("operation not permitted when stream is capturing"): such a package cannot be replayed as a CUDA graph
+# (``--cuda-graph``; aoti_load_package's docstring gives the same reason). Calls are serialised by a lock instead.
+RUN_SINGLE_THREADED = True
+
+
+def load_package(path: Path, device: Any) -> Any:
     """``fn(x, t, y) -> out`` from the package, through AOTInductor's C++ loader (``aoti_load_package`` wraps the
     same loader but first imports the whole inductor and probes the compiler for CPU ISAs: ~10 s here, vs 0.1 s);
     every failure (truncated zip, foreign build, missing symbols) as one line."""
@@ -152,12 +161,12 @@ def _load_package(path: Path, device: Any) -> Any:
     idx = device.index if device.index is not None else -1
     try:
         if loader_cls is None:  # pragma: no cover - other torch builds
-            model = torch._inductor.aoti_load_package(str(path), device_index=idx)
-            return model
+            return torch._inductor.aoti_load_package(str(path), run_single_threaded=RUN_SINGLE_THREADED,
+                                                     device_index=idx)
         md = dict(loader_cls.load_metadata_from_package(str(path), "model"))
         cuda_cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         check_package_metadata(md, path, device, torch.backends.cpu.get_cpu_capability(), cuda_cc)
-        loader = loader_cls(str(path), "model", False, 1, idx)
+        loader = loader_cls(str(path), "model", RUN_SINGLE_THREADED, 1, idx)
     except ArtifactError:
         raise
     except Exception as e:
@@ -165,8 +174,11 @@ def _load_package(path: Path, device: Any) -> Any:
         raise ArtifactError(f"cannot load the AOTInductor package {path.name} ({type(e).__name__}: {first}): the file "
                             "is truncated, corrupt or from another torch build; re-export it") from e
 
+    lock = threading.Lock()  # single-threaded mode: the container does no locking of its own
+
     def run(x: Any, t: Any, y: Any) -> Any:
-        return loader.run([x, t, y])[0]
+        with lock:
+            return loader.run([x, t, y])[0]
 
     return run
 

@@ -235,3 +235,29 @@ def test_bf16_cli_reaches_the_compile(tmp_path: Path, monkeypatch):
                              "--out", tmp_path / "b.pt2"])
     assert_one_line_error(code, err, "stopped before compiling")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_packages_load_single_threaded(pt2: Path, monkeypatch):
+    """Issue #21 defect 1: the runtime (``sample``/``check``/``bench``) and experiments/gpu_engines load a package
+    with ``run_single_threaded=True`` -- a multi-threaded CUDA container queries the previous run's CUDA event, which
+    is illegal during CUDA-graph capture. The real loader runs; a subclass only records its arguments."""
+    from ditdeploy.runtimes import load
+    from experiments.gpu_engines import load_aoti
+
+    real = torch._C._aoti.AOTIModelPackageLoader
+    calls = []
+
+    class Recording(real):
+        def __init__(self, *args):
+            calls.append(args)
+            super().__init__(*args)
+
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", Recording)
+    x, t, y = np.zeros((2, 1, 8, 8), np.float32), np.array([5, 900]), np.array([1, 10])
+    den = load(pt2)
+    out = den(x, t, y)
+    fn = load_aoti(pt2, torch.device("cpu"))
+    with torch.inference_mode():
+        out2 = fn(*(torch.from_numpy(a) for a in (x, t, y))).numpy()
+    np.testing.assert_array_equal(out, out2)  # one loader, one result
+    assert len(calls) == 2 and all(c[2] is True and c[3] == 1 for c in calls), calls  # single-threaded, 1 runner

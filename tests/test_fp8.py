@@ -153,3 +153,23 @@ def test_fp8_package_module_exports_with_scaled_mm(digits):
         eager, exported, ref = m(*a), ep.module()(*a), digits(*a)
     assert torch.equal(eager, exported)
     assert cosine(eager.numpy(), ref.numpy()) >= 0.995
+
+
+def test_every_fp8_buffer_on_the_model_device():
+    """Issue #21 defect 4: an FP8 model built from a model on device D has every buffer (E4M3 weights, weight and
+    activation scales, bias) on D. The meta device stands in for CUDA here: a buffer created without a device lands
+    on the CPU, which CUDA ``_scaled_mm`` and torch.export's device propagation refuse."""
+    from ditdeploy.models import create_model
+    from ditdeploy.variants import DIGITS
+
+    with torch.device("meta"):
+        model = create_model(DIGITS)
+    names = list(fp8.fp8_linears(model))
+    q = fp8.fp8_model(model, {n: 3.0 for n in names})
+    fp8_mods = [m for m in q.modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(fp8_mods) == len(names) == 4 * DIGITS.depth
+    devices = {name: b.device.type for name, b in q.named_buffers()}
+    assert devices and set(devices.values()) == {"meta"}, {k: v for k, v in devices.items() if v != "meta"}
+    assert {b.device.type for b in q.parameters()} == {"meta"}
+    a = fp8_mods[0].a_scale
+    assert a.dtype == torch.float32 and a.shape == ()
