@@ -66,6 +66,7 @@ class SampleRequest:
     cfg_interval: list[int] | None = None  # [lo, hi]: guidance only at original timesteps lo..hi (inclusive)
     cache_interval: int | None = None  # feature reuse: every N-th step computes all blocks; None: off
     json_summary: Path | None = None  # write the run summary (work, GMACs, timings) here
+    server: str | None = None  # URL of a `ditdeploy serve` server: the images come from it (ditdeploy.serving)
 
     def validate(self) -> None:
         """Reject bad values before anything loads (one-line DitDeployError naming the flag)."""
@@ -109,6 +110,14 @@ class SampleRequest:
         if unknown:
             raise DitDeployError(f"unknown backend option(s) {', '.join(unknown)}: valid are "
                                  f"{', '.join(BACKEND_OPTIONS)}")
+        if self.server is not None:
+            local = [flag for flag, v in (("--engine", self.engine), ("--backend", self.backend), ("--vae", self.vae),
+                                          ("--shard", self.shard)) if v is not None]
+            local += [BACKEND_OPTIONS[k] for k, v in self.options.items() if v not in (None, False)]
+            local += ["--shards"] if self.shards != 1 else []
+            if local:
+                raise DitDeployError(f"--server: {', '.join(local)} appl{'ies' if len(local) == 1 else 'y'} to a "
+                                     "local run; the server chose its model and backend (`ditdeploy serve`)")
 
     def grid_format(self) -> str:
         """The grid's format: ``output_format``, else from ``out``'s suffix (.jpg/.jpeg: jpg), else png."""
@@ -351,6 +360,8 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
 
     say = say or (lambda s: None)
     req.validate()
+    if req.server is not None:
+        return _generate_remote(req, say, t_start)
     mine, from_env = _my_shard(req)
     engine = req.engine if req.engine is not None else shipped.default_model(req.backend)
     if not Path(engine).exists():
@@ -368,8 +379,7 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     check_cache_interval(req.cache_interval, den)
     decoder = resolve_decoder(den, req.vae, b, opts)
     timings = Timings(load_s=time.perf_counter() - t0)
-    cfg_scale = req.cfg_scale if req.cfg_scale is not None else (
-        DEFAULT_CFG if den.config.class_dropout_prob > 0 else 1.0)  # DiT's default when there is a null class
+    cfg_scale = req.cfg_scale if req.cfg_scale is not None else default_cfg(den.config)
     from ditdeploy.labels import display_names, for_model, resolve_items
 
     n_cls = den.config.num_classes
@@ -386,12 +396,39 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     return res
 
 
-def _check_outputs(req: SampleRequest, engine: Path, mine: tuple[int, int] | None) -> Any:
+def default_cfg(cfg: Any) -> float:
+    """The guidance scale when none is given: DiT's default with a null class, else 1 (off)."""
+    return DEFAULT_CFG if cfg.class_dropout_prob > 0 else 1.0
+
+
+def _generate_remote(req: SampleRequest, say: Say, t_start: float) -> SampleResult:
+    """``sample --server URL``: the same labels, batches and outputs as a local run; the images come from the
+    server (``ditdeploy.serving.client``), one ``generate`` request per batch, a few in flight at once."""
+    from ditdeploy.labels import display_names, resolve_items
+    from ditdeploy.serving import client
+
+    plan = _check_outputs(req, None, None)
+    info = client.server_info(req.server)
+    n_cls, names = info.num_classes, info.class_names
+    ids = resolve_items(req.labels, names, n_cls) if req.labels else None
+    all_labels, rows = expand_labels(ids, req.num_per_label, n_cls,
+                                     bound=lambda n: _check_sizes(plan, n, info.config, info.decoder, None, req.npz))
+    say(f"sampling {len(all_labels)} image(s) on {req.server}…")
+    res = client.sample_labels(req, info, all_labels)
+    t2 = time.perf_counter()
+    res.written = _write_outputs(req, res, None, False, len(all_labels), rows, display_names(names, n_cls))
+    res.timings.write_s = time.perf_counter() - t2
+    res.timings.total_s = time.perf_counter() - t_start
+    _write_summary(req, res)
+    return res
+
+
+def _check_outputs(req: SampleRequest, engine: Path | None, mine: tuple[int, int] | None) -> Any:
     """The output policy (ditdeploy.outputs) for this request, before anything loads."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.outputs import check_outputs
 
-    plan = check_outputs({"--engine": engine, "--vae": req.vae},
+    plan = check_outputs({"--engine": engine, "--vae": req.vae} if engine is not None else {},
                          {"--out": req.out, "--npz": req.npz, "--json": req.json_summary})
     if req.npz is not None and plan.through(req.npz) and mine is not None:
         raise DitDeployError(f"--npz {req.npz} is not a regular file: a sharded run writes its part beside --npz")
@@ -426,7 +463,6 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
     import numpy as np
 
     from ditdeploy import images, sharding
-    from ditdeploy.diffusion import sample as diffusion_sample
     from ditdeploy.runtimes import Timed
 
     cfg = den.config
@@ -441,12 +477,7 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
     for bi, i in enumerate(range(0, len(idx), bs)):
         bidx, blab = idx[i: i + bs], lab[i: i + bs]
         t1 = time.perf_counter()
-        x0 = diffusion_sample(
-            timed, sharding.initial_noise(req.seed, bidx, shape), blab, method=req.sampler, steps=req.steps,
-            cfg_scale=cfg_scale, eta=req.eta, num_classes=cfg.num_classes,
-            guide_all_channels=req.guide_all_channels, noise_fn=sharding.PerImageNoise(req.seed, bidx),
-            progress=req.progress, cfg_interval=req.cfg_interval, cache_interval=req.cache_interval,
-        )
+        x0 = sample_batch(timed, req, cfg_scale, blab, bidx)
         t_sampling += time.perf_counter() - t1
         if req.progress and nb > 1:
             say(f"batch {bi + 1}/{nb} done")
@@ -460,6 +491,24 @@ def _sample_range(den, decoder, req: SampleRequest, cfg_scale: float, all_labels
     return SampleResult(images=u8, labels=lab, latents=x0, indices=idx, backend=den.name,
                         decoder=decoder.name if decoder is not None else None, cfg_scale=cfg_scale, shard=mine,
                         written=[], timings=timings, count=int(len(idx)), work=work_summary(cfg, timed))
+
+
+def sample_batch(den: Any, req: SampleRequest, cfg_scale: float, labels: Any, indices: Any) -> Any:
+    """x_0 latents for the images with global ``indices`` (int64) and ``labels``: the noise contract in one place.
+
+    Image i's x_T and per-step noise derive from ``(req.seed, i)`` only (``ditdeploy.sharding``), so local batches,
+    shard workers and the server's requests (``ditdeploy.serving``) make the same image for the same settings."""
+    from ditdeploy import sharding
+    from ditdeploy.diffusion import sample as diffusion_sample
+
+    cfg = den.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    return diffusion_sample(
+        den, sharding.initial_noise(req.seed, indices, shape), labels, method=req.sampler, steps=req.steps,
+        cfg_scale=cfg_scale, eta=req.eta, num_classes=cfg.num_classes, guide_all_channels=req.guide_all_channels,
+        noise_fn=sharding.PerImageNoise(req.seed, indices), progress=req.progress, cfg_interval=req.cfg_interval,
+        cache_interval=req.cache_interval,
+    )
 
 
 def _write_outputs(req: SampleRequest, res: SampleResult, mine: tuple[int, int] | None, from_env: bool,

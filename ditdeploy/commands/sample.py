@@ -71,6 +71,9 @@ def register(app: typer.Typer) -> None:
                                       rich_help_panel=c.PANEL_OUTPUT),
         progress: bool = c.progress_option(),
         shard: str = typer.Option(None, "--shard", hidden=True, help="INDEX/COUNT: sample only this shard."),
+        server: str = typer.Option(None, "--server", help="http://HOST:PORT of a `ditdeploy serve` server: the "
+                                   "images come from it (same labels, seeds and outputs as a local run).",
+                                   rich_help_panel=c.PANEL_MODEL),
     ) -> None:
         """Sample class-conditional images on any backend; writes a labelled grid image and/or an npz.
 
@@ -92,7 +95,7 @@ def register(app: typer.Typer) -> None:
             options={"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                      "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None},
             cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
-            cache_interval=cache_interval, json_summary=json_out,
+            cache_interval=cache_interval, json_summary=json_out, server=server,
         )
         res = generation.generate(req, say=lambda s: typer.echo(s, err=True))
         for line in generation.describe(req, res):

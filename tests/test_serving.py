@@ -1,0 +1,334 @@
+"""`ditdeploy serve` against a real Triton Inference Server on 127.0.0.1 (PyTriton's bundled tritonserver, started
+through the CLI from README's server environment) and `sample --server`: outputs equal to a local `sample`,
+step-level batching across requests, bad input -> 400 with one line, admission limit -> 503, deadlines free slots,
+SIGTERM stops everything (tritonserver, its stubs, the workspace). One server for the module (~30 s to start on a
+loaded 2-core box); the SIGINT restart is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from ditdeploy import generation
+from ditdeploy.serving import client
+from ditdeploy.serving.protocol import GenerateRequest
+
+READY_TIMEOUT_S = 240
+MAX_BATCH = 8
+MAX_QUEUE = 3
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Server:
+    """A `ditdeploy serve` process: its URL, the process and every descendant seen while it ran."""
+
+    def __init__(self, *extra: str):
+        self.tmp = Path(tempfile.mkdtemp(prefix="dds-", dir="/tmp"))  # short: PyTriton's unix sockets live here
+        http, grpc, metrics = _free_ports(3)
+        self.url = f"http://127.0.0.1:{http}"
+        self.metrics = f"http://127.0.0.1:{metrics}/metrics"
+        env = {**os.environ, "TMPDIR": str(self.tmp), "DITDEPLOY_NO_PROGRESS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ditdeploy", "serve", "--port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics), "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE),
+             "--threads", "1", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self.ready.wait(READY_TIMEOUT_S):
+            self.kill()
+            raise AssertionError(f"server not ready in {READY_TIMEOUT_S} s: {self.lines} {self.proc.stderr.read()}")
+        self.family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("ready: "):
+                self.ready.set()
+
+    def stop(self, sig: int) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=120)
+        return rc, time.monotonic() - t0
+
+    def left_running(self) -> list[str]:
+        alive = []
+        for p in self.family:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{p.pid} {p.name()}")
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill(self) -> None:
+        for p in getattr(self, "family", [psutil.Process(self.proc.pid)]):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    if s.proc.poll() is None:
+        s.kill()
+    shutil.rmtree(s.tmp, ignore_errors=True)
+
+
+def _post(url: str, model: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _gen_body(labels: list[int], **params) -> dict:
+    return {"parameters": params,
+            "inputs": [{"name": "labels", "datatype": "INT64", "shape": [len(labels)], "data": labels}]}
+
+
+def _left_in(tmp: Path) -> list[str]:
+    """What a run left in its TMPDIR, less ONNX Runtime's own `.ses` file (it writes one to $TMPDIR on load)."""
+    return [p.name for p in tmp.iterdir() if p.name != ".ses"]
+
+
+def _stats(url: str) -> dict:
+    return client.server_info(url).raw["stats"]
+
+
+def _local(labels: list[int], first_index: int = 0, **settings) -> np.ndarray:
+    """The uint8 images a local `sample` makes for these labels at these global indices (the shipped model)."""
+    from ditdeploy import images, shipped
+    from ditdeploy.runtimes import load
+
+    req = generation.SampleRequest(out=None, **settings)
+    den = load(shipped.default_model(), threads=1)
+    cfg = req.cfg_scale if req.cfg_scale is not None else generation.default_cfg(den.config)
+    idx = np.arange(first_index, first_index + len(labels), dtype=np.int64)
+    return images.to_uint8(generation.sample_batch(den, req, cfg, np.asarray(labels, np.int64), idx))
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_sample_server_equals_local_sample(server, tmp_path):
+    """`sample --server` writes the same npz (labels, images) as a local `sample` with the same flags; batches of
+    at most --max-batch / 2 images (guided) travel as separate requests, a few in flight."""
+    flags = ["--labels", "3,7", "--num-per-label", "3", "--steps", "12", "--seed", "5", "--no-progress"]
+    remote = subprocess.run([sys.executable, "-m", "ditdeploy", "sample", "--server", server.url, *flags,
+                             "--npz", str(tmp_path / "srv.npz"), "--out", str(tmp_path / "srv.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr
+    local = subprocess.run([sys.executable, "-m", "ditdeploy", "sample", *flags, "--threads", "1",
+                            "--npz", str(tmp_path / "loc.npz"), "--no-out"], capture_output=True, text=True,
+                           timeout=300)
+    assert local.returncode == 0, local.stderr
+    a, b = np.load(tmp_path / "srv.npz"), np.load(tmp_path / "loc.npz")
+    assert a["labels"].tolist() == b["labels"].tolist() == [3, 3, 3, 7, 7, 7]
+    # ORT fp32 at another batch shape may round differently: at most one uint8 level, on few pixels
+    diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert (tmp_path / "srv.png").stat().st_size > 0
+
+
+def test_generate_image_follows_the_noise_contract(server):
+    """The image for (label, seed, global index) is the local one; first_index moves it along the index."""
+    req = GenerateRequest(labels=[4, "9"], first_index=7,
+                          sampling=generation.SampleRequest(out=None, steps=8, seed=11, cfg_scale=2.5))
+    imgs, labels = client.generate(server.url, req)
+    assert labels.tolist() == [4, 9] and imgs.dtype == np.uint8 and imgs.shape == (2, 8, 8, 1)
+    want = _local([4, 9], first_index=7, steps=8, seed=11, cfg_scale=2.5)
+    assert np.abs(imgs.astype(int) - want.astype(int)).max() <= 1
+    other = _local([4, 9], first_index=0, steps=8, seed=11, cfg_scale=2.5)
+    assert np.abs(imgs.astype(int) - other.astype(int)).max() > 16  # another index is another image
+
+
+def test_denoise_model_equals_the_artifact(server):
+    """`denoise` returns the artifact's own output for x, t, y (rows batched with whatever else is in flight)."""
+    from ditdeploy import shipped
+    from ditdeploy.parity import THRESHOLDS
+    from ditdeploy.runtimes import load
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 1, 8, 8), dtype=np.float32)
+    t, y = np.array([0, 500, 999]), np.array([1, 10, 4])
+    code, body = _post(server.url, "denoise", {"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()},
+        {"name": "t", "datatype": "INT64", "shape": [3], "data": t.tolist()},
+        {"name": "y", "datatype": "INT64", "shape": [3], "data": y.tolist()}]})
+    assert code == 200, body
+    got = np.asarray(body["outputs"][0]["data"], np.float32).reshape(body["outputs"][0]["shape"])
+    want = load(shipped.default_model(), threads=1)(x, t, y)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert got.shape == (3, 2, 8, 8) and rel < THRESHOLDS["fp32"].call_rel_l2, rel
+
+
+# ------------------------------------------------------------------------------------------------ batching
+def test_requests_at_different_steps_share_denoiser_calls(server):
+    """Two requests sent together with different step counts (so different timesteps at almost every step) run in
+    shared calls: fewer calls than their steps added up, calls that mix timesteps, each output still its own."""
+    before = _stats(server.url)["denoiser"]
+    reqs = [GenerateRequest(labels=[1], sampling=generation.SampleRequest(out=None, steps=40, seed=1)),
+            GenerateRequest(labels=[2, 6], sampling=generation.SampleRequest(out=None, steps=25, seed=2))]
+    out: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, client.generate(server.url, reqs[i])[0]))
+               for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    after = _stats(server.url)["denoiser"]
+    calls, rows = after["calls"] - before["calls"], after["rows"] - before["rows"]
+    assert rows == 40 * 2 + 25 * 4  # guided: 2 rows per image per step
+    assert calls < 40 + 25 and after["mixed_calls"] > before["mixed_calls"], (calls, after)
+    assert np.abs(out[0].astype(int) - _local([1], steps=40, seed=1).astype(int)).max() <= 1
+    assert np.abs(out[1].astype(int) - _local([2, 6], steps=25, seed=2).astype(int)).max() <= 1
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("body, says", [
+    ({"inputs": [{"name": "labels", "datatype": "FP32", "shape": [1], "data": [3.0]}]}, "data-type"),
+    ({"inputs": [{"name": "labels", "datatype": "INT64", "shape": [1, 1], "data": [3]}]}, "shape"),
+    ({"parameters": {"class_names": "3|cat"}, "inputs": []}, "unknown class name 'cat'"),
+    ({"parameters": {"class_names": "3"}, "inputs": _gen_body([3])["inputs"]}, "exactly one of them"),
+    ({"parameters": {"class_names": "3|" * 10**6}, "inputs": []}, "class_names must be a string of at most"),
+    (_gen_body([3], steps=0), "--steps must be in 1..1000"),
+    (_gen_body([3], steps=10**6), "--steps must be in 1..1000"),
+    (_gen_body([3] * 10**6), "1000000 images in one request"),
+    (_gen_body([3] * 5), "need 10 rows per step"),
+    (_gen_body([3], cfg_scale=float("nan")), "cfg_scale must be a finite number"),
+    (_gen_body([3], cfg_interval="9,1"), "cfg interval"),
+    (_gen_body([3], sampler="euler"), "unknown sampler"),
+    (_gen_body([3], frobnicate=1), "unknown parameter(s) frobnicate"),
+    (_gen_body([11]), "out of range"),
+    (_gen_body([-1]), "out of range"),
+    (_gen_body([3], cache_interval=2), "cannot reuse features"),
+])
+def test_bad_generate_request_is_a_400_with_one_line(server, body, says):
+    code, answer = _post(server.url, "generate", body)
+    msg = answer["error"]
+    assert 400 <= code < 500 and says in msg and "\n" not in msg and "Traceback" not in msg, (code, msg)
+
+
+def test_bad_denoise_request_is_a_400_and_the_server_stays_up(server):
+    bad_t = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64},
+                        {"name": "t", "datatype": "INT64", "shape": [1], "data": [5000]},
+                        {"name": "y", "datatype": "INT64", "shape": [1], "data": [3]}]}
+    code, answer = _post(server.url, "denoise", bad_t)
+    assert code == 400 and answer["error"] == "t must lie in 0..999, got 5000..5000"
+    wrong_size = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, 4, 4], "data": [0.0] * 16},
+                             {"name": "t", "datatype": "INT64", "shape": [1], "data": [5]},
+                             {"name": "y", "datatype": "INT64", "shape": [1], "data": [3]}]}
+    code, answer = _post(server.url, "denoise", wrong_size)
+    assert code == 400 and "shape" in answer["error"], answer
+    imgs, _ = client.generate(server.url, GenerateRequest(labels=[5], sampling=generation.SampleRequest(
+        out=None, steps=4)))
+    assert imgs.shape == (1, 8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------------------ load
+def _wait_in_flight(url: str, n: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while _stats(url)["in_flight"] != n:
+        assert time.monotonic() < end, f"in_flight never reached {n}"
+        time.sleep(0.05)
+
+
+def test_more_than_max_queue_is_refused_at_once_and_the_rest_finish(server):
+    long = generation.SampleRequest(out=None, steps=400, seed=3)
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = client.generate(server.url, GenerateRequest(labels=[i], sampling=long), busy_retry_s=0)
+        except client.ServerError as e:
+            results[i] = e
+
+    held = [threading.Thread(target=run, args=(i,)) for i in range(MAX_QUEUE)]
+    for th in held:
+        th.start()
+    _wait_in_flight(server.url, MAX_QUEUE)
+    t0 = time.monotonic()
+    with pytest.raises(client.ServerError) as refused:
+        client.generate(server.url, GenerateRequest(labels=[9], sampling=long), busy_retry_s=0)
+    waited = time.monotonic() - t0
+    assert refused.value.status == 503 and "server busy" in str(refused.value)
+    assert waited < 10, waited  # refused, not queued behind 400-step requests (generous for a loaded box)
+    for th in held:
+        th.join()
+    assert all(isinstance(results[i], tuple) for i in range(MAX_QUEUE)), results
+    assert _stats(server.url)["refused"] >= 1
+
+
+def test_a_request_past_its_deadline_frees_its_slot_and_fails_alone(server):
+    """Triton's HTTP endpoint does not tell a model that its client went away (request cancellation is gRPC /
+    C API only), so a request's deadline (timeout_s) frees its slot: a client that sent a long request and hung up
+    holds its slot until then, and the request running beside it in the same calls still finishes, correct."""
+    abandoned = GenerateRequest(labels=[0], timeout_s=1.0, sampling=generation.SampleRequest(out=None, steps=1000))
+    body = json.dumps(_gen_body([0], **abandoned.parameters())).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:  # send, then disconnect without reading
+        s.sendall(b"POST /v2/models/generate/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_in_flight(server.url, 1)
+    neighbour = GenerateRequest(labels=[8], sampling=generation.SampleRequest(out=None, steps=30, seed=4))
+    imgs, _ = client.generate(server.url, neighbour)
+    assert np.abs(imgs.astype(int) - _local([8], steps=30, seed=4).astype(int)).max() <= 1
+    _wait_in_flight(server.url, 0, timeout=30)
+
+
+# ------------------------------------------------------------------------------------------------ stop
+def test_sigterm_stops_tritonserver_every_worker_and_the_workspace(server):
+    """Last in this module: the server's whole process tree goes, the workspace under TMPDIR too, exit 143."""
+    names = {p.name() for p in server.family}
+    assert any("tritonserver" in n for n in names) and any("triton_python" in n for n in names), names
+    assert _left_in(server.tmp)  # the workspace exists while it runs
+    rc, took = server.stop(signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM
+    assert server.left_running() == []
+    assert _left_in(server.tmp) == []
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_with_130():
+    s = Server()
+    try:
+        code, _ = _post(s.url, "info", {"inputs": [{"name": "query", "datatype": "INT64", "shape": [1],
+                                                    "data": [0]}]})
+        assert code == 200
+        rc, _ = s.stop(signal.SIGINT)
+        assert rc == 130 and s.left_running() == [] and _left_in(s.tmp) == []
+    finally:
+        s.kill()
