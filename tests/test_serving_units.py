@@ -43,6 +43,29 @@ def test_from_wire_refuses_with_one_line(ids, params, says):
     assert decode_error("junk " + e.value.encode() + " junk") == ("INVALID_ARG", str(e.value))
 
 
+def _in_sessions(batcher: RowBatcher, jobs: list) -> dict[int, object]:
+    """Run ``jobs[i]()`` in threads, each inside a session opened before any starts (so the worker waits for all
+    of them); returns each job's result or exception."""
+    out: dict[int, object] = {}
+    sessions = [batcher.session() for _ in jobs]
+    for s in sessions:
+        s.__enter__()
+
+    def run(i: int) -> None:
+        try:
+            out[i] = jobs[i]()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            out[i] = e
+        sessions[i].__exit__(None, None, None)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return out
+
+
 @pytest.fixture(scope="module")
 def digits():
     from ditdeploy import shipped
@@ -60,20 +83,7 @@ def test_rows_of_requests_at_different_steps_share_one_call_and_come_back_right(
     rng = np.random.default_rng(1)
     feeds = [(rng.standard_normal((n, 1, 8, 8), dtype=np.float32), np.full(n, t), np.arange(n) % 10)
              for n, t in ((1, 999), (2, 500), (3, 20))]
-    got: dict[int, np.ndarray] = {}
-    sessions = [b.session() for _ in feeds]
-    for s in sessions:
-        s.__enter__()
-
-    def run(i: int) -> None:
-        got[i] = BatchedDenoiser(b, digits)(*feeds[i])
-        sessions[i].__exit__(None, None, None)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    got = _in_sessions(b, [lambda f=f: BatchedDenoiser(b, digits)(*f) for f in feeds])
     c = b.counters
     assert (c.calls, c.rows, c.max_rows, c.mixed_calls) == (1, 6, 6, 1)
     for i, (x, t, y) in enumerate(feeds):
@@ -93,25 +103,9 @@ def test_a_failing_submission_fails_alone():
         return -x
 
     b = RowBatcher({"plain": negate_unless_bad}, max_rows=16, max_delay_s=30.0)
-    out: dict[int, object] = {}
     ys = [np.array([1]), np.array([99]), np.array([2, 3])]
-    sessions = [b.session() for _ in ys]
-    for s in sessions:
-        s.__enter__()
-
-    def run(i: int) -> None:
-        x = np.full((len(ys[i]), 1, 2, 2), float(i + 1), np.float32)
-        try:
-            out[i] = b.run("plain", x, np.zeros(len(ys[i]), np.int64), ys[i])
-        except ValueError as e:
-            out[i] = e
-        sessions[i].__exit__(None, None, None)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    out = _in_sessions(b, [lambda i=i, y=y: b.run("plain", np.full((len(y), 1, 2, 2), float(i + 1), np.float32),
+                                                  np.zeros(len(y), np.int64), y) for i, y in enumerate(ys)])
     b.close()
     assert isinstance(out[1], ValueError)
     assert np.array_equal(out[0], np.full((1, 1, 2, 2), -1.0)) and np.array_equal(out[2], np.full((2, 1, 2, 2), -3.0))
