@@ -33,7 +33,10 @@ GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL for
 # the backend options `sample` sets, with the flag that sets each; which backend takes which is the backend's own
 # option set (ditdeploy.runtimes.options_for), not a list kept here
 BACKEND_OPTIONS = {"threads": "--threads", "providers": "--provider", "precision_hint": "--precision-hint",
-                   "image_size": "--image-size", "device": "--device", "cuda_graph": "--cuda-graph"}
+                   "image_size": "--image-size", "device": "--device", "cuda_graph": "--cuda-graph",
+                   "trust_native_code": "--trust-native-code"}
+# options that only native-code backends take and that the others ignore (their formats are data: ditdeploy.trust)
+IGNORED_ELSEWHERE = ("trust_native_code",)
 # --device names a torch device (cpu, cuda, cuda:1): OpenVINO's and TensorRT's own `device` options mean other things
 FLAG_BACKENDS = {"device": ("torch", "aoti")}
 
@@ -289,6 +292,8 @@ def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
         if v is None or v is False:
             continue
         allowed = list(FLAG_BACKENDS.get(k) or (b for b in BACKENDS if k in options_for(b)))
+        if backend not in allowed and k in IGNORED_ELSEWHERE:
+            continue
         if backend not in allowed:
             raise DitDeployError(f"{BACKEND_OPTIONS.get(k, k)} applies to the {', '.join(allowed)} backend"
                                  f"{'s' * (len(allowed) > 1)} only"

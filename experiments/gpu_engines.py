@@ -213,7 +213,7 @@ def load_aoti(path: Path, device: Any) -> Callable[..., Any]:
     CUDA graph can capture it)."""
     from ditdeploy.runtimes.aoti import load_package
 
-    return load_package(Path(path), device)
+    return load_package(Path(path), device, trust_native_code=True)  # built by this run
 
 
 def aoti_package(model: Any, precision: str, device: Any, workdir: Path, batch: tuple[int, int], seed: int) -> Any:

@@ -192,7 +192,7 @@ def verify_package(package: Path, manifest: dict[str, Any], reference: Callable[
 
     cfg = DiTConfig.from_dict(manifest["config"])
     feeds = probe_inputs(cfg, batch_sizes, seed)
-    den = AotiDenoiser(package, manifest=manifest)
+    den = AotiDenoiser(package, manifest=manifest, trust_native_code=True)  # built by this very export
     try:
         res = check_parity(package, reference, feeds, tolerance=tolerance, what=f"{manifest['precision']} .pt2",
                            run=lambda feed: den(feed["x"], feed["t"], feed["y"]))
@@ -264,6 +264,9 @@ def export_denoiser_aoti(
                         timings={k: round(v, 3) for k, v in timings.items()}, peak_rss_bytes=rss.peak,
                         peak_rss_bytes_by_stage=rss.stages)
         write_json_atomic(tmp / manifest_path(out).name, manifest)
+    from ditdeploy.trust import record_trusted
+
+    record_trusted(manifest["files"][out.name]["sha256"], out, "aoti")  # this installation built it (ditdeploy.trust)
     return manifest
 
 

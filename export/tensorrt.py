@@ -169,6 +169,9 @@ def _build(trt: Any, feats: TrtFeatures, src: Path, out: Path, plan: BuildPlan, 
         gpu_name, cc = _gpu()
         manifest = make_manifest(out, [tmp / out.name], **engine_metadata(plan, gpu_name, cc, src_m, seconds))
         write_json_atomic(tmp / mp.name, manifest)
+    from ditdeploy.trust import record_trusted
+
+    record_trusted(manifest["files"][out.name]["sha256"], out, "tensorrt")  # built here (ditdeploy.trust)
     if plan.timing_cache:
         write_bytes_atomic(Path(plan.timing_cache), checks.timing_cache_bytes())
     return manifest

@@ -73,7 +73,8 @@ class AotiDenoiser(DenoiserBase):
     """A ``.pt2`` denoiser: numpy in, numpy out, through the compiled package."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, device: str | None = None,
-                 threads: int | None = None, cuda_graph: bool = False, manifest: dict[str, Any] | None = None):
+                 threads: int | None = None, cuda_graph: bool = False, manifest: dict[str, Any] | None = None,
+                 trust_native_code: bool = False):
         torch = _torch()
         self.path = Path(path)
         self.manifest = (Manifest.of(manifest, self.path) if manifest is not None
@@ -91,7 +92,8 @@ class AotiDenoiser(DenoiserBase):
         if threads:
             torch.set_num_threads(int(threads))
         self.torch = torch
-        self.model = load_package(self.path, self.device)
+        self.model = load_package(self.path, self.device, trust_native_code=trust_native_code,
+                                  verified=self.manifest if verify and manifest is None else None)
         self.max_batch = self.manifest.max_batch
         self.min_batch = self.manifest.batch.min or 1
         self.precision = self.manifest.precision
@@ -117,6 +119,8 @@ class AotiDenoiser(DenoiserBase):
     def close(self) -> None:
         if self.staged is not None:
             self.staged.close()
+        if self.model is not None:
+            self.model.close()
         self.model = None
 
 
@@ -151,36 +155,59 @@ def check_package_metadata(md: dict[str, str], path: Path, device: Any, cpu_capa
 RUN_SINGLE_THREADED = True
 
 
-def load_package(path: Path, device: Any) -> Any:
-    """``fn(x, t, y) -> out`` from the package, through AOTInductor's C++ loader (``aoti_load_package`` wraps the
-    same loader but first imports the whole inductor and probes the compiler for CPU ISAs: ~10 s here, vs 0.1 s);
-    every failure (truncated zip, foreign build, missing symbols) as one line."""
+class Package:
+    """A loaded ``.pt2``: ``pkg(x, t, y) -> out`` (calls serialised: single-threaded mode has no locking of its own);
+    :meth:`close` frees the loader and removes the private folder it was extracted into."""
+
+    def __init__(self, loader: Any, private: Any):
+        self._loader, self._private, self._lock = loader, private, threading.Lock()
+
+    def __call__(self, x: Any, t: Any, y: Any) -> Any:
+        with self._lock:
+            out = self._loader(x, t, y) if callable(self._loader) else self._loader.run([x, t, y])
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def close(self) -> None:
+        self._loader = None  # the C++ loader removes its own extraction folder first
+        self._private.remove()
+
+
+def load_package(path: Path, device: Any, *, trust_native_code: bool = False,
+                 verified: dict[str, Any] | None = None) -> Package:
+    """The package loaded through AOTInductor's C++ loader (``aoti_load_package`` wraps the same loader but first
+    imports the whole inductor and probes the compiler for CPU ISAs: ~10 s here, vs 0.1 s).
+
+    Before a byte reaches native code: the trust check (``ditdeploy.trust``: the flag, or the file's sha256 --
+    ``verified``'s entry when that manifest was just checked, else hashed -- in the trusted list) and the zip check (``ditdeploy.zipcheck``: no
+    absolute/``..``/link members, bounded count and sizes). The loader extracts into a private folder (``TMPDIR``
+    for its duration) that is removed on failure and by :meth:`Package.close`. Every failure is one line."""
     import torch
 
+    from ditdeploy.trust import require_trusted
+    from ditdeploy.zipcheck import PrivateDir, check_zip
+
+    require_trusted(path, "aoti", trust_native_code, verified)
+    check_zip(path, "the AOTInductor package")
     loader_cls = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
     idx = device.index if device.index is not None else -1
+    private = PrivateDir("pt2")
     try:
-        if loader_cls is None:  # pragma: no cover - other torch builds
-            return torch._inductor.aoti_load_package(str(path), run_single_threaded=RUN_SINGLE_THREADED,
-                                                     device_index=idx)
-        md = dict(loader_cls.load_metadata_from_package(str(path), "model"))
-        cuda_cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        check_package_metadata(md, path, device, torch.backends.cpu.get_cpu_capability(), cuda_cc)
-        loader = loader_cls(str(path), "model", RUN_SINGLE_THREADED, 1, idx)
+        with private.as_tmpdir():
+            if loader_cls is None:  # pragma: no cover - other torch builds
+                return Package(torch._inductor.aoti_load_package(str(path), run_single_threaded=RUN_SINGLE_THREADED,
+                                                                 device_index=idx), private)
+            md = dict(loader_cls.load_metadata_from_package(str(path), "model"))
+            cuda_cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+            check_package_metadata(md, path, device, torch.backends.cpu.get_cpu_capability(), cuda_cc)
+            return Package(loader_cls(str(path), "model", RUN_SINGLE_THREADED, 1, idx), private)
     except ArtifactError:
+        private.remove()
         raise
     except Exception as e:
+        private.remove()
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"cannot load the AOTInductor package {path.name} ({type(e).__name__}: {first}): the file "
                             "is truncated, corrupt or from another torch build; re-export it") from e
-
-    lock = threading.Lock()  # single-threaded mode: the container does no locking of its own
-
-    def run(x: Any, t: Any, y: Any) -> Any:
-        with lock:
-            return loader.run([x, t, y])[0]
-
-    return run
 
 
 # the backend entry point used by ditdeploy.runtimes.load: its signature is the option set

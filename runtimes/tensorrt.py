@@ -165,10 +165,13 @@ class TensorRTDenoiser(DenoiserBase):
     """
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, device: int = 0, cuda_graph: bool = False,
-                 strict_gpu_name: bool = True, max_batch: int | None = None):
+                 strict_gpu_name: bool = True, max_batch: int | None = None, trust_native_code: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = self.manifest.config
+        from ditdeploy.trust import require_trusted
+
+        require_trusted(self.path, "tensorrt", trust_native_code, self.manifest if verify else None)  # before TensorRT
         self.trt = trt = require("tensorrt", "tensorrt", "the TensorRT backend")
         ptrt = require("polygraphy.backend.trt", "tensorrt", "the TensorRT backend")
         rt = cudart()

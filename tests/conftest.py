@@ -9,12 +9,27 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_trusted_list(tmp_path_factory) -> Path:
+    """The trusted-digests file of native artifacts (``ditdeploy.trust``) for this session: a private one, never the
+    user's ~/.config/ditdeploy/trusted.txt (exports record what they build there; loads consult it)."""
+    old = os.environ.get("DITDEPLOY_TRUSTED_FILE")
+    path = tmp_path_factory.mktemp("trust") / "trusted.txt"
+    os.environ["DITDEPLOY_TRUSTED_FILE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("DITDEPLOY_TRUSTED_FILE", None)
+    else:
+        os.environ["DITDEPLOY_TRUSTED_FILE"] = old
 
 
 @pytest.fixture(scope="session")

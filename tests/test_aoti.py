@@ -139,8 +139,8 @@ def test_truncated_package_refused(tmp_path: Path, pt2: Path):
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png"])
     assert_one_line_error(code, err, "sha256 mismatch")
-    rehash(p)  # the hash now matches: the truncated zip reaches the AOTInductor loader
-    code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png"])
+    rehash(p)  # the hash now matches and the user trusts it: the truncated zip reaches the package checks
+    code, _, err = run_main(["sample", "--engine", p, "--out", tmp_path / "s.png", "--trust-native-code"])
     assert_one_line_error(code, err, ["cannot load the AOTInductor package", "truncated"])
     assert not (tmp_path / "s.png").exists()
 
@@ -261,3 +261,109 @@ def test_packages_load_single_threaded(pt2: Path, monkeypatch):
         out2 = fn(*(torch.from_numpy(a) for a in (x, t, y))).numpy()
     np.testing.assert_array_equal(out, out2)  # one loader, one result
     assert len(calls) == 2 and all(c[2] is True and c[3] == 1 for c in calls), calls  # single-threaded, 1 runner
+
+
+# ------------------------------------------------------------------------------------------------- native code trust
+def _retamper(src: Path, dest: Path, replace: dict | None = None, add: dict | None = None) -> Path:
+    """A copy of the package with members replaced/added (every original member re-written, in order), its
+    manifest's sha256 updated to match -- what an attacker who writes both files produces."""
+    import zipfile
+
+    out = copy_artifact(src, dest)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            for suffix, new in (replace or {}).items():
+                if info.filename.endswith(suffix):
+                    data = new
+            zout.writestr(info.filename, data)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+    rehash(out)
+    return out
+
+
+def test_package_built_elsewhere_needs_trust(tmp_path: Path, pt2: Path, private_trusted_list: Path, monkeypatch):
+    """The export recorded its package in the trusted list; a package with other bytes (here: re-zipped with one
+    extra member, manifest updated) is native code nobody trusted: one line, nothing written, until
+    --trust-native-code; with the list off, even the installation's own package needs the flag."""
+    from ditdeploy.artifacts import sha256_file
+
+    assert sha256_file(pt2) in private_trusted_list.read_text()
+    foreign = _retamper(pt2, tmp_path / "f", add={"digits/extra.txt": b"hello"})
+    code, _, err = run_main(["sample", "--engine", foreign, "--out", tmp_path / "s.png", "--no-progress"])
+    assert_one_line_error(code, err, ["native code", "did not build", "--trust-native-code"])
+    assert not (tmp_path / "s.png").exists()
+    code, _, err = run_main(["sample", "--engine", foreign, "--out", tmp_path / "s.png", "--no-progress",
+                             "--steps", "2", "--trust-native-code"])
+    assert code == 0, err
+    assert (tmp_path / "s.png").exists()
+    monkeypatch.setenv("DITDEPLOY_TRUSTED_FILE", "")
+    code, _, err = run_main(["check", "--engine", pt2, "--per-call-only"])
+    assert_one_line_error(code, err, ["native code", "--trust-native-code"])
+
+
+def test_traversal_member_never_extracted(tmp_path: Path, pt2: Path):
+    """A member ``.../../../victim.txt`` (manifest updated): refused before extraction even when trusted -- torch's
+    loader would write it outside its folder (the issue's overwrite, with `check` then passing)."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    name = "digits/data/aotinductor/model/" + "../" * 40 + str(victim).lstrip("/")
+    bad = _retamper(pt2, tmp_path / "t", add={name: b"overwritten"})
+    code, _, err = run_main(["check", "--engine", bad, "--per-call-only", "--trust-native-code"])
+    assert_one_line_error(code, err, ["'..'", "refusing to extract"])
+    assert victim.read_text() == "original"
+
+
+@pytest.fixture
+def ctor_library(tmp_path: Path) -> tuple[bytes, Path]:
+    """A shared library whose constructor writes a marker file (what a replaced .so could do on load)."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler")
+    marker = tmp_path / "constructor-ran"
+    src = tmp_path / "ctor.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void ran(void) {\n'
+                   f'  FILE *f = fopen("{marker}", "w"); if (f) {{ fputs("ran", f); fclose(f); }}\n}}\n')
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "ctor.so"), str(src)], check=True)
+    return (tmp_path / "ctor.so").read_bytes(), marker
+
+
+def test_replaced_library_never_runs_and_leaves_nothing(tmp_path: Path, pt2: Path, ctor_library, monkeypatch):
+    """The package's .so replaced (manifest updated): without trust its constructor never runs; with
+    --trust-native-code the user chose to run it, and the failed load still leaves no extracted folder behind."""
+    import tempfile
+
+    lib, marker = ctor_library
+    bad = _retamper(pt2, tmp_path / "r", replace={".wrapper.so": lib})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    code, _, err = run_main(["sample", "--engine", bad, "--out", tmp_path / "s.png", "--no-progress"])
+    assert_one_line_error(code, err, ["native code", "--trust-native-code"])
+    assert not marker.exists()  # refused before the library was ever extracted or loaded
+    code, _, err = run_main(["sample", "--engine", bad, "--out", tmp_path / "s.png", "--no-progress",
+                             "--trust-native-code"])
+    assert_one_line_error(code, err, "cannot load the AOTInductor package")
+    assert marker.exists()  # trusted: it did run (that is what the flag means)
+    assert list(scratch.iterdir()) == []  # the extraction folder (with the .so) is gone on the failure path
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_loaded_package_extraction_removed_on_close(tmp_path: Path, pt2: Path, monkeypatch):
+    import tempfile
+
+    from ditdeploy.runtimes import load
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    den = load(pt2)
+    [private] = list(scratch.iterdir())
+    assert private.name.startswith(".ditdeploy-pt2-") and any(private.rglob("*.so"))
+    den.close()
+    assert list(scratch.iterdir()) == []

@@ -114,6 +114,14 @@ def cuda_graph_option(help: str) -> Any:
     return typer.Option(False, "--cuda-graph", help=help, rich_help_panel=PANEL_MODEL)
 
 
+def trust_native_code_option() -> Any:
+    """``--trust-native-code``: load a .pt2 / TensorRT engine that this installation did not build (``ditdeploy.trust``;
+    like transformers' ``trust_remote_code``). Data formats (ONNX, OpenVINO IR, safetensors) ignore it."""
+    return typer.Option(False, "--trust-native-code", help="Load a .pt2 or TensorRT engine (they run native code) "
+                        "that this installation did not build and the trusted list does not name. Only for "
+                        "artifacts from a source you trust.", rich_help_panel=PANEL_MODEL)
+
+
 def progress_option() -> Any:
     return typer.Option(None, "--progress/--no-progress", help="Progress bars on stderr (default: on when stderr "
                         "is a terminal).", show_default=False)

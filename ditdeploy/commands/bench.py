@@ -80,6 +80,7 @@ def register(app: typer.Typer) -> None:
                                         help="Run targets in this process (faster start; RSS then accumulates)."),
         cuda_graph: bool = c.cuda_graph_option("CUDA only: torch/aoti/tensorrt targets replay "
                                         "CUDA graphs (per batch size)."),
+        trust_native_code: bool = c.trust_native_code_option(),
         cfg_interval: str = c.cfg_interval_option("LO,HI: end-to-end runs guide only at "
                                          "timesteps LO..HI."),
         cache_interval: int = c.cache_interval_option("N: end-to-end runs reuse features "
@@ -104,7 +105,8 @@ def register(app: typer.Typer) -> None:
 
         check_outputs({"--engine": engine, "--reference": reference, "--vae": vae},
                       {"--json": json_out, "--csv": csv_out, "--plot": plot})
-        targets = _targets(list(engine or []), backends, threads, vae, reference, torch_baseline, cuda_graph)
+        targets = _targets(list(engine or []), backends, threads, vae, reference, torch_baseline, cuda_graph,
+                           trust_native_code)
         interval = parse_cfg_interval(cfg_interval)
         check_cache_interval(cache_interval)
         settings = harness.Settings(batches=batches, steps=steps, repeats=repeats, warmup=warmup,
@@ -125,7 +127,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _targets(engines: list[Path], backends: str | None, threads: int | None, vae: Path | None,
-             reference: Path | None, torch_baseline: bool, cuda_graph: bool = False) -> list:
+             reference: Path | None, torch_baseline: bool, cuda_graph: bool = False,
+             trust_native_code: bool = False) -> list:
     """One harness target per (engine, backend), torch eager baselines first (one per model config)."""
     from ditdeploy.bench import harness
     from ditdeploy.checking import has_torch
@@ -149,7 +152,7 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
                 opts["threads"] = threads
             if name == "torch":
                 continue  # the torch row is the baseline below
-            opts.update(backend_options(name, {"cuda_graph": cuda_graph}))
+            opts.update(backend_options(name, {"cuda_graph": cuda_graph, "trust_native_code": trust_native_code}))
             targets.append(harness.Target(label=f"{label} {p.name}" if len(engines) > 1 else label,
                                           backend=name, path=str(p), opts=opts, decoder=dec,
                                           env=_torch_env() if name == "aoti" else {}))

@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         checkpoint: Path = typer.Option(None, "--checkpoint", "-c", hidden=True, help="Old spelling of --engine."),
         backend: c.Backend = c.backend_option(),
         threads: int = c.threads_option(),
+        trust_native_code: bool = c.trust_native_code_option(),
         image_size: int = typer.Option(None, "--image-size", min=8, help="Image size for bare official .pt "
                                        "checkpoints.", rich_help_panel=c.PANEL_MODEL),
         samples: int = typer.Option(32, "--samples", "-n", min=1, help="Trajectories (images) for the "
@@ -71,6 +72,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"no --engine: calibrating the shipped default model {src.name}", err=True)
         c.existing(src)
         opts = {k: v for k, v in (("threads", threads), ("image_size", image_size)) if v is not None}
+        from ditdeploy.generation import backend_options
+        from ditdeploy.runtimes import resolve_backend
+
+        opts.update(backend_options(resolve_backend(src, b), {"trust_native_code": trust_native_code}))
         from ditdeploy.outputs import check_outputs
 
         check_outputs({"--engine": src}, {}, sets={"--out": out, "--val-out": val_out})

@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
                                    rich_help_panel=c.PANEL_MODEL),
         cuda_graph: bool = c.cuda_graph_option("CUDA only: run the artifact through CUDA "
                                         "graphs."),
+        trust_native_code: bool = c.trust_native_code_option(),
         vae: Path = typer.Option(None, "--vae", help="VAE decoder artifact for image metrics (default: the "
                                  "manifest's).", rich_help_panel=c.PANEL_MODEL),
         reference: Path = typer.Option(
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
 
             engine = default_model(c.value(backend))
         opts = {"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
-                "device": device, "cuda_graph": cuda_graph or None}
+                "device": device, "cuda_graph": cuda_graph or None, "trust_native_code": trust_native_code or None}
         art = _load_artifact(engine, c.value(backend), opts) if engine is not None else None
         if art is not None:
             check_cache_interval(cache_interval, art)

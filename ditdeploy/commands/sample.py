@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
                                    "(default).", rich_help_panel=c.PANEL_MODEL),
         cuda_graph: bool = c.cuda_graph_option("CUDA only (torch, aoti, tensorrt): replay a "
                                         "captured CUDA graph per batch size."),
+        trust_native_code: bool = c.trust_native_code_option(),
         labels: str = typer.Option(None, "--labels", help="Comma-separated class ids or names (the model's "
                                    "id2label, case-insensitive), e.g. 207,360 or \"golden retriever, volcano\".",
                                    rich_help_panel=c.PANEL_SAMPLING),
@@ -93,7 +94,8 @@ def register(app: typer.Typer) -> None:
             shard=list(sharding.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,
             progress=c.progress_on(progress),
             options={"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
-                     "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None},
+                     "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None,
+                     "trust_native_code": trust_native_code or None},
             cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
             cache_interval=cache_interval, json_summary=json_out, server=server,
         )
