@@ -182,3 +182,9 @@ def test_private_dir_is_removed_and_tagged(tmp_path, monkeypatch):
     stale.mkdir()
     PrivateDir("pt2").remove()
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "check", "bench", "calibrate", "serve"])
+def test_every_loading_command_has_the_switch(command):
+    code, out, _ = run_main([command, "--help"])
+    assert code == 0 and "--trust-native-code" in out

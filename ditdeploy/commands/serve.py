@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         precision_hint: c.PrecisionHint = c.precision_hint_option(),
         device: str = typer.Option(None, "--device", help="torch backend: cpu | cuda; aoti: the .pt2's device.",
                                    rich_help_panel=c.PANEL_MODEL),
+        trust_native_code: bool = c.trust_native_code_option(),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0: every interface).",
                                  rich_help_panel=PANEL_SERVER),
         port: int = typer.Option(d.DEFAULT_PORT, "--port", min=1, max=65535, help="HTTP port (KServe v2).",
@@ -69,7 +70,8 @@ def register(app: typer.Typer) -> None:
             max_queue=max_queue, request_timeout_s=request_timeout,
             options={k: v for k, v in {"threads": threads, "providers": provider,
                                        "precision_hint": c.value(precision_hint),
-                                       "device": device and device.lower()}.items() if v is not None},
+                                       "device": device and device.lower(),
+                                       "trust_native_code": trust_native_code or None}.items() if v is not None},
         )
         opts.validate()
         if engine is not None and not engine.exists():
