@@ -52,6 +52,9 @@ ARRAYS = ("x", "t", "y", "step", "sample")
 VAL_PREFIX = "val_"
 MIN_TIMESTEPS = 25  # docs/reference.md §3: at least 25 timesteps spread over the trajectory
 VAL_SEED_OFFSET = 1_000_003  # default validation seed = seed + this (a different noise stream)
+# validation budget: by default a quarter of the calibration trajectories (at least 1, at most 8), sampled in the
+# same batches; its outputs are kept (``val_out``) so the INT8 check needs no second fp32 pass
+VAL_SHARE, VAL_MAX = 4, 8
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,15 @@ class CaptureSettings:
     seed: int = 0
     timesteps: int = MIN_TIMESTEPS
     batch_size: int = 16
-    val_samples: int = 8
+    val_samples: int | None = None  # None: the validation budget, VAL_SHARE of samples (1..VAL_MAX)
     val_seed: int | None = None
     guide_all_channels: bool = False
+
+    def resolved_val_samples(self) -> int:
+        """Validation trajectories: as given, else a quarter of the calibration trajectories, 1..VAL_MAX."""
+        if self.val_samples is not None:
+            return int(self.val_samples)
+        return min(VAL_MAX, max(1, -(-self.samples // VAL_SHARE)))
 
     def resolved_val_seed(self) -> int:
         return self.seed + VAL_SEED_OFFSET if self.val_seed is None else int(self.val_seed)
@@ -83,7 +92,7 @@ class CaptureSettings:
             raise DitDeployError(f"--steps must be in 1..1000, got {self.steps}")
         if self.samples < 1:
             raise DitDeployError(f"--samples must be >= 1, got {self.samples}")
-        if self.val_samples < 0:
+        if self.val_samples is not None and self.val_samples < 0:
             raise DitDeployError(f"--val-samples must be >= 0, got {self.val_samples}")
         if self.timesteps < 1:
             raise DitDeployError(f"--timesteps must be >= 1, got {self.timesteps}")
@@ -95,7 +104,7 @@ class CaptureSettings:
             raise DitDeployError("--eta must be >= 0 and is only used by --sampler ddim")
         if self.seed < 0 or self.resolved_val_seed() < 0:
             raise DitDeployError("seeds must be >= 0")
-        if self.val_samples and self.resolved_val_seed() == self.seed:
+        if self.resolved_val_samples() and self.resolved_val_seed() == self.seed:
             raise DitDeployError("the validation seed must differ from --seed (a held-out set needs other noise)")
 
 
@@ -124,7 +133,7 @@ def select_steps(n_calls: int, keep: int) -> np.ndarray:
 
 
 class _Recorder:
-    """A denoiser wrapper that keeps a copy of every (x, t, y) it is called with."""
+    """A denoiser wrapper that keeps a copy of every (x, t, y) it is called with, and the output."""
 
     def __init__(self, denoiser: Callable[..., np.ndarray], on_call: Callable[[], None] | None = None):
         self.denoiser = denoiser
@@ -135,12 +144,69 @@ class _Recorder:
         self.config = getattr(denoiser, "config", None)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self.calls.append((np.array(x, dtype=np.float32, copy=True), np.array(t, dtype=np.int64, copy=True),
-                           np.array(y, dtype=np.int64, copy=True)))
         out = self.denoiser(x, t, y)
+        self.calls.append((np.array(x, dtype=np.float32, copy=True), np.array(t, dtype=np.int64, copy=True),
+                           np.array(y, dtype=np.int64, copy=True), out))
         if self.on_call is not None:
             self.on_call()
         return out
+
+
+def _noise(samples: int, seed: int, batch_size: int, config: Any) -> np.ndarray:
+    """Initial noise of ``samples`` trajectories: batch ``b`` (of ``batch_size``) from ``default_rng([seed, b])``."""
+    c, s = config.in_channels, config.input_size
+    parts = [np.random.default_rng([seed, b]).standard_normal((min(batch_size, samples - start), c, s, s),
+                                                              dtype=np.float32)
+             for b, start in enumerate(range(0, samples, batch_size))]
+    return np.concatenate(parts) if parts else np.zeros((0, c, s, s), np.float32)
+
+
+@dataclass(frozen=True)
+class _Set:
+    """One set of trajectories to capture: its noise, labels, rng seed and whether to keep the model outputs."""
+
+    noise: np.ndarray
+    labels: np.ndarray
+    seed: int
+    keep_out: bool = False
+
+
+def _capture_sets(denoiser: Callable[..., np.ndarray], config: Any, sets: list[_Set], *, steps: int, sampler: str,
+                  cfg_scale: float, eta: float, timesteps: int, batch_size: int, guide_all_channels: bool,
+                  progress: Any) -> list[dict[str, np.ndarray]]:
+    """Sample every trajectory of ``sets`` together, ``batch_size`` trajectories per sampler run (a set's tail
+    shares a run with the next set's head), and return the kept inputs of each set (+ ``out`` where asked).
+    The sampler's own randomness (DDPM, DDIM eta > 0) of run ``r`` comes from ``default_rng([seed0, r, 1])``."""
+    from ditdeploy.diffusion import sample as diffusion_sample
+
+    owner = np.concatenate([np.full(len(st.labels), i) for i, st in enumerate(sets)]).astype(np.int64)
+    index = np.concatenate([np.arange(len(st.labels)) for st in sets]).astype(np.int64)
+    noise_all = np.concatenate([st.noise for st in sets])
+    labels_all = np.concatenate([st.labels for st in sets]).astype(np.int64)
+    kept: list[dict[str, list[np.ndarray]]] = [{k: [] for k in (*ARRAYS, "out")} for _ in sets]
+    for r, start in enumerate(range(0, len(labels_all), batch_size)):
+        sl = slice(start, start + batch_size)
+        n = labels_all[sl].shape[0]
+        rec = _Recorder(denoiser, (lambda: progress.update(1)) if progress is not None else None)
+        diffusion_sample(rec, noise_all[sl], labels_all[sl], method=sampler, steps=steps, cfg_scale=cfg_scale,
+                         eta=eta, rng=np.random.default_rng([sets[0].seed, r, 1]), num_classes=config.num_classes,
+                         guide_all_channels=guide_all_channels)
+        for i in select_steps(len(rec.calls), timesteps):
+            x, t, y, out = rec.calls[int(i)]
+            rows = np.arange(x.shape[0]) % n  # with guidance the call holds [cond; uncond] of the same images
+            for k, st in enumerate(sets):
+                sel = owner[sl][rows] == k
+                if not sel.any():
+                    continue
+                d = kept[k]
+                d["x"].append(x[sel])
+                d["t"].append(t[sel])
+                d["y"].append(y[sel])
+                d["step"].append(np.full(int(sel.sum()), i, dtype=np.int32))
+                d["sample"].append(index[sl][rows][sel].astype(np.int32))
+                if st.keep_out:
+                    d["out"].append(np.asarray(out, dtype=np.float32)[sel])
+    return [{k: np.concatenate(v) for k, v in d.items() if v} for d in kept]
 
 
 def capture_inputs(
@@ -166,34 +232,10 @@ def capture_inputs(
     sampler's own randomness (DDPM, DDIM eta > 0) from seed ``[seed, b, 1]``. ``progress`` is a tqdm-like object
     with ``update(n)`` (one unit per denoiser call) or None.
     """
-    from ditdeploy.diffusion import sample as diffusion_sample
-
-    c, s = config.in_channels, config.input_size
-    labels_all = spread_labels(samples, config.num_classes, seed)
-    keep_x, keep_t, keep_y, keep_step, keep_sample = [], [], [], [], []
-    for b, start in enumerate(range(0, samples, batch_size)):
-        labels = labels_all[start:start + batch_size]
-        n = labels.shape[0]
-        noise = np.random.default_rng([seed, b]).standard_normal((n, c, s, s), dtype=np.float32)
-        rec = _Recorder(denoiser, (lambda: progress.update(1)) if progress is not None else None)
-        diffusion_sample(rec, noise, labels, method=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta,
-                         rng=np.random.default_rng([seed, b, 1]), num_classes=config.num_classes,
-                         guide_all_channels=guide_all_channels)
-        for i in select_steps(len(rec.calls), timesteps):
-            x, t, y = rec.calls[int(i)]
-            m = x.shape[0]
-            keep_x.append(x)
-            keep_t.append(t)
-            keep_y.append(y)
-            keep_step.append(np.full(m, i, dtype=np.int32))
-            keep_sample.append((start + np.arange(m) % n).astype(np.int32))
-    return {
-        "x": np.concatenate(keep_x).astype(np.float32, copy=False),
-        "t": np.concatenate(keep_t).astype(np.int64, copy=False),
-        "y": np.concatenate(keep_y).astype(np.int64, copy=False),
-        "step": np.concatenate(keep_step),
-        "sample": np.concatenate(keep_sample),
-    }
+    st = _Set(_noise(samples, seed, batch_size, config), spread_labels(samples, config.num_classes, seed), seed)
+    return _capture_sets(denoiser, config, [st], steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=eta,
+                         timesteps=timesteps, batch_size=batch_size, guide_all_channels=guide_all_channels,
+                         progress=progress)[0]
 
 
 def _counts(arr: np.ndarray) -> dict[str, int]:
@@ -249,6 +291,8 @@ def capture_calibration_set(
             "prefix": "" if val_out is not None else VAL_PREFIX,
             "counts": _summary(val, cfg.null_class),
             "per_timestep": _counts(val["t"]),
+            "outputs": "out: the source model's outputs on these inputs, recorded while sampling" if "out" in val
+            else None,
         }
     if settings.steps < MIN_TIMESTEPS:
         calib_fields["warning"] = (
@@ -277,24 +321,28 @@ def _check_paths(out: str | os.PathLike, val_out: str | os.PathLike | None) -> t
 
 def _capture_both(denoiser: Callable[..., np.ndarray], cfg: Any, settings: CaptureSettings, val_seed: int,
                   progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
-    """The calibration inputs and (if asked) the held-out validation inputs, under one progress bar."""
-    n_batches = -(-settings.samples // settings.batch_size) + -(-settings.val_samples // settings.batch_size)
+    """The calibration inputs and (if asked) the held-out validation inputs with the model's outputs on them,
+    sampled in shared batches under one progress bar."""
+    nv, bs = settings.resolved_val_samples(), settings.batch_size
+    sets = [_Set(_noise(settings.samples, settings.seed, bs, cfg),
+                 spread_labels(settings.samples, cfg.num_classes, settings.seed), settings.seed)]
+    if nv:
+        sets.append(_Set(_noise(nv, val_seed, bs, cfg), spread_labels(nv, cfg.num_classes, val_seed), val_seed,
+                         keep_out=True))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_batches * settings.steps, desc="calibrate", unit="call", dynamic_ncols=True)
-    common = dict(steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale, eta=settings.eta,
-                  timesteps=settings.timesteps, batch_size=settings.batch_size,
-                  guide_all_channels=settings.guide_all_channels, progress=bar)
+        bar = tqdm(total=-(-(settings.samples + nv) // bs) * settings.steps, desc="calibrate", unit="call",
+                   dynamic_ncols=True)
     try:
-        calib = capture_inputs(denoiser, cfg, samples=settings.samples, seed=settings.seed, **common)
-        val = (capture_inputs(denoiser, cfg, samples=settings.val_samples, seed=val_seed, **common)
-               if settings.val_samples else None)
+        got = _capture_sets(denoiser, cfg, sets, steps=settings.steps, sampler=settings.sampler,
+                            cfg_scale=settings.cfg_scale, eta=settings.eta, timesteps=settings.timesteps,
+                            batch_size=bs, guide_all_channels=settings.guide_all_channels, progress=bar)
     finally:
         if bar is not None:
             bar.close()
-    return calib, val
+    return got[0], (got[1] if nv else None)
 
 
 def _base_fields(cfg: Any, settings: CaptureSettings, source: dict[str, Any]) -> dict[str, Any]:
@@ -422,13 +470,16 @@ def load_calibration(path: str | os.PathLike, verify: bool = True) -> Calibratio
     val = None
     vinfo = m.section("validation")
     if VAL_PREFIX + "x" in arrays:
-        val = {k: arrays[VAL_PREFIX + k] for k in ARRAYS if VAL_PREFIX + k in arrays}
+        val = {k: arrays[VAL_PREFIX + k] for k in (*ARRAYS, "out") if VAL_PREFIX + k in arrays}
     elif vinfo.get("file") and vinfo.get("file") != path.name:
         vpath = path.parent / Path(str(vinfo["file"])).name
         if vpath.exists():
             vm = Manifest.load(vpath, verify=verify)
             if vm is not None and vm.get("role") == "validation":
                 val = _read_npz(vpath)
+    if val is not None and "out" in val and (val["out"].shape[0] != val["x"].shape[0]
+                                              or not np.isfinite(val["out"]).all()):
+        raise ArtifactError(f"{path.name}: the recorded validation outputs do not match its inputs; recapture it")
     sha = m.files[path.name]["sha256"] if path.name in m.files else sha256_file(path)
     return CalibrationSet(x=arrays["x"], t=arrays["t"], y=arrays["y"], step=arrays["step"], sample=arrays["sample"],
                           manifest=m, sha256=sha, path=path, val=val)

@@ -40,6 +40,7 @@ _LINEAR_LEAVES = {"qkv", "proj", "fc1", "fc2", "q", "kv", "cq", "ckv", "cproj"}
 # module names of the reference DiT and of the fp16 export's HalfDiT (export/fp16.py)
 _EMBEDDERS = ("x_embedder", "t_embedder", "y_embedder", "patch_proj", "t_fc1", "t_fc2")
 _ADALN = ("adaLN_modulation", "ada", "final_ada")
+WRAPPER = "model."  # CacheFull / CacheLight (ditdeploy.feature_cache) hold the DiT as ``self.model``
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ def _scopes(node) -> list[str] | None:
 def _module_of(scopes: list[str]) -> str:
     """The innermost module path: the name scopes end with the fx node's own name (``linear_4``)."""
     mods = [s for s in scopes[:-1] if s]
-    return mods[-1] if mods else ""
+    mod = mods[-1] if mods else ""
+    # the two-graph export (export/cache_graphs.py) wraps the DiT as ``model``: same roles and globs as the DiT's
+    return mod[len(WRAPPER):] if mod.startswith(WRAPPER) else mod
 
 
 def _role_from_module(module: str, op_type: str, n_const: int, scopes: list[str]) -> str:

@@ -388,17 +388,18 @@ def _check_static_graph(model, quantized: Sequence[NodeRole], excluded: Sequence
 
 
 def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int,
-            src_precision: str = "fp32") -> dict[str, Any]:
+            src_precision: str = "fp32", recorded: str | None = None) -> dict[str, Any]:
+    """INT8 ``out`` vs its source on ``inputs``; with ``recorded`` (its description) the source's outputs are
+    ``inputs["out"]``, recorded by `calibrate` from the same model, and the source is not run again."""
     from ditdeploy.calibration.report import error_curve, summarize_curve
 
     # int8_exact: the target's integer arithmetic (no int16 saturation even where this CPU lacks VNNI), so the gate
     # judges the artifact, not the exporting machine's kernels
-    ref_s, q_s = _session(src), _session(out, int8_exact=True)
-
     def run(s):
         return lambda x, t, y: s.run(None, {"x": x, "t": t, "y": y})[0]
 
-    curve = error_curve(run(ref_s), run(q_s), inputs["x"], inputs["t"], inputs["y"], batch_size=batch_size)
+    reference = inputs["out"] if recorded else run(_session(src))
+    curve = error_curve(reference, run(_session(out, int8_exact=True)), inputs["x"], inputs["t"], inputs["y"], batch_size=batch_size)
     ov = curve["overall"]
     if not ov["finite"]:
         raise NumericsError(f"the int8 model {out.name} returns NaN/Inf on validation inputs")
@@ -407,7 +408,8 @@ def _verify(src: Path, out: Path, inputs: dict[str, np.ndarray], batch_size: int
             f"the int8 model {out.name} deviates from its source: cosine {ov['cosine']:.4f} over the validation "
             f"outputs (< {MIN_COSINE}); exclude more nodes (--exclude default,'*fc2') or use more calibration data"
         )
-    return {"reference": f"onnxruntime CPU on the {src_precision} source", "backend": "onnxruntime CPU int8",
+    return {"reference": recorded or f"onnxruntime CPU on the {src_precision} source",
+            "backend": "onnxruntime CPU int8",
             **ov, **summarize_curve(curve), "min_cosine_allowed": MIN_COSINE,
             "worst": {"rel_l2": ov["per_call_rel_l2_max"], "cosine": ov["per_call_cosine_min"]},
             "per_timestep": curve["per_timestep"]}
@@ -490,8 +492,8 @@ def quantize_int8(
                                  else {"qdq_counts": count_qdq(qmodel)})
         t_quant = time.perf_counter() - t_start
         if verify:
-            fields["parity"] = _parity_fields(staged, tmp_q, calib, cfg, opts, src_m.precision,
-                                              say)
+            fields["parity"] = _parity_fields(staged, tmp_q, calib, cfg, opts, src_m.precision, say,
+                                              _recorded_reference(calib, src, src_m))
         data_name = out.name + ".data"
         files = [tmp_q] + ([work / data_name] if (work / data_name).exists() else [])
         fields.update(
@@ -587,8 +589,23 @@ def _select_nodes(model, exclude: Sequence[str] | None, mode: str, say: Callable
     return quantized, excluded, how
 
 
+def _recorded_reference(calib, src: Path, src_m: Manifest) -> str | None:
+    """The description of the fp32 outputs `calibrate` recorded on the validation inputs, when they come from this
+    very model (the calibration source's sha256 is the source graph's or its checkpoint's); else None."""
+    if calib is None or calib.val is None or "out" not in calib.val or src_m.precision != "fp32":
+        return None
+    cs = calib.manifest.section("source")
+    want = cs.get("sha256")
+    same = {sha256_file(src), src_m.source_checkpoint().get("checkpoint_sha256"),
+            (src_m.get("source_checkpoint") or {}).get("sha256")}
+    if not want or want not in same:
+        return None
+    return (f"fp32 outputs recorded by `calibrate` on {cs.get('backend', 'the source')} from the same weights "
+            f"({cs.get('path', 'source')}, sha256 {str(want)[:12]})")
+
+
 def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options, src_precision: str,
-                   say: Callable[[str], None]) -> dict[str, Any]:
+                   say: Callable[[str], None], recorded: str | None = None) -> dict[str, Any]:
     """INT8 vs its float source on held-out (or calibration, or synthetic) inputs, for the manifest's ``parity``."""
     if calib is not None and calib.val is not None:
         vin = calib.val
@@ -600,7 +617,8 @@ def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options
     else:
         vin = stacked_probe_inputs(cfg, 16)
         vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
-    p = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size, src_precision)}
+    recorded = recorded if vin is getattr(calib, "val", None) else None
+    p = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size, src_precision, recorded)}
     say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
         f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
     return p

@@ -202,13 +202,20 @@ def export_decoder(vae_dir: str, out: Path, fmt: str, *, opset: int, verify: boo
 
 
 def export_cache_pair(net: Any, out: Path, fmt: str, *, opset: int, verify: bool, source: dict[str, Any],
-                      decoder: str | None, seed: int = 0) -> dict[str, Any]:
-    """``export --cache-graphs``: the verified full + light graph pair (ONNX, or OpenVINO IRs converted from it)."""
+                      decoder: str | None, seed: int = 0, int8: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``export --cache-graphs``: the verified full + light graph pair (ONNX, or OpenVINO IRs converted from it);
+    with ``int8`` (``quantize_int8`` arguments incl. ``calibration``) the fp32 pair is exported to a scratch folder
+    and its full graph quantized (``calibration.pair_int8``)."""
     from ditdeploy.export.cache_graphs import export_cache_graphs, export_cache_graphs_openvino
     from ditdeploy.feature_cache import check_cacheable
 
     check_cacheable(net)
     kw = dict(opset=opset, verify=verify, seed=seed, source=source, decoder=decoder)
+    if int8 is not None:
+        with scratch_dir(out) as tmp:
+            fp32 = tmp / (out.stem + "-fp32.onnx")
+            export_cache_graphs(net, fp32, **kw)
+            return quantize_export(fp32, out, fmt, cache_graphs=True, verify=verify, **int8)
     if fmt == "onnx":
         return export_cache_graphs(net, out, **kw)
     if out.suffix.lower() != ".xml":
@@ -289,3 +296,34 @@ def export_denoiser(
             return build(onnx_path, out, precision=precision, batch_max=batch_max, verify=verify, progress=progress,
                          **(trt_options or {}))
     raise DitDeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+def quantize_export(src: Path, out: Path, fmt: str, *, cache_graphs: bool, verify: bool,
+                    calibration: str | None, **int8: Any) -> dict[str, Any]:
+    """INT8 from an existing fp32 ONNX export ``src`` (plain, or a ``--cache-graphs`` pair): the graph is quantized
+    as it is, nothing is exported again. ``fmt`` onnx (a pair stays ONNX: OpenVINO reads it) or openvino (plain)."""
+    from ditdeploy.manifest import Manifest
+
+    m = Manifest.load(src, verify=True)
+    assert m is not None
+    is_pair = isinstance(m.get("cache_graphs"), dict)
+    if cache_graphs != is_pair:
+        raise DitDeployError(f"{src.name} is {'a two-graph' if is_pair else 'a one-graph'} export: "
+                             + ("add --cache-graphs" if is_pair else "drop --cache-graphs (or quantize a "
+                                                                     "--cache-graphs export)"))
+    if is_pair:
+        if fmt != "onnx":
+            raise DitDeployError("the INT8 pair is written as ONNX (--fmt onnx); OpenVINO runs it with "
+                                 "--backend openvino")
+        quantize_pair = _optional("ditdeploy.calibration.pair_int8", "quantize_cache_pair", "INT8 pairs")
+        return quantize_pair(src, out, calibration, verify=verify, **int8)
+    quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")
+    if fmt == "onnx":
+        return quantize(src, out, calibration, verify=verify, **int8)
+    if fmt != "openvino":
+        raise DitDeployError(f"--checkpoint FILE.onnx --precision int8 writes onnx or openvino, not {fmt}")
+    with scratch_dir(out) as tmp:
+        q = tmp / (out.stem + "-int8.onnx")
+        quantize(src, q, calibration, verify=verify, **int8)
+        export_ov = _optional("ditdeploy.export.openvino", "export_openvino", "OpenVINO export")
+        return export_ov(q, out, verify=verify)

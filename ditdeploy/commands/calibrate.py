@@ -44,8 +44,9 @@ def register(app: typer.Typer) -> None:
                                       rich_help_panel=c.PANEL_SAMPLING),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Trajectories sampled together.",
                                        rich_help_panel=c.PANEL_SAMPLING),
-        val_samples: int = typer.Option(8, "--val-samples", min=0, help="Trajectories of the held-out validation "
-                                        "set (0: none).", rich_help_panel=c.PANEL_OUTPUT),
+        val_samples: int = typer.Option(None, "--val-samples", min=0, help="Trajectories of the held-out validation "
+                                        "set, sampled in the same batches (0: none; default: a quarter of --samples,"
+                                        " 1..8).", rich_help_panel=c.PANEL_OUTPUT),
         val_seed: int = typer.Option(None, "--val-seed", "--val-seeds", min=0, help="Seed of the validation "
                                      "trajectories (default: --seed + 1000003).", rich_help_panel=c.PANEL_OUTPUT),
         val_out: Path = typer.Option(None, "--val-out", help="Write the validation set to this .npz instead of "
@@ -92,7 +93,7 @@ def register(app: typer.Typer) -> None:
             progress=c.progress_on(progress),
         )
         typer.echo(f"wrote {out}: {describe(m)} in {time.perf_counter() - t0:.1f} s")
-        if val_out is not None and val_samples:
+        if val_out is not None and settings.resolved_val_samples():
             typer.echo(f"wrote {val_out} (validation set)")
 
 
@@ -101,6 +102,6 @@ def _check_memory(settings, cfg) -> None:
     from ditdeploy.bounds import check_memory
 
     calls = min(settings.timesteps, settings.steps) * (2 if settings.cfg_scale != 1 else 1)
-    n = (settings.samples + (settings.val_samples or 0)) * calls
+    n = (settings.samples + settings.resolved_val_samples()) * calls
     check_memory(n, 4 * cfg.in_channels * cfg.input_size ** 2, f"{n} captured denoiser inputs",
                  "lower --samples / --timesteps / --val-samples")

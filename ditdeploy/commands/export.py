@@ -66,8 +66,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", "-m", help="Variant S/2 .. XL/8, or 'digits' (the shipped "
                                   "model); optional with --checkpoint (the file's config is used)."),
         checkpoint: str = typer.Option(None, "--checkpoint", "-c",
-                                       help="Official .pt (e.g. DiT-XL-2-256x256.pt), ditdeploy .safetensors, or a "
-                                            "local diffusers DiT snapshot folder (e.g. DiT-XL-2-256/)."),
+                                       help="Official .pt (e.g. DiT-XL-2-256x256.pt), ditdeploy .safetensors, a "
+                                            "local diffusers DiT snapshot folder (e.g. DiT-XL-2-256/), or an fp32 "
+                                            "ditdeploy .onnx export to quantize as is (--precision int8)."),
         random_weights: bool = typer.Option(False, "--random-weights",
                                             help="Export untrained random weights (benchmarking only)."),
         download: bool = typer.Option(False, "--download",
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
                                  "and precision, in the current directory)."),
         cache_graphs: bool = typer.Option(False, "--cache-graphs", help="Two-graph artifact for feature reuse "
                                           "(`sample --cache-interval N`): OUT (full graph + cache output) and "
-                                          "OUT's .light graph; fp32 onnx/openvino; both verified vs torch."),
+                                          "OUT's .light graph; fp32 onnx/openvino or int8 onnx; verified."),
         progress: bool = c.progress_option(),
     ) -> None:
         """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
@@ -145,6 +146,10 @@ def register(app: typer.Typer) -> None:
 
         if model is None and checkpoint is None:  # decoder only
             _export_decoder_only(vae, out, fmt_, opset, verify, (image_size or 256) // 8, show_progress)
+            return
+        if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":  # quantize an fp32 export as is
+            _quantize_export(Path(checkpoint), out, fmt_, prec, cache_graphs, calibration, int8_mode, exclude,
+                             verify, show_progress, vae)
             return
 
         net, source = pipeline.load_denoiser_model(
@@ -189,7 +194,8 @@ def register(app: typer.Typer) -> None:
             decoder_name = dec_out.name
         if cache_graphs:
             m = pipeline.export_cache_pair(net, target, fmt_, opset=opset, verify=verify, source=source,
-                                           decoder=decoder_name, seed=seed)
+                                           decoder=decoder_name, seed=seed,
+                                           int8=_int8_args(prec, calibration, int8_mode, exclude, show_progress))
             _summary(target, m)
             return
         with pipeline.removed_on_failure(dec_out if decoder_name else None):
@@ -231,8 +237,10 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
         raise DitDeployError("--device applies to --fmt aoti only")
     elif prec not in ("fp32", "fp16", "int8"):
         raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
-    if cache_graphs and (fmt not in ("onnx", "openvino") or prec != "fp32"):
-        raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO (--fmt onnx|openvino, --precision fp32)")
+    if cache_graphs and (fmt not in ("onnx", "openvino") or prec not in ("fp32", "int8")
+                         or (prec == "int8" and fmt != "onnx")):
+        raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO, or an INT8 ONNX pair (--fmt onnx "
+                             "--precision int8; OpenVINO runs it with --backend openvino)")
     if fmt == "triton" and not has_model:
         raise DitDeployError("--fmt triton packages a denoiser: pass --model or --checkpoint (and --vae for a "
                              "latent model)")
@@ -327,6 +335,35 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
     size = sum(f["bytes"] for f in m["files"].values())
     typer.echo(f"wrote Triton model repository {target}/ ({', '.join(m['models'])}; {size / 1e6:.1f} MB, "
                f"{m['precision']}; variants: default onnxruntime, --model-config-name tensorrt|openvino|python)")
+
+
+def _int8_args(prec: str, calibration: Path | None, int8_mode: str, exclude: str | None, progress: bool
+               ) -> dict | None:
+    """``quantize_int8`` arguments of an INT8 export (None for other precisions)."""
+    if prec != "int8":
+        return None
+    return {"calibration": str(calibration) if calibration else None, "mode": int8_mode, "progress": progress,
+            **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
+
+
+def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_graphs: bool, calibration: Path | None,
+                     int8_mode: str, exclude: str | None, verify: bool, progress: bool, vae: Path | None) -> None:
+    """``export --checkpoint FP32.onnx --precision int8``: quantize an existing fp32 export (plain or two-graph)
+    without loading torch or exporting again (the graph `calibrate` ran is the graph quantized)."""
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.export import pipeline
+    from ditdeploy.outputs import check_outputs
+
+    c.existing(src)
+    if prec != "int8" or vae is not None:
+        raise DitDeployError("--checkpoint FILE.onnx is an fp32 export to quantize: use it with --precision int8 "
+                             "(and without --vae; the decoder the manifest names is kept)")
+    target = out or src.with_name(src.stem + "-int8" + pipeline.FORMATS[fmt])
+    check_outputs({"--checkpoint": src, "--calibration": calibration}, {},
+                  sets={"--out": target, "--cache-graphs light graph": _light(target) if cache_graphs else None})
+    m = pipeline.quantize_export(src, target, fmt, cache_graphs=cache_graphs, verify=verify,
+                                 **_int8_args(prec, calibration, int8_mode, exclude, progress))
+    _summary(target, m)
 
 
 def _light(target: Path) -> Path:
