@@ -148,8 +148,8 @@ def register(app: typer.Typer) -> None:
             _export_decoder_only(vae, out, fmt_, opset, verify, (image_size or 256) // 8, show_progress)
             return
         if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":  # quantize an fp32 export as is
-            _quantize_export(Path(checkpoint), out, fmt_, prec, cache_graphs, calibration, int8_mode, exclude,
-                             verify, show_progress, vae)
+            _quantize_export(Path(checkpoint), out, fmt_, prec, cache_graphs, verify, vae,
+                             _int8_args(prec, calibration, int8_mode, exclude, show_progress, int8_target))
             return
 
         net, source = pipeline.load_denoiser_model(
@@ -195,7 +195,8 @@ def register(app: typer.Typer) -> None:
         if cache_graphs:
             m = pipeline.export_cache_pair(net, target, fmt_, opset=opset, verify=verify, source=source,
                                            decoder=decoder_name, seed=seed,
-                                           int8=_int8_args(prec, calibration, int8_mode, exclude, show_progress))
+                                           int8=_int8_args(prec, calibration, int8_mode, exclude, show_progress,
+                                                           int8_target))
             _summary(target, m)
             return
         with pipeline.removed_on_failure(dec_out if decoder_name else None):
@@ -337,17 +338,17 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
                f"{m['precision']}; variants: default onnxruntime, --model-config-name tensorrt|openvino|python)")
 
 
-def _int8_args(prec: str, calibration: Path | None, int8_mode: str, exclude: str | None, progress: bool
-               ) -> dict | None:
+def _int8_args(prec: str, calibration: Path | None, int8_mode: str, exclude: str | None, progress: bool,
+               target: str) -> dict | None:
     """``quantize_int8`` arguments of an INT8 export (None for other precisions)."""
     if prec != "int8":
         return None
     return {"calibration": str(calibration) if calibration else None, "mode": int8_mode, "progress": progress,
-            **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
+            "target": target, **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
 
 
-def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_graphs: bool, calibration: Path | None,
-                     int8_mode: str, exclude: str | None, verify: bool, progress: bool, vae: Path | None) -> None:
+def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_graphs: bool, verify: bool,
+                     vae: Path | None, int8: dict | None) -> None:
     """``export --checkpoint FP32.onnx --precision int8``: quantize an existing fp32 export (plain or two-graph)
     without loading torch or exporting again (the graph `calibrate` ran is the graph quantized)."""
     from ditdeploy.errors import DitDeployError
@@ -359,10 +360,9 @@ def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_gra
         raise DitDeployError("--checkpoint FILE.onnx is an fp32 export to quantize: use it with --precision int8 "
                              "(and without --vae; the decoder the manifest names is kept)")
     target = out or src.with_name(src.stem + "-int8" + pipeline.FORMATS[fmt])
-    check_outputs({"--checkpoint": src, "--calibration": calibration}, {},
+    check_outputs({"--checkpoint": src, "--calibration": int8 and int8["calibration"]}, {},
                   sets={"--out": target, "--cache-graphs light graph": _light(target) if cache_graphs else None})
-    m = pipeline.quantize_export(src, target, fmt, cache_graphs=cache_graphs, verify=verify,
-                                 **_int8_args(prec, calibration, int8_mode, exclude, progress))
+    m = pipeline.quantize_export(src, target, fmt, cache_graphs=cache_graphs, verify=verify, **(int8 or {}))
     _summary(target, m)
 
 
