@@ -83,6 +83,17 @@ def test_failing_python_step_fails_the_script(tmp_path):
     assert "gpu_engines exit 1" in log
 
 
+def test_first_without_a_gpu_fails_in_one_line(tmp_path):
+    """`first` wires --plan first and a budget that ends the whole script within FIRST_S; without CUDA the engines
+    step says so and the script exits 1, having written the plan and the machine-independent facts."""
+    r = _run(REPO, "first", tmp_path / "out", _python_bin(tmp_path, _base_python()), INSTALL="0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    log = (tmp_path / "out" / "gpu_engines.log").read_text()
+    assert "no CUDA device here" in log and "gpu_engines exit 1" in log
+    d = _plan(tmp_path / "out")
+    assert d["settings"]["plan"] == "first" and 200 < d["settings"]["budget_s"] <= 270
+
+
 def test_unknown_mode_is_a_usage_error(tmp_path):
     r = _run(REPO, "enignes", tmp_path / "out", _python_bin(tmp_path, _base_python()), INSTALL="0")
     assert r.returncode == 2 and "usage:" in r.stderr
