@@ -120,3 +120,25 @@ nv_inference_exec_count{model="generate",version="1"} 16
 def test_default_metrics_url():
     assert default_metrics_url("http://127.0.0.1:8000") == "http://127.0.0.1:8002/metrics"
     assert default_metrics_url("localhost:9100/") == "http://localhost:9102/metrics"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--rate", "0"], "--rate"),
+    (["--rate", "2,x"], "--rate"),
+    (["--concurrency", "-3"], "--concurrency"),
+    ([], "--rate R and/or --concurrency C"),
+    (["--rate", "1000", "--duration", "100"], "lower the rate"),
+    (["--concurrency", "2", "--engine", "x.onnx"], "drop --engine"),
+])
+def test_bench_server_refuses_bad_flags_before_any_request(args, words):
+    from tests.conftest import assert_one_line_error, run_main
+
+    code, _, err = run_main(["bench", "--server", "http://127.0.0.1:9", *args])  # port 9: nothing listens
+    assert_one_line_error(code, err, words)
+
+
+def test_rate_without_server_is_refused():
+    from tests.conftest import assert_one_line_error, run_main
+
+    code, _, err = run_main(["bench", "--rate", "2"])
+    assert_one_line_error(code, err, "--server")

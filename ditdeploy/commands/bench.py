@@ -5,11 +5,16 @@ The harness lives in ``ditdeploy.bench`` (the repository's ``bench/`` folder); t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
 from ditdeploy.commands import _common as c
+
+PANEL_SERVER = "Server load test (--server)"
+MAX_CLIENTS = 1024  # closed-loop client threads
+MAX_ARRIVALS = 20000  # expected Poisson arrivals of one open-loop run (each answered on its own thread)
 
 
 def default_backends(path: Path) -> list[str]:
@@ -59,7 +64,7 @@ def register(app: typer.Typer) -> None:
         batch_sizes: str = typer.Option("1,2,8", "--batch-sizes", help="Denoiser batch sizes, comma-separated.",
                                         rich_help_panel=c.PANEL_SAMPLING),
         batch: str = typer.Option(None, "--batch", hidden=True, help="Old spelling of --batch-sizes."),
-        steps: int = c.steps_option(10, "Sampling steps of the end-to-end run."),
+        steps: int = c.steps_option(10, "Sampling steps of the end-to-end run (and of each --server request)."),
         repeats: int = typer.Option(10, "--repeats", min=1, help="Timed denoiser calls per batch (after warm-up).",
                                     rich_help_panel=c.PANEL_SAMPLING),
         warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed calls before timing.",
@@ -91,13 +96,40 @@ def register(app: typer.Typer) -> None:
                                      rich_help_panel=c.PANEL_OUTPUT),
         plot: Path = typer.Option(None, "--plot", help="Write a PNG plot (needs matplotlib).",
                                   rich_help_panel=c.PANEL_OUTPUT),
+        server: str = typer.Option(None, "--server", rich_help_panel=PANEL_SERVER,
+                                   help="Load-test a running generate server (ditdeploy serve, or an exported "
+                                        "Triton repository) at this URL instead of benching artifacts."),
+        rate: str = typer.Option(None, "--rate", rich_help_panel=PANEL_SERVER,
+                                 help="Poisson arrivals, requests/s (seeded by --seed); a comma list runs each."),
+        concurrency: str = typer.Option(None, "--concurrency", rich_help_panel=PANEL_SERVER,
+                                        help="Closed loop: this many clients back to back; a comma list runs each."),
+        duration: float = typer.Option(30.0, "--duration", min=0.1, max=86400.0, rich_help_panel=PANEL_SERVER,
+                                       help="Seconds each --rate/--concurrency run sends requests."),
+        slo: float = typer.Option(None, "--slo", min=0.0, rich_help_panel=PANEL_SERVER,
+                                  help="Latency objective in seconds: report the share of requests within it."),
+        baseline: int = typer.Option(8, "--baseline", min=0, max=10000, rich_help_panel=PANEL_SERVER,
+                                     help="Requests sent one after another first, as the baseline (0: none)."),
+        labels: str = typer.Option("0,1,2,3,4,5,6,7,8,9", "--labels", rich_help_panel=PANEL_SERVER,
+                                   help="Classes (ids or names) cycled over the requests, one image each."),
+        seed: int = c.seed_option("Seed of the arrivals; request i samples with seed + i."),
+        metrics_url: str = typer.Option(None, "--metrics-url", rich_help_panel=PANEL_SERVER,
+                                        help="Triton metrics endpoint for the denoiser counters when the server "
+                                             "has no info model (default: the --server port + 2)."),
         progress: bool = c.progress_option(),
     ) -> None:
-        """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch."""
+        """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch; with
+        --server, load-test a running server (images/s, latency percentiles, mean denoiser batch)."""
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.bench import harness, report
         from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
         from ditdeploy.errors import DitDeployError
+
+        if server is not None:
+            _load_test(server, engine, rate, concurrency, duration, slo, baseline, labels, seed, metrics_url, steps,
+                       c.value(sampler), cfg_scale, json_out, plot, csv_out, progress)
+            return
+        if rate is not None or concurrency is not None:
+            raise DitDeployError("--rate/--concurrency load-test a server: add --server URL")
 
         spec = c.deprecated("--batch", "--batch-sizes", batch, batch_sizes, default="1,2,8")
         batches = harness.parse_batches(spec, "--batch" if batch is not None else "--batch-sizes")
@@ -124,6 +156,62 @@ def register(app: typer.Typer) -> None:
         if not result["rows"]:
             raise DitDeployError("every bench target failed: " + "; ".join(
                 f"{e['target']}: {e['error']}" for e in result["errors"]))
+
+
+def _numbers(spec: str | None, flag: str, kind: type) -> list:
+    from ditdeploy.errors import DitDeployError
+
+    if spec is None:
+        return []
+    try:
+        vals = [kind(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or any(not v > 0 or v != v or v == float("inf") for v in vals):
+        raise DitDeployError(f"{flag} takes positive numbers separated by commas, got {spec!r}")
+    return vals
+
+
+def _load_test(server: str, engine, rate: str | None, concurrency: str | None, duration: float, slo: float | None,
+               baseline: int, labels: str, seed: int, metrics_url: str | None, steps: int, sampler: str,
+               cfg_scale: float, json_out: Path | None, plot: Path | None, csv_out: Path | None,
+               progress: bool | None) -> None:
+    """``bench --server``: the load test of ``ditdeploy.bench.load``."""
+    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.bench import load
+    from ditdeploy.bench.machine import machine_info
+    from ditdeploy.errors import DitDeployError
+    from ditdeploy.outputs import check_outputs
+
+    if engine:
+        raise DitDeployError("--server load-tests a running server: drop --engine (the server chose its model)")
+    if csv_out is not None:
+        raise DitDeployError("--csv applies to artifact benches; --server writes --json and --plot")
+    rates, clients = _numbers(rate, "--rate", float), _numbers(concurrency, "--concurrency", int)
+    if not rates and not clients:
+        raise DitDeployError("--server needs --rate R and/or --concurrency C (comma lists run one after another)")
+    if any(c > MAX_CLIENTS for c in clients):
+        raise DitDeployError(f"--concurrency above {MAX_CLIENTS} clients is not supported by this load generator")
+    if any(r * duration > MAX_ARRIVALS for r in rates):
+        raise DitDeployError(f"--rate x --duration expects more than {MAX_ARRIVALS} requests in one run (one thread "
+                             "each): lower the rate or the duration")
+    check_outputs({}, {"--json": json_out, "--plot": plot})
+    spec = load.LoadSpec(url=server, rates=rates, concurrencies=clients, duration=duration, seed=seed, steps=steps,
+                         sampler=sampler, cfg_scale=cfg_scale, slo=slo, baseline=baseline,
+                         labels=[v.strip() for v in labels.split(",") if v.strip()] or ["0"],
+                         metrics_url=metrics_url)
+    say = (lambda s: typer.echo(s, err=True)) if c.progress_on(progress) else None
+    load_before = os.getloadavg()
+    result = load.run_load(spec, say=say)
+    result["machine"] = machine_info() | {"loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg())}
+    typer.echo(load.format_table(result))
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    if plot is not None:
+        load.write_plot(result, plot)
+    if not any(r["completed"] for r in result["runs"]):
+        raise DitDeployError("no request succeeded: " + "; ".join(
+            m for r in result["runs"] for m in r.get("error_messages", [])[:1]))
 
 
 def _targets(engines: list[Path], backends: str | None, threads: int | None, vae: Path | None,
