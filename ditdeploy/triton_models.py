@@ -1,8 +1,9 @@
 """The Python-backend models of a Triton model repository written by ``ditdeploy export --fmt triton``.
 
 Each generated ``model.py`` is three lines that subclass one of these classes, so the repository carries no copy of
-the sampling math: the ``generate`` model runs :func:`ditdeploy.diffusion.sample` (the sampler ``ditdeploy sample``
-runs, with the same per-image noise contract of :mod:`ditdeploy.sharding`) and reaches the denoiser and the VAE
+the sampling math or of the wire protocol: the ``generate`` model parses requests with
+:mod:`ditdeploy.serving.protocol` (``ditdeploy serve``'s), samples with :func:`ditdeploy.generation.sample_batch`
+(``ditdeploy sample``'s noise contract: image i from ``(seed, first_index + i)``) and reaches the denoiser and the VAE
 decoder through BLS (``pb_utils.InferenceRequest(...).exec()``), so Triton's dynamic batcher on ``denoise`` merges
 the rows of every request in flight, each at its own step. ``PythonArtifactModel`` is the ``configs/python.pbtxt``
 variant of ``denoise`` / ``vae_decoder``: the artifact on ONNX Runtime through :func:`ditdeploy.runtimes.load`
@@ -15,8 +16,6 @@ numpy + the deploy path only (no torch).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ from ditdeploy.errors import DitDeployError
 SPEC_PARAMETER = "ditdeploy"
 #: most images one generate request may ask for (the whole request is sampled as one batch)
 MAX_IMAGES = 64
-GENERATE_INPUTS = ("labels", "seed", "steps", "sampler", "cfg_scale", "eta", "cfg_interval")
-GENERATE_OUTPUTS = ("images", "class_ids")
 
 
 def _pb():
@@ -50,101 +47,6 @@ def _error_response(pb: Any, message: str) -> Any:
     except (AttributeError, TypeError):  # older stubs: no error codes
         err = pb.TritonError(message)
     return pb.InferenceResponse(output_tensors=[], error=err)
-
-
-# ------------------------------------------------------------------------------------------ generate: the request
-@dataclass(frozen=True)
-class GenerateSettings:
-    """One checked generate request."""
-
-    labels: tuple[int, ...]
-    seed: int = 0
-    steps: int = 50
-    sampler: str = "ddim"
-    cfg_scale: float = 4.0
-    eta: float = 0.0
-    cfg_interval: tuple[int, int] | None = None
-
-
-def _scalar(arrays: dict[str, np.ndarray], name: str, default: Any, kind: str) -> Any:
-    a = arrays.get(name)
-    if a is None:
-        return default
-    a = np.asarray(a).reshape(-1)
-    if a.size != 1:
-        raise DitDeployError(f"{name} must hold one value, got {a.size}")
-    v = a[0]
-    if kind == "str":
-        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-    if kind == "int":
-        if a.dtype.kind not in "iu":
-            raise DitDeployError(f"{name} must be an integer, got {a.dtype}")
-        return int(v)
-    if a.dtype.kind not in "iuf":
-        raise DitDeployError(f"{name} must be a number, got {a.dtype}")
-    return float(v)
-
-
-def parse_generate(arrays: dict[str, np.ndarray], num_classes: int, id2label: dict[int, str] | None,
-                   null_class: bool = True) -> GenerateSettings:
-    """The settings of a generate request from its input arrays (``GENERATE_INPUTS``); one-line DitDeployError
-    for anything ``ditdeploy sample`` would refuse, and for more than ``MAX_IMAGES`` images."""
-    from ditdeploy.generation import DEFAULT_CFG, SAMPLERS
-    from ditdeploy.labels import resolve_items
-
-    raw = arrays.get("labels")
-    if raw is None or np.asarray(raw).size == 0:
-        raise DitDeployError("labels is required: class ids or names, one per image")
-    raw = np.asarray(raw).reshape(-1)
-    if raw.size > MAX_IMAGES:
-        raise DitDeployError(f"{raw.size} images requested: at most {MAX_IMAGES} per request")
-    if raw.dtype.kind in "iu":
-        items: list[int | str] = [int(v) for v in raw]
-    else:
-        items = []
-        for v in raw:
-            s = (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)).strip()
-            items.append(int(s) if s.lstrip("-").isdigit() else s)
-    labels = tuple(resolve_items(items, id2label, num_classes))
-    seed = _scalar(arrays, "seed", 0, "int")
-    steps = _scalar(arrays, "steps", 50, "int")
-    sampler = _scalar(arrays, "sampler", "ddim", "str")
-    cfg = _scalar(arrays, "cfg_scale", DEFAULT_CFG if null_class else 1.0, "float")
-    eta = _scalar(arrays, "eta", 0.0, "float")
-    interval = arrays.get("cfg_interval")
-    if interval is not None:
-        iv = np.asarray(interval).reshape(-1)
-        if iv.size != 2 or iv.dtype.kind not in "iu":
-            raise DitDeployError("cfg_interval must be two integer timesteps LO, HI")
-        interval = (int(iv[0]), int(iv[1]))
-    if seed < 0:
-        raise DitDeployError(f"seed must be >= 0, got {seed}")
-    if not 1 <= steps <= 1000:
-        raise DitDeployError(f"steps must be in 1..1000, got {steps}")
-    if sampler not in SAMPLERS:
-        raise DitDeployError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if not math.isfinite(cfg) or cfg < 0:
-        raise DitDeployError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg}")
-    if not math.isfinite(eta) or eta < 0 or (eta != 0 and sampler != "ddim"):
-        raise DitDeployError("eta must be a finite number >= 0 and is only used by the ddim sampler")
-    from ditdeploy.diffusion import parse_cfg_interval
-
-    parse_cfg_interval(interval)
-    return GenerateSettings(labels, seed, steps, sampler, cfg, eta, interval)
-
-
-def sample_images(denoiser: Any, decoder: Any, s: GenerateSettings, config: Any) -> np.ndarray:
-    """uint8 NHWC images of one request: ``ditdeploy sample``'s sampler and noise contract (image i of the request
-    from ``(seed, i)``), the decoder applied to latent models."""
-    from ditdeploy import images, sharding
-    from ditdeploy.diffusion import sample
-
-    idx = np.arange(len(s.labels), dtype=np.int64)
-    shape = (config.in_channels, config.input_size, config.input_size)
-    x0 = sample(denoiser, sharding.initial_noise(s.seed, idx, shape), np.asarray(s.labels, dtype=np.int64),
-                method=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, eta=s.eta, num_classes=config.num_classes,
-                noise_fn=sharding.PerImageNoise(s.seed, idx), cfg_interval=s.cfg_interval)
-    return images.to_uint8(decoder(x0) if decoder is not None else x0)
 
 
 # ------------------------------------------------------------------------------------------ generate: BLS clients
@@ -175,15 +77,18 @@ class BlsModel:
 
 
 class GenerateModel:
-    """``generate``: labels (ids or names), seed, steps, sampler, cfg_scale, eta, cfg_interval -> uint8 NHWC images
-    and the class ids. A bad request gets an error response; the others in the same ``execute`` are unaffected."""
+    """``generate``: ``ditdeploy serve``'s wire protocol (:mod:`ditdeploy.serving.protocol`): input ``labels`` (ids
+    or class names), the sampling settings as request parameters; outputs ``images`` (uint8 NHWC) and ``labels``
+    (class ids). A bad request gets an error response; the others in the same ``execute`` are unaffected."""
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from ditdeploy.generation import default_cfg
         from ditdeploy.variants import DiTConfig
 
         spec = json.loads(_parameters(args)[SPEC_PARAMETER])
         self.config = DiTConfig(**spec["config"])
         self.id2label = {int(k): v for k, v in (spec.get("id2label") or {}).items()} or None
+        self.default_cfg = default_cfg(self.config)
         d = spec["denoiser"]
         self.denoiser = BlsModel(d["model"], d["inputs"], d["output"], d["max_batch"], row_inputs=tuple(d["inputs"][1:]),
                                  config=self.config)
@@ -191,15 +96,29 @@ class GenerateModel:
         self.decoder = BlsModel(dec["model"], [dec["input"]], dec["output"], dec["max_batch"]) if dec else None
 
     def _one(self, pb: Any, request: Any) -> Any:
-        arrays = {}
-        for name in GENERATE_INPUTS:
-            t = pb.get_input_tensor_by_name(request, name)
-            if t is not None:
-                arrays[name] = t.as_numpy()
-        s = parse_generate(arrays, self.config.num_classes, self.id2label, self.config.class_dropout_prob > 0)
-        u8 = sample_images(self.denoiser, self.decoder, s, self.config)
-        return pb.InferenceResponse(output_tensors=[pb.Tensor("images", u8),
-                                                    pb.Tensor("class_ids", np.asarray(s.labels, dtype=np.int64))])
+        from ditdeploy import generation, images
+        from ditdeploy.labels import resolve_items
+        from ditdeploy.serving.protocol import GenerateRequest
+
+        t = pb.get_input_tensor_by_name(request, "labels")
+        if t is None:
+            raise DitDeployError("labels is required: class ids or names, one per image")
+        try:
+            params = json.loads(request.parameters() or "{}")
+        except ValueError as e:
+            raise DitDeployError(f"request parameters are not JSON: {e}") from None
+        req = GenerateRequest.from_wire(t.as_numpy(), params, MAX_IMAGES)
+        s = req.sampling
+        labels = np.asarray(resolve_items(req.labels, self.id2label, self.config.num_classes), dtype=np.int64)
+        cfg_scale = s.cfg_scale if s.cfg_scale is not None else self.default_cfg
+        if cfg_scale != 1.0 and self.config.class_dropout_prob == 0:
+            raise DitDeployError("this model has no null class: cfg_scale must be 1")
+        if s.cache_interval is not None:
+            raise DitDeployError("cache_interval needs the --cache-graphs pair, which a Triton repository does not hold")
+        idx = np.arange(req.first_index, req.first_index + len(labels), dtype=np.int64)
+        x0 = generation.sample_batch(self.denoiser, s, cfg_scale, labels, idx)
+        u8 = images.to_uint8(self.decoder(x0) if self.decoder is not None else x0)
+        return pb.InferenceResponse(output_tensors=[pb.Tensor("images", u8), pb.Tensor("labels", labels)])
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = _pb()
@@ -213,6 +132,31 @@ class GenerateModel:
 
     def finalize(self) -> None:
         self.denoiser = self.decoder = None
+
+
+class InfoModel:
+    """``info``: what ``ditdeploy serve``'s info model answers (``sample --server`` reads it first): the DiT config,
+    class names, image shape, limits. No counters: Triton's metrics endpoint has them (``denoise``)."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from ditdeploy.generation import default_cfg
+        from ditdeploy.variants import DiTConfig
+
+        spec = json.loads(_parameters(args)[SPEC_PARAMETER])
+        cfg = DiTConfig(**spec["config"])
+        dec, den = spec.get("decoder"), spec["denoiser"]
+        side = cfg.image_size
+        self.answer = json.dumps({
+            "config": spec["config"], "backend": f"triton {den['model']}", "decoder": dec["model"] if dec else None,
+            "class_names": spec.get("id2label") or {}, "image_shape": [side, side, 3 if dec else cfg.in_channels],
+            "default_cfg_scale": default_cfg(cfg), "supports_cache": False, "max_batch": den["max_batch"],
+            "max_queue": spec.get("instances"), "max_images_per_request": MAX_IMAGES, "stats": None})
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        pb = _pb()
+        return [pb.InferenceResponse(output_tensors=[pb.Tensor("info", np.array([self.answer.encode()],
+                                                                                dtype=np.object_))])
+                for _ in requests]
 
 
 # ------------------------------------------------------------------------------------------ denoise / vae_decoder

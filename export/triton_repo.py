@@ -12,7 +12,8 @@ Layout (``REPO/``; model names are the ones ``ditdeploy serve`` uses)::
     vae_decoder/...               the same for the VAE decoder (latent models with a decoder)
     generate/config.pbtxt         the sampling loop (Python backend; calls denoise / vae_decoder through BLS),
                                   the DiT config and id2label in its ``ditdeploy`` parameter
-    generate/1/model.py           ditdeploy.triton_models.GenerateModel
+    generate/1/model.py           ditdeploy.triton_models.GenerateModel (ditdeploy serve's wire protocol)
+    info/config.pbtxt, 1/model.py the deployment's description, as ditdeploy serve's info model answers
 
 Triton picks a variant with ``tritonserver --model-config-name tensorrt|openvino|python`` (a model without that
 file in ``configs/`` keeps ``config.pbtxt``). The repository is built in a hidden folder beside ``REPO`` and renamed
@@ -34,7 +35,8 @@ from typing import Any
 from ditdeploy.errors import DitDeployError
 
 MANIFEST_NAME = "ditdeploy_manifest.json"
-DENOISE, DECODER, GENERATE = "denoise", "vae_decoder", "generate"
+SPEC = "ditdeploy"  # ditdeploy.triton_models.SPEC_PARAMETER: the model-config parameter holding the description
+DENOISE, DECODER, GENERATE, INFO = "denoise", "vae_decoder", "generate", "info"
 DECODER_INPUT = "latents"  # ditdeploy.export.vae.DECODER_INPUT (not imported: that module needs torch)
 VARIANTS = ("tensorrt", "openvino", "python")
 #: the dynamic batcher waits at most this long for more rows before it calls the denoiser
@@ -154,18 +156,25 @@ def artifact_model(name: str, manifest: dict[str, Any], file: str, max_batch: in
 
 
 def generate_config(spec: dict[str, Any], instances: int) -> str:
-    """config.pbtxt of the ``generate`` model (no batching: each request is one sampling loop)."""
+    """config.pbtxt of the ``generate`` model (``ditdeploy serve``'s wire protocol: ``labels`` in, the sampling
+    settings as request parameters; no batching: each request is one sampling loop, ``instances`` at once)."""
     c = spec["config"]
-    size = c["input_size"] * (8 if c.get("space", "latent") == "latent" else 1)
-    channels = 3 if c.get("space", "latent") == "latent" else c["in_channels"]
-    ins = [tensor("labels", "bytes", [-1]), tensor("seed", "int64", [1], optional=True),
-           tensor("steps", "int32", [1], optional=True), tensor("sampler", "bytes", [1], optional=True),
-           tensor("cfg_scale", "float32", [1], optional=True), tensor("eta", "float32", [1], optional=True),
-           tensor("cfg_interval", "int64", [2], optional=True)]
-    outs = [tensor("images", "uint8", [-1, size, size, channels]), tensor("class_ids", "int64", [-1])]
-    return (f'name: "{GENERATE}"\nbackend: "python"\nmax_batch_size: 0\n' + _list("input", ins)
-            + _list("output", outs) + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
-            + _parameters({"ditdeploy": json.dumps(spec, sort_keys=True, ensure_ascii=False)}))
+    latent = c.get("space", "latent") == "latent"
+    size = c["input_size"] * (8 if latent else 1)
+    outs = [tensor("images", "uint8", [-1, size, size, 3 if latent else c["in_channels"]]),
+            tensor("labels", "int64", [-1])]
+    return (f"name: {_q(GENERATE)}\nbackend: \"python\"\nmax_batch_size: 0\n"
+            + _list("input", [tensor("labels", "bytes", [-1])]) + _list("output", outs)
+            + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
+            + _parameters({SPEC: json.dumps(spec, sort_keys=True, ensure_ascii=False)}))
+
+
+def info_config(spec: dict[str, Any]) -> str:
+    """config.pbtxt of the ``info`` model (``query`` -> ``info`` JSON, as ``ditdeploy serve`` answers)."""
+    return (f"name: {_q(INFO)}\nbackend: \"python\"\nmax_batch_size: 0\n"
+            + _list("input", [tensor("query", "bytes", [1])]) + _list("output", [tensor("info", "bytes", [1])])
+            + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+            + _parameters({SPEC: json.dumps(spec, sort_keys=True, ensure_ascii=False)}))
 
 
 # ------------------------------------------------------------------------------------------ the repository
@@ -230,12 +239,15 @@ def build_repository(root: Path, denoiser: Path, decoder: Path | None, options: 
     spec = {"config": dataclasses.asdict(cfg), "id2label": {str(k): v for k, v in sorted((labels or {}).items())},
             "denoiser": {"model": DENOISE, "inputs": den.inputs, "output": den.outputs[0], "max_batch": den.max_batch},
             "decoder": {"model": DECODER, "input": dec.inputs[0], "output": dec.outputs[0],
-                        "max_batch": dec.max_batch} if dec else None}
-    (root / GENERATE / "1").mkdir(parents=True)
-    (root / GENERATE / "config.pbtxt").write_text(generate_config(spec, options.instances))
-    _model_py(root / GENERATE / "1", "the sampling loop (BLS calls to denoise / vae_decoder)", "GenerateModel")
+                        "max_batch": dec.max_batch} if dec else None, "instances": options.instances}
+    for name, text, cls, what in (
+            (GENERATE, generate_config(spec, options.instances), "GenerateModel",
+             "the sampling loop (BLS calls to denoise / vae_decoder)"),
+            (INFO, info_config(spec), "InfoModel", "the deployment's description (as ditdeploy serve's info)")):
+        _model_py(root / name / "1", what, cls)
+        (root / name / "config.pbtxt").write_text(text, encoding="utf-8")
     manifest = {
-        "kind": "triton-repository", "models": [DENOISE, *([DECODER] if dec else []), GENERATE],
+        "kind": "triton-repository", "models": [DENOISE, *([DECODER] if dec else []), GENERATE, INFO],
         "variants": {"default": "onnxruntime", **{v: f"--model-config-name {v}" for v in VARIANTS}},
         "config": dataclasses.asdict(cfg), "precision": dm.precision, "denoiser": denoiser.name,
         "decoder": decoder.name if decoder else None, "options": dataclasses.asdict(options),

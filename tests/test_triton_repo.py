@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -69,11 +68,11 @@ def _check_batched(cfg, onnx_path: Path, scalar_rows: set[str]) -> None:
 def test_every_config_parses_against_the_model_config_schema(digits_repo):
     configs = all_configs(digits_repo)
     assert [str(p.relative_to(digits_repo)) for p in configs] == [
-        "denoise/config.pbtxt", "generate/config.pbtxt", "denoise/configs/openvino.pbtxt",
+        "denoise/config.pbtxt", "generate/config.pbtxt", "info/config.pbtxt", "denoise/configs/openvino.pbtxt",
         "denoise/configs/python.pbtxt", "denoise/configs/tensorrt.pbtxt"]
     onnx = digits_repo / "denoise" / "1" / "digits.onnx"
     kinds = {}
-    for p in configs[:1] + configs[2:]:
+    for p in configs[:1] + configs[3:]:
         cfg = parse(p)
         assert cfg.name == "denoise" and cfg.max_batch_size == 48
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 700
@@ -96,13 +95,18 @@ def test_generate_config_carries_model_and_labels(digits_repo):
     cfg = parse(digits_repo / "generate" / "config.pbtxt")
     assert (cfg.backend, cfg.max_batch_size) == ("python", 0)
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [(4, "KIND_CPU")]
-    assert {t.name: list(t.dims) for t in cfg.output} == {"images": [-1, 8, 8, 1], "class_ids": [-1]}
-    assert [t.name for t in cfg.input if not t.optional] == ["labels"]
+    # ditdeploy serve's wire protocol: labels in (settings as request parameters), images + labels out
+    assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output} == {
+        "images": ("TYPE_UINT8", [-1, 8, 8, 1]), "labels": ("TYPE_INT64", [-1])}
+    assert [(t.name, pb.DataType.Name(t.data_type)) for t in cfg.input] == [("labels", "TYPE_STRING")]
     spec = json.loads(cfg.parameters["ditdeploy"].string_value)
     assert spec["config"] == Manifest.load(digits_repo / "denoise" / "1" / "digits.onnx")["config"]
     assert spec["id2label"] == {str(i): str(i) for i in range(10)}
     assert spec["denoiser"] == {"model": "denoise", "inputs": ["x", "t", "y"], "output": "out", "max_batch": 48}
-    assert spec["decoder"] is None
+    assert spec["decoder"] is None and spec["instances"] == 4
+    info = parse(digits_repo / "info" / "config.pbtxt")
+    assert [t.name for t in info.input] == ["query"] and [t.name for t in info.output] == ["info"]
+    assert json.loads(info.parameters["ditdeploy"].string_value) == spec
 
 
 def test_manifest_lists_every_file_and_catches_a_changed_one(digits_repo, tmp_path):
@@ -111,7 +115,7 @@ def test_manifest_lists_every_file_and_catches_a_changed_one(digits_repo, tmp_pa
     m = verify_repository(digits_repo)
     on_disk = sorted(str(p.relative_to(digits_repo)) for p in digits_repo.rglob("*") if p.is_file())
     assert sorted(m["files"]) == sorted(set(on_disk) - {MANIFEST_NAME})
-    assert m["kind"] == "triton-repository" and m["models"] == ["denoise", "generate"]
+    assert m["kind"] == "triton-repository" and m["models"] == ["denoise", "generate", "info"]
     copy = tmp_path / "copy"
     shutil.copytree(digits_repo, copy)
     cfg = copy / "denoise" / "config.pbtxt"
@@ -123,7 +127,7 @@ def test_manifest_lists_every_file_and_catches_a_changed_one(digits_repo, tmp_pa
 def test_latent_repository_has_the_decoder(latent, tmp_path):
     repo = tmp_path / "repo"
     m = write_repository(latent["onnx"], repo)  # the decoder the denoiser's manifest names
-    assert m["models"] == ["denoise", "vae_decoder", "generate"]
+    assert m["models"] == ["denoise", "vae_decoder", "generate", "info"]
     dec = parse(repo / "vae_decoder" / "config.pbtxt")
     assert dec.platform == "onnxruntime_onnx" and dec.default_model_filename == "vae.onnx"
     _check_batched(dec, repo / "vae_decoder" / "1" / "vae.onnx", set())
@@ -187,21 +191,15 @@ def _server_env():
         pytest.skip(str(e))
 
 
-def _infer(url: str, model: str, inputs: list[dict]) -> dict:
-    req = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=json.dumps({"inputs": inputs}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return json.loads(r.read())
-
-
 def _generate(url: str, labels: list[str], seed: int, steps: int, cfg: float) -> np.ndarray:
-    r = _infer(url, "generate", [
-        {"name": "labels", "shape": [len(labels)], "datatype": "BYTES", "data": labels},
-        {"name": "seed", "shape": [1], "datatype": "INT64", "data": [seed]},
-        {"name": "steps", "shape": [1], "datatype": "INT32", "data": [steps]},
-        {"name": "cfg_scale", "shape": [1], "datatype": "FP32", "data": [cfg]}])
-    out = {o["name"]: o for o in r["outputs"]}
-    return np.asarray(out["images"]["data"], dtype=np.uint8).reshape(out["images"]["shape"])
+    """One request through ditdeploy serve's own client (the repository speaks its wire protocol)."""
+    from ditdeploy.generation import SampleRequest
+    from ditdeploy.serving.client import generate
+    from ditdeploy.serving.protocol import GenerateRequest
+
+    images, _ = generate(url, GenerateRequest(labels=labels, sampling=SampleRequest(
+        out=None, seed=seed, steps=steps, cfg_scale=cfg)), timeout=300, busy_retry_s=0)
+    return images
 
 
 def _local(engine: Path, labels: list[int], seed: int, steps: int, cfg: float) -> np.ndarray:
@@ -224,11 +222,14 @@ def _counts(metrics_url: str, model: str) -> tuple[float, float]:
 def test_python_backend_models_on_the_bundled_server(digits_repo):
     """generate + the python variant of denoise on PyTriton's tritonserver: images equal to the library's, rows of
     concurrent requests batched into shared denoiser calls, a bad request refused while the others are served."""
+    from ditdeploy.serving.client import ServerError, server_info
     from ditdeploy.shipped import DIGITS_ONNX
     from ditdeploy.triton_local import LocalTriton
 
     env = _server_env()
     with LocalTriton(env, digits_repo, config_name="python") as t:
+        info = server_info(t.http)  # the info model answers as ditdeploy serve's does
+        assert (info.num_classes, info.max_batch, info.default_cfg_scale) == (10, 48, 4.0)
         alone = _generate(t.http, ["3", "7"], seed=5, steps=8, cfg=4.0)
         np.testing.assert_array_equal(alone, _local(DIGITS_ONNX, [3, 7], 5, 8, 4.0))  # same rows per call: exact
         rows0, calls0 = _counts(t.metrics, "denoise")
@@ -241,11 +242,11 @@ def test_python_backend_models_on_the_bundled_server(digits_repo):
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for th in threads:
             th.start()
-        with pytest.raises(urllib.error.HTTPError) as bad:
+        with pytest.raises(ServerError) as bad:
             _generate(t.http, ["eleven"], seed=0, steps=8, cfg=4.0)
         for th in threads:
             th.join(300)
-        assert bad.value.code == 400 and "eleven" in bad.value.read().decode()
+        assert bad.value.status == 400 and "eleven" in str(bad.value)
         rows, calls = _counts(t.metrics, "denoise")
         assert rows - rows0 == 4 * 8 * 2  # every row of the 4 requests went through denoise
         assert calls - calls0 < 4 * 8  # ... in fewer calls than one per request and step: shared calls
