@@ -64,10 +64,10 @@ class Outcome:
 
 
 def summarize(outcomes: Sequence[Outcome], wall_s: float, slo_s: float | None = None,
-              rows_calls: tuple[float, float] | None = None) -> dict[str, Any]:
-    """The numbers of one run. ``wall_s``: from the run's start to its last answer; ``rows_calls``: denoiser rows
-    and calls the server counted during the run. SLO attainment is over every request issued (a refused or failed
-    request misses it)."""
+              counted: dict[str, float] | None = None) -> dict[str, Any]:
+    """The numbers of one run. ``wall_s``: from the run's start to its last answer; ``counted``: the denoiser
+    ``rows``, ``calls`` (and ``busy_s``, seconds in calls) the server counted during the run. SLO attainment is over
+    every request issued (a refused or failed request misses it)."""
     ok = [o for o in outcomes if o.status == "ok"]
     lat = [o.latency for o in ok]
     adm = [o.admission_s for o in ok if o.admission_s is not None]
@@ -83,9 +83,11 @@ def summarize(outcomes: Sequence[Outcome], wall_s: float, slo_s: float | None = 
     if slo_s is not None:
         met = sum(1 for o in ok if o.latency <= slo_s)
         out["slo"] = {"latency_s": slo_s, "met": met, "attainment": met / len(outcomes) if outcomes else None}
-    if rows_calls is not None:
-        rows, calls = rows_calls
+    if counted is not None:
+        rows, calls = counted["rows"], counted["calls"]
         out["denoiser"] = {"rows": rows, "calls": calls, "mean_batch": rows / calls if calls else None}
+        if counted.get("busy_s") is not None:
+            out["denoiser"]["mean_call_s"] = counted["busy_s"] / calls if calls else None
     errs = sorted({o.error for o in outcomes if o.error})
     if errs:
         out["error_messages"] = errs[:5]
@@ -169,20 +171,22 @@ def run_open(send: Send, arrivals: Sequence[float]) -> tuple[list, float]:
 
 
 # ------------------------------------------------------------------------------------------ the server's counters
-_METRIC = re.compile(r'^(nv_inference_count|nv_inference_exec_count)\{model="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)$')
+_METRICS = {"nv_inference_count": "rows", "nv_inference_exec_count": "calls",
+            "nv_inference_compute_infer_duration_us": "busy_s"}
+_METRIC = re.compile(r'^(' + "|".join(_METRICS) + r')\{model="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)$')
 
 
-def triton_counts(metrics_text: str, model: str = "denoise") -> tuple[float, float] | None:
-    """(rows, calls) of ``model`` from Triton's Prometheus text (``nv_inference_count`` is rows: Triton counts a
-    batched request once per batch element; ``nv_inference_exec_count`` is executions), summed over versions."""
-    got = {"nv_inference_count": 0.0, "nv_inference_exec_count": 0.0}
-    seen = False
+def triton_counts(metrics_text: str, model: str = "denoise") -> dict[str, float] | None:
+    """``rows``, ``calls``, ``busy_s`` of ``model`` from Triton's Prometheus text, summed over versions:
+    ``nv_inference_count`` counts a batched request once per batch element (rows), ``nv_inference_exec_count``
+    counts executions (calls), ``nv_inference_compute_infer_duration_us`` the time in them."""
+    got: dict[str, float] = {}
     for line in metrics_text.splitlines():
         m = _METRIC.match(line.strip())
         if m and m.group(2) == model:
-            got[m.group(1)] += float(m.group(3))
-            seen = True
-    return (got["nv_inference_count"], got["nv_inference_exec_count"]) if seen else None
+            key = _METRICS[m.group(1)]
+            got[key] = got.get(key, 0.0) + float(m.group(3)) / (1e6 if key == "busy_s" else 1)
+    return got if {"rows", "calls"} <= set(got) else None
 
 
 @dataclass
@@ -193,7 +197,7 @@ class Counters:
     metrics_url: str | None = None
     source: str | None = None
 
-    def read(self) -> tuple[float, float] | None:
+    def read(self) -> dict[str, float] | None:
         from ditdeploy.serving.client import ServerError, server_info
 
         if self.source in (None, "info"):
@@ -201,7 +205,7 @@ class Counters:
                 d = (server_info(self.url, timeout=30).raw.get("stats") or {}).get("denoiser") or {}
                 if "rows" in d and "calls" in d:
                     self.source = "info"
-                    return float(d["rows"]), float(d["calls"])
+                    return {k: float(d[k]) for k in ("rows", "calls", "busy_s") if d.get(k) is not None}
             except (ServerError, KeyError, ValueError, TypeError):
                 pass
         if self.metrics_url and self.source in (None, "metrics"):
@@ -216,10 +220,11 @@ class Counters:
         return None
 
 
-def delta(before: tuple[float, float] | None, after: tuple[float, float] | None) -> tuple[float, float] | None:
+def delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """What the server counted between two reads."""
     if before is None or after is None:
         return None
-    return after[0] - before[0], after[1] - before[1]
+    return {k: after[k] - before[k] for k in after if k in before}
 
 
 # ------------------------------------------------------------------------------------------ the load test

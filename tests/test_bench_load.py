@@ -12,6 +12,7 @@ import pytest
 from ditdeploy.bench.load import (
     Outcome,
     default_metrics_url,
+    delta,
     percentile,
     poisson_arrivals,
     run_closed,
@@ -37,7 +38,7 @@ def test_summary_numbers_by_hand():
             Outcome(2, arrival=1.0, sent=1.0, done=4.0),
             Outcome(3, arrival=1.5, sent=1.5, done=1.6, status="refused", images=0, error="busy"),
             Outcome(4, arrival=2.0, sent=2.0, done=2.1, status="error", images=0, error="boom")]
-    s = summarize(outs, wall_s=4.0, slo_s=2.0, rows_calls=(120.0, 15.0))
+    s = summarize(outs, wall_s=4.0, slo_s=2.0, counted={"rows": 120.0, "calls": 15.0, "busy_s": 0.3})
     assert (s["requests"], s["completed"], s["refused"], s["errors"], s["images"]) == (5, 3, 1, 1, 3)
     assert s["images_per_s"] == pytest.approx(3 / 4.0)
     # latencies 1.0, 2.0, 3.0 (done - arrival of the completed ones)
@@ -46,7 +47,8 @@ def test_summary_numbers_by_hand():
     assert s["admission_s"]["p50"] == pytest.approx(0.2) and s["admission_s"]["reported"] == 2
     # SLO 2 s: requests 0 and 1 meet it; the refused and failed ones count as misses: 2 of 5
     assert s["slo"] == {"latency_s": 2.0, "met": 2, "attainment": pytest.approx(0.4)}
-    assert s["denoiser"] == {"rows": 120.0, "calls": 15.0, "mean_batch": pytest.approx(8.0)}
+    assert s["denoiser"] == {"rows": 120.0, "calls": 15.0, "mean_batch": pytest.approx(8.0),
+                             "mean_call_s": pytest.approx(0.02)}
     assert s["error_messages"] == ["boom", "busy"]
 
 
@@ -111,9 +113,12 @@ nv_inference_count{model="denoise",version="2"} 40
 nv_inference_exec_count{model="denoise",version="1"} 150
 nv_inference_exec_count{model="denoise",version="2"} 10
 nv_inference_exec_count{model="generate",version="1"} 16
+nv_inference_compute_infer_duration_us{model="denoise",version="1"} 2500000
 """
-    assert triton_counts(text) == (1640.0, 160.0)
-    assert triton_counts(text, "generate") == (16.0, 16.0)
+    assert triton_counts(text) == {"rows": 1640.0, "calls": 160.0, "busy_s": 2.5}
+    assert triton_counts(text, "generate") == {"rows": 16.0, "calls": 16.0}
+    assert delta({"rows": 10.0, "calls": 2.0}, {"rows": 50.0, "calls": 7.0, "busy_s": 1.0}) == {"rows": 40.0,
+                                                                                                "calls": 5.0}
     assert triton_counts(text, "vae_decoder") is None
 
 

@@ -1,0 +1,125 @@
+"""The serving goals of issue 19, measured in one run on one machine (``python -m experiments.serving_goals``).
+
+1. ``ditdeploy serve`` (digits by default) under C concurrent ``generate`` clients (closed loop, DDIM 50, cfg 4):
+   throughput against the same number of requests sent one after another through the same server, and the mean
+   denoiser batch (rows per call, from the server's counters);
+2. Poisson arrivals at 70 % of the capacity measured in 1 (requests/s = images/s, one image per request): p99
+   latency against the latency of a single request on the idle server (the sequential run's p50), time to
+   admission p99 when the server reports it.
+
+Optionally (``--triton-repo``) the same two runs against the repository ``export --fmt triton`` writes, on PyTriton's
+bundled tritonserver (``--model-config-name python``), and ``--engine`` for another artifact (e.g. XL/2 random
+weights on ONNX Runtime with ``--concurrency 4``). Writes ``<out>.json`` (runs, settings, machine, load average
+before/after) and prints the ``bench --server`` tables. Every server is started on 127.0.0.1 and stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def start_serve(engine: str | None, port: int, max_batch: int, max_queue: int, extra: list[str]) -> subprocess.Popen:
+    """``ditdeploy serve`` on 127.0.0.1:port; returns once its ready line is printed."""
+    cmd = [sys.executable, "-m", "ditdeploy", "serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--max-queue", str(max_queue), *(["--engine", engine] if engine else []), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if line.startswith("ready:"):
+            return proc
+        if time.monotonic() > deadline:
+            break
+    stop(proc)
+    raise RuntimeError(f"ditdeploy serve did not print its ready line (exit {proc.returncode})")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, seed: int,
+          say: Any) -> dict[str, Any]:
+    """Run 1 (closed loop vs sequential) and run 2 (Poisson at 70 % of run 1's capacity) against ``url``."""
+    from ditdeploy.bench import load
+
+    closed = load.run_load(load.LoadSpec(url=url, concurrencies=[concurrency], duration=duration, seed=seed,
+                                         steps=steps, cfg_scale=cfg, baseline=concurrency), say=say)
+    capacity = closed["runs"][1]["images_per_s"]
+    rate = 0.7 * capacity
+    poisson = load.run_load(load.LoadSpec(url=url, rates=[round(rate, 4)], duration=duration, seed=seed + 1,
+                                          steps=steps, cfg_scale=cfg, baseline=max(4, concurrency // 2)), say=say)
+    seq, conc = closed["runs"]
+    pidle, prate = poisson["runs"]
+    return {
+        "closed_loop": closed, "poisson": poisson,
+        "goals": {
+            "throughput_vs_sequential": conc["images_per_s"] / seq["images_per_s"],
+            "mean_denoiser_batch": (conc.get("denoiser") or {}).get("mean_batch"),
+            "capacity_images_per_s": capacity, "poisson_rate_per_s": rate,
+            "p99_vs_idle_latency": prate["latency_s"]["p99"] / pidle["latency_s"]["p50"],
+            "admission_p99_s": prate["admission_s"]["p99"],
+            "mean_denoiser_call_s": (prate.get("denoiser") or {}).get("mean_call_s"),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="JSON file to write (bench/results/...).")
+    ap.add_argument("--engine", default=None, help="Artifact to serve (default: the shipped digits model).")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg-scale", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port", type=int, default=18400)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--triton-repo", type=Path, default=None,
+                    help="Also measure this exported repository on PyTriton's tritonserver (python variant).")
+    ap.add_argument("--serve-arg", action="append", default=[], help="Extra `ditdeploy serve` argument.")
+    a = ap.parse_args(argv)
+    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.bench.machine import machine_info
+
+    def say(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    result: dict[str, Any] = {"kind": "serving-goals", "argv": sys.argv[1:], "loadavg_before": os.getloadavg(),
+                              "servers": {}}
+    proc = start_serve(a.engine, a.port, a.max_batch, max(32, 2 * a.concurrency), a.serve_arg)
+    try:
+        say(f"ditdeploy serve on port {a.port}")
+        result["servers"]["ditdeploy serve"] = goals(f"http://127.0.0.1:{a.port}", a.concurrency, a.duration,
+                                                     a.steps, a.cfg_scale, a.seed, say)
+    finally:
+        stop(proc)
+    if a.triton_repo is not None:
+        from ditdeploy.triton_local import LocalTriton, ServerEnv
+
+        with LocalTriton(ServerEnv.probe(), a.triton_repo, config_name="python") as t:
+            say(f"Triton repository {a.triton_repo} at {t.http}")
+            result["servers"]["triton repository (python variant)"] = goals(
+                t.http, a.concurrency, a.duration, a.steps, a.cfg_scale, a.seed, say)
+    result["loadavg_after"] = os.getloadavg()
+    result["machine"] = machine_info()
+    write_json_atomic(a.out, result)
+    print(json.dumps({k: v["goals"] for k, v in result["servers"].items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
