@@ -147,3 +147,72 @@ def test_rate_without_server_is_refused():
 
     code, _, err = run_main(["bench", "--rate", "2"])
     assert_one_line_error(code, err, "--server")
+
+
+# ------------------------------------------------------------------------------------------ against real servers
+def _server_or_skip():
+    from ditdeploy.serving.env import ServeEnvError, server_python
+
+    try:
+        server_python()
+    except ServeEnvError as e:
+        pytest.skip(str(e))
+
+
+def _check_run(run: dict, steps: int) -> None:
+    """The server's counters agree with what the client sent: every completed one-image request guided at
+    cfg 4 put 2 rows into each of its ``steps`` denoiser calls."""
+    assert run["completed"] == run["requests"] > 0 and run["errors"] == run["refused"] == 0
+    d = run["denoiser"]
+    assert d["rows"] == run["completed"] * steps * 2
+    assert d["mean_batch"] == pytest.approx(d["rows"] / d["calls"])
+
+
+def test_bench_server_against_ditdeploy_serve(tmp_path):
+    """bench --server on a real `ditdeploy serve` (127.0.0.1, started and stopped here): JSON, table and plot."""
+    import json
+
+    from experiments.serving_goals import start_serve, stop
+    from tests.conftest import run_main
+
+    _server_or_skip()
+    from ditdeploy.triton_local import free_port
+
+    port = free_port()
+    proc = start_serve(None, port, max_batch=16, max_queue=8, extra=[])
+    try:
+        code, out, err = run_main(["bench", "--server", f"http://127.0.0.1:{port}", "--concurrency", "4",
+                                   "--duration", "3", "--baseline", "2", "--steps", "5", "--slo", "60",
+                                   "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    finally:
+        stop(proc)
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["counter_source"] == "info" and [x["mode"] for x in r["runs"]] == ["sequential", "concurrency"]
+    seq, conc = r["runs"]
+    assert seq["requests"] == 2
+    for run in (seq, conc):
+        _check_run(run, 5)
+    assert seq["denoiser"]["mean_batch"] == pytest.approx(2.0)  # one request at a time: its own 2 rows per call
+    assert conc["denoiser"]["mean_batch"] > 2.0  # four clients' rows share calls
+    assert conc["slo"]["attainment"] == 1.0 and "loadavg_before" in r["machine"]
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "concurrency 4" in out
+
+
+def test_bench_server_against_the_triton_repository(tmp_path):
+    """The exported repository on PyTriton's tritonserver: counters from Triton's metrics (denoise model)."""
+    from ditdeploy.bench import load
+    from ditdeploy.export.triton_repo import RepoOptions, write_repository
+    from ditdeploy.shipped import DIGITS_ONNX
+    from ditdeploy.triton_local import LocalTriton, ServerEnv
+
+    _server_or_skip()
+    write_repository(DIGITS_ONNX, tmp_path / "repo", options=RepoOptions(instances=4))
+    with LocalTriton(ServerEnv.probe(), tmp_path / "repo") as t:
+        r = load.run_load(load.LoadSpec(url=t.http, rates=[4.0], duration=2.0, steps=5, baseline=2,
+                                        metrics_url=t.metrics))
+    assert r["counter_source"] == "metrics"
+    for run in r["runs"]:
+        _check_run(run, 5)
+    assert r["runs"][1]["requests"] == len(load.poisson_arrivals(4.0, 2.0, 0))  # the seeded arrivals, all sent
