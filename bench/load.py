@@ -240,7 +240,7 @@ class LoadSpec:
     steps: int = 50
     sampler: str = "ddim"
     cfg_scale: float = 4.0
-    labels: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
+    labels: list[int | str] = field(default_factory=lambda: list(range(10)))  # class ids or names
     slo: float | None = None
     baseline: int = 8  # requests sent one after another (0: none)
     metrics_url: str | None = None

@@ -77,9 +77,9 @@ class BlsModel:
 
 
 class GenerateModel:
-    """``generate``: ``ditdeploy serve``'s wire protocol (:mod:`ditdeploy.serving.protocol`): input ``labels`` (ids
-    or class names), the sampling settings as request parameters; outputs ``images`` (uint8 NHWC) and ``labels``
-    (class ids). A bad request gets an error response; the others in the same ``execute`` are unaffected."""
+    """``generate``: ``ditdeploy serve``'s wire protocol (:mod:`ditdeploy.serving.protocol`): class ids in the INT64
+    input ``labels`` or names in the ``class_names`` parameter, the sampling settings as request parameters; outputs
+    ``images`` (uint8 NHWC) and ``labels`` (class ids). A bad request gets an error response; the others in the same ``execute`` are unaffected."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         from ditdeploy.generation import default_cfg
@@ -101,13 +101,11 @@ class GenerateModel:
         from ditdeploy.serving.protocol import GenerateRequest
 
         t = pb.get_input_tensor_by_name(request, "labels")
-        if t is None:
-            raise DitDeployError("labels is required: class ids or names, one per image")
         try:
             params = json.loads(request.parameters() or "{}")
         except ValueError as e:
             raise DitDeployError(f"request parameters are not JSON: {e}") from None
-        req = GenerateRequest.from_wire(t.as_numpy(), params, MAX_IMAGES)
+        req = GenerateRequest.from_wire(t.as_numpy() if t is not None else None, params, MAX_IMAGES)
         s = req.sampling
         labels = np.asarray(resolve_items(req.labels, self.id2label, self.config.num_classes), dtype=np.int64)
         cfg_scale = s.cfg_scale if s.cfg_scale is not None else self.default_cfg

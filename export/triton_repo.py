@@ -156,15 +156,16 @@ def artifact_model(name: str, manifest: dict[str, Any], file: str, max_batch: in
 
 
 def generate_config(spec: dict[str, Any], instances: int) -> str:
-    """config.pbtxt of the ``generate`` model (``ditdeploy serve``'s wire protocol: ``labels`` in, the sampling
-    settings as request parameters; no batching: each request is one sampling loop, ``instances`` at once)."""
+    """config.pbtxt of the ``generate`` model (``ditdeploy serve``'s wire protocol: class ids in ``labels`` or names in
+    the ``class_names`` parameter, the sampling settings as request parameters; no batching: each request is one
+    sampling loop, ``instances`` at once)."""
     c = spec["config"]
     latent = c.get("space", "latent") == "latent"
     size = c["input_size"] * (8 if latent else 1)
     outs = [tensor("images", "uint8", [-1, size, size, 3 if latent else c["in_channels"]]),
             tensor("labels", "int64", [-1])]
     return (f"name: {_q(GENERATE)}\nbackend: \"python\"\nmax_batch_size: 0\n"
-            + _list("input", [tensor("labels", "bytes", [-1])]) + _list("output", outs)
+            + _list("input", [tensor("labels", "int64", [-1], optional=True)]) + _list("output", outs)
             + f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}\n]\n"
             + _parameters({SPEC: json.dumps(spec, sort_keys=True, ensure_ascii=False)}))
 
@@ -172,7 +173,7 @@ def generate_config(spec: dict[str, Any], instances: int) -> str:
 def info_config(spec: dict[str, Any]) -> str:
     """config.pbtxt of the ``info`` model (``query`` -> ``info`` JSON, as ``ditdeploy serve`` answers)."""
     return (f"name: {_q(INFO)}\nbackend: \"python\"\nmax_batch_size: 0\n"
-            + _list("input", [tensor("query", "bytes", [1])]) + _list("output", [tensor("info", "bytes", [1])])
+            + _list("input", [tensor("query", "int64", [1])]) + _list("output", [tensor("info", "bytes", [1])])
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
             + _parameters({SPEC: json.dumps(spec, sort_keys=True, ensure_ascii=False)}))
 

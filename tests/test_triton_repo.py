@@ -95,10 +95,11 @@ def test_generate_config_carries_model_and_labels(digits_repo):
     cfg = parse(digits_repo / "generate" / "config.pbtxt")
     assert (cfg.backend, cfg.max_batch_size) == ("python", 0)
     assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in cfg.instance_group] == [(4, "KIND_CPU")]
-    # ditdeploy serve's wire protocol: labels in (settings as request parameters), images + labels out
+    # ditdeploy serve's wire protocol: ids in labels or names as a parameter (no BYTES input: tritonserver 2.51's
+    # HTTP frontend can crash parsing a huge one), the settings as request parameters; images + labels out
     assert {t.name: (pb.DataType.Name(t.data_type), list(t.dims)) for t in cfg.output} == {
         "images": ("TYPE_UINT8", [-1, 8, 8, 1]), "labels": ("TYPE_INT64", [-1])}
-    assert [(t.name, pb.DataType.Name(t.data_type)) for t in cfg.input] == [("labels", "TYPE_STRING")]
+    assert [(t.name, pb.DataType.Name(t.data_type), t.optional) for t in cfg.input] == [("labels", "TYPE_INT64", True)]
     spec = json.loads(cfg.parameters["ditdeploy"].string_value)
     assert spec["config"] == Manifest.load(digits_repo / "denoise" / "1" / "digits.onnx")["config"]
     assert spec["id2label"] == {str(i): str(i) for i in range(10)}
@@ -191,7 +192,7 @@ def _server_env():
         pytest.skip(str(e))
 
 
-def _generate(url: str, labels: list[str], seed: int, steps: int, cfg: float) -> np.ndarray:
+def _generate(url: str, labels: list[int | str], seed: int, steps: int, cfg: float) -> np.ndarray:
     """One request through ditdeploy serve's own client (the repository speaks its wire protocol)."""
     from ditdeploy.generation import SampleRequest
     from ditdeploy.serving.client import generate
@@ -230,14 +231,14 @@ def test_python_backend_models_on_the_bundled_server(digits_repo):
     with LocalTriton(env, digits_repo, config_name="python") as t:
         info = server_info(t.http)  # the info model answers as ditdeploy serve's does
         assert (info.num_classes, info.max_batch, info.default_cfg_scale) == (10, 48, 4.0)
-        alone = _generate(t.http, ["3", "7"], seed=5, steps=8, cfg=4.0)
+        alone = _generate(t.http, [3, "7"], seed=5, steps=8, cfg=4.0)  # an id and a class name
         np.testing.assert_array_equal(alone, _local(DIGITS_ONNX, [3, 7], 5, 8, 4.0))  # same rows per call: exact
         rows0, calls0 = _counts(t.metrics, "denoise")
         assert (rows0, calls0) == (8 * 4, 8)  # 2 images x cond/uncond per step, one call per step
         results: dict[int, np.ndarray] = {}
 
         def client(i: int) -> None:
-            results[i] = _generate(t.http, [str(i)], seed=i, steps=8, cfg=4.0)
+            results[i] = _generate(t.http, [i], seed=i, steps=8, cfg=4.0)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
         for th in threads:
@@ -264,7 +265,7 @@ def test_latent_repository_on_the_bundled_server(latent, tmp_path):
     repo = tmp_path / "repo"
     write_repository(latent["onnx"], repo, options=RepoOptions(instances=1))
     with LocalTriton(env, repo, config_name="python") as t:
-        got = _generate(t.http, ["1", "4"], seed=2, steps=4, cfg=1.5)
+        got = _generate(t.http, [1, 4], seed=2, steps=4, cfg=1.5)
     ref = _local(latent["onnx"], [1, 4], 2, 4, 1.5)
     assert got.shape == ref.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(got, ref)

@@ -198,7 +198,8 @@ def _load_test(server: str, engine, rate: str | None, concurrency: str | None, d
     check_outputs({}, {"--json": json_out, "--plot": plot})
     spec = load.LoadSpec(url=server, rates=rates, concurrencies=clients, duration=duration, seed=seed, steps=steps,
                          sampler=sampler, cfg_scale=cfg_scale, slo=slo, baseline=baseline,
-                         labels=[v.strip() for v in labels.split(",") if v.strip()] or ["0"],
+                         labels=[int(v) if v.isdigit() else v for v in (x.strip() for x in labels.split(","))
+                                 if v] or [0],
                          metrics_url=metrics_url)
     say = (lambda s: typer.echo(s, err=True)) if c.progress_on(progress) else None
     load_before = os.getloadavg()
