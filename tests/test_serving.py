@@ -90,7 +90,9 @@ class Server:
         return alive
 
     def kill(self) -> None:
-        for p in getattr(self, "family", [psutil.Process(self.proc.pid)]):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for p in getattr(self, "family", []):
             try:
                 p.kill()
             except psutil.NoSuchProcess:
@@ -330,5 +332,28 @@ def test_sigint_stops_cleanly_with_130():
         assert code == 200
         rc, _ = s.stop(signal.SIGINT)
         assert rc == 130 and s.left_running() == [] and _left_in(s.tmp) == []
+    finally:
+        s.kill()
+
+
+@pytest.mark.slow
+def test_tritonserver_killed_by_a_request_is_started_again():
+    """tritonserver 2.51 segfaults parsing a JSON BYTES input of 10^6 elements (for any model, before any check):
+    the server starts it again on the same ports with the loaded model, and it answers again."""
+    s = Server()
+    try:
+        n = 10**6
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _post(s.url, "info", {"inputs": [{"name": "query", "datatype": "BYTES", "shape": [n],
+                                              "data": ["3"] * n}]})
+        end = time.monotonic() + READY_TIMEOUT_S
+        while sum(line.startswith("ready: ") for line in s.lines) < 2:
+            assert time.monotonic() < end and s.proc.poll() is None, s.lines
+            time.sleep(0.5)
+        imgs, _ = client.generate(s.url, GenerateRequest(labels=[2], sampling=generation.SampleRequest(
+            out=None, steps=4)))
+        assert imgs.shape == (1, 8, 8, 1)
+        rc, _ = s.stop(signal.SIGTERM)
+        assert rc == 143 and _left_in(s.tmp) == []
     finally:
         s.kill()

@@ -109,3 +109,54 @@ def test_a_failing_submission_fails_alone():
     b.close()
     assert isinstance(out[1], ValueError)
     assert np.array_equal(out[0], np.full((1, 1, 2, 2), -1.0)) and np.array_equal(out[2], np.full((2, 1, 2, 2), -3.0))
+
+
+# ------------------------------------------------------------------------------------------------ CLI, no server
+def _cli(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ditdeploy", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--server", "ftp://127.0.0.1:8000"], "expected http://HOST:PORT"),
+    (["--server", "http://127.0.0.1:8000/v2"], "expected http://HOST:PORT"),
+    (["--server", "http://127.0.0.1:8000", "--engine", "x.onnx"], "--server: --engine applies to a local run"),
+    (["--server", "http://127.0.0.1:8000", "--threads", "2"], "--server: --threads applies to a local run"),
+    (["--server", "http://127.0.0.1:8000", "--shards", "2", "--npz", "s.npz"], "--shards"),
+])
+def test_sample_server_bad_flags_are_one_line(args, says, tmp_path):
+    r = _cli("sample", *args, "--out", str(tmp_path / "s.png"))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1 and err[0].startswith("error:") and says in err[0], r.stderr
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_sample_server_unreachable_is_one_line(tmp_path):
+    r = _cli("sample", "--server", f"http://127.0.0.1:{_closed_port()}", "--out", str(tmp_path / "s.png"))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(err) == 1 and "cannot reach the server" in err[0], r.stderr
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("args, env, says", [
+    (["--port", "9000", "--grpc-port", "9000"], {}, "must differ"),
+    (["--max-queue", "0"], {}, "--max-queue"),
+    (["--engine", "missing.onnx"], {}, "no such file: missing.onnx"),
+    ([], {"DITDEPLOY_SERVE_PYTHON": "/nonexistent/python"}, "is not an executable file"),
+])
+def test_serve_bad_setup_is_one_line(args, env, says):
+    r = _cli("serve", *args, env=env)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and says in r.stderr and len([ln for ln in err if ln.strip()]) <= 6, r.stderr
