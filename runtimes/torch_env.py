@@ -6,7 +6,8 @@
   against the running torch: a missing attribute, parameter or an older release is one line naming the feature and
   its minimum. The GPU machine runs torch 2.11 (this machine 2.13): each signature below was read in the torch 2.11.0
   wheel's own sources (``torch/_inductor/__init__.py``, ``torch/_inductor/package/package.py``,
-  ``aoti_package/model_package_loader.h``, ``torch/export/``, ``torch/cuda/graphs.py``, ``_VariableFunctions.pyi``)
+  ``aoti_package/model_package_loader.h``, ``torch/export/``, ``torch/cuda/graphs.py``, ``torch/cuda/streams.py``,
+  ``torch/cuda/memory.py``, ``torch/amp/autocast_mode.py``, ``torch/backends/``, ``_VariableFunctions.pyi``)
   and in the installed 2.13; releases before 2.11 were not read, so 2.11 is the minimum for all of them.
 * :func:`find_cuda_toolkit`: AOTInductor on CUDA compiles C++ against the CUDA toolkit (torch 2.11's
   ``cpp_builder`` asks ``cpp_extension.include_paths("cuda")`` for its headers and links ``-lcuda``); without one
@@ -58,6 +59,21 @@ APIS: tuple[Api, ...] = (
     Api("FP8", "float8_e4m3fn"),
     Api("FP8", "ops.aten._scaled_mm.default", ("scale_a", "scale_b", "out_dtype")),
     Api("torch.compile", "compile", ("mode", "dynamic")),
+    # the GPU scripts' timing, precision and memory calls (experiments/gpu_torch.py, gpu_engines.py)
+    Api("GPU bench", "cuda.Event", ("enable_timing",)),
+    Api("GPU bench", "autocast", ("device_type", "dtype")),
+    Api("GPU bench", "inference_mode"),
+    Api("GPU bench", "cuda.synchronize"),
+    Api("GPU bench", "cuda.current_stream"),
+    Api("GPU bench", "cuda.stream"),
+    Api("GPU bench", "cuda.empty_cache"),
+    Api("GPU bench", "cuda.max_memory_allocated"),
+    Api("GPU bench", "cuda.memory_allocated"),
+    Api("GPU bench", "cuda.reset_peak_memory_stats"),
+    Api("GPU bench", "cuda.get_device_capability"),
+    Api("GPU bench", "cuda.get_device_name"),
+    Api("GPU bench", "backends.cuda.matmul.allow_tf32"),
+    Api("GPU bench", "backends.cudnn.allow_tf32"),
 )
 
 
@@ -145,7 +161,7 @@ def main() -> None:
 
     problems = api_problems(torch)
     print(f"torch {torch.__version__}: " + ("; ".join(problems) if problems else
-                                             f"all {len(APIS)} .pt2/CUDA-graph/FP8 APIs present (minimum {MIN_TORCH})"))
+                                             f"all {len(APIS)} torch APIs of the .pt2/CUDA-graph/FP8/GPU-bench code present (minimum {MIN_TORCH})"))
     print(find_cuda_toolkit()[1])
 
 
