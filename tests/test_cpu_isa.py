@@ -141,6 +141,14 @@ def test_loader_says_so_and_picks_ort_u8u8_kernels(forms, monkeypatch, caplog):
             return None
 
     assert option(full) == "1" and option(safe) is None
+    pytest.importorskip("openvino")  # OpenVINO has no such switch: it says so and runs the artifact as it is
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ditdeploy.runtimes"):
+        ov = load(forms["vnni"], backend="openvino", threads=1)
+        load(forms["avx2"], backend="openvino", threads=1)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "OpenVINO" in said[0] and forms["vnni"].name in said[0], said
+    assert np.isfinite(ov(x, t, y)).all()
     monkeypatch.setenv(cpu_isa.ENV, "avx2,fma,avx512_vnni")
     plain = load(forms["vnni"], threads=1)
     assert option(plain) is None
