@@ -1,6 +1,8 @@
-"""AOTInductor backend: a ``.pt2`` package from ``ditdeploy export --fmt aoti``, run by
-``torch._inductor.aoti_load_package`` (no Python model code; imports torch, like the torch backend).
+"""AOTInductor backend: a ``.pt2`` package from ``ditdeploy export --fmt aoti``, run by AOTInductor's C++ package
+loader, single-threaded (no Python model code; imports torch, like the torch backend).
 
+A ``.pt2`` is native code: it loads only with ``trust_native_code=True`` or its sha256 in the trusted list
+(``ditdeploy.trust``), after its zip members are checked, into a private folder (``ditdeploy.zipcheck``).
 Before loading, the manifest is checked against this machine: the torch version that compiled the package (a
 ``.pt2`` holds a shared library built against that libtorch) and the device it was compiled for (a CUDA package needs
 a CUDA device; a CPU package runs on the CPU only). Each mismatch, a truncated or corrupt package, is one line.
