@@ -324,14 +324,27 @@ def test_sigterm_stops_tritonserver_every_worker_and_the_workspace(server):
 
 
 @pytest.mark.slow
-def test_sigint_stops_cleanly_with_130():
+def test_sigint_stops_cleanly_with_130_while_a_request_runs():
+    """Ctrl-C with a long request in flight: the request ends with an error at once (not after it finishes),
+    everything goes, exit 130."""
     s = Server()
     try:
-        code, _ = _post(s.url, "info", {"inputs": [{"name": "query", "datatype": "INT64", "shape": [1],
-                                                    "data": [0]}]})
-        assert code == 200
-        rc, _ = s.stop(signal.SIGINT)
+        failed: list[Exception] = []
+
+        def long_request() -> None:
+            try:
+                client.generate(s.url, GenerateRequest(labels=[1], sampling=generation.SampleRequest(
+                    out=None, steps=1000)), busy_retry_s=0)
+            except (client.ServerError, OSError) as e:
+                failed.append(e)
+
+        th = threading.Thread(target=long_request)
+        th.start()
+        _wait_in_flight(s.url, 1)
+        rc, took = s.stop(signal.SIGINT)
+        th.join(timeout=60)
         assert rc == 130 and s.left_running() == [] and _left_in(s.tmp) == []
+        assert len(failed) == 1, failed
     finally:
         s.kill()
 

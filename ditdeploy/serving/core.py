@@ -75,6 +75,11 @@ class ServingCore:
         self.stopping = threading.Event()
         self.completed = 0
         self.failed = 0
+        self._lock = threading.Lock()
+
+    def _count(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
 
     # ------------------------------------------------------------------------------------------------- generate
     def max_images(self) -> int:
@@ -123,10 +128,10 @@ class ServingCore:
             if self.decode_batcher is not None:
                 x0 = self.decode_batcher.run("plain", x0)
             out = {"images": images.to_uint8(x0), "labels": labels}
-            self.completed += 1
+            self._count("completed")
             return out
         except BaseException:
-            self.failed += 1
+            self._count("failed")
             raise
         finally:
             self.slots.give()
@@ -173,6 +178,9 @@ class ServingCore:
         }
 
     def close(self) -> None:
+        """Refuse new work, fail the waiting rows ("the server is stopping"), release the runtime. Idempotent."""
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         self.batcher.close()
         if self.decode_batcher is not None:

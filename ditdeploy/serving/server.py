@@ -183,6 +183,8 @@ def _run_triton(opts: ServeOptions, core: ServingCore, workdir: Path, stop: thre
                 return True
         return False
     finally:
+        if stop.is_set():  # in-flight requests end now ("the server is stopping"), not after PyTriton's 20 s wait
+            core.close()
         triton.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
