@@ -22,7 +22,7 @@ def build_app() -> Any:
         return _APP
     import typer
 
-    from ditdeploy.commands import bench, calibrate, check, export, fid, info, sample, serve, train
+    from ditdeploy.commands import bench, calibrate, check, export, fid, info, sample, serve, train, tune
 
     app = typer.Typer(
         name="ditdeploy",
@@ -39,7 +39,7 @@ def build_app() -> Any:
         if debug:
             os.environ["DITDEPLOY_DEBUG"] = "1"
 
-    for mod in (train, export, calibrate, sample, serve, check, bench, fid, info):
+    for mod in (train, export, calibrate, sample, serve, check, bench, tune, fid, info):
         mod.register(app)
     _compact_help_types()
     _APP = app

@@ -70,6 +70,9 @@ def register(app: typer.Typer) -> None:
                                    "merge.", rich_help_panel=c.PANEL_OUTPUT),
         json_out: Path = typer.Option(None, "--json", help="Write the run summary (work, GMACs, timings) here.",
                                       rich_help_panel=c.PANEL_OUTPUT),
+        recipe: Path = typer.Option(None, "--recipe", help="A recipe from `ditdeploy tune`: its artifact, backend, "
+                                    "threads, precision hint and less-work settings fill every flag not given.",
+                                    rich_help_panel=c.PANEL_MODEL),
         progress: bool = c.progress_option(),
         shard: str = typer.Option(None, "--shard", hidden=True, help="INDEX/COUNT: sample only this shard."),
         server: str = typer.Option(None, "--server", help="http://HOST:PORT of a `ditdeploy serve` server: the "
@@ -99,6 +102,10 @@ def register(app: typer.Typer) -> None:
             cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
             cache_interval=cache_interval, json_summary=json_out, server=server,
         )
+        if recipe is not None:
+            from ditdeploy.recipes import apply_recipe
+
+            req = apply_recipe(req, recipe, say=lambda s: typer.echo(s, err=True))
         res = generation.generate(req, say=lambda s: typer.echo(s, err=True))
         for line in generation.describe(req, res):
             typer.echo(line, err=True)

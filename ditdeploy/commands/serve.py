@@ -52,6 +52,10 @@ def register(app: typer.Typer) -> None:
         request_timeout: float = typer.Option(d.DEFAULT_TIMEOUT_S, "--request-timeout", min=0.001, max=86400,
                                               help="Seconds a generate request may take; then its rows leave the "
                                               "batch and its slot is freed.", rich_help_panel=PANEL_SERVER),
+        recipe: Path = typer.Option(None, "--recipe", help="A recipe from `ditdeploy tune`: its artifact, backend, "
+                                    "threads and precision hint fill the flags not given (clients send its "
+                                    "less-work settings: sample --server URL --recipe FILE).",
+                                    rich_help_panel=c.PANEL_MODEL),
     ) -> None:
         """Serve a model on Triton Inference Server: `generate` (labels, seed, steps... -> images) with step-level
         batching across requests, `denoise` (the artifact's own x, t, y -> out) and `info`.
@@ -73,6 +77,10 @@ def register(app: typer.Typer) -> None:
                                        "device": device and device.lower(),
                                        "trust_native_code": trust_native_code or None}.items() if v is not None},
         )
+        if recipe is not None:
+            from ditdeploy.recipes import apply_recipe
+
+            opts = apply_recipe(opts, recipe)
         opts.validate()
         if engine is not None and not engine.exists():
             from ditdeploy.errors import DitDeployError
