@@ -257,21 +257,38 @@ def default_metrics_url(url: str) -> str:
     return f"{u.scheme}://{u.hostname}:{port}/metrics"
 
 
+def generate_outputs_of(url: str) -> list[str]:
+    """The output names of the server's ``generate`` model (``GET /v2/models/generate/config``), [] if unknown."""
+    import json
+
+    from ditdeploy.serving.client import base_url
+
+    try:
+        with urllib.request.urlopen(f"{base_url(url)}/v2/models/generate/config", timeout=30) as r:
+            return [o["name"] for o in json.loads(r.read()).get("output", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def http_sender(spec: LoadSpec) -> Send:
     """The request for index i: one image of label ``labels[i % n]``, seed ``spec.seed + i``, through
-    ``ditdeploy.serving.client.generate`` (no 503 retry: a refusal is counted)."""
+    ``ditdeploy.serving.client`` (no 503 retry: a refusal is counted). The server's ``admission_s`` output is read
+    when its generate model has one (``ditdeploy serve``)."""
     from ditdeploy.generation import SampleRequest
-    from ditdeploy.serving.client import ServerError, generate
+    from ditdeploy.serving.client import ServerError, generate_outputs
     from ditdeploy.serving.protocol import GenerateRequest
+
+    wanted = ("images", "labels") + (("admission_s",) if "admission_s" in generate_outputs_of(spec.url) else ())
 
     def send(i: int) -> tuple[str, int, float | None, str | None]:
         req = GenerateRequest(labels=[spec.labels[i % len(spec.labels)]], sampling=SampleRequest(
             out=None, steps=spec.steps, sampler=spec.sampler, cfg_scale=spec.cfg_scale, seed=spec.seed + i))
         try:
-            images, _ = generate(spec.url, req, timeout=spec.timeout, busy_retry_s=0.0)
+            out = generate_outputs(spec.url, req, timeout=spec.timeout, busy_retry_s=0.0, outputs=wanted)
         except ServerError as e:
             return ("refused" if e.status == 503 else "error"), 0, None, str(e)
-        return "ok", int(images.shape[0]), None, None
+        adm = out.get("admission_s")
+        return "ok", int(out["images"].shape[0]), (float(adm.reshape(-1)[0]) if adm is not None else None), None
 
     return send
 

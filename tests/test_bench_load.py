@@ -194,6 +194,10 @@ def test_bench_server_against_ditdeploy_serve(tmp_path):
     for run in (seq, conc):
         _check_run(run, 5)
     assert seq["denoiser"]["mean_batch"] == pytest.approx(2.0)  # one request at a time: its own 2 rows per call
+    # admission reported by the server for every request, and it comes before the answer
+    assert conc["admission_s"]["reported"] == conc["completed"] and seq["admission_s"]["reported"] == 2
+    for run in (seq, conc):
+        assert 0 <= run["admission_s"]["p99"] <= run["latency_s"]["max"]
     assert conc["denoiser"]["mean_batch"] > 2.0  # four clients' rows share calls
     assert conc["slo"]["attainment"] == 1.0 and "loadavg_before" in r["machine"]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

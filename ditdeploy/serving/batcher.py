@@ -47,6 +47,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
     error: BaseException | None = None
+    started: float | None = None  # time.monotonic() when the call holding these rows began
 
 
 @dataclass
@@ -84,8 +85,9 @@ class RowBatcher:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, kind: str, *arrays: np.ndarray) -> Any:
-        """Submit rows and wait for their output (an array, or a tuple of arrays for kinds that return several)."""
+    def run(self, kind: str, *arrays: np.ndarray, started: list[float] | None = None) -> Any:
+        """Submit rows and wait for their output (an array, or a tuple of arrays for kinds that return several).
+        ``started``: a list that receives the ``time.monotonic()`` at which the call holding the rows began."""
         job = _Job(kind, tuple(arrays), int(arrays[0].shape[0]))
         with self._cv:
             if self._closed:
@@ -94,6 +96,8 @@ class RowBatcher:
             self.counters.submissions += 1
             self._cv.notify_all()
         job.done.wait()
+        if started is not None and job.started is not None:
+            started.append(job.started)
         if job.error is not None:
             raise job.error
         return job.result
@@ -158,6 +162,9 @@ class RowBatcher:
             if jobs is None:
                 return
             t0 = time.perf_counter()
+            began = time.monotonic()
+            for job in jobs:
+                job.started = began
             try:
                 self._call(jobs)
             except BaseException as e:  # noqa: BLE001 - every failure goes to its submissions, the worker lives on
@@ -225,6 +232,7 @@ class BatchedDenoiser:
         self.supports_cache = bool(getattr(den, "supports_cache", False))
         self.deadline, self.timeout_s, self.cancelled = deadline, timeout_s, cancelled
         self.calls = 0
+        self.first_call_at: float | None = None  # time.monotonic() when the first call with this request's rows began
 
     def _check(self) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
@@ -233,14 +241,21 @@ class BatchedDenoiser:
             raise DeadlineExceeded(self.timeout_s or 0.0)
         self.calls += 1
 
-    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _run(self, kind: str, *arrays: np.ndarray) -> Any:
         self._check()
-        return self.batcher.run("plain", x, t, y)
+        if self.first_call_at is not None:
+            return self.batcher.run(kind, *arrays)
+        began: list[float] = []
+        try:
+            return self.batcher.run(kind, *arrays, started=began)
+        finally:
+            self.first_call_at = began[0] if began else None
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._run("plain", x, t, y)
 
     def forward_full(self, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self._check()
-        return self.batcher.run("full", x, t, y)
+        return self._run("full", x, t, y)
 
     def forward_light(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, cache: np.ndarray) -> np.ndarray:
-        self._check()
-        return self.batcher.run("light", x, t, y, cache)
+        return self._run("light", x, t, y, cache)

@@ -128,11 +128,19 @@ def generate(url: str, request: GenerateRequest, timeout: float = 660.0,
              busy_retry_s: float = BUSY_RETRY_S) -> tuple[np.ndarray, np.ndarray]:
     """One ``generate`` request: (images uint8 (n, H, W, C), labels int64 (n,)). A 503 (server busy) is retried
     with backoff for up to ``busy_retry_s`` seconds; any other error is a :class:`ServerError`."""
+    out = generate_outputs(url, request, timeout, busy_retry_s)
+    return out["images"], out["labels"]
+
+
+def generate_outputs(url: str, request: GenerateRequest, timeout: float = 660.0, busy_retry_s: float = BUSY_RETRY_S,
+                     outputs: tuple[str, ...] = ("images", "labels")) -> dict[str, np.ndarray]:
+    """:func:`generate` returning the named ``outputs`` by name (``ditdeploy serve`` also answers
+    ``admission_s``: seconds from admission to the first denoiser call holding the request's rows)."""
     url = base_url(url)
     ids = [] if request.by_name() else [{"name": "labels", "datatype": "INT64", "shape": [len(request.labels)],
                                          "data": [int(v) for v in request.labels]}]
     body = {"parameters": request.parameters(), "inputs": ids,
-            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in ("images", "labels")]}
+            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs]}
     give_up = time.monotonic() + busy_retry_s
     wait = 0.05
     while True:
@@ -144,8 +152,7 @@ def generate(url: str, request: GenerateRequest, timeout: float = 660.0,
                 raise
             time.sleep(wait)
             wait = min(2 * wait, 2.0)
-    out = _outputs(header, tail)
-    return out["images"], out["labels"]
+    return _outputs(header, tail)
 
 
 def sample_labels(req: SampleRequest, info: ServerInfo, all_labels: list[int]) -> SampleResult:

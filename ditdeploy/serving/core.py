@@ -118,6 +118,7 @@ class ServingCore:
         """Sample and decode an admitted request (blocking; frees its slot)."""
         from ditdeploy import generation, images
 
+        admitted = time.monotonic()
         try:
             timeout = min(req.timeout_s or self.opts.request_timeout_s, self.opts.request_timeout_s)
             den = BatchedDenoiser(self.batcher, self.den, time.monotonic() + timeout, timeout, self.stopping)
@@ -127,7 +128,10 @@ class ServingCore:
                 x0 = generation.sample_batch(den, req.sampling, req.sampling.cfg_scale, labels, indices)
             if self.decode_batcher is not None:
                 x0 = self.decode_batcher.run("plain", x0)
-            out = {"images": images.to_uint8(x0), "labels": labels}
+            # time to admission: from the slot taken to the start of the first denoiser call holding its rows
+            wait = (den.first_call_at - admitted) if den.first_call_at is not None else float("nan")
+            out = {"images": images.to_uint8(x0), "labels": labels,
+                   "admission_s": np.array([max(0.0, wait)], dtype=np.float32)}
             self._count("completed")
             return out
         except BaseException:

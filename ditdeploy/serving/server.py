@@ -115,7 +115,8 @@ def bind(triton: Any, core: ServingCore) -> None:
     triton.bind("generate", [generate] * (core.opts.max_queue + 1),
                 inputs=[Tensor(name="labels", dtype=np.int64, shape=(-1,), optional=True)],
                 outputs=[Tensor(name="images", dtype=np.uint8, shape=(-1, -1, -1, -1)),
-                         Tensor(name="labels", dtype=np.int64, shape=(-1,))], config=one, strict=True)
+                         Tensor(name="labels", dtype=np.int64, shape=(-1,)),
+                         Tensor(name="admission_s", dtype=np.float32, shape=(1,))], config=one, strict=True)
     triton.bind("denoise", [denoise] * max(1, min(DENOISE_INSTANCES, core.opts.max_queue)),
                 inputs=[Tensor(name="x", dtype=np.float32, shape=(-1, cfg.in_channels, cfg.input_size,
                                                                    cfg.input_size)),
