@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=18400)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--triton-repo", type=Path, default=None,
-                    help="Also measure this exported repository on PyTriton's tritonserver (python variant).")
+                    help="Also measure this exported repository on PyTriton's tritonserver (python variant); "
+                         "written from the served ONNX (one generate instance per client) when it does not exist.")
     ap.add_argument("--serve-arg", action="append", default=[], help="Extra `ditdeploy serve` argument.")
     a = ap.parse_args(argv)
     from ditdeploy.artifacts import write_json_atomic
@@ -108,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(proc)
     if a.triton_repo is not None:
+        from ditdeploy.export.triton_repo import RepoOptions, write_repository
+        from ditdeploy.shipped import DIGITS_ONNX
         from ditdeploy.triton_local import LocalTriton, ServerEnv
+
+        if not a.triton_repo.exists():  # the shipped digits model, one generate instance per client
+            write_repository(a.engine or DIGITS_ONNX, a.triton_repo,
+                             options=RepoOptions(max_batch=a.max_batch, instances=a.concurrency))
 
         with LocalTriton(ServerEnv.probe(), a.triton_repo, config_name="python") as t:
             say(f"Triton repository {a.triton_repo} at {t.http}")
