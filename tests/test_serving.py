@@ -370,3 +370,28 @@ def test_tritonserver_killed_by_a_request_is_started_again():
         assert rc == 143 and _left_in(s.tmp) == []
     finally:
         s.kill()
+
+
+@pytest.mark.slow
+def test_latent_artifact_is_served_with_its_vae_decoder(tmp_path_factory, tmp_path):
+    """A latent model whose manifest names its VAE decoder: the server decodes (batched) and `sample --server`
+    writes what a local `sample --engine` writes."""
+    from tests import rt_artifacts
+
+    art = rt_artifacts.latent_artifacts(tmp_path_factory.getbasetemp() / "rt")
+    s = Server("--engine", str(art["onnx"]))
+    try:
+        flags = ["--labels", "0,4", "--num-per-label", "2", "--steps", "6", "--seed", "2", "--no-progress", "--no-out"]
+        remote = subprocess.run([sys.executable, "-m", "ditdeploy", "sample", "--server", s.url, *flags,
+                                 "--npz", str(tmp_path / "srv.npz")], capture_output=True, text=True, timeout=300)
+        assert remote.returncode == 0, remote.stderr
+        local = subprocess.run([sys.executable, "-m", "ditdeploy", "sample", "--engine", str(art["onnx"]), *flags,
+                                "--threads", "1", "--npz", str(tmp_path / "loc.npz")], capture_output=True,
+                               text=True, timeout=300)
+        assert local.returncode == 0, local.stderr
+        a, b = np.load(tmp_path / "srv.npz"), np.load(tmp_path / "loc.npz")
+        assert a["arr_0"].shape == b["arr_0"].shape == (4, 32, 32, 3)
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+        assert _stats(s.url)["decoder"]["rows"] == 4
+    finally:
+        s.kill()
