@@ -293,8 +293,25 @@ def http_sender(spec: LoadSpec) -> Send:
     return send
 
 
+def check_ready(url: str, timeout: float = 10.0) -> None:
+    """One-line DitDeployError unless ``url`` answers Triton's readiness endpoint (``/v2/health/ready``) with 200."""
+    from ditdeploy.serving.client import base_url
+
+    url = base_url(url)
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout) as r:
+            if r.status == 200:
+                return
+            why = f"HTTP {r.status}"
+    except OSError as e:
+        why = str(getattr(e, "reason", None) or e)
+    raise DitDeployError(f"server {url} is not ready ({why}): start it (ditdeploy serve) or check --server")
+
+
 def run_load(spec: LoadSpec, send: Send | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every run of ``spec`` (baseline first), each summarized; the server's counters around each run."""
+    if send is None:
+        check_ready(spec.url)
     send = send or http_sender(spec)
     counters = Counters(spec.url, spec.metrics_url or default_metrics_url(spec.url))
     say = say or (lambda s: None)

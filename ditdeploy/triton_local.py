@@ -120,7 +120,7 @@ class LocalTriton:
                f"--backend-directory={self.workspace / 'backends'}", f"--cache-directory={self.workspace / 'caches'}",
                "--http-address=127.0.0.1", f"--http-port={p['http']}", "--grpc-address=127.0.0.1",
                f"--grpc-port={p['grpc']}", "--metrics-address=127.0.0.1", f"--metrics-port={p['metrics']}",
-               "--allow-cpu-metrics=true", "--exit-timeout-secs=10"]
+               "--allow-cpu-metrics=true", "--exit-timeout-secs=5"]
         if self.config_name:
             cmd.append(f"--model-config-name={self.config_name}")
         log = open(self.log_path or self.workspace / "server.log", "ab")  # noqa: SIM115 (closed in stop)

@@ -142,6 +142,14 @@ def test_bench_server_refuses_bad_flags_before_any_request(args, words):
     assert_one_line_error(code, err, words)
 
 
+def test_unreachable_server_is_one_line_before_any_run():
+    from tests.conftest import assert_one_line_error, run_main
+
+    code, out, err = run_main(["bench", "--server", "http://127.0.0.1:9", "--concurrency", "2", "--duration", "1"])
+    assert_one_line_error(code, err, ["http://127.0.0.1:9", "not ready"])
+    assert "sequential" not in out  # no run was started
+
+
 def test_rate_without_server_is_refused():
     from tests.conftest import assert_one_line_error, run_main
 

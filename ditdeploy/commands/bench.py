@@ -212,7 +212,7 @@ def _load_test(server: str, engine, rate: str | None, concurrency: str | None, d
         load.write_plot(result, plot)
     if not any(r["completed"] for r in result["runs"]):
         raise DitDeployError("no request succeeded: " + "; ".join(
-            m for r in result["runs"] for m in r.get("error_messages", [])[:1]))
+            dict.fromkeys(m for r in result["runs"] for m in r.get("error_messages", [])[:1])))
 
 
 def _targets(engines: list[Path], backends: str | None, threads: int | None, vae: Path | None,
