@@ -52,6 +52,7 @@ class Server:
         self.tmp = Path(tempfile.mkdtemp(prefix="dds-", dir="/tmp"))  # short: PyTriton's unix sockets live here
         http, grpc, metrics = _free_ports(3)
         self.url = f"http://127.0.0.1:{http}"
+        self.grpc = f"127.0.0.1:{grpc}"
         self.metrics = f"http://127.0.0.1:{metrics}/metrics"
         env = {**os.environ, "TMPDIR": str(self.tmp), "DITDEPLOY_NO_PROGRESS": "1"}
         self.proc = subprocess.Popen(
@@ -309,6 +310,41 @@ def test_a_request_past_its_deadline_frees_its_slot_and_fails_alone(server):
     imgs, _ = client.generate(server.url, neighbour)
     assert np.abs(imgs.astype(int) - _local([8], steps=30, seed=4).astype(int)).max() <= 1
     _wait_in_flight(server.url, 0, timeout=30)
+
+
+_GRPC_CLIENT_GOES_AWAY = """
+import json, os, sys, time, urllib.request
+import numpy as np
+import tritonclient.grpc as g
+
+grpc_url, http_url = sys.argv[1:3]
+c = g.InferenceServerClient(grpc_url)
+inp = g.InferInput("labels", [1], "INT64")
+inp.set_data_from_numpy(np.array([0], np.int64))
+c.async_infer("generate", [inp], callback=lambda r, e: None, parameters={"steps": 1000})
+body = json.dumps({"inputs": [{"name": "query", "datatype": "INT64", "shape": [1], "data": [0]}]}).encode()
+end = time.monotonic() + 120
+while time.monotonic() < end:
+    r = urllib.request.urlopen(urllib.request.Request(http_url + "/v2/models/info/infer", data=body))
+    if json.loads(json.loads(r.read())["outputs"][0]["data"][0])["stats"]["in_flight"] == 1:
+        os._exit(0)  # mid-request, without a goodbye
+    time.sleep(0.05)
+os._exit(3)
+"""
+
+
+def test_a_grpc_client_that_goes_away_frees_its_slot_at_once(server):
+    """A gRPC client that exits mid-request: Triton marks the request cancelled, the proxy tells the server, the
+    request's rows leave the batch at the next step (counted failed, not completed) and its slot is free."""
+    from ditdeploy.serving import env
+
+    before = _stats(server.url)
+    r = subprocess.run([str(env.server_python()), "-c", _GRPC_CLIENT_GOES_AWAY, server.grpc, server.url],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _wait_in_flight(server.url, 0, timeout=60)
+    after = _stats(server.url)
+    assert (after["failed"], after["completed"]) == (before["failed"] + 1, before["completed"])
 
 
 # ------------------------------------------------------------------------------------------------ stop

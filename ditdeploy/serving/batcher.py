@@ -32,6 +32,13 @@ class Stopped(WireError):
         super().__init__("UNAVAILABLE", "the server is stopping")
 
 
+class Cancelled(WireError):
+    """The client cancelled the request (or its gRPC connection went away): its slot is freed."""
+
+    def __init__(self) -> None:
+        super().__init__("CANCELLED", "the client cancelled the request")
+
+
 class DeadlineExceeded(WireError):
     """A request passed its ``timeout_s``: its rows leave the batch and its slot is freed."""
 
@@ -222,21 +229,25 @@ class BatchedDenoiser:
     """A denoiser for one request's sampler whose calls go through ``batcher`` (same attributes as ``den``).
 
     ``deadline``: a ``time.monotonic()`` value after which the next call raises :class:`DeadlineExceeded` (the
-    request's rows leave the batch). ``cancelled``: an Event that does the same when set."""
+    request's rows leave the batch). ``cancelled``: an Event (the server stopping) that raises :class:`Stopped`;
+    ``cancel_file``: a path whose existence (the Triton-side proxy saw the client cancel) raises
+    :class:`Cancelled`."""
 
     def __init__(self, batcher: RowBatcher, den: Any, deadline: float | None = None, timeout_s: float | None = None,
-                 cancelled: threading.Event | None = None):
+                 cancelled: threading.Event | None = None, cancel_file: Any = None):
         self.batcher = batcher
         self.config = den.config
         self.name = den.name
         self.supports_cache = bool(getattr(den, "supports_cache", False))
-        self.deadline, self.timeout_s, self.cancelled = deadline, timeout_s, cancelled
+        self.deadline, self.timeout_s, self.cancelled, self.cancel_file = deadline, timeout_s, cancelled, cancel_file
         self.calls = 0
         self.first_call_at: float | None = None  # time.monotonic() when the first call with this request's rows began
 
     def _check(self) -> None:
         if self.cancelled is not None and self.cancelled.is_set():
             raise Stopped()
+        if self.cancel_file is not None and self.cancel_file.exists():
+            raise Cancelled()
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise DeadlineExceeded(self.timeout_s or 0.0)
         self.calls += 1

@@ -75,6 +75,7 @@ class ServingCore:
         self.stopping = threading.Event()
         self.completed = 0
         self.failed = 0
+        self.cancel_dir: Path | None = None  # where the Triton-side proxy marks cancelled requests (server.py)
         self._lock = threading.Lock()
 
     def _count(self, what: str) -> None:
@@ -119,9 +120,11 @@ class ServingCore:
         from ditdeploy import generation, images
 
         admitted = time.monotonic()
+        cancel_file = self.cancel_dir / req.token if self.cancel_dir is not None and req.token else None
         try:
             timeout = min(req.timeout_s or self.opts.request_timeout_s, self.opts.request_timeout_s)
-            den = BatchedDenoiser(self.batcher, self.den, time.monotonic() + timeout, timeout, self.stopping)
+            den = BatchedDenoiser(self.batcher, self.den, time.monotonic() + timeout, timeout, self.stopping,
+                                  cancel_file)
             labels = np.asarray(req.labels, dtype=np.int64)
             indices = np.arange(req.first_index, req.first_index + len(labels), dtype=np.int64)
             with self.batcher.session():
@@ -139,6 +142,8 @@ class ServingCore:
             raise
         finally:
             self.slots.give()
+            if cancel_file is not None:
+                cancel_file.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------------- denoise
     def denoise(self, x: Any, t: Any, y: Any) -> np.ndarray:

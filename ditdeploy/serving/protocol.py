@@ -34,6 +34,8 @@ from ditdeploy.generation import SampleRequest
 # joins this tuple and travels with no other change
 WIRE_FIELDS = ("sampler", "steps", "cfg_scale", "eta", "seed", "guide_all_channels", "cfg_interval", "cache_interval")
 EXTRA_FIELDS = ("first_index", "timeout_s", "class_names")
+# set by the Triton-side proxy (triton_model.py, which spells it too) on every request: names its cancel file
+TOKEN_PARAMETER = "ditdeploy_token"
 NAME_SEPARATOR = "|"
 MAX_NAMES_CHARS = 65536
 # request-level parameters Triton's frontends may add or consume themselves
@@ -80,6 +82,7 @@ class GenerateRequest:
     first_index: int = 0
     timeout_s: float | None = None
     sampling: SampleRequest = field(default_factory=lambda: SampleRequest(out=None))
+    token: str | None = None  # the proxy's cancel token (server side only; never sent by clients)
 
     def by_name(self) -> bool:
         """Whether the labels travel as the ``class_names`` parameter (some are names) rather than INT64 ids."""
@@ -104,6 +107,9 @@ class GenerateRequest:
         """Parse and check a received request (``labels``: the INT64 tensor or None); every problem is a one-line
         :func:`bad_request`."""
         params = dict(parameters or {})
+        token = params.pop(TOKEN_PARAMETER, None)
+        if token is not None and not (isinstance(token, str) and token.isalnum() and len(token) <= 64):
+            raise bad_request(f"{TOKEN_PARAMETER} is set by the server, not by clients")
         items = _labels(labels, params.get("class_names"), max_images)
         unknown = sorted(set(params) - set(WIRE_FIELDS) - set(EXTRA_FIELDS) - TRITON_PARAMETERS)
         if unknown:
@@ -134,7 +140,7 @@ class GenerateRequest:
             sampling.validate()
         except DitDeployError as e:
             raise bad_request(str(e)) from None
-        return cls(labels=items, first_index=first, timeout_s=timeout, sampling=sampling)
+        return cls(labels=items, first_index=first, timeout_s=timeout, sampling=sampling, token=token)
 
 
 def _labels(ids: Any, names: Any, max_images: int) -> list[int | str]:

@@ -174,6 +174,9 @@ def _run_triton(opts: ServeOptions, core: ServingCore, workdir: Path, stop: thre
         log_file=workdir / "tritonserver.log", exit_timeout_secs=EXIT_TIMEOUT_S, http_thread_count=max(8, opts.max_queue + 4),
     )
     triton = Triton(config=config, workspace=workdir / "pytriton")
+    cancel_dir = (workdir / "pytriton").resolve() / "cancelled"  # the proxy's marks (triton_model.py)
+    cancel_dir.mkdir()
+    core.cancel_dir = cancel_dir
     try:
         bind(triton, core)
         triton.run()
