@@ -650,6 +650,11 @@ def describe(req: SampleRequest, res: SampleResult) -> list[str]:
         return [f"sampled {res.count} image(s) in {req.shards} shards -> {', '.join(res.written)}",
                 f"timing: total {_fmt_s(t.total_s)} | shard processes {_fmt_s(t.workers_s)} | "
                 f"merge+grid {_fmt_s(t.total_s - t.workers_s)}"]
+    if req.server is not None:
+        return [f"sampled {res.count} image(s) on {res.backend} ({req.sampler}, {req.steps} steps, cfg "
+                f"{res.cfg_scale:g}, seed {req.seed}) -> {', '.join(res.written)}",
+                f"timing: total {_fmt_s(t.total_s)} | server requests {_fmt_s(t.denoiser_s)} | "
+                f"write {_fmt_s(t.write_s)}"]
     shard = f", shard {res.shard[0]}/{res.shard[1]}" if res.shard else ""
     return [
         f"sampled {res.count} image(s) with {res.backend} ({req.sampler}, {req.steps} steps, cfg {res.cfg_scale:g}, "

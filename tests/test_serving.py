@@ -154,6 +154,7 @@ def test_sample_server_equals_local_sample(server, tmp_path):
                              "--npz", str(tmp_path / "srv.npz"), "--out", str(tmp_path / "srv.png")],
                             capture_output=True, text=True, timeout=300)
     assert remote.returncode == 0, remote.stderr
+    assert f"sampled 6 image(s) on server {server.url}" in remote.stderr and "| server requests " in remote.stderr
     local = subprocess.run([sys.executable, "-m", "ditdeploy", "sample", *flags, "--threads", "1",
                             "--npz", str(tmp_path / "loc.npz"), "--no-out"], capture_output=True, text=True,
                            timeout=300)

@@ -175,7 +175,7 @@ def sample_labels(req: SampleRequest, info: ServerInfo, all_labels: list[int]) -
     labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0,), np.int64)
     if not np.array_equal(labels, np.asarray(all_labels, dtype=np.int64)):
         raise DitDeployError(f"server {req.server} answered with other labels than it was asked for")
-    timings = Timings(denoiser_s=time.perf_counter() - t0)
+    timings = Timings(denoiser_s=time.perf_counter() - t0, denoiser_calls=len(starts))  # the server's side
     return SampleResult(images=images, labels=labels, latents=None, indices=np.arange(n, dtype=np.int64),
                         backend=f"server {req.server} ({info.backend})", decoder=info.decoder, cfg_scale=cfg_scale,
                         shard=None, written=[], timings=timings, count=n)
