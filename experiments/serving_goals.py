@@ -52,16 +52,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, seed: int,
-          say: Any) -> dict[str, Any]:
+          say: Any, metrics_url: str | None = None) -> dict[str, Any]:
     """Run 1 (closed loop vs sequential) and run 2 (Poisson at 70 % of run 1's capacity) against ``url``."""
     from ditdeploy.bench import load
 
     closed = load.run_load(load.LoadSpec(url=url, concurrencies=[concurrency], duration=duration, seed=seed,
-                                         steps=steps, cfg_scale=cfg, baseline=concurrency), say=say)
+                                         steps=steps, cfg_scale=cfg, baseline=concurrency, metrics_url=metrics_url),
+                           say=say)
     capacity = closed["runs"][1]["images_per_s"]
     rate = 0.7 * capacity
     poisson = load.run_load(load.LoadSpec(url=url, rates=[round(rate, 4)], duration=duration, seed=seed + 1,
-                                          steps=steps, cfg_scale=cfg, baseline=max(4, concurrency // 2)), say=say)
+                                          steps=steps, cfg_scale=cfg, baseline=max(4, concurrency // 2),
+                                          metrics_url=metrics_url), say=say)
     seq, conc = closed["runs"]
     pidle, prate = poisson["runs"]
     return {
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         with LocalTriton(ServerEnv.probe(), a.triton_repo, config_name="python") as t:
             say(f"Triton repository {a.triton_repo} at {t.http}")
             result["servers"]["triton repository (python variant)"] = goals(
-                t.http, a.concurrency, a.duration, a.steps, a.cfg_scale, a.seed, say)
+                t.http, a.concurrency, a.duration, a.steps, a.cfg_scale, a.seed, say, metrics_url=t.metrics)
     result["loadavg_after"] = os.getloadavg()
     result["machine"] = machine_info()
     write_json_atomic(a.out, result)
