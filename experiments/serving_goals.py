@@ -1,8 +1,9 @@
 """The serving goals of issue 19, measured in one run on one machine (``python -m experiments.serving_goals``).
 
-1. ``ditdeploy serve`` (digits by default) under C concurrent ``generate`` clients (closed loop, DDIM 50, cfg 4):
-   throughput against the same number of requests sent one after another through the same server, and the mean
-   denoiser batch (rows per call, from the server's counters);
+1. ``ditdeploy serve`` (digits by default) under C concurrent ``generate`` clients (DDIM 50, cfg 4): the same C
+   requests sent one after another and then all at once, alternating for a few rounds (the ratio per round: the
+   load of a shared machine drifts between runs), and a closed loop of C clients for ``--duration`` against C
+   sequential requests; the mean denoiser batch (rows per call, from the server's counters);
 2. Poisson arrivals at 70 % of the capacity measured in 1 (requests/s = images/s, one image per request): p99
    latency against the latency of a single request on the idle server (the sequential run's p50), time to
    admission p99 when the server reports it.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+ROUNDS = 3  # rounds of the interleaved same-requests comparison
 
 def start_serve(engine: str | None, port: int, max_batch: int, max_queue: int, extra: list[str]) -> subprocess.Popen:
     """``ditdeploy serve`` on 127.0.0.1:port; returns once its ready line is printed."""
@@ -51,10 +53,44 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+def interleaved(url: str, n: int, rounds: int, steps: int, cfg: float, seed: int, say: Any,
+                metrics_url: str | None = None) -> dict[str, Any]:
+    """The goal's own comparison, robust to a shared machine's drifting load: the same ``n`` requests (same labels
+    and seeds) sent one after another, then all at once (n clients, one request each), alternating for
+    ``rounds`` rounds; per round the throughput ratio, and the burst's mean denoiser batch."""
+    import statistics
+
+    from ditdeploy.bench import load
+
+    spec = load.LoadSpec(url=url, seed=seed, steps=steps, cfg_scale=cfg, metrics_url=metrics_url)
+    load.check_ready(url)
+    send = load.http_sender(spec)
+    counters = load.Counters(url, metrics_url or load.default_metrics_url(url))
+    out: list[dict[str, Any]] = []
+    for r in range(rounds):
+        row = {}
+        for name, clients in (("sequential", 1), ("burst", n)):
+            before = counters.read()
+            outcomes, wall = load.run_closed(send, clients, float("inf"), max_requests=n)
+            row[name] = load.summarize(outcomes, wall, None, load.delta(before, counters.read()))
+        row["ratio"] = row["burst"]["images_per_s"] / row["sequential"]["images_per_s"]
+        say(f"round {r + 1}: sequential {row['sequential']['images_per_s']:.2f} img/s, {n} at once "
+            f"{row['burst']['images_per_s']:.2f} img/s: {row['ratio']:.2f}x, mean batch "
+            f"{(row['burst'].get('denoiser') or {}).get('mean_batch') or float('nan'):.2f}")
+        out.append(row)
+    ratios = [r["ratio"] for r in out]
+    batches = [(r["burst"].get("denoiser") or {}).get("mean_batch") for r in out]
+    return {"rounds": out, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+            "ratio_max": max(ratios), "burst_mean_batch_median": statistics.median([b for b in batches if b] or [0])}
+
+
 def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, seed: int,
           say: Any, metrics_url: str | None = None) -> dict[str, Any]:
-    """Run 1 (closed loop vs sequential) and run 2 (Poisson at 70 % of run 1's capacity) against ``url``."""
+    """Run 1 (closed loop vs sequential), the interleaved same-requests comparison, and run 2 (Poisson at 70 % of
+    run 1's capacity) against ``url``."""
     from ditdeploy.bench import load
+
+    same = interleaved(url, concurrency, ROUNDS, steps, cfg, seed, say, metrics_url)
 
     closed = load.run_load(load.LoadSpec(url=url, concurrencies=[concurrency], duration=duration, seed=seed,
                                          steps=steps, cfg_scale=cfg, baseline=concurrency, metrics_url=metrics_url),
@@ -67,8 +103,10 @@ def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, s
     seq, conc = closed["runs"]
     pidle, prate = poisson["runs"]
     return {
-        "closed_loop": closed, "poisson": poisson,
+        "interleaved": same, "closed_loop": closed, "poisson": poisson,
         "goals": {
+            "same_requests_throughput_vs_sequential_median": same["ratio_median"],
+            "same_requests_mean_denoiser_batch_median": same["burst_mean_batch_median"],
             "throughput_vs_sequential": conc["images_per_s"] / seq["images_per_s"],
             "mean_denoiser_batch": (conc.get("denoiser") or {}).get("mean_batch"),
             "capacity_images_per_s": capacity, "poisson_rate_per_s": rate,
