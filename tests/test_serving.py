@@ -204,8 +204,8 @@ def test_requests_at_different_steps_share_denoiser_calls(server):
     """Two requests sent together with different step counts (so different timesteps at almost every step) run in
     shared calls: fewer calls than their steps added up, calls that mix timesteps, each output still its own."""
     before = _stats(server.url)["denoiser"]
-    reqs = [GenerateRequest(labels=[1], sampling=generation.SampleRequest(out=None, steps=40, seed=1)),
-            GenerateRequest(labels=[2, 6], sampling=generation.SampleRequest(out=None, steps=25, seed=2))]
+    reqs = [GenerateRequest(labels=[1], sampling=generation.SampleRequest(out=None, steps=80, seed=1)),
+            GenerateRequest(labels=[2, 6], sampling=generation.SampleRequest(out=None, steps=50, seed=2))]
     out: dict[int, np.ndarray] = {}
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, client.generate(server.url, reqs[i])[0]))
                for i in range(2)]
@@ -215,10 +215,10 @@ def test_requests_at_different_steps_share_denoiser_calls(server):
         th.join()
     after = _stats(server.url)["denoiser"]
     calls, rows = after["calls"] - before["calls"], after["rows"] - before["rows"]
-    assert rows == 40 * 2 + 25 * 4  # guided: 2 rows per image per step
-    assert calls < 40 + 25 and after["mixed_calls"] > before["mixed_calls"], (calls, after)
-    assert np.abs(out[0].astype(int) - _local([1], steps=40, seed=1).astype(int)).max() <= 1
-    assert np.abs(out[1].astype(int) - _local([2, 6], steps=25, seed=2).astype(int)).max() <= 1
+    assert rows == 80 * 2 + 50 * 4  # guided: 2 rows per image per step
+    assert calls < 80 + 50 and after["mixed_calls"] > before["mixed_calls"], (calls, after)
+    assert np.abs(out[0].astype(int) - _local([1], steps=80, seed=1).astype(int)).max() <= 1
+    assert np.abs(out[1].astype(int) - _local([2, 6], steps=50, seed=2).astype(int)).max() <= 1
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -296,21 +296,39 @@ def test_more_than_max_queue_is_refused_at_once_and_the_rest_finish(server):
     assert _stats(server.url)["refused"] >= 1
 
 
+def _send_raw(url: str, body: dict) -> socket.socket:
+    """POST a generate request on a bare socket (so the test can hang up without reading the answer)."""
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v2/models/generate/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    return s
+
+
 def test_a_request_past_its_deadline_frees_its_slot_and_fails_alone(server):
     """Triton's HTTP endpoint does not tell a model that its client went away (request cancellation is gRPC /
-    C API only), so a request's deadline (timeout_s) frees its slot: a client that sent a long request and hung up
-    holds its slot until then, and the request running beside it in the same calls still finishes, correct."""
-    abandoned = GenerateRequest(labels=[0], timeout_s=1.0, sampling=generation.SampleRequest(out=None, steps=1000))
-    body = json.dumps(_gen_body([0], **abandoned.parameters())).encode()
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as s:  # send, then disconnect without reading
-        s.sendall(b"POST /v2/models/generate/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        _wait_in_flight(server.url, 1)
+    C API only), so a request's deadline (timeout_s) frees its slot: a 1000-step request with a 0.2 s deadline
+    is answered 503 with the reason; one whose client hung up is dropped the same way while the request running
+    beside it in the same calls finishes, correct."""
+    before = _stats(server.url)
+    with _send_raw(server.url, _gen_body([0, 1, 2, 3], steps=1000, timeout_s=0.2)) as s:
+        s.settimeout(120)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 503") and b"exceeded its timeout_s=0.2 s" in answer, answer[:300]
+    with _send_raw(server.url, _gen_body([0, 1, 2, 3], steps=1000, timeout_s=0.5)):
+        time.sleep(0.2)  # hang up before the answer
     neighbour = GenerateRequest(labels=[8], sampling=generation.SampleRequest(out=None, steps=30, seed=4))
     imgs, _ = client.generate(server.url, neighbour)
     assert np.abs(imgs.astype(int) - _local([8], steps=30, seed=4).astype(int)).max() <= 1
-    _wait_in_flight(server.url, 0, timeout=30)
+    end = time.monotonic() + 60
+    while _stats(server.url)["failed"] < before["failed"] + 2:
+        assert time.monotonic() < end, _stats(server.url)
+        time.sleep(0.1)
+    after = _stats(server.url)
+    assert after["in_flight"] == 0 and after["completed"] == before["completed"] + 1
 
 
 _GRPC_CLIENT_GOES_AWAY = """
