@@ -11,7 +11,8 @@
 Optionally (``--triton-repo``) the same two runs against the repository ``export --fmt triton`` writes, on PyTriton's
 bundled tritonserver (``--model-config-name python``), and ``--engine`` for another artifact (e.g. XL/2 random
 weights on ONNX Runtime with ``--concurrency 4``). Writes ``<out>.json`` (runs, settings, machine, load average
-before/after) and prints the ``bench --server`` tables. Every server is started on 127.0.0.1 and stopped here.
+before/after), a latency-vs-load plot per server (``<out>_serve.png``, ``<out>_triton_repo.png``) and prints the
+``bench --server`` tables. Every server is started on 127.0.0.1 and stopped here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 ROUNDS = 3  # rounds of the interleaved same-requests comparison
+FRACTIONS = (0.35, 0.7, 0.9)  # Poisson rates as fractions of the measured capacity (0.7: the goal's)
 
 def start_serve(engine: str | None, port: int, max_batch: int, max_queue: int, extra: list[str]) -> subprocess.Popen:
     """``ditdeploy serve`` on 127.0.0.1:port; returns once its ready line is printed."""
@@ -92,16 +94,18 @@ def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, s
 
     same = interleaved(url, concurrency, ROUNDS, steps, cfg, seed, say, metrics_url)
 
-    closed = load.run_load(load.LoadSpec(url=url, concurrencies=[concurrency], duration=duration, seed=seed,
+    clients = sorted({max(1, concurrency // 4), concurrency})
+    closed = load.run_load(load.LoadSpec(url=url, concurrencies=clients, duration=duration, seed=seed,
                                          steps=steps, cfg_scale=cfg, baseline=concurrency, metrics_url=metrics_url),
                            say=say)
-    capacity = closed["runs"][1]["images_per_s"]
-    rate = 0.7 * capacity
-    poisson = load.run_load(load.LoadSpec(url=url, rates=[round(rate, 4)], duration=duration, seed=seed + 1,
+    seq, conc = closed["runs"][0], closed["runs"][-1]
+    capacity = conc["images_per_s"]
+    rates = [round(f * capacity, 4) for f in FRACTIONS]
+    poisson = load.run_load(load.LoadSpec(url=url, rates=rates, duration=duration, seed=seed + 1,
                                           steps=steps, cfg_scale=cfg, baseline=max(4, concurrency // 2),
                                           metrics_url=metrics_url), say=say)
-    seq, conc = closed["runs"]
-    pidle, prate = poisson["runs"]
+    pidle, prate = poisson["runs"][0], poisson["runs"][1 + FRACTIONS.index(0.7)]
+    rate = rates[FRACTIONS.index(0.7)]
     return {
         "interleaved": same, "closed_loop": closed, "poisson": poisson,
         "goals": {
@@ -113,8 +117,14 @@ def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, s
             "p99_vs_idle_latency": prate["latency_s"]["p99"] / pidle["latency_s"]["p50"],
             "admission_p99_s": prate["admission_s"]["p99"],
             "mean_denoiser_call_s": (prate.get("denoiser") or {}).get("mean_call_s"),
+            "admission_p99_in_calls": _ratio(prate["admission_s"]["p99"],
+                                             (prate.get("denoiser") or {}).get("mean_call_s")),
         },
     }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_after"] = os.getloadavg()
     result["machine"] = machine_info()
     write_json_atomic(a.out, result)
+    from ditdeploy.bench import load
+
+    for name, g in result["servers"].items():  # latency vs load: the closed-loop and Poisson runs of each server
+        runs = g["closed_loop"]["runs"] + g["poisson"]["runs"][1:]
+        png = a.out.with_name(f"{a.out.stem}_{'serve' if name.startswith('ditdeploy') else 'triton_repo'}.png")
+        load.write_plot({"runs": runs}, png)
     print(json.dumps({k: v["goals"] for k, v in result["servers"].items()}, indent=2))
     return 0
 
