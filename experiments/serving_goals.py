@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROUNDS = 3  # rounds of the interleaved same-requests comparison
 FRACTIONS = (0.35, 0.7, 0.9)  # Poisson rates as fractions of the measured capacity (0.7: the goal's)
 
 def start_serve(engine: str | None, port: int, max_batch: int, max_queue: int, extra: list[str]) -> subprocess.Popen:
@@ -87,12 +86,16 @@ def interleaved(url: str, n: int, rounds: int, steps: int, cfg: float, seed: int
 
 
 def goals(url: str, concurrency: int, duration: float, steps: int, cfg: float, seed: int,
-          say: Any, metrics_url: str | None = None) -> dict[str, Any]:
+          say: Any, metrics_url: str | None = None, rounds: int = 3, sweep: bool = True) -> dict[str, Any]:
     """Run 1 (closed loop vs sequential), the interleaved same-requests comparison, and run 2 (Poisson at 70 % of
     run 1's capacity) against ``url``."""
     from ditdeploy.bench import load
 
-    same = interleaved(url, concurrency, ROUNDS, steps, cfg, seed, say, metrics_url)
+    same = interleaved(url, concurrency, rounds, steps, cfg, seed, say, metrics_url)
+    if not sweep:
+        return {"interleaved": same, "goals": {
+            "same_requests_throughput_vs_sequential_median": same["ratio_median"],
+            "same_requests_mean_denoiser_batch_median": same["burst_mean_batch_median"]}}
 
     clients = sorted({max(1, concurrency // 4), concurrency})
     closed = load.run_load(load.LoadSpec(url=url, concurrencies=clients, duration=duration, seed=seed,
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="Also measure this exported repository on PyTriton's tritonserver (python variant); "
                          "written from the served ONNX (one generate instance per client) when it does not exist.")
     ap.add_argument("--serve-arg", action="append", default=[], help="Extra `ditdeploy serve` argument.")
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds of the interleaved same-requests comparison.")
+    ap.add_argument("--no-sweep", action="store_true", help="Only the interleaved comparison (big models).")
     a = ap.parse_args(argv)
     from ditdeploy.artifacts import write_json_atomic
     from ditdeploy.bench.machine import machine_info
@@ -151,11 +156,12 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {"kind": "serving-goals", "argv": sys.argv[1:], "loadavg_before": os.getloadavg(),
                               "servers": {}}
-    proc = start_serve(a.engine, a.port, a.max_batch, max(32, 2 * a.concurrency), a.serve_arg)
+    proc = start_serve(a.engine, a.port, a.max_batch, max(4, 2 * a.concurrency), a.serve_arg)
     try:
         say(f"ditdeploy serve on port {a.port}")
         result["servers"]["ditdeploy serve"] = goals(f"http://127.0.0.1:{a.port}", a.concurrency, a.duration,
-                                                     a.steps, a.cfg_scale, a.seed, say)
+                                                     a.steps, a.cfg_scale, a.seed, say, rounds=a.rounds,
+                                                     sweep=not a.no_sweep)
     finally:
         stop(proc)
     if a.triton_repo is not None:
@@ -170,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         with LocalTriton(ServerEnv.probe(), a.triton_repo, config_name="python") as t:
             say(f"Triton repository {a.triton_repo} at {t.http}")
             result["servers"]["triton repository (python variant)"] = goals(
-                t.http, a.concurrency, a.duration, a.steps, a.cfg_scale, a.seed, say, metrics_url=t.metrics)
+                t.http, a.concurrency, a.duration, a.steps, a.cfg_scale, a.seed, say, metrics_url=t.metrics,
+                rounds=a.rounds, sweep=not a.no_sweep)
     result["loadavg_after"] = os.getloadavg()
     result["machine"] = machine_info()
     write_json_atomic(a.out, result)
     from ditdeploy.bench import load
 
     for name, g in result["servers"].items():  # latency vs load: the closed-loop and Poisson runs of each server
+        if "closed_loop" not in g:
+            continue
         runs = g["closed_loop"]["runs"] + g["poisson"]["runs"][1:]
         png = a.out.with_name(f"{a.out.stem}_{'serve' if name.startswith('ditdeploy') else 'triton_repo'}.png")
         load.write_plot({"runs": runs}, png)
