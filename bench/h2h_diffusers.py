@@ -10,7 +10,11 @@ built in-process, nothing downloaded), ``--steps`` DPM-Solver++ (2M) steps, clas
   the doubled batch, the same DPM-Solver++ sampler (``ditdeploy.diffusion``), the same VAE decoded in torch.
 * ``ort-fp32``, ``ov-bf16``, ``ort-int8``, ...: ditdeploy's exported denoiser on ONNX Runtime / OpenVINO (fp32, the
   bf16 inference hint, dynamic INT8) with the VAE decoder exported to ONNX, run by ``ditdeploy.diffusion.sample``;
-  ``ov-int8``: a static Q/DQ INT8 export of the same weights (``--paired-ov-int8 PATH``) on OpenVINO.
+  ``ov-int8``: a static Q/DQ INT8 export of the same weights (``--paired-ov-int8 PATH``, or ``auto``: built in the
+  workdir by ``calibrate`` + ``export --checkpoint FP32.onnx --precision int8``) on OpenVINO.
+* ``recipe``: a ``ditdeploy tune`` recipe (``--recipe FILE``, tuned on artifacts of the same weights): its artifact,
+  backend, threads, precision hint (also the decoder's, on OpenVINO) and less-work settings; its latent drift vs full
+  work is reported like the less-work rows'.
 
 Each contender runs in its own subprocess (XL/2 weights are 2.7 GB; the machine's memory is shared), ``--repeats``
 times after nothing but model construction/loading (the first run pays one-off costs such as ORT's arena growth; the
@@ -40,7 +44,7 @@ import numpy as np
 
 RESULT_TAG = "DITDEPLOY_H2H_RESULT "
 ALL_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ov-bf16", "ort-int8", "ov-int8", "ort-pair",
-                  "ort-less", "ov-less")
+                  "ort-less", "ov-less", "recipe")
 LESS_WORK = ("ort-pair", "ort-less", "ov-less")  # contenders on the two-graph (--cache-graphs) export
 DEFAULT_CONTENDERS = ("diffusers", "torch", "ort-fp32", "ov-f32", "ort-int8")
 
@@ -64,6 +68,7 @@ class Work:
     decoder_backend: str = "openvino"
     omp_wait_policy: str = "PASSIVE"
     ov_int8: str = ""  # optional static Q/DQ INT8 ONNX of the same weights, timed on OpenVINO in the paired run
+    recipe: str = ""  # a `ditdeploy tune` recipe file (the "recipe" contender)
     cfg_interval: list[int] | None = None  # less-work contenders: guidance only at timesteps lo..hi
     cache_interval: int | None = None  # less-work contenders: feature reuse, every N-th step full
 
@@ -167,7 +172,7 @@ def run_paired(w: Work) -> dict[str, Any]:
     onnx_path, _ = _onnx_paths(w)
     tr = _diffusers_transformer(w)
     ort32 = load(onnx_path, backend="onnxruntime")
-    ort8 = load(onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx"), backend="onnxruntime")
+    ort8 = load(_int8dyn_path(w), backend="onnxruntime")
     n = 2 * w.batch
     rng = np.random.default_rng(w.seed)
     x = rng.standard_normal((n, cfg.in_channels, cfg.input_size, cfg.input_size)).astype(np.float32)
@@ -181,7 +186,7 @@ def run_paired(w: Work) -> dict[str, Any]:
 
     fns = {"diffusers": diffusers_call, "ort-fp32": lambda: ort32(x, t, y), "ort-int8": lambda: ort8(x, t, y)}
     if w.ov_int8:
-        ov8 = load(w.ov_int8, backend="openvino")
+        ov8 = load(_ov_int8(w), backend="openvino")
         fns["ov-int8-qdq"] = lambda: ov8(x, t, y)
     times: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
@@ -288,6 +293,74 @@ def _onnx_paths(w: Work) -> tuple[Path, Path]:
     return d / f"dit-{w.model.replace('/', '')}-{w.image_size}.onnx", d / "vae-decoder.onnx"
 
 
+def _int8dyn_path(w: Work) -> Path:
+    onnx_path, _ = _onnx_paths(w)
+    return onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx")
+
+
+def _static_int8_path(w: Work) -> Path:
+    onnx_path, _ = _onnx_paths(w)
+    return onnx_path.with_name(onnx_path.stem + "-int8.onnx")
+
+
+def prepare_static_int8(w: Work) -> dict[str, Any]:
+    """``--paired-ov-int8 auto``: the static Q/DQ INT8 of the workdir's fp32 export, built the way a user does
+    (``calibrate`` one trajectory of the timed sampler, then ``export --checkpoint FP32.onnx --precision int8``:
+    the fp32 graph is quantized as it is), with CPU seconds and denoiser calls recorded."""
+    from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set
+    from ditdeploy.calibration.quantize import quantize_int8
+    from ditdeploy.runtimes import load
+    from ditdeploy.runtimes.base import Timed
+
+    onnx_path, _ = _onnx_paths(w)
+    calib, out = Path(w.workdir) / "calib-dpm.npz", _static_int8_path(w)
+    info: dict[str, Any] = {}
+    if not calib.exists():
+        den = Timed(load(onnx_path, backend="onnxruntime"))
+        c0, t0 = _cpu_s(), time.perf_counter()
+        capture_calibration_set(den, calib, CaptureSettings(samples=1, steps=w.steps, sampler="dpm-solver++",
+                                                            cfg_scale=w.cfg_scale, seed=w.seed),
+                                source={"path": onnx_path.name, "sha256": _sha(onnx_path), "backend": den.name},
+                                progress=False)
+        info.update(calibrate_s=time.perf_counter() - t0, calibrate_cpu_s=_cpu_s() - c0, calibrate_calls=den.calls,
+                    calibrate_rows=den.rows)
+    if not out.exists():
+        c0, t0 = _cpu_s(), time.perf_counter()
+        quantize_int8(onnx_path, out, calib, progress=False)
+        info.update(quantize_s=time.perf_counter() - t0, quantize_cpu_s=_cpu_s() - c0)
+    info["peak_rss_mb"] = _rss_mb()
+    return info
+
+
+def _sha(p: Path) -> str:
+    from ditdeploy.artifacts import sha256_file
+
+    return sha256_file(p)
+
+
+def run_recipe(w: Work) -> dict[str, Any]:
+    """The ``recipe`` contender: the tuned recipe's artifact / backend / options / less-work settings; the decoder
+    the artifact names (else the workdir's) on the same backend with the same precision hint."""
+    from ditdeploy.generation import SampleRequest
+    from ditdeploy.recipes import apply_recipe
+    from ditdeploy.runtimes import load, load_decoder
+
+    req = apply_recipe(SampleRequest(out=None), w.recipe)
+    opts = {k: v for k, v in req.options.items() if v is not None}
+    den = load(req.engine, backend=req.backend, **opts)
+    _, vae_path = _onnx_paths(w)
+    from ditdeploy.manifest import Manifest
+
+    dec_path = Manifest.of(den.manifest, den.path).decoder_path() or vae_path
+    dec_opts = {k: v for k, v in opts.items() if k == "threads" or req.backend == "openvino"}
+    dec = load_decoder(dec_path, backend="openvino" if req.backend == "openvino" else None, **dec_opts)
+    less = dataclasses.replace(w, cfg_interval=req.cfg_interval, cache_interval=req.cache_interval)
+    res = _run_ditdeploy_loop(less, den, dec, "recipe", less=True)
+    res["recipe"] = {"file": w.recipe, "engine": str(req.engine), "backend": req.backend, "options": opts,
+                     "cfg_interval": req.cfg_interval, "cache_interval": req.cache_interval}
+    return res
+
+
 def _pair_path(w: Work) -> Path:
     return Path(w.workdir) / f"dit-{w.model.replace('/', '')}-{w.image_size}-pair.onnx"
 
@@ -360,7 +433,7 @@ def prepare_exports(w: Work, need_int8: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         export_vae_decoder_onnx(str(_vae_dir(w)), vae_path, latent_sizes=(w.image_size // 8,), batch_sizes=(1,))
         info["decoder_export_s"] = time.perf_counter() - t0
-    int8 = onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx")
+    int8 = _int8dyn_path(w)
     if need_int8 and not int8.exists():
         from ditdeploy.calibration.quantize import quantize_int8
 
@@ -388,11 +461,11 @@ def run_exported(w: Work, which: str) -> dict[str, Any]:
         dec = load_decoder(vae_path, backend="openvino", precision_hint=hint, **th)
         return _run_ditdeploy_loop(w, den, dec, which)
     elif which == "ort-int8":
-        den = load(onnx_path.with_name(onnx_path.stem + "-int8dyn.onnx"), backend="onnxruntime", **th)
+        den = load(_int8dyn_path(w), backend="onnxruntime", **th)
     elif which == "ov-int8":  # the static Q/DQ artifact (--paired-ov-int8 PATH) on OpenVINO, decoder OpenVINO f32
         if not w.ov_int8:
             raise ValueError("ov-int8 needs --paired-ov-int8 PATH (a static Q/DQ INT8 ONNX of the same weights)")
-        den = load(w.ov_int8, backend="openvino", **th)
+        den = load(_ov_int8(w), backend="openvino", **th)
         dec = load_decoder(vae_path, backend="openvino", precision_hint="f32", **th)
         return _run_ditdeploy_loop(w, den, dec, which)
     else:
@@ -414,6 +487,10 @@ def _child(which: str, w: Work) -> dict[str, Any]:
         return run_torch(w)
     if which == "prepare-pair":
         return prepare_pair(w)
+    if which == "prepare-static-int8":
+        return prepare_static_int8(w)
+    if which == "recipe":
+        return run_recipe(w)
     if which in LESS_WORK:
         return run_less(w, which)
     return run_exported(w, which)
@@ -465,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", type=int, default=0,
                     help="also time N interleaved rounds of single denoiser calls: diffusers vs ORT fp32 vs ORT INT8")
     ap.add_argument("--paired-ov-int8", default="",
-                    help="static Q/DQ INT8 ONNX of the same seed's weights: timed on OpenVINO in --paired and as "
-                         "the ov-int8 contender")
+                    help="static Q/DQ INT8 ONNX of the same seed's weights (or 'auto': calibrate + quantize the "
+                         "workdir's fp32 export): timed on OpenVINO in --paired and as the ov-int8 contender")
+    ap.add_argument("--recipe", default="", help="a `ditdeploy tune` recipe of the same weights: the 'recipe' "
+                                                 "contender")
     ap.add_argument("--cfg-interval", default=None, help="LO,HI for the less-work contenders (ort-less, ov-less)")
     ap.add_argument("--cache-interval", type=int, default=None, help="N for the less-work contenders")
     ap.add_argument("--out", default=None, help="JSON results file (default: print only)")
@@ -488,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     w = Work(model=a.model, image_size=a.image_size, batch=a.batch, steps=a.steps, cfg_scale=a.cfg_scale,
              seed=a.seed, repeats=a.repeats, threads=a.threads, workdir=str(wd),
              decoder_backend=a.decoder_backend, omp_wait_policy=a.omp_wait_policy,
-             ov_int8=str(Path(a.paired_ov_int8).resolve()) if a.paired_ov_int8 else "",
+             ov_int8=_ov_int8_arg(ap, a.paired_ov_int8), recipe=_recipe_arg(ap, a.recipe, contenders),
              cfg_interval=[int(v) for v in a.cfg_interval.split(",")] if a.cfg_interval else None,
              cache_interval=a.cache_interval)
 
@@ -502,11 +581,15 @@ def main(argv: list[str] | None = None) -> int:
         results["prepare"] = _spawn("prepare" if "ort-int8" in contenders else "prepare-noint8", w, a.timeout)
     if any(c in LESS_WORK for c in contenders):
         results["prepare-pair"] = _spawn("prepare-pair", w, a.timeout)
+    if a.paired_ov_int8 == "auto":
+        if "prepare" not in results:
+            results["prepare"] = _spawn("prepare-noint8", w, a.timeout)
+        results["prepare-static-int8"] = _spawn("prepare-static-int8", w, a.timeout)
     for c in contenders:
         results[c] = _spawn(c, w, a.timeout)
-    if a.paired:
-        if "prepare" not in results:
-            results["prepare"] = _spawn("prepare", w, a.timeout)
+    if a.paired:  # the paired run times the dynamic INT8 artifact too: build it whatever the contenders' prepare did
+        if "prepare" not in results or not _int8dyn_path(w).exists():
+            results["prepare-paired"] = _spawn("prepare", w, a.timeout)
         results["paired"] = _spawn("paired", dataclasses.replace(w, repeats=a.paired), a.timeout)
 
     # accuracy of the ditdeploy contenders vs the torch eager loop (same weights, noise, sampler)
@@ -517,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             a_, b_ = np.load(r["latents"]), np.load(ref)
             r["latent_rel_l2_vs_torch"] = metrics.rel_l2(a_, b_)
             r["latent_cosine_vs_torch"] = metrics.cosine(a_, b_)
-        if r.get("latents") and full and c in ("ort-less", "ov-less"):  # latent drift vs full work, same runtime
+        if r.get("latents") and full and c in ("ort-less", "ov-less", "recipe"):  # latent drift vs full work
             a_, b_ = np.load(r["latents"]), np.load(full)
             r["latent_drift_vs_full_work"] = {"rel_l2": metrics.rel_l2(a_, b_), "cosine": metrics.cosine(a_, b_)}
     rows = summarize(results, contenders, w.batch)
@@ -534,6 +617,29 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json_atomic(a.out, out)
     return 0
+
+
+def _ov_int8_arg(ap: argparse.ArgumentParser, value: str) -> str:
+    """``--paired-ov-int8``: '' (none), 'auto' (built in the workdir: resolved by :func:`_ov_int8`), or a file."""
+    if value in ("", "auto"):
+        return value
+    if not Path(value).is_file():
+        ap.error(f"--paired-ov-int8 {value}: no such file (pass 'auto' to build it in the workdir, or build one "
+                 "with `ditdeploy calibrate` + `ditdeploy export --checkpoint FP32.onnx --precision int8`)")
+    return str(Path(value).resolve())
+
+
+def _ov_int8(w: Work) -> str:
+    """The static Q/DQ INT8 artifact of the paired run / ov-int8 contender ('' for none)."""
+    return str(_static_int8_path(w)) if w.ov_int8 == "auto" else w.ov_int8
+
+
+def _recipe_arg(ap: argparse.ArgumentParser, value: str, contenders: list[str]) -> str:
+    if "recipe" in contenders and not value:
+        ap.error("the recipe contender needs --recipe FILE (from `ditdeploy tune`)")
+    if value and not Path(value).is_file():
+        ap.error(f"--recipe {value}: no such file")
+    return str(Path(value).resolve()) if value else ""
 
 
 def summarize(results: dict[str, Any], contenders: list[str], batch: int) -> list[dict[str, Any]]:

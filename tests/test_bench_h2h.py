@@ -49,3 +49,44 @@ def test_h2h_smoke_small_model(tmp_path):
     assert rows["ort-int8"]["latent_rel_l2_vs_torch"] < 0.3
     assert res["raw"]["diffusers"]["denoiser_calls"] == 2 and res["raw"]["torch"]["denoiser_calls"] == 2
     assert res["machine"]["cpu"] and res["work"]["steps"] == 2
+
+
+@pytest.mark.slow  # ~3 min on a quiet 2-core machine (diffusers + three exports of S/8)
+def test_h2h_paired_auto_int8_and_recipe_from_a_fresh_workdir(tmp_path):
+    """The documented paired command works on a fresh machine (it used to need artifacts that only the ort-int8
+    contender's prepare built, and a static INT8 file nothing built: `--paired-ov-int8 auto` builds it with the
+    calibrate -> quantize-the-fp32-export chain); the `recipe` contender runs a tuned recipe of the same weights."""
+    from ditdeploy.generation import SampleRequest  # noqa: F401  (the recipe library is importable here)
+    from ditdeploy.recipes import Recipe, save_recipe
+
+    wd = tmp_path / "w"
+    base = [sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--model", "S/8", "--image-size", "64",
+            "--steps", "2", "--workdir", str(wd), "--threads", "1"]
+    out = tmp_path / "paired.json"
+    p = subprocess.run([*base, "--contenders", "ort-pair", "--paired", "1", "--paired-ov-int8", "auto", "--out",
+                        str(out)], capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())
+    med = res["raw"]["paired"]["median_s"]
+    assert set(med) == {"diffusers", "ort-fp32", "ort-int8", "ov-int8-qdq"} and all(v > 0 for v in med.values())
+    built = res["raw"]["prepare-static-int8"]
+    assert built["calibrate_calls"] == 2 and built["calibrate_rows"] == 2 * 2 * 2  # 1 + 1 trajectories together
+    assert res["machine"]["cpu_isa"]["flags"] and res["machine"]["load_avg_1_5_15"] and res["machine"]["load_avg_end"]
+    # a recipe on the same weights' pair: guidance interval + feature reuse on ONNX Runtime
+    pair = next(wd.glob("*/dit-S8-64-pair.onnx"))
+    from ditdeploy.artifacts import sha256_file
+
+    recipe = tmp_path / "r.json"
+    save_recipe(recipe, Recipe(engine=str(pair), engine_sha256=sha256_file(pair), backend="onnxruntime",
+                               options={"threads": 1}, cfg_interval=[150, 750], cache_interval=2))
+    out2 = tmp_path / "recipe.json"
+    p = subprocess.run([*base, "--contenders", "ort-pair,recipe", "--recipe", str(recipe), "--out", str(out2)],
+                       capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {r["contender"]: r for r in json.loads(out2.read_text())["rows"]}
+    r = rows["recipe"]
+    assert "error" not in r and r["cfg_interval"] == [150, 750] and r["cache_interval"] == 2
+    assert 0 < r["latent_drift_vs_full_work"]["rel_l2"] < 1  # priced against the same weights' full work
+    bad = subprocess.run([*base, "--contenders", "", "--paired", "1", "--paired-ov-int8", str(tmp_path / "no.onnx")],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert bad.returncode == 2 and "no such file" in bad.stderr and "auto" in bad.stderr

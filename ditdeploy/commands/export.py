@@ -162,6 +162,9 @@ def register(app: typer.Typer) -> None:
             check_for_model(load_calibration(calibration), net.config)
         if source["kind"] == "random":
             say(f"note: exporting RANDOM weights for {model} (benchmarking only; samples will be noise)")
+        if prec == "int8" and fmt_ in ("onnx", "openvino"):
+            say("note: INT8 from a fresh fp32 export; to quantize the fp32 .onnx you already have (the one calibrate "
+                "ran) without exporting again: --checkpoint THAT.onnx")
         snapshot_vae, id2label = source.pop("vae", None), pipeline.class_names(net, source)
         source.pop("id2label", None)
         if vae is None and snapshot_vae and not no_vae and net.config.space == "latent":
