@@ -48,6 +48,7 @@ class TuneRequest:
     hints: list[str] | None = None  # OpenVINO precision hints; None: f32, plus bf16 where the CPU has bf16
     less_work: list[str] | None = None  # of LESS_WORK; None: all that apply
     threads: list[int] | None = None  # None: [physical cores]
+    vae: Path | None = None  # VAE decoder of a latent model (None: the artifact manifest's)
     cfg_interval: list[int] = field(default_factory=lambda: [150, 750])
     cache_interval: int = 2
     sampler: str = "ddim"
@@ -129,7 +130,7 @@ def _sample_request(req: TuneRequest, c: Candidate, labels: list[int], npz: Path
     opts: dict[str, Any] = {"threads": c.threads}
     if c.hint:
         opts["precision_hint"] = c.hint
-    return SampleRequest(engine=Path(c.engine), backend=c.backend, options=opts, labels=list(labels),
+    return SampleRequest(engine=Path(c.engine), backend=c.backend, options=opts, labels=list(labels), vae=req.vae,
                          sampler=req.sampler, steps=req.steps, cfg_scale=req.cfg_scale, seed=req.seed,
                          out=None, npz=npz, batch_size=None, progress=False,
                          cfg_interval=list(req.cfg_interval) if "interval" in c.less_work else None,
@@ -248,16 +249,22 @@ def tune(req: TuneRequest, on_run: Callable[[str], None] | None = None) -> dict[
     try:
         feeds = probe_inputs(cfg, (2, 2, 2, 2), seed=req.seed)
         ref_out = None
+        by_denoiser: dict[tuple, float] = {}  # less-work variants share their denoiser: loaded and priced once
         for c in cands:  # per-call cosine
             row = state.row(c.key)
+            den_key = (c.engine, c.backend, c.hint)
             if "call_cosine" not in row:
-                if ref_out is None:
-                    from ditdeploy.runtimes import load
+                if den_key not in by_denoiser:
+                    if ref_out is None:
+                        from ditdeploy.runtimes import load
 
-                    den = load(ref.engine, backend="onnxruntime", threads=ref.threads)
-                    ref_out = np.concatenate([np.asarray(den(f["x"], f["t"], f["y"])) for f in feeds])
-                row["call_cosine"] = _call_cosine(c, ref_out, feeds)
+                        den = load(ref.engine, backend="onnxruntime", threads=ref.threads)
+                        ref_out = np.concatenate([np.asarray(den(f["x"], f["t"], f["y"])) for f in feeds])
+                        del den
+                    by_denoiser[den_key] = _call_cosine(c, ref_out, feeds)
+                row["call_cosine"] = by_denoiser[den_key]
                 state.save()
+            by_denoiser.setdefault(den_key, row["call_cosine"])
             bar.update(1)
         lat_path = state.latents_path()
         ref_lat = np.load(lat_path) if lat_path is not None and lat_path.exists() else None

@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
                                      "onnxruntime,openvino where installed).", rich_help_panel=c.PANEL_MODEL),
         hints: str = typer.Option(None, "--precision-hints", help="OpenVINO precision hints to try (default: f32, "
                                   "plus bf16 where the CPU has bf16).", rich_help_panel=c.PANEL_MODEL),
+        vae: Path = c.vae_option(),
         threads: str = typer.Option(None, "--threads", help="Comma-separated thread counts to try (default: "
                                     "physical cores).", rich_help_panel=c.PANEL_MODEL),
         less_work: str = typer.Option(None, "--less-work", help="Comma-separated of full, interval, cache, "
@@ -93,10 +94,12 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.recipes import save_recipe
 
         st = state if state is not None else out.with_name(out.name + ".state.json")
-        check_outputs({"--engine": list(engine)}, {"--out": out, "--json": json_out, "--plot": plot, "--state": st})
+        check_outputs({"--engine": list(engine), "--vae": vae},
+                      {"--out": out, "--json": json_out, "--plot": plot, "--state": st})
         iv = parse_cfg_interval(cfg_interval)
         req = tuning.TuneRequest(
-            engines=list(engine), backends=_words(backends), hints=_words(hints), threads=_ints(threads, "--threads"),
+            engines=list(engine), vae=vae, backends=_words(backends), hints=_words(hints),
+            threads=_ints(threads, "--threads"),
             less_work=_words(less_work), cfg_interval=list(iv) if iv else [150, 750],
             cache_interval=cache_interval or 2, sampler=c.value(sampler), steps=steps, cfg_scale=cfg_scale,
             seed=seed, images=images, rounds=rounds, fid=fid, fid_samples=fid_samples, min_call_cosine=min_cosine,
