@@ -67,6 +67,10 @@ class Server:
             self.kill()
             raise AssertionError(f"server not ready in {READY_TIMEOUT_S} s: {self.lines} {self.proc.stderr.read()}")
         self.family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        # what each Python-backend stub holds outside TMPDIR: its model folder (/tmp/folderXXXXXX) and shm region
+        self.stub_files = [p for argv in (q.cmdline() for q in self.family[1:] if q.is_running())
+                           if argv and argv[0].endswith("triton_python_backend_stub")
+                           for p in (Path(argv[1]).parent.parent, Path("/dev/shm", argv[2]))]
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -372,10 +376,12 @@ def test_sigterm_stops_tritonserver_every_worker_and_the_workspace(server):
     names = {p.name() for p in server.family}
     assert any("tritonserver" in n for n in names) and any("triton_python" in n for n in names), names
     assert _left_in(server.tmp)  # the workspace exists while it runs
+    assert server.stub_files and all(p.exists() for p in server.stub_files)
     rc, took = server.stop(signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM
     assert server.left_running() == []
     assert _left_in(server.tmp) == []
+    assert [str(p) for p in server.stub_files if p.exists()] == []
 
 
 @pytest.mark.slow

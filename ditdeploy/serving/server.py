@@ -33,9 +33,10 @@ from ditdeploy.serving.protocol import WireError
 
 MODELS = ("generate", "denoise", "info")
 DENOISE_INSTANCES = 4
-# tritonserver unloads the Python-backend models one by one (2-7 s each on a loaded 2-core box); after this many
-# seconds it exits anyway and the stubs, which watch their parent, end themselves (tests check nothing is left)
-EXIT_TIMEOUT_S = 3
+# tritonserver unloads the Python-backend models one by one (2-7 s each on a loaded 2-core box) and only an unload
+# removes a stub's shared memory (/dev/shm) and model folder (/tmp/folderXXXXXX); cut short, stubs can even outlive
+# it (seen: a stub hung in futex_wait, deaf to SIGTERM). So Triton gets this long, and _reap cleans up after it.
+EXIT_TIMEOUT_S = 30
 _PROXY = Path(__file__).with_name("triton_model.py")
 
 
@@ -177,9 +178,11 @@ def _run_triton(opts: ServeOptions, core: ServingCore, workdir: Path, stop: thre
     cancel_dir = (workdir / "pytriton").resolve() / "cancelled"  # the proxy's marks (triton_model.py)
     cancel_dir.mkdir()
     core.cancel_dir = cancel_dir
+    stubs: list[Any] = []
     try:
         bind(triton, core)
         triton.run()
+        stubs = _stubs()
         if not stop.is_set():
             say(ready_line(opts))
         while not stop.wait(0.5):
@@ -190,7 +193,46 @@ def _run_triton(opts: ServeOptions, core: ServingCore, workdir: Path, stop: thre
         if stop.is_set():  # in-flight requests end now ("the server is stopping"), not after PyTriton's 20 s wait
             core.close()
         triton.stop()
+        _reap(stubs)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stubs() -> list[tuple[Any, list[str]]]:
+    """tritonserver's Python-backend stub processes (children of this process's tritonserver) with their argv."""
+    import psutil
+
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if argv and argv[0].endswith("triton_python_backend_stub"):
+            out.append((child, argv))
+    return out
+
+
+def _reap(stubs: list[tuple[Any, list[str]]]) -> None:
+    """After tritonserver stopped: kill a stub that outlived it, remove what an unload would have removed (the
+    stub's model folder under the temp dir, its /dev/shm region) and this process's PyTriton shm regions."""
+    import glob
+
+    import psutil
+
+    alive = [p for p, _ in stubs if p.is_running()]
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+    tmp = Path(tempfile.gettempdir()).resolve()
+    for _, argv in stubs:
+        model = Path(argv[1]) if len(argv) > 2 else None
+        if model is not None and model.name == "model.py" and model.parent.parent.name.startswith("folder") and \
+                model.parent.parent.parent in (tmp, Path("/tmp")):
+            shutil.rmtree(model.parent.parent, ignore_errors=True)
+        if len(argv) > 2 and argv[2].startswith("pytrtion") and "/" not in argv[2]:
+            Path("/dev/shm", argv[2]).unlink(missing_ok=True)
+    for region in glob.glob(f"/dev/shm/pytrtion{os.getpid()}-*"):
+        Path(region).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
