@@ -71,6 +71,7 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
 def main(argv: list[str] | None = None) -> int:
     from ditdeploy import metrics
     from ditdeploy.artifacts import tool_versions, write_json_atomic
+    from ditdeploy.bench.machine import machine_info
     from ditdeploy.generation import SampleRequest, generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"what": "uint8 image PSNR vs the torch backend, same checkpoint/seed/sampler/labels", "rows": rows,
               "min_psnr_db": min(r["psnr_db"] for r in rows), "seed": a.seed, "num_per_label": a.num_per_label,
               "threads": a.threads, "tools": tool_versions(), "loadavg_at_end": os.getloadavg(),
+              "machine": machine_info(),
               "command": "python3 experiments/backend_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json_atomic(a.out, result)
     print(f"min PSNR {result['min_psnr_db']:.2f} dB -> {a.out}", file=sys.stderr)

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the result here")
     a = ap.parse_args(argv)
     res = evaluate(a.model, a.n_per_class, a.cfg_scale, a.method, a.steps, a.seed, a.threads)
+    from ditdeploy.bench.machine import machine_info
+
+    res["machine"] = machine_info()  # CPU, ISA flags (cpu_isa) and load, as in every result file
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

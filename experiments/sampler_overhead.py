@@ -101,14 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['denoiser_s']:7.2f} s  overhead {r['overhead_s'] * 1e3:7.1f} ms = {r['overhead_pct']:.3f}%",
                   file=sys.stderr)
     from ditdeploy.artifacts import tool_versions, write_json_atomic
+    from ditdeploy.bench.machine import machine_info
 
     result = {
         "what": "sampler overhead = sampling-loop wall time not spent in denoiser calls (ditdeploy sample's loop)",
         "model": {"variant": a.variant, "image_size": a.image_size, "weights": "random (speed only)"},
         "backend": den.name, "threads": a.threads, "setup_s": setup, "runs": rows,
         "max_overhead_pct": max(r["overhead_pct"] for r in rows),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "loadavg_at_end": os.getloadavg()},
+        "machine": {**machine_info(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
         "tools": tool_versions(),
         "command": "python3 experiments/sampler_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
