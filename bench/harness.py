@@ -88,18 +88,38 @@ def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
     return sorted(dict.fromkeys(out))
 
 
+def default_backends(path: Path) -> list[str]:
+    """The installed backends that read ``path``, the one its suffix selects first (``runtimes.registry``), plus
+    OpenVINO's bf16 hint on CPUs with native bf16; torch for anything else."""
+    from ditdeploy.runtimes.registry import get_backend, readers
+
+    first, *rest = readers(path.suffix) or ["torch"]
+    out = [first] + [b for b in rest if get_backend(b).installed()]
+    if "openvino" in out and _cpu_has_bf16():
+        out.insert(out.index("openvino") + 1, "openvino:bf16")
+    return out
+
+
+def _cpu_has_bf16() -> bool:
+    from ditdeploy.bench.machine import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
     """``"openvino:bf16"`` -> ("openvino", {"precision_hint": "bf16"}, "openvino:bf16"); ``"name:key=value,..."`` sets
     backend options (checked against the backend's option set: a misspelt one is a one-line error); plain names pass
     through."""
-    from ditdeploy.runtimes import ALIASES, BACKENDS, check_options
+    from ditdeploy.runtimes import backend_names, check_options
     from ditdeploy.runtimes.options import parse_value
+    from ditdeploy.runtimes.registry import canonical
 
     name, _, arg = spec.partition(":")
-    name = ALIASES.get(name.lower(), name.lower())
-    if name not in BACKENDS:
-        raise DitDeployError(f"unknown backend {spec!r}: choose from {', '.join(BACKENDS)} "
-                             "(openvino:bf16 / openvino:f32 set OpenVINO's precision hint)")
+    try:
+        name = canonical(name)
+    except DitDeployError:
+        raise DitDeployError(f"unknown backend {spec!r}: choose from {', '.join(backend_names())} "
+                             "(openvino:bf16 / openvino:f32 set OpenVINO's precision hint)") from None
     opts: dict[str, Any] = {}
     if "=" in arg:
         for item in arg.split(","):

@@ -84,12 +84,9 @@ class CaptureSettings:
 
     def validate(self) -> None:
         """One-line DitDeployError for values that cannot work."""
-        from ditdeploy.diffusion import METHODS
+        from ditdeploy.diffusion import check_settings
 
-        if self.sampler not in METHODS:
-            raise DitDeployError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(METHODS)}")
-        if not 1 <= self.steps <= 1000:
-            raise DitDeployError(f"--steps must be in 1..1000, got {self.steps}")
+        check_settings(self.sampler, self.steps, self.cfg_scale, self.eta, flags=True)
         if self.samples < 1:
             raise DitDeployError(f"--samples must be >= 1, got {self.samples}")
         if self.val_samples is not None and self.val_samples < 0:
@@ -98,10 +95,6 @@ class CaptureSettings:
             raise DitDeployError(f"--timesteps must be >= 1, got {self.timesteps}")
         if self.batch_size < 1:
             raise DitDeployError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not (self.cfg_scale >= 0 and np.isfinite(self.cfg_scale)):
-            raise DitDeployError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
-        if self.eta < 0 or (self.eta != 0 and self.sampler != "ddim"):
-            raise DitDeployError("--eta must be >= 0 and is only used by --sampler ddim")
         if self.seed < 0 or self.resolved_val_seed() < 0:
             raise DitDeployError("seeds must be >= 0")
         if self.resolved_val_samples() and self.resolved_val_seed() == self.seed:

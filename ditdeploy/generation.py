@@ -28,7 +28,6 @@ DEFAULT_PER_LABEL_SMALL = 6  # images per class for models with few classes (dig
 DEFAULT_BATCH = 64
 DEFAULT_CFG = 4.0
 GRID_MAX = 256  # images shown in the grid image when sampling many (the npz holds all)
-SAMPLERS = ("ddim", "ddpm", "dpm-solver++")
 GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL format
 # the backend options `sample` sets, with the flag that sets each; which backend takes which is the backend's own
 # option set (ditdeploy.runtimes.options_for), not a list kept here
@@ -66,22 +65,20 @@ class SampleRequest:
     shard: list[int] | None = None  # [index, count]: sample only this shard (a worker); None: all, or torchrun's
     guide_all_channels: bool = False  # CFG on all eps channels, not the official first 3
     progress: bool = False  # tqdm bar over sampling steps (stderr)
-    cfg_interval: list[int] | None = None  # [lo, hi]: guidance only at original timesteps lo..hi (inclusive)
+    cfg_interval: list[int] | str | None = None  # [lo, hi] or "LO,HI": guidance only at original timesteps lo..hi
     cache_interval: int | None = None  # feature reuse: every N-th step computes all blocks; None: off
     json_summary: Path | None = None  # write the run summary (work, GMACs, timings) here
     server: str | None = None  # URL of a `ditdeploy serve` server: the images come from it (ditdeploy.serving)
 
     def validate(self) -> None:
         """Reject bad values before anything loads (one-line DitDeployError naming the flag)."""
+        from ditdeploy.diffusion import check_settings
         from ditdeploy.errors import DitDeployError
 
+        interval = check_settings(self.sampler, self.steps, self.cfg_scale, self.eta, self.cfg_interval,
+                                  self.cache_interval, flags=True)
+        self.cfg_interval = list(interval) if interval is not None else None  # "LO,HI" parsed here, once
         checks = [
-            (self.sampler in SAMPLERS, f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}"),
-            (1 <= self.steps <= 1000, f"--steps must be in 1..1000, got {self.steps}"),
-            (self.cfg_scale is None or 0 <= self.cfg_scale < float("inf"),
-             f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {self.cfg_scale}"),
-            (self.eta >= 0 and (self.eta == 0 or self.sampler == "ddim"),
-             "--eta must be >= 0 and is only used by --sampler ddim"),
             (self.seed >= 0, f"--seed must be >= 0, got {self.seed}"),
             (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.num_per_label is None or self.num_per_label >= 1,
@@ -99,10 +96,6 @@ class SampleRequest:
         from ditdeploy.bounds import check_threads
 
         check_threads(self.options.get("threads"))
-        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
-
-        parse_cfg_interval(self.cfg_interval)
-        check_cache_interval(self.cache_interval)
         implied = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}.get(self.out.suffix.lower() if self.out else "")
         if self.output_format and implied and implied != self.output_format:
             raise DitDeployError(f"--output-format {self.output_format} but --out {self.out} names a {implied} file: "
@@ -283,30 +276,17 @@ def row_len(labels) -> int | None:
 # --------------------------------------------------------------------------------------------------------- loading
 def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
     """The options to pass to ``runtimes.load`` for ``backend`` (None values dropped); an option meant for another
-    backend is a one-line error naming its flag."""
-    from ditdeploy.errors import DitDeployError
-    from ditdeploy.runtimes import BACKENDS, options_for
+    backend is a one-line error naming its flag (``runtimes.select_options``)."""
+    from ditdeploy.runtimes import select_options
 
-    out = {}
-    for k, v in options.items():
-        if v is None or v is False:
-            continue
-        allowed = list(FLAG_BACKENDS.get(k) or (b for b in BACKENDS if k in options_for(b)))
-        if backend not in allowed and k in IGNORED_ELSEWHERE:
-            continue
-        if backend not in allowed:
-            raise DitDeployError(f"{BACKEND_OPTIONS.get(k, k)} applies to the {', '.join(allowed)} backend"
-                                 f"{'s' * (len(allowed) > 1)} only"
-                                 + (" (bare .pt checkpoints)" if k == "image_size" else "") + f", not {backend}")
-        out[k] = v
-    return out
+    return select_options(backend, options, flags=BACKEND_OPTIONS, only=FLAG_BACKENDS, ignored=IGNORED_ELSEWHERE)
 
 
 def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, Any]):
     """The VAE decoder of a latent model (``vae`` or the manifest's), loaded; None for pixel models."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.manifest import Manifest
-    from ditdeploy.runtimes import READS, load_decoder, options_for, resolve_backend
+    from ditdeploy.runtimes import get_backend, load_decoder, resolve_backend, select_options
 
     if den.config.space == "pixel":
         if vae is not None:
@@ -324,11 +304,9 @@ def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, An
         raise DitDeployError(f"VAE decoder {path} not found")
     if Path(path).is_dir():  # a diffusers AutoencoderKL folder: the torch reference decoder
         return load_decoder(path, backend="torch", **({"threads": opts["threads"]} if "threads" in opts else {}))
-    dec_backend = backend if Path(path).suffix.lower() in READS.get(backend, ()) else None
+    dec_backend = backend if Path(path).suffix.lower() in get_backend(backend).reads else None
     # the denoiser's options that the decoder's backend also takes (its own option set decides)
-    target = dec_backend or resolve_backend(path)
-    takes = options_for(target, "decoder")
-    dec_opts = {k: v for k, v in opts.items() if k in takes and target in FLAG_BACKENDS.get(k, (target,))}
+    dec_opts = select_options(dec_backend or resolve_backend(path), opts, "decoder", strict=False, only=FLAG_BACKENDS)
     return load_decoder(path, backend=dec_backend, **dec_opts)
 
 
@@ -379,9 +357,6 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
                                  npz_through=plan.through(req.npz or ""))
     t0 = time.perf_counter()
     den = load(engine, backend=b, **opts)
-    from ditdeploy.diffusion import check_cache_interval
-
-    check_cache_interval(req.cache_interval, den)
     decoder = resolve_decoder(den, req.vae, b, opts)
     timings = Timings(load_s=time.perf_counter() - t0)
     cfg_scale = req.cfg_scale if req.cfg_scale is not None else default_cfg(den.config)

@@ -79,14 +79,11 @@ def human_bytes(n: float) -> str:
 
 def artifact_files(path: str | os.PathLike) -> list[Path]:
     """The files an exported artifact ``path`` consists of on disk: itself, its manifest, and by suffix its
-    external data (``.onnx.data``) or OpenVINO weights (``.bin``)."""
+    sidecars (``ditdeploy.formats``: external data ``.onnx.data``, OpenVINO weights ``.bin``)."""
+    from ditdeploy.formats import sidecar_files
+
     p = Path(path)
-    files = [p, p.with_name(p.name + ".json")]
-    if p.suffix == ".onnx":
-        files.append(p.with_name(p.name + ".data"))
-    if p.suffix == ".xml":
-        files.append(p.with_suffix(".bin"))
-    return files
+    return [p, p.with_name(p.name + ".json"), *sidecar_files(p)]
 
 
 @dataclass(frozen=True)

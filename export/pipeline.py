@@ -3,11 +3,12 @@
 - weights: ``--checkpoint FILE`` (official .pt or our safetensors, via ``ditdeploy.checkpoints.load_model``), the
   official file by name (from the cache, or downloaded with ``--download`` via ``ditdeploy.weights``), the shipped
   ``digits`` model, or ``--random-weights`` (benchmarking only; must be asked for explicitly);
-- formats: ``onnx`` (here), ``openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``), ``trt``
-  (ONNX, then ``ditdeploy.export.tensorrt.build_engine``); ``--precision int8`` goes through the fp32 ONNX and
-  ``ditdeploy.calibration.quantize.quantize_int8``; ``aoti`` (no ONNX: ``ditdeploy.export.aoti``, a ``.pt2``).
-  The ONNX intermediates of the non-ONNX paths live in a hidden temporary folder beside the output and are removed
-  afterwards.
+- formats: the registry ``ditdeploy.formats`` maps each ``--fmt`` to its builder here, which takes one
+  :class:`ExportJob`: ``build_onnx``, ``build_openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``),
+  ``build_trt`` (ONNX, then ``ditdeploy.export.tensorrt.build_engine``), ``build_aoti`` (no ONNX:
+  ``ditdeploy.export.aoti``, a ``.pt2``), ``build_diffusers``; ``--precision int8`` goes through the fp32 ONNX and
+  ``ditdeploy.calibration.quantize.quantize_int8`` (:meth:`ExportJob.onnx_source`). The ONNX intermediates of the
+  non-ONNX paths live in a hidden temporary folder beside the output and are removed afterwards.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import importlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.formats import get_format
 
-FORMATS = {"onnx": ".onnx", "openvino": ".xml", "trt": ".plan", "aoti": ".pt2"}
 DECODER_NAME = "vae_decoder"
 
 
@@ -40,7 +42,7 @@ def default_out(config: Any, precision: str, fmt: str) -> Path:
     cond = getattr(config, "conditioning", "adaln-zero")
     if cond != "adaln-zero":
         name += f"-{cond}"
-    return Path(f"{name}-{precision}{FORMATS[fmt]}")
+    return Path(f"{name}-{precision}{get_format(fmt).suffix}")
 
 
 def resolve_checkpoint(checkpoint: str, download: bool, say: Callable[[str], None] = print) -> Path:
@@ -150,14 +152,13 @@ def class_names(net: Any, source: dict[str, Any]) -> dict[int, str] | None:
 def removed_on_failure(artifact: Path | None) -> Iterator[None]:
     """Delete ``artifact`` (and its manifest and external data) if the block fails: a decoder exported for a
     denoiser whose export then failed is not left behind on its own."""
+    from ditdeploy.outputs import artifact_files
+
     try:
         yield
     except BaseException:
         if artifact is not None:
-            files = [artifact, artifact.with_name(artifact.name + ".json"), artifact.with_name(artifact.name + ".data")]
-            if artifact.suffix == ".xml":  # OpenVINO IR: weights in the .bin beside it
-                files.append(artifact.with_suffix(".bin"))
-            for f in files:
+            for f in artifact_files(artifact):  # itself, its manifest, its sidecars (.onnx.data, OpenVINO's .bin)
                 f.unlink(missing_ok=True)
         raise
 
@@ -226,76 +227,147 @@ def export_cache_pair(net: Any, out: Path, fmt: str, *, opset: int, verify: bool
         return export_cache_graphs_openvino(onnx_path, out, verify=verify)
 
 
-def export_denoiser(
-    net: Any,
-    out: Path,
-    fmt: str,
-    precision: str,
-    *,
-    opset: int,
-    verify: bool,
-    batch_max: int | None,
-    source: dict[str, Any],
-    decoder: str | None,
-    calibration: str | None = None,
-    int8_mode: str = "static",
-    seed: int = 0,
-    progress: bool = True,
-    int8_options: dict[str, Any] | None = None,
-    trt_options: dict[str, Any] | None = None,
-    aoti_options: dict[str, Any] | None = None,
-    id2label: dict[int, str] | None = None,
-) -> dict[str, Any]:
-    """Export ``net`` as ``fmt``/``precision`` to ``out``; returns the final artifact's manifest. ``id2label``
-    (class names) goes into the manifest and is carried through INT8 / OpenVINO / TensorRT."""
-    from ditdeploy.export.onnx import export_denoiser_onnx
+@dataclass
+class ExportJob:
+    """One denoiser export, as every format's builder receives it (``ditdeploy.formats``).
 
-    extra = {"source_checkpoint": ({"name": source.get("name"), "sha256": source.get("sha256")}
-                                   if source.get("sha256") else None),
-             "random_weights": source.get("kind") == "random"}
-    if id2label:
-        extra["id2label"] = {str(k): v for k, v in sorted(id2label.items())}
-    if fmt == "aoti":
-        export_aoti = _optional("ditdeploy.export.aoti", "export_denoiser_aoti", "AOTInductor export")
-        o = aoti_options or {}
-        calib = None
-        if o.get("calibration") is not None:
-            from ditdeploy.calibration.capture import load_calibration
+    ``options``: the format's own settings (``FormatSpec.options``: TensorRT's profile and dry run, AOTInductor's
+    device...); ``id2label`` (class names) goes into the manifest and is carried through INT8 / OpenVINO /
+    TensorRT; ``vae``: a VAE folder the format packs itself (diffusers).
+    """
 
-            calib = load_calibration(o["calibration"])
-        return export_aoti(net, out, device=o.get("device") or "cpu", precision=precision,
-                           min_batch=o.get("min_batch"), max_batch=batch_max, verify=verify, seed=seed, source=source,
-                           calibration=calib, extra={**extra, "decoder": decoder})
-    # INT8 for TensorRT is quantized from the fp16 export (strongly typed: layers without Q/DQ then run in fp16);
-    # for ONNX Runtime / OpenVINO CPU from the fp32 export
-    onnx_precision = ("fp16" if fmt == "trt" else "fp32") if precision == "int8" else precision
+    net: Any
+    out: Path
+    fmt: str
+    precision: str = "fp32"
+    opset: int = 18
+    verify: bool = True
+    batch_max: int | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    decoder: str | None = None
+    calibration: str | None = None
+    int8_mode: str = "static"
+    seed: int = 0
+    progress: bool = True
+    int8_options: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    id2label: dict[int, str] | None = None
+    vae: Path | None = None
 
-    def onnx_export(path: Path) -> dict[str, Any]:
-        return export_denoiser_onnx(net, path, precision=onnx_precision, opset=opset, verify=verify,
-                                    batch_max=batch_max, seed=seed, source=source, decoder=decoder, extra=extra,
-                                    progress=progress, release_model=True)
+    def extra(self) -> dict[str, Any]:
+        """Manifest fields every denoiser artifact records: its source checkpoint, random weights, class names."""
+        src = self.source
+        out: dict[str, Any] = {"source_checkpoint": ({"name": src.get("name"), "sha256": src.get("sha256")}
+                                                     if src.get("sha256") else None),
+                               "random_weights": src.get("kind") == "random"}
+        if self.id2label:
+            out["id2label"] = {str(k): v for k, v in sorted(self.id2label.items())}
+        return out
 
-    if fmt == "onnx" and precision != "int8":
-        return onnx_export(out)
-    with scratch_dir(out) as tmp:
-        onnx_path = tmp / f"{out.stem}-{onnx_precision}.onnx"  # named apart from the output
-        onnx_export(onnx_path)
-        if precision == "int8":
-            quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")
-            target = out if fmt == "onnx" else tmp / (out.stem + "-int8.onnx")
-            m = quantize(onnx_path, target, calibration, mode=int8_mode, verify=verify, progress=progress,
-                         **(int8_options or {}))
-            if fmt == "onnx":
-                return m
-            onnx_path = target
-        if fmt == "openvino":
-            export_ov = _optional("ditdeploy.export.openvino", "export_openvino", "OpenVINO export")
-            return export_ov(onnx_path, out, verify=verify)
-        if fmt == "trt":
-            build = _optional("ditdeploy.export.tensorrt", "build_engine", "TensorRT engine building")
-            return build(onnx_path, out, precision=precision, batch_max=batch_max, verify=verify, progress=progress,
-                         **(trt_options or {}))
-    raise DitDeployError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    def export_onnx(self, path: Path, precision: str) -> dict[str, Any]:
+        """The denoiser as ONNX at ``path`` (``precision`` fp32 or fp16); returns its manifest."""
+        from ditdeploy.export.onnx import export_denoiser_onnx
+
+        return export_denoiser_onnx(self.net, path, precision=precision, opset=self.opset, verify=self.verify,
+                                    batch_max=self.batch_max, seed=self.seed, source=self.source,
+                                    decoder=self.decoder, extra=self.extra(), progress=self.progress,
+                                    release_model=True)
+
+    def quantize(self, onnx_path: Path, target: Path) -> dict[str, Any]:
+        """``--precision int8``: the Q/DQ (or dynamic) INT8 ONNX of ``onnx_path`` at ``target``."""
+        quantize = _optional("ditdeploy.calibration.quantize", "quantize_int8", "INT8 quantization")
+        return quantize(onnx_path, target, self.calibration, mode=self.int8_mode, verify=self.verify,
+                        progress=self.progress, **(self.int8_options or {}))
+
+    @contextlib.contextmanager
+    def onnx_source(self, int8_base: str = "fp32") -> Iterator[Path]:
+        """A temporary ONNX of the denoiser at the job's precision, for formats built from ONNX (INT8: quantized
+        from the ``int8_base`` export), in a hidden folder beside the output, removed afterwards."""
+        base = int8_base if self.precision == "int8" else self.precision
+        with scratch_dir(self.out) as tmp:
+            onnx_path = tmp / f"{self.out.stem}-{base}.onnx"  # named apart from the output
+            self.export_onnx(onnx_path, base)
+            if self.precision == "int8":
+                target = tmp / (self.out.stem + "-int8.onnx")
+                self.quantize(onnx_path, target)
+                onnx_path = target
+            yield onnx_path
+
+
+def build_onnx(job: ExportJob) -> dict[str, Any]:
+    """``--fmt onnx``: fp32/fp16 directly; INT8 quantized from the fp32 export."""
+    if job.precision != "int8":
+        return job.export_onnx(job.out, job.precision)
+    with scratch_dir(job.out) as tmp:
+        onnx_path = tmp / f"{job.out.stem}-fp32.onnx"
+        job.export_onnx(onnx_path, "fp32")
+        return job.quantize(onnx_path, job.out)
+
+
+def build_openvino(job: ExportJob) -> dict[str, Any]:
+    """``--fmt openvino``: the IR converted from the (fp32/fp16/INT8) ONNX."""
+    export_ov = _optional("ditdeploy.export.openvino", "export_openvino", "OpenVINO export")
+    with job.onnx_source() as onnx_path:
+        return export_ov(onnx_path, job.out, verify=job.verify)
+
+
+def build_trt(job: ExportJob) -> dict[str, Any]:
+    """``--fmt trt``: an engine built from the ONNX; INT8 is quantized from the fp16 export (strongly typed: layers
+    without Q/DQ then run in fp16)."""
+    build = _optional("ditdeploy.export.tensorrt", "build_engine", "TensorRT engine building")
+    with job.onnx_source(int8_base="fp16") as onnx_path:
+        return build(onnx_path, job.out, precision=job.precision, batch_max=job.batch_max, verify=job.verify,
+                     progress=job.progress, **job.options)
+
+
+def build_aoti(job: ExportJob) -> dict[str, Any]:
+    """``--fmt aoti``: an AOTInductor ``.pt2`` compiled from the torch model (no ONNX)."""
+    export_aoti = _optional("ditdeploy.export.aoti", "export_denoiser_aoti", "AOTInductor export")
+    o = job.options
+    calib = None
+    if o.get("calibration") is not None:
+        from ditdeploy.calibration.capture import load_calibration
+
+        calib = load_calibration(o["calibration"])
+    return export_aoti(job.net, job.out, device=o.get("device") or "cpu", precision=job.precision,
+                       min_batch=o.get("min_batch"), max_batch=job.batch_max, verify=job.verify, seed=job.seed,
+                       source=job.source, calibration=calib, extra={**job.extra(), "decoder": job.decoder})
+
+
+def build_diffusers(job: ExportJob) -> dict[str, Any]:
+    """``--fmt diffusers``: a DiTPipeline snapshot folder (its ``vae/`` copied from ``job.vae``)."""
+    from ditdeploy.diffusers_io import write_snapshot
+
+    return write_snapshot(job.net, job.out, vae=job.vae, id2label=job.id2label, verify=job.verify, seed=job.seed,
+                          source=job.source)
+
+
+def build_triton(job: ExportJob) -> dict[str, Any]:
+    """``--fmt triton``: a Triton model repository folder (ONNX denoiser, generate loop, VAE decoder)."""
+    from ditdeploy.export.triton_repo import (
+        DEFAULT_INSTANCES,
+        DEFAULT_MAX_BATCH,
+        RepoOptions,
+        export_repository,
+    )
+
+    options = RepoOptions(max_batch=job.batch_max or DEFAULT_MAX_BATCH,
+                          instances=job.options.get("instances") or DEFAULT_INSTANCES)
+    return export_repository(job.net, job.out, precision=job.precision, vae=job.vae, options=options,
+                             opset=job.opset, verify=job.verify, seed=job.seed, source=job.source,
+                             id2label=job.id2label, progress=job.progress, calibration=job.calibration,
+                             int8_mode=job.int8_mode, int8_options=job.int8_options)
+
+
+def export_denoiser(net: Any, out: Path, fmt: str, precision: str, **settings: Any) -> dict[str, Any]:
+    """Export ``net`` as ``fmt``/``precision`` to ``out`` through the format's builder (``ditdeploy.formats``);
+    ``settings`` are :class:`ExportJob` fields. Returns the final artifact's manifest."""
+    spec = get_format(fmt)
+    job = ExportJob(net=net, out=Path(out), fmt=spec.name, precision=precision, **settings)
+    unknown = sorted(set(job.options) - set(spec.options))
+    if unknown:
+        raise DitDeployError(f"--fmt {spec.name} does not take {', '.join(unknown)}")
+    return spec.build(job)
 
 
 def quantize_export(src: Path, out: Path, fmt: str, *, cache_graphs: bool, verify: bool,

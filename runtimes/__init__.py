@@ -15,7 +15,6 @@ Backends are imported lazily: importing this package pulls no runtime and never 
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -26,40 +25,14 @@ from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import Timed
 from ditdeploy.runtimes.options import accepted, validate
+from ditdeploy.runtimes.registry import backend_module, backend_names, canonical, get_backend, suffix_backends
 from ditdeploy.variants import DiTConfig
 
-__all__ = ["BACKENDS", "Decoder", "Denoiser", "Timed", "check_options", "load", "load_decoder", "options_for",
-           "resolve_backend"]
+__all__ = ["Decoder", "Denoiser", "Timed", "backend_names", "check_options", "load", "load_decoder",
+           "options_for", "resolve_backend", "select_options"]
 
-# backend name -> module (imported only when chosen)
-BACKENDS: dict[str, str] = {
-    "aoti": "ditdeploy.runtimes.aoti",
-    "onnxruntime": "ditdeploy.runtimes.onnxruntime",
-    "openvino": "ditdeploy.runtimes.openvino",
-    "tensorrt": "ditdeploy.runtimes.tensorrt",
-    "torch": "ditdeploy.runtimes.torch",
-}
-ALIASES = {"aotinductor": "aoti", "pt2": "aoti",
-           "ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino", "trt": "tensorrt", "pytorch": "torch"}
-SUFFIX_BACKEND = {
-    ".onnx": "onnxruntime",
-    ".xml": "openvino",
-    ".plan": "tensorrt",
-    ".engine": "tensorrt",
-    ".trt": "tensorrt",
-    ".pt2": "aoti",
-    ".safetensors": "torch",
-    ".pt": "torch",
-    ".pth": "torch",
-}
-# which files each backend can read
-READS = {
-    "aoti": (".pt2",),
-    "onnxruntime": (".onnx",),
-    "openvino": (".xml", ".onnx"),
-    "tensorrt": (".plan", ".engine", ".trt"),
-    "torch": (".safetensors", ".pt", ".pth"),
-}
+# The backends, their aliases and suffixes are declared by each runtime module (``BACKEND``) and collected by
+# ``ditdeploy.runtimes.registry``; nothing here lists them.
 
 
 @runtime_checkable
@@ -84,34 +57,34 @@ class Decoder(Protocol):
 
 
 def resolve_backend(path: str | os.PathLike, backend: str | None = None) -> str:
-    """The backend for ``path``: ``backend`` if given (checked against what it can read), else by suffix.
-    A diffusers DiT snapshot folder is read by the torch backend (the mapped reference model)."""
+    """The backend for ``path``: ``backend`` (a name or alias) if given, checked against what it can read, else the
+    one that claims the suffix. A diffusers DiT snapshot folder is read by the torch backend (the mapped reference
+    model)."""
     if _is_snapshot(path):
-        if backend and ALIASES.get(backend.lower(), backend.lower()) != "torch":
+        if backend and canonical(backend) != "torch":
             raise DitDeployError(f"{Path(path).name}/ is a diffusers snapshot: only the torch backend reads it "
                                  f"(export it first: ditdeploy export --checkpoint {path})")
         return "torch"
     suffix = Path(path).suffix.lower()
     if backend:
-        b = ALIASES.get(backend.lower(), backend.lower())
-        if b not in BACKENDS:
-            raise DitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if suffix not in READS[b]:
+        spec = get_backend(backend)
+        if suffix not in spec.reads:
             raise DitDeployError(
-                f"the {b} backend cannot read {suffix or 'suffix-less'} files ({Path(path).name}); "
-                f"it reads {', '.join(READS[b])}"
+                f"the {spec.name} backend cannot read {suffix or 'suffix-less'} files ({Path(path).name}); "
+                f"it reads {', '.join(spec.reads)}"
             )
-        return b
-    if suffix not in SUFFIX_BACKEND:
+        return spec.name
+    claimed = suffix_backends()
+    if suffix not in claimed:
         raise DitDeployError(
             f"cannot tell the backend for {Path(path).name}: use a known suffix "
-            f"({', '.join(SUFFIX_BACKEND)}) or pass --backend"
+            f"({', '.join(claimed)}) or pass --backend"
         )
-    return SUFFIX_BACKEND[suffix]
+    return claimed[suffix]
 
 
 def _module(backend: str):
-    return importlib.import_module(BACKENDS[backend])
+    return backend_module(backend)
 
 
 def _is_snapshot(path: str | os.PathLike) -> bool:
@@ -152,7 +125,7 @@ def load_decoder(path: str | os.PathLike, backend: str | None = None, **opts: An
     """
     p = Path(path)
     if p.is_dir():
-        if backend and ALIASES.get(backend.lower(), backend.lower()) != "torch":
+        if backend and canonical(backend) != "torch":
             raise DitDeployError(f"{p} is a diffusers VAE folder: only the torch backend reads it")
         validate("torch", "decoder", _module("torch").load_decoder, opts)
         return _module("torch").load_decoder(p, **opts)
@@ -169,14 +142,40 @@ def options_for(backend: str, kind: str = "denoiser") -> tuple[str, ...]:
     """The options ``backend`` takes for a ``denoiser`` or ``decoder`` (``()`` when it has no decoder support).
 
     They are the keyword parameters of the backend's entry point (``runtimes/options.py``)."""
-    b = ALIASES.get(backend.lower(), backend.lower())
-    if b not in BACKENDS:
-        raise DitDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    b = canonical(backend)
     entry = getattr(_module(b), f"load_{kind}", None)
     return accepted(entry) if entry is not None else ()
 
 
+def select_options(backend: str, options: dict[str, Any], kind: str = "denoiser", *, strict: bool = True,
+                   flags: dict[str, str] | None = None, only: dict[str, tuple[str, ...]] | None = None,
+                   ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The one filter of backend options: the entries of ``options`` that ``backend``'s ``kind`` takes (values
+    None/False dropped: "not set").
+
+    ``only``: option -> the backends where it means what the caller means (``device`` is a torch device for the
+    torch/aoti backends, something else for OpenVINO's). An option ``backend`` does not take is, with ``strict``,
+    a one-line error naming its flag (``flags``: option -> flag) and the backends that do take it; without it (or
+    for the ``ignored`` options, which only some backends need) the option is left out (a decoder gets the
+    denoiser's options it also takes).
+    """
+    b = canonical(backend)
+    only, flags = only or {}, flags or {}
+    out = {}
+    for k, v in options.items():
+        if v is None or v is False:
+            continue
+        allowed = list(only.get(k) or (n for n in backend_names() if k in options_for(n, kind)))
+        if b in allowed and k in options_for(b, kind):
+            out[k] = v
+        elif strict and k not in ignored:
+            raise DitDeployError(f"{flags.get(k, k)} applies to the {', '.join(allowed)} backend"
+                                 f"{'s' * (len(allowed) > 1)} only"
+                                 + (" (bare .pt checkpoints)" if k == "image_size" else "") + f", not {b}")
+    return out
+
+
 def check_options(backend: str, opts: dict[str, Any], kind: str = "denoiser") -> None:
     """One-line DitDeployError when ``opts`` holds an option the ``backend``'s ``kind`` does not take."""
-    b = ALIASES.get(backend.lower(), backend.lower())
+    b = canonical(backend)
     validate(b, kind, getattr(_module(b), f"load_{kind}"), opts)

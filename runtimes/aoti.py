@@ -25,6 +25,10 @@ import numpy as np
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DenoiserBase, read_manifest
+from ditdeploy.runtimes.registry import BackendSpec
+
+BACKEND = BackendSpec("aoti", reads=(".pt2",), claims=(".pt2",), aliases=("aotinductor", "pt2"),
+                      distributions=("torch",), imports="torch")
 
 
 def _torch():

@@ -31,6 +31,10 @@ from ditdeploy.runtimes.base import (
     physical_cores,
     read_manifest,
 )
+from ditdeploy.runtimes.registry import BackendSpec
+
+BACKEND = BackendSpec("onnxruntime", reads=(".onnx",), claims=(".onnx",), aliases=("ort", "onnx"),
+                      distributions=("onnxruntime", "onnxruntime-gpu"), imports="onnxruntime")
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",

@@ -30,6 +30,10 @@ from ditdeploy.runtimes.base import (
     physical_cores,
     read_manifest,
 )
+from ditdeploy.runtimes.registry import BackendSpec
+
+BACKEND = BackendSpec("openvino", reads=(".xml", ".onnx"), claims=(".xml",), aliases=("ov",),
+                      distributions=("openvino",), imports="openvino")
 
 PRECISION_HINTS = {"f32": "f32", "fp32": "f32", "bf16": "bf16", "f16": "f16", "fp16": "f16",
                    "default": None, "auto": None}

@@ -33,7 +33,11 @@ from ditdeploy.runtimes.base import (
     denoiser_shapes,
     read_manifest,
 )
+from ditdeploy.runtimes.registry import BackendSpec
 from ditdeploy.runtimes.trt_cuda import CudaGraphExecutor, ck, cudart
+
+BACKEND = BackendSpec("tensorrt", reads=(".plan", ".engine", ".trt"), claims=(".plan", ".engine", ".trt"),
+                      aliases=("trt",), distributions=("tensorrt",), imports="tensorrt")
 
 # --------------------------------------------------------------------------------------------- pure python parts
 

@@ -16,6 +16,10 @@ import numpy as np
 from ditdeploy.errors import DitDeployError, require
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DecoderBase, DenoiserBase
+from ditdeploy.runtimes.registry import BackendSpec
+
+BACKEND = BackendSpec("torch", reads=(".safetensors", ".pt", ".pth"), claims=(".safetensors", ".pt", ".pth"),
+                      aliases=("pytorch",), distributions=("torch",), imports="torch")
 
 
 def _torch():

@@ -7,12 +7,12 @@ import pytest
 from conftest import run_main
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.runtimes import BACKENDS, load, load_decoder, options_for
+from ditdeploy.runtimes import backend_names, load, load_decoder, options_for
 from ditdeploy.shipped import DIGITS_ONNX
 
 
 def test_every_backend_declares_its_options_without_kwargs():
-    for b in BACKENDS:  # raises TypeError if an entry point still ends in **kwargs
+    for b in backend_names():  # raises TypeError if an entry point still ends in **kwargs
         assert "threads" in options_for(b) or b == "tensorrt", b
     assert {"providers", "threads", "spinning", "verify"} <= set(options_for("onnxruntime"))
     assert {"precision_hint", "performance_hint"} <= set(options_for("openvino"))

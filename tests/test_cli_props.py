@@ -165,14 +165,14 @@ def test_shard_spec_any_text(spec):
                                   "tensorrt:x", "torch", "PyTorch", "openvino:"]), st.text(max_size=15)))
 def test_backend_spec_any_text(spec):
     from ditdeploy.bench.harness import parse_backend_spec
-    from ditdeploy.runtimes import BACKENDS, options_for
+    from ditdeploy.runtimes import backend_names, options_for
 
     try:
         name, opts, label = parse_backend_spec(spec)
     except Exception as e:  # noqa: BLE001
         _one_line_user_error(e)
         return
-    assert name in BACKENDS and label.split(":")[0] == name
+    assert name in backend_names() and label.split(":")[0] == name
     assert set(opts) <= set(options_for(name))  # KEY=VALUE options are checked against the backend's own set
 
 
@@ -182,14 +182,14 @@ def test_backend_spec_any_text(spec):
        st.one_of(st.none(), st.sampled_from(["onnxruntime", "ort", "openvino", "OV", "tensorrt", "trt", "torch",
                                              "pytorch"]), st.text(max_size=10)))
 def test_resolve_backend_any_suffix_and_name(suffix, backend):
-    from ditdeploy.runtimes import BACKENDS, READS, resolve_backend
+    from ditdeploy.runtimes import backend_names, get_backend, resolve_backend
 
     try:
         b = resolve_backend(f"model{suffix}", backend)
     except Exception as e:  # noqa: BLE001
         _one_line_user_error(e)
         return
-    assert b in BACKENDS and suffix.lower() in READS[b]
+    assert b in backend_names() and suffix.lower() in get_backend(b).reads
 
 
 @FAST

@@ -415,7 +415,7 @@ def _ok(x, t, y):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(method="euler"), "valid methods: ddpm, ddim, dpm-solver\\+\\+"),
+        (dict(method="euler"), "unknown sampler 'euler': choose one of ddim, ddpm, dpm-solver\\+\\+"),
         (dict(steps=0), "steps"),
         (dict(steps=1001), "steps"),
         (dict(steps=2.5), "steps"),

@@ -108,7 +108,7 @@ def test_sample_rejects_bad_cfg(cfg):
 @given(st.text(max_size=20))
 def test_sample_rejects_unknown_methods(method):
     assume(method not in METHODS)
-    with pytest.raises(DitDeployError, match="valid methods"):
+    with pytest.raises(DitDeployError, match="unknown sampler"):
         sample(_zero, X, Y, method=method)
 
 

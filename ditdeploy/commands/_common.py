@@ -1,7 +1,9 @@
 """The CLI vocabulary shared by every command: one definition of each common option, its choices and ranges, the
 progress default and the deprecation line for old spellings. (README "CLI conventions" documents it.)
 
-Typer + stdlib only at import time.
+Typer + stdlib only at import time. The ``--sampler``, ``--backend`` and ``--fmt`` choices are read from their
+registries (``ditdeploy.diffusion.registry``, ``ditdeploy.runtimes.registry``, ``ditdeploy.formats``) when
+the parser needs them, so a registered sampler/backend/format appears in every command's choices and --help.
 """
 
 from __future__ import annotations
@@ -22,22 +24,34 @@ PANEL_CHECK = "Thresholds"
 PANEL_BUILD = "Build"
 
 
-class Sampler(str, Enum):
-    """Samplers of ``ditdeploy.diffusion`` (one list: ``diffusion.METHODS``)."""
+def sampler_names() -> tuple[str, ...]:
+    from ditdeploy.diffusion.registry import sampler_names as names
 
-    ddim = "ddim"
-    ddpm = "ddpm"
-    dpm_solver = "dpm-solver++"
+    return names()
 
 
-class Backend(str, Enum):
-    """Runtimes (``ditdeploy.runtimes.BACKENDS``)."""
+def backend_names() -> tuple[str, ...]:
+    from ditdeploy.runtimes.registry import backend_names as names
 
-    aoti = "aoti"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-    tensorrt = "tensorrt"
-    torch = "torch"
+    return names()
+
+
+def format_names() -> tuple[str, ...]:
+    from ditdeploy.formats import format_names as names
+
+    return names()
+
+
+_REGISTRY_ENUMS = {"Sampler": sampler_names, "Backend": backend_names, "Fmt": format_names}
+
+
+def __getattr__(name: str) -> Any:
+    """``Sampler`` / ``Backend`` / ``Fmt``: a str Enum of the registry's names, built when typer reads a command's
+    annotations (so a registered sampler, backend or format appears in the choices and --help)."""
+    names = _REGISTRY_ENUMS.get(name)
+    if names is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return Enum(name, {n: n for n in names()}, type=str)
 
 
 class PrecisionHint(str, Enum):
@@ -88,7 +102,7 @@ def vae_option() -> Any:
 
 
 def sampler_option(help: str = "Sampler.") -> Any:
-    return typer.Option(Sampler.ddim, "--sampler", help=help, rich_help_panel=PANEL_SAMPLING)
+    return typer.Option("ddim", "--sampler", help=help, rich_help_panel=PANEL_SAMPLING)
 
 
 def steps_option(default: int, help: str = "Sampling steps (model evaluations).") -> Any:

@@ -17,34 +17,6 @@ MAX_CLIENTS = 1024  # closed-loop client threads
 MAX_ARRIVALS = 20000  # expected Poisson arrivals of one open-loop run (each answered on its own thread)
 
 
-def default_backends(path: Path) -> list[str]:
-    """Backends that read ``path``: ONNX on ONNX Runtime and OpenVINO (f32, plus the bf16 hint on CPUs with native
-    bf16), OpenVINO IR on OpenVINO, engines on TensorRT."""
-    import importlib.util
-
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        out = ["onnxruntime"]
-        if importlib.util.find_spec("openvino") is not None:
-            out.append("openvino")
-            if _cpu_has_bf16():
-                out.append("openvino:bf16")
-        return out
-    if suffix == ".xml":
-        return ["openvino"] + (["openvino:bf16"] if _cpu_has_bf16() else [])
-    if suffix in (".plan", ".engine", ".trt"):
-        return ["tensorrt"]
-    if suffix == ".pt2":
-        return ["aoti"]
-    return ["torch"]
-
-
-def _cpu_has_bf16() -> bool:
-    from ditdeploy.bench.machine import cpu_flags
-
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
 def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench(
@@ -121,7 +93,7 @@ def register(app: typer.Typer) -> None:
         --server, load-test a running server (images/s, latency percentiles, mean denoiser batch)."""
         from ditdeploy.artifacts import write_json_atomic
         from ditdeploy.bench import harness, report
-        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
+        from ditdeploy.diffusion import check_settings
         from ditdeploy.errors import DitDeployError
 
         if server is not None:
@@ -139,8 +111,7 @@ def register(app: typer.Typer) -> None:
                       {"--json": json_out, "--csv": csv_out, "--plot": plot})
         targets = _targets(list(engine or []), backends, threads, vae, reference, torch_baseline, cuda_graph,
                            trust_native_code)
-        interval = parse_cfg_interval(cfg_interval)
-        check_cache_interval(cache_interval)
+        interval = check_settings(c.value(sampler), steps, cfg_scale, 0.0, cfg_interval, cache_interval, flags=True)
         settings = harness.Settings(batches=batches, steps=steps, repeats=repeats, warmup=warmup,
                                     cfg_scale=cfg_scale, sampler=c.value(sampler), e2e=e2e,
                                     cfg_interval=list(interval) if interval else None, cache_interval=cache_interval)
@@ -232,7 +203,7 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
     for p in engines:
         if not p.exists():
             raise DitDeployError(f"no such artifact: {p}")
-        specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else default_backends(p)
+        specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else harness.default_backends(p)
         m, cfg = _manifest_and_config(p)
         dec = _decoder_for(p, m, vae)
         for spec in specs:

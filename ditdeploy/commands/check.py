@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
 
         With no arguments: the shipped digits model on ONNX Runtime against its PyTorch weights.
         """
-        from ditdeploy.diffusion import check_cache_interval, parse_cfg_interval
+        from ditdeploy.diffusion import check_cache_interval, check_settings
         from ditdeploy.errors import DitDeployError
 
         if trt_lint is not None:
@@ -111,8 +111,7 @@ def register(app: typer.Typer) -> None:
 
         check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae},
                       {"--json": json_out, "--save-golden": save_golden})
-        interval = parse_cfg_interval(cfg_interval)
-        check_cache_interval(cache_interval)
+        interval = check_settings(c.value(sampler), steps, cfg_scale, 0.0, cfg_interval, cache_interval, flags=True)
         if engine is None and save_golden is None:
             from ditdeploy.shipped import default_model
 

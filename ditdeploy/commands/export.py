@@ -26,16 +26,6 @@ _EPILOG = (
 )
 
 
-class Fmt(str, Enum):
-    onnx = "onnx"
-    openvino = "openvino"
-    trt = "trt"
-    tensorrt = "tensorrt"  # = trt
-    aoti = "aoti"
-    diffusers = "diffusers"
-    triton = "triton"
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -76,7 +66,7 @@ def register(app: typer.Typer) -> None:
         image_size: int = typer.Option(None, "--image-size", min=8, help="256 or 512 (latent models; default 256)."),
         conditioning: Conditioning = typer.Option(None, "--conditioning",
                                                   help="Block design for --random-weights."),
-        fmt: Fmt = typer.Option(Fmt.onnx, "--fmt", "-f", help="aoti: AOTInductor .pt2; diffusers: a DiTPipeline "
+        fmt: c.Fmt = typer.Option("onnx", "--fmt", "-f", help="aoti: AOTInductor .pt2; diffusers: a DiTPipeline "
                                 "snapshot folder; triton: a Triton model repository folder (ONNX denoiser, "
                                 "generate loop, VAE decoder)."),
         precision: Precision = typer.Option(Precision.fp32, "--precision", "-p", help="The artifact's precision "
@@ -133,13 +123,16 @@ def register(app: typer.Typer) -> None:
             prec, int8_mode = "int8", "dynamic"
         batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
         show_progress = c.progress_on(progress)
-        if instances is not None and fmt_ != "triton":
-            raise DitDeployError("--instances applies to --fmt triton only")
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
-                                  model is not None or checkpoint is not None, no_verify)
+                                  model is not None or checkpoint is not None, no_verify, instances)
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
         verify = not no_verify
         from ditdeploy.export import pipeline
+        from ditdeploy.formats import get_format
+
+        fmt_options = {"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,  # by format
+                       "opt_level": opt_level, "dry_run": dry_run, "device": (device or "cpu").lower(),
+                       "calibration": calibration, "instances": instances}
 
         def say(s: str) -> None:
             typer.echo(s, err=True)
@@ -181,8 +174,8 @@ def register(app: typer.Typer) -> None:
         if vae is not None:
             if net.config.space == "pixel":
                 raise DitDeployError(f"{model} is a pixel-space model: it has no VAE decoder (drop --vae)")
-            dec_fmt = "openvino" if fmt_ == "openvino" else "onnx"
-            dec_out = target.with_name(pipeline.DECODER_NAME + pipeline.FORMATS[dec_fmt])
+            dec_fmt = get_format(fmt_).decoder or "onnx"
+            dec_out = target.with_name(pipeline.DECODER_NAME + get_format(dec_fmt).suffix)
         n_bytes = sum(int(p.numel()) for p in net.parameters()) * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
                                                                    "fp8": 1}[prec]
         check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration},
@@ -211,10 +204,7 @@ def register(app: typer.Typer) -> None:
                               **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
                 if prec == "int8" else None,
                 id2label=id2label,
-                trt_options={"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,
-                             "opt_level": opt_level, "dry_run": dry_run} if fmt_ == "trt" else None,
-                aoti_options={"device": (device or "cpu").lower(), "min_batch": min_batch, "calibration": calibration}
-                if fmt_ == "aoti" else None,
+                options={k: v for k, v in fmt_options.items() if k in get_format(fmt_).options},
             )
         if fmt_ == "trt" and dry_run:
             lint = m.get("trt_lint") or {}
@@ -225,22 +215,28 @@ def register(app: typer.Typer) -> None:
 
 
 def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, calibration: Path | None,
-                       vae: Path | None, dry_run: bool, cache_graphs: bool, has_model: bool, no_verify: bool) -> str:
+                       vae: Path | None, dry_run: bool, cache_graphs: bool, has_model: bool, no_verify: bool,
+                       instances: int | None = None) -> str:
     """Refuse flag combinations that cannot work, before anything slow (warn loudly about --no-verify); returns
-    the format (tensorrt -> trt)."""
+    the format's name (an alias such as tensorrt -> trt)."""
     from ditdeploy.errors import DitDeployError
+    from ditdeploy.formats import FORMATS, get_format
 
-    if fmt == "diffusers" and prec != "fp32":
-        raise DitDeployError("--fmt diffusers writes fp32 weights: drop --precision")
-    fmt = "trt" if fmt == "tensorrt" else fmt
-    if dry_run and fmt != "trt":  # a dry run never writes the real artifact
-        raise DitDeployError(f"--dry-run applies to --fmt trt (a build plan); --fmt {fmt} writes the artifact")
+    spec = get_format(fmt)
+    fmt = spec.name
+
+    def takers(option: str) -> str:
+        return "|".join(s.name for s in FORMATS.values() if option in s.options)
+
+    if prec not in spec.precisions:
+        elsewhere = "|".join(s.name for s in FORMATS.values() if prec in s.precisions)
+        raise DitDeployError(f"--precision {prec}: --fmt {fmt} builds {', '.join(spec.precisions)}"
+                             + (f" ({prec}: --fmt {elsewhere})" if elsewhere else ""))
+    for option, given in (("dry_run", dry_run), ("device", device is not None), ("instances", instances is not None)):
+        if given and option not in spec.options:
+            raise DitDeployError(f"--{option.replace('_', '-')} applies to --fmt {takers(option)} only")
     if fmt == "aoti":  # device and precision checked before the model is loaded (fp8: an FP8 GPU)
         _check_aoti(device, prec, calibration, vae)
-    elif device is not None:
-        raise DitDeployError("--device applies to --fmt aoti only")
-    elif prec not in ("fp32", "fp16", "int8"):
-        raise DitDeployError(f"--precision {prec}: choose fp32, fp16 or int8 (bf16 and fp8: --fmt aoti)")
     if cache_graphs and (fmt not in ("onnx", "openvino") or prec not in ("fp32", "int8")
                          or (prec == "int8" and fmt != "onnx")):
         raise DitDeployError("--cache-graphs exports fp32 ONNX or OpenVINO, or an INT8 ONNX pair (--fmt onnx "
@@ -291,13 +287,14 @@ def _export_decoder_only(vae: Path, out: Path | None, fmt: str, opset: int, veri
     """``export --vae DIR`` without a denoiser: the VAE decoder alone."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export import pipeline
+    from ditdeploy.formats import get_format
     from ditdeploy.outputs import check_outputs
 
     if fmt == "diffusers":
         raise DitDeployError("--fmt diffusers writes a DiT pipeline: pass --model or --checkpoint")
-    dec_out = out or Path(f"{pipeline.DECODER_NAME}{pipeline.FORMATS[fmt if fmt != 'trt' else 'onnx']}")
-    if fmt == "trt":
+    if get_format(fmt).decoder != fmt:
         raise DitDeployError("the VAE decoder exports to onnx or openvino (TensorRT: build from the ONNX)")
+    dec_out = out or Path(f"{pipeline.DECODER_NAME}{get_format(fmt).suffix}")
     check_outputs({"--vae": vae}, {}, sets={"--out": dec_out})
     m = pipeline.export_decoder(str(vae), dec_out, fmt, opset=opset, verify=verify, latent_size=latent_size,
                                 progress=progress)
@@ -307,11 +304,11 @@ def _export_decoder_only(vae: Path, out: Path | None, fmt: str, opset: int, veri
 def _write_diffusers(net, out: Path | None, vae: Path | None, id2label, verify: bool, seed: int,
                      source: dict) -> None:
     """``--fmt diffusers``: a DiTPipeline snapshot folder."""
-    from ditdeploy.diffusers_io import write_snapshot
     from ditdeploy.export import pipeline
 
     target = out or Path(pipeline.slug(net.config) + "-diffusers")
-    dm = write_snapshot(net, target, vae=vae, id2label=id2label, verify=verify, seed=seed, source=source)
+    dm = pipeline.export_denoiser(net, target, "diffusers", "fp32", vae=vae, id2label=id2label, verify=verify,
+                                  seed=seed, source=source)
     typer.echo(f"wrote diffusers snapshot {target}/ ({len(dm['files'])} files"
                + (", weights verified bit-exact on reload" if verify else ", NOT verified") + ")")
 
@@ -321,21 +318,15 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
                   progress: bool, calibration: Path | None, int8_mode: str, exclude: str | None) -> None:
     """``--fmt triton``: a Triton model repository folder."""
     from ditdeploy.export import pipeline
-    from ditdeploy.export.triton_repo import (
-        DEFAULT_INSTANCES,
-        DEFAULT_MAX_BATCH,
-        RepoOptions,
-        export_repository,
-    )
     from ditdeploy.outputs import check_outputs
 
     target = out or Path(pipeline.slug(net.config) + "-triton")
     check_outputs({"--vae": vae, "--calibration": calibration}, {})
-    options = RepoOptions(max_batch=max_batch or DEFAULT_MAX_BATCH, instances=instances or DEFAULT_INSTANCES)
-    m = export_repository(net, target, precision=prec, vae=vae, options=options, opset=opset, verify=verify,
-                          seed=seed, source=source, id2label=id2label, progress=progress,
-                          calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
-                          int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude else None)
+    m = pipeline.export_denoiser(net, target, "triton", prec, vae=vae, batch_max=max_batch, opset=opset,
+                                 verify=verify, seed=seed, source=source, id2label=id2label, progress=progress,
+                                 calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
+                                 int8_options={"exclude": [e.strip() for e in exclude.split(",")]} if exclude
+                                 else None, options={"instances": instances})
     size = sum(f["bytes"] for f in m["files"].values())
     typer.echo(f"wrote Triton model repository {target}/ ({', '.join(m['models'])}; {size / 1e6:.1f} MB, "
                f"{m['precision']}; variants: default onnxruntime, --model-config-name tensorrt|openvino|python)")
@@ -356,13 +347,14 @@ def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_gra
     without loading torch or exporting again (the graph `calibrate` ran is the graph quantized)."""
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export import pipeline
+    from ditdeploy.formats import get_format
     from ditdeploy.outputs import check_outputs
 
     c.existing(src)
     if prec != "int8" or vae is not None:
         raise DitDeployError("--checkpoint FILE.onnx is an fp32 export to quantize: use it with --precision int8 "
                              "(and without --vae; the decoder the manifest names is kept)")
-    target = out or src.with_name(src.stem + "-int8" + pipeline.FORMATS[fmt])
+    target = out or src.with_name(src.stem + "-int8" + get_format(fmt).suffix)
     check_outputs({"--checkpoint": src, "--calibration": int8 and int8["calibration"]}, {},
                   sets={"--out": target, "--cache-graphs light graph": _light(target) if cache_graphs else None})
     m = pipeline.quantize_export(src, target, fmt, cache_graphs=cache_graphs, verify=verify, **(int8 or {}))

@@ -18,11 +18,11 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.commands._common import deprecated
 
         artifact = deprecated("the positional ARTIFACT", "--engine", artifact, engine)
-        import importlib.util
         import json
 
         from ditdeploy import __version__
-        from ditdeploy.artifacts import load_manifest, tool_versions
+        from ditdeploy.artifacts import load_manifest
+        from ditdeploy.runtimes.registry import backends, tool_versions
 
         if artifact is not None:
             m = load_manifest(artifact, verify=True)
@@ -32,10 +32,8 @@ def register(app: typer.Typer) -> None:
         for k, v in tool_versions().items():
             typer.echo(f"  {k:16s} {v}")
         typer.echo("runtimes:")
-        for mod, name in (("torch", "torch"), ("onnxruntime", "onnxruntime"), ("openvino", "openvino"),
-                          ("tensorrt", "tensorrt")):
-            ok = importlib.util.find_spec(mod) is not None
-            typer.echo(f"  {name:16s} {'available' if ok else 'not installed'}")
+        for name, spec in backends().items():
+            typer.echo(f"  {name:16s} {'available' if spec.installed() else 'not installed'}")
         from ditdeploy.variants import VARIANTS
 
         typer.echo("variants: " + ", ".join(VARIANTS))

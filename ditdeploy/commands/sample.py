@@ -84,7 +84,6 @@ def register(app: typer.Typer) -> None:
         With no arguments: the shipped digits model on ONNX Runtime CPU, all 10 classes -> samples.png.
         """
         from ditdeploy import generation, sharding
-        from ditdeploy.diffusion import parse_cfg_interval
         from ditdeploy.errors import DitDeployError
 
         if no_out and npz is None:
@@ -99,7 +98,7 @@ def register(app: typer.Typer) -> None:
             options={"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                      "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None,
                      "trust_native_code": trust_native_code or None},
-            cfg_interval=list(iv) if (iv := parse_cfg_interval(cfg_interval)) else None,
+            cfg_interval=cfg_interval,
             cache_interval=cache_interval, json_summary=json_out, server=server,
         )
         if recipe is not None:

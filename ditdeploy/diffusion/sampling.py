@@ -8,12 +8,14 @@ from collections.abc import Callable
 import numpy as np
 
 from ditdeploy.diffusion import samplers
+from ditdeploy.diffusion.registry import SAMPLERS, get_sampler
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
-from ditdeploy.diffusion.spacing import METHODS, sampling_timesteps
+from ditdeploy.diffusion.spacing import sampling_timesteps
 from ditdeploy.errors import DitDeployError, NumericsError
 from ditdeploy.watch import ensure_finite
 
-__all__ = ["Denoiser", "GuidedModel", "denoiser_name", "check_cache_interval", "guided_steps", "parse_cfg_interval", "sample"]
+__all__ = ["Denoiser", "GuidedModel", "check_cache_interval", "check_settings", "denoiser_name", "guided_steps",
+           "parse_cfg_interval", "sample"]
 
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Interval = tuple[int, int]
@@ -235,10 +237,9 @@ def sample(
 
     Raises ``DitDeployError`` (one line) for bad inputs and ``NumericsError`` when the denoiser returns NaN/Inf.
     """
-    _check_settings(denoiser, method, steps, cfg_scale, eta, seed, rng)
+    interval = check_settings(method, steps, cfg_scale, eta, cfg_interval, cache_interval, denoiser=denoiser)
+    _check_call(denoiser, seed, rng)
     x, y, n_cls = _check_inputs(denoiser, noise, labels, num_classes, cfg_scale)
-    interval = parse_cfg_interval(cfg_interval)
-    check_cache_interval(cache_interval, denoiser)
     if cfg_scale != 1.0 and getattr(getattr(denoiser, "config", None), "class_dropout_prob", None) == 0:
         raise DitDeployError("this model was built without a null class (class_dropout_prob=0): use cfg_scale=1")
 
@@ -255,27 +256,43 @@ def sample(
         guide_all_channels=guide_all_channels, channels=x.shape[1], num_steps=int(steps), interval=interval,
         cache_interval=None if cache_interval is None else int(cache_interval),
     )
-    common = dict(clip_denoised=clip_denoised, callback=callback, progress=progress)
-    if method == "ddpm":
-        return samplers.ddpm(model, x, base.respace(ts), noise=noise_fn, **common)
-    if method == "ddim":
-        return samplers.ddim(model, x, base.respace(ts), eta=float(eta), noise=noise_fn, **common)
-    return samplers.dpmpp_2m(model, x, base, ts, **common)
+    return get_sampler(method).run(model, x, base, ts, eta=eta, noise=noise_fn, clip_denoised=clip_denoised,
+                                   callback=callback, progress=progress)
 
 
-def _check_settings(denoiser: Denoiser, method: str, steps: int, cfg_scale: float, eta: float, seed: int | None,
-                    rng: np.random.Generator | None) -> None:
-    """One-line errors for a bad method, step count, guidance scale, eta, denoiser or randomness source."""
-    if method not in METHODS:
-        raise DitDeployError(f"unknown sampling method {method!r}; valid methods: {', '.join(METHODS)}")
+_ARG_NAMES = {"method": "method", "steps": "steps", "cfg_scale": "cfg_scale", "eta": "eta"}
+_FLAG_NAMES = {"method": "--sampler", "steps": "--steps", "cfg_scale": "--cfg-scale", "eta": "--eta"}
+
+
+def check_settings(method: str, steps: int, cfg_scale: float | None = 1.0, eta: float = 0.0,
+                   cfg_interval: object = None, cache_interval: object = None, *, denoiser: object = None,
+                   flags: bool = False) -> Interval | None:
+    """The one validator of sampling settings (``sample``, ``SampleRequest``, ``CaptureSettings``, the commands).
+
+    One-line ``DitDeployError`` for an unknown sampler (:data:`registry.SAMPLERS`), a step count outside
+    1..1000, a negative or non-finite guidance scale (``None``: the caller's default), a bad ``eta`` or one the
+    sampler does not use, a bad guidance interval or cache interval (and, given a ``denoiser``, one that cannot
+    reuse features). Messages name the flags (``--steps``) with ``flags``, else the arguments (``steps``).
+    Returns the parsed guidance interval (``parse_cfg_interval``).
+    """
+    n = _FLAG_NAMES if flags else _ARG_NAMES
+    spec = get_sampler(method)
     if not _is_int(steps) or not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
-        raise DitDeployError(f"steps must be an integer in 1..{NUM_TRAIN_TIMESTEPS}, got {steps!r}")
-    if not _is_real(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise DitDeployError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
+        raise DitDeployError(f"{n['steps']} must be in 1..{NUM_TRAIN_TIMESTEPS} (an integer), got {steps!r}")
+    if cfg_scale is not None and (not _is_real(cfg_scale) or not math.isfinite(cfg_scale) or cfg_scale < 0):
+        raise DitDeployError(f"{n['cfg_scale']} must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
     if not _is_real(eta) or not math.isfinite(eta) or eta < 0:
-        raise DitDeployError(f"eta must be a finite number >= 0, got {eta!r}")
-    if eta != 0 and method != "ddim":
-        raise DitDeployError(f"eta is only used by method 'ddim', not {method!r}; leave it at 0")
+        raise DitDeployError(f"{n['eta']} must be a finite number >= 0, got {eta!r}")
+    if eta != 0 and "eta" not in spec.options:
+        users = ", ".join(s.name for s in SAMPLERS.values() if "eta" in s.options)
+        raise DitDeployError(f"{n['eta']} is only used by {n['method']} {users}, not {method!r}; leave it at 0")
+    interval = parse_cfg_interval(cfg_interval)
+    check_cache_interval(cache_interval, denoiser)
+    return interval
+
+
+def _check_call(denoiser: Denoiser, seed: int | None, rng: np.random.Generator | None) -> None:
+    """One-line errors for a denoiser that is not callable or a bad randomness source."""
     if not callable(denoiser):
         raise DitDeployError(f"denoiser must be callable as denoiser(x, t, y), got {type(denoiser).__name__}")
     if seed is not None and rng is not None:

@@ -8,9 +8,7 @@ import numpy as np
 
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 
-__all__ = ["METHODS", "sampling_timesteps", "space_timesteps", "spacing_rule"]
-
-METHODS = ("ddpm", "ddim", "dpm-solver++")
+__all__ = ["ddim_rule", "even_rule", "logsnr_rule", "sampling_timesteps", "space_timesteps", "spacing_rule"]
 
 
 def _ddim_stride_steps(num_timesteps: int, desired: int) -> set[int] | None:
@@ -77,15 +75,29 @@ def _logsnr_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     return ts[::-1].copy()
 
 
+def ddim_rule(steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
+    """DDIM's rule: ``"ddimN"`` (a fixed integer stride) when one gives exactly N steps, else ``"N"``."""
+    return f"ddim{steps}" if _ddim_stride_steps(num_timesteps, steps) is not None else str(steps)
+
+
+def even_rule(steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
+    """The evenly rounded ``"N"`` rule (DDPM)."""
+    return str(steps)
+
+
+def logsnr_rule(steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
+    """N timesteps uniform in log-SNR (DPM-Solver++)."""
+    return f"logsnr{steps}"
+
+
 def spacing_rule(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
-    """The respacing string a sampler uses for ``steps`` steps (see ``sampling_timesteps``)."""
-    if method == "ddim" and _ddim_stride_steps(num_timesteps, steps) is not None:
-        return f"ddim{steps}"
-    if method in ("ddim", "ddpm"):
-        return str(steps)
-    if method == "dpm-solver++":
-        return f"logsnr{steps}"
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    """The respacing string the sampler ``method`` uses for ``steps`` steps (its registered rule; see
+    ``sampling_timesteps``)."""
+    from ditdeploy.diffusion.registry import SAMPLERS
+
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[method].rule(steps, num_timesteps)
 
 
 def sampling_timesteps(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
