@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditdeploy.deployment import OPTION_FLAGS
+
 # DiT's sample.py demo classes (ImageNet ids), used when a model has many classes and no labels are given
 IMAGENET_DEMO_LABELS = (207, 360, 387, 974, 88, 979, 417, 279)
 DEFAULT_PER_LABEL_SMALL = 6  # images per class for models with few classes (digits: 10 x 6 grid)
@@ -29,15 +31,8 @@ DEFAULT_BATCH = 64
 DEFAULT_CFG = 4.0
 GRID_MAX = 256  # images shown in the grid image when sampling many (the npz holds all)
 GRID_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # --output-format value -> PIL format
-# the backend options `sample` sets, with the flag that sets each; which backend takes which is the backend's own
-# option set (ditdeploy.runtimes.options_for), not a list kept here
-BACKEND_OPTIONS = {"threads": "--threads", "providers": "--provider", "precision_hint": "--precision-hint",
-                   "image_size": "--image-size", "device": "--device", "cuda_graph": "--cuda-graph",
-                   "trust_native_code": "--trust-native-code"}
-# options that only native-code backends take and that the others ignore (their formats are data: ditdeploy.trust)
-IGNORED_ELSEWHERE = ("trust_native_code",)
-# --device names a torch device (cpu, cuda, cuda:1): OpenVINO's and TensorRT's own `device` options mean other things
-FLAG_BACKENDS = {"device": ("torch", "aoti")}
+# the backend options `sample` sets, with the flag that sets each (one table: ditdeploy.deployment)
+BACKEND_OPTIONS = OPTION_FLAGS
 
 Say = Callable[[str], None]
 
@@ -274,42 +269,6 @@ def row_len(labels) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------------- loading
-def backend_options(backend: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options to pass to ``runtimes.load`` for ``backend`` (None values dropped); an option meant for another
-    backend is a one-line error naming its flag (``runtimes.select_options``)."""
-    from ditdeploy.runtimes import select_options
-
-    return select_options(backend, options, flags=BACKEND_OPTIONS, only=FLAG_BACKENDS, ignored=IGNORED_ELSEWHERE)
-
-
-def resolve_decoder(den: Any, vae: Path | None, backend: str, opts: dict[str, Any]):
-    """The VAE decoder of a latent model (``vae`` or the manifest's), loaded; None for pixel models."""
-    from ditdeploy.errors import DitDeployError
-    from ditdeploy.manifest import Manifest
-    from ditdeploy.runtimes import get_backend, load_decoder, resolve_backend, select_options
-
-    if den.config.space == "pixel":
-        if vae is not None:
-            raise DitDeployError(f"{den.config.variant} is a pixel-space model: --vae does not apply")
-        return None
-    path = vae
-    if path is None and getattr(den, "path", None) is not None:
-        path = Manifest.of(den.manifest, den.path).decoder_path(existing=False)
-    if path is None:
-        raise DitDeployError(
-            "this latent-space model needs a VAE decoder: pass --vae vae.onnx (export one with `ditdeploy export`), "
-            "or record it as 'decoder' in the artifact's manifest"
-        )
-    if not Path(path).exists():
-        raise DitDeployError(f"VAE decoder {path} not found")
-    if Path(path).is_dir():  # a diffusers AutoencoderKL folder: the torch reference decoder
-        return load_decoder(path, backend="torch", **({"threads": opts["threads"]} if "threads" in opts else {}))
-    dec_backend = backend if Path(path).suffix.lower() in get_backend(backend).reads else None
-    # the denoiser's options that the decoder's backend also takes (its own option set decides)
-    dec_opts = select_options(dec_backend or resolve_backend(path), opts, "decoder", strict=False, only=FLAG_BACKENDS)
-    return load_decoder(path, backend=dec_backend, **dec_opts)
-
-
 def _my_shard(req: SampleRequest) -> tuple[tuple[int, int] | None, bool]:
     """(this process's shard, whether it came from a torchrun-style environment)."""
     from ditdeploy import sharding
@@ -337,33 +296,26 @@ def generate(req: SampleRequest, say: Say | None = None) -> SampleResult:
     anything loads; outputs are written atomically.
     """
     t_start = time.perf_counter()
-    from ditdeploy import shipped
-    from ditdeploy.errors import DitDeployError
-    from ditdeploy.runtimes import load, resolve_backend
+    from ditdeploy.deployment import open_deployment
 
     say = say or (lambda s: None)
     req.validate()
     if req.server is not None:
         return _generate_remote(req, say, t_start)
     mine, from_env = _my_shard(req)
-    engine = req.engine if req.engine is not None else shipped.default_model(req.backend)
-    if not Path(engine).exists():
-        raise DitDeployError(f"no such file: {engine}")
-    b = resolve_backend(engine, req.backend)
-    opts = backend_options(b, req.options)
-    plan = _check_outputs(req, engine, mine)
+    dep = open_deployment(req.engine, req.backend, req.options, vae=req.vae)
+    plan = _check_outputs(req, dep.path, mine)
     if req.shards > 1:
-        return _generate_sharded(dataclasses.replace(req, engine=Path(engine), backend=b), say, t_start,
+        return _generate_sharded(dataclasses.replace(req, engine=dep.path, backend=dep.backend), say, t_start,
                                  npz_through=plan.through(req.npz or ""))
     t0 = time.perf_counter()
-    den = load(engine, backend=b, **opts)
-    decoder = resolve_decoder(den, req.vae, b, opts)
+    den, decoder = dep.denoiser, dep.decoder
     timings = Timings(load_s=time.perf_counter() - t0)
     cfg_scale = req.cfg_scale if req.cfg_scale is not None else default_cfg(den.config)
-    from ditdeploy.labels import display_names, for_model, resolve_items
+    from ditdeploy.labels import display_names, resolve_items
 
     n_cls = den.config.num_classes
-    names = for_model(den.manifest, den.config.variant, n_cls)
+    names = dep.class_names
     ids = resolve_items(req.labels, names, n_cls) if req.labels else None
     all_labels, rows = expand_labels(ids, req.num_per_label, n_cls,
                                      bound=lambda n: _check_sizes(plan, n, den.config, decoder, mine, req.npz))

@@ -192,8 +192,8 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
     """One harness target per (engine, backend), torch eager baselines first (one per model config)."""
     from ditdeploy.bench import harness
     from ditdeploy.checking import has_torch
+    from ditdeploy.deployment import backend_options, open_deployment
     from ditdeploy.errors import DitDeployError
-    from ditdeploy.generation import backend_options
     from ditdeploy.shipped import default_model
 
     engines = engines or [default_model(None)]
@@ -204,8 +204,9 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
         if not p.exists():
             raise DitDeployError(f"no such artifact: {p}")
         specs = [s.strip() for s in backends.split(",") if s.strip()] if backends else harness.default_backends(p)
-        m, cfg = _manifest_and_config(p)
-        dec = _decoder_for(p, m, vae)
+        dep = open_deployment(p, vae=vae)  # nothing loads here: the workers do
+        cfg, dec = dep.config, dep.decoder_path()
+        dec = str(dec) if dec is not None else None
         for spec in specs:
             name, opts, label = harness.parse_backend_spec(spec)
             if threads:
@@ -217,7 +218,7 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
                                           backend=name, path=str(p), opts=opts, decoder=dec,
                                           env=_torch_env() if name == "aoti" else {}))
         if torch_baseline and have_torch and cfg is not None and cfg.to_json() not in baselines:
-            ref = _torch_reference(p, m, cfg, reference)
+            ref = dep.reference_checkpoint(reference, required=False)  # None: random weights
             baselines[cfg.to_json()] = harness.Target(
                 label="torch eager" + (f" {cfg.variant}" if len(engines) > 1 else ""), backend="torch",
                 path=str(ref) if ref else None, config=None if ref else _asdict(cfg), decoder=dec,
@@ -242,22 +243,3 @@ def _asdict(cfg) -> dict:
     import dataclasses
 
     return dataclasses.asdict(cfg)
-
-
-def _manifest_and_config(p: Path):
-    from ditdeploy.manifest import Manifest
-
-    m = Manifest.load(p, verify=False, required=False) or Manifest({}, p)
-    return m, (m.config if m.config_dict is not None else None)
-
-
-def _decoder_for(p: Path, m, vae: Path | None) -> str | None:
-    if vae is not None:
-        return str(vae)
-    d = m.decoder_path()
-    return str(d) if d is not None else None
-
-
-def _torch_reference(p: Path, m, cfg, reference: Path | None) -> Path | None:
-    """A checkpoint for the torch baseline: --reference, the manifest's, the shipped digits, or None (random)."""
-    return reference if reference is not None else m.reference_checkpoint(shipped_fallback=True)

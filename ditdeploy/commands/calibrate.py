@@ -59,7 +59,6 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.artifacts import sha256_file
         from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set, describe
         from ditdeploy.manifest import Manifest
-        from ditdeploy.runtimes import load
         from ditdeploy.shipped import default_model
 
         settings = CaptureSettings(samples=samples, steps=steps, sampler=c.value(sampler), cfg_scale=cfg_scale,
@@ -72,15 +71,14 @@ def register(app: typer.Typer) -> None:
             src = default_model(b)
             typer.echo(f"no --engine: calibrating the shipped default model {src.name}", err=True)
         c.existing(src)
-        opts = {k: v for k, v in (("threads", threads), ("image_size", image_size)) if v is not None}
-        from ditdeploy.generation import backend_options
-        from ditdeploy.runtimes import resolve_backend
+        from ditdeploy.deployment import open_deployment
 
-        opts.update(backend_options(resolve_backend(src, b), {"trust_native_code": trust_native_code}))
+        dep = open_deployment(src, b, {"threads": threads, "image_size": image_size,
+                                       "trust_native_code": trust_native_code or None})
         from ditdeploy.outputs import check_outputs
 
         check_outputs({"--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
-        den = load(src, backend=b, **opts)
+        den = dep.denoiser
         _check_memory(settings, den.config)
         precision = Manifest.of(den.manifest).precision
         if precision != "fp32":

@@ -112,50 +112,58 @@ def register(app: typer.Typer) -> None:
         check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae},
                       {"--json": json_out, "--save-golden": save_golden})
         interval = check_settings(c.value(sampler), steps, cfg_scale, 0.0, cfg_interval, cache_interval, flags=True)
-        if engine is None and save_golden is None:
-            from ditdeploy.shipped import default_model
-
-            engine = default_model(c.value(backend))
         opts = {"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                 "device": device, "cuda_graph": cuda_graph or None, "trust_native_code": trust_native_code or None}
-        art = _load_artifact(engine, c.value(backend), opts) if engine is not None else None
+        from ditdeploy.deployment import open_deployment
+
+        dep = (open_deployment(engine, c.value(backend), opts, vae=vae)  # None: the shipped model
+               if engine is not None or save_golden is None else None)
+        art = dep.denoiser if dep is not None else None
         if art is not None:
             check_cache_interval(cache_interval, art)
-        g, ref_path = _golden(art, engine, golden, save_golden, reference, vae,
+        g, ref_path = _golden(dep, golden, save_golden, reference, vae,
                     dict(method=c.value(sampler), steps=steps, cfg_scale=cfg_scale, seed=seed, batch=batch_size,
                          n_timesteps=timesteps))
-        if art is None:
+        if dep is None:
             return
+        engine = dep.path
         th = dict(call_rel_l2=th_call_rel_l2, call_cosine=th_call_cosine, latent_rel_l2=th_latent_rel_l2,
                   psnr=th_psnr, ssim=th_ssim)
         fid = None
         if fid_ref is not None:
-            fid = _fid_delta(engine, c.value(backend), opts, ref_path, fid_ref, fid_samples, inception, vae,
+            fid = _fid_delta(dep, ref_path, fid_ref, fid_samples, inception, vae,
                              dict(sampler=c.value(sampler), steps=steps, cfg_scale=cfg_scale, seed=seed,
                                   cfg_interval=list(interval) if interval is not None else None,
                                   cache_interval=cache_interval))
-        _compare(art, engine, g, vae, c.value(precision), th, json_out,
+        _compare(dep, g, c.value(precision), th, json_out,
                  dict(run_e2e=not per_call_only, progress=c.progress_on(progress), cfg_interval=interval,
                       cache_interval=cache_interval), fid)
 
 
-def _golden(art, engine: Path | None, golden: Path | None, save_golden: Path | None, reference: Path | None,
-            vae: Path | None, settings: dict):
-    """The reference outputs: read from ``golden``, or computed by the PyTorch reference (and saved)."""
+def _golden(dep, golden: Path | None, save_golden: Path | None, reference: Path | None, vae: Path | None,
+            settings: dict):
+    """The reference outputs: read from ``golden``, or computed by the PyTorch reference (and saved). ``dep``: the
+    artifact's deployment (None: ``--save-golden`` from ``--reference`` alone)."""
     from ditdeploy import checking
+    from ditdeploy.deployment import load_reference
     from ditdeploy.errors import DitDeployError
 
     if golden is not None:
         g = checking.load_golden(golden)
         g.meta["reference"] = f"golden {golden.name} ({g.meta.get('reference', '?')})"
         return g, None
-    ref_path = _resolve_reference(reference, art, engine)
-    ref = _load_reference(ref_path)
+    if dep is None and reference is None:
+        raise DitDeployError("--save-golden without --engine needs --reference CHECKPOINT")
+    ref_path = dep.reference_checkpoint(reference) if dep is not None else reference
+    if not ref_path.exists():
+        raise DitDeployError(f"reference checkpoint {ref_path} not found")
+    ref = load_reference(ref_path)
+    art = dep.denoiser if dep is not None else None
     if art is not None and ref.config != art.config:
         raise DitDeployError(
             f"the reference {ref_path.name} ({ref.config.variant}) is not the artifact's model "
             f"({art.config.variant}): configs differ; pass the right --reference")
-    decoder = _load_decoder(vae, art)
+    decoder = dep.optional_decoder() if dep is not None else _vae_alone(vae)
     typer.echo(f"reference: {ref.name} from {ref_path}", err=True)
     g = checking.make_golden(ref, ref.config, decoder=decoder, reference_name=f"{ref.name} {ref_path.name}",
                              extra_meta={"reference_path": str(ref_path)}, **settings)
@@ -166,17 +174,18 @@ def _golden(art, engine: Path | None, golden: Path | None, save_golden: Path | N
     return g, ref_path
 
 
-def _compare(art, engine: Path, g, vae: Path | None, precision: str | None, overrides: dict,
-             json_out: Path | None, run: dict, fid: dict | None = None) -> None:
+def _compare(dep, g, precision: str | None, overrides: dict, json_out: Path | None, run: dict,
+             fid: dict | None = None) -> None:
     """Run the artifact against the golden outputs, print the report, exit 1 (NumericsError) on failure."""
     from ditdeploy import checking
     from ditdeploy.artifacts import write_json_atomic
     from ditdeploy.errors import DitDeployError, NumericsError
 
+    art, engine = dep.denoiser, dep.path
     if g.config != art.config:
         raise DitDeployError(f"the golden file was made for {g.config.variant} {g.config.input_size}px latents, "
                              f"the artifact is {art.config.variant} {art.config.input_size}: configs differ")
-    decoder = _load_decoder(vae, art)
+    decoder = dep.optional_decoder()
     prec = precision or checking.effective_precision(art)
     th = checking.thresholds_for(prec).replace(**overrides)
     rep = checking.check(art, g, thresholds=th, precision=prec, backend=art.name, artifact=str(engine),
@@ -196,16 +205,13 @@ def _compare(art, engine: Path, g, vae: Path | None, precision: str | None, over
                             f"[CPU {detect().label()}]")
 
 
-def _fid_delta(engine: Path, backend: str | None, opts: dict, ref_path: Path, fid_ref: str, samples: int,
-               inception: Path | None, vae: Path | None, settings: dict) -> dict:
+def _fid_delta(dep, ref_path: Path, fid_ref: str, samples: int, inception: Path | None, vae: Path | None,
+               settings: dict) -> dict:
     """--fid-ref: the artifact's and the torch reference's FID on the same seeds (``ditdeploy.fid.delta``)."""
     from ditdeploy.fid.delta import FidDeltaRequest, fid_delta
-    from ditdeploy.generation import backend_options
-    from ditdeploy.runtimes import resolve_backend
 
-    b = resolve_backend(engine, backend)
-    return fid_delta(FidDeltaRequest(artifact=engine, reference=ref_path, fid_ref=fid_ref, backend=b,
-                                     options=backend_options(b, opts), samples=samples, vae=vae,
+    return fid_delta(FidDeltaRequest(artifact=dep.path, reference=ref_path, fid_ref=fid_ref, backend=dep.backend,
+                                     options=dep.options, samples=samples, vae=vae,
                                      inception=inception, **settings))
 
 
@@ -222,57 +228,8 @@ def _run_trt_lint(path: Path, json_out: Path | None) -> None:
     require_lint_pass(rep)
 
 
-def _load_artifact(engine: Path, backend: str | None, options: dict):
-    from ditdeploy.generation import backend_options
-    from ditdeploy.runtimes import load, resolve_backend
-
-    b = resolve_backend(engine, backend)
-    return load(engine, backend=b, **backend_options(b, options))
-
-
-def _resolve_reference(reference: Path | None, art, engine: Path | None) -> Path:
-    """--reference, else the checkpoint the manifest names (beside the artifact or absolute), else shipped digits."""
-    from ditdeploy.errors import DitDeployError
-
-    if reference is not None:
-        if not reference.exists():
-            raise DitDeployError(f"reference checkpoint {reference} not found")
-        return reference
-    if art is not None:
-        from ditdeploy.manifest import Manifest
-
-        found = Manifest.of(art.manifest, engine or art.path).reference_checkpoint(shipped_fallback=True)
-        if found is not None:
-            return found
-        raise DitDeployError(f"no PyTorch reference for {Path(engine or art.path).name} (its manifest names no checkpoint "
-                             "that is here): pass --reference CHECKPOINT, "
-                             "or --golden FILE written by `ditdeploy check --save-golden` on a machine with torch")
-    raise DitDeployError("--save-golden without --engine needs --reference CHECKPOINT")
-
-
-def _load_reference(path: Path):
-    from ditdeploy.checking import has_torch
-    from ditdeploy.errors import DitDeployError
-    from ditdeploy.runtimes import load
-
-    if not has_torch():
-        raise DitDeployError("the PyTorch reference needs torch, which is not installed here: check against a golden "
-                             "file instead (`ditdeploy check --save-golden g.npz` on a machine with torch, then "
-                             "`--golden g.npz` here)")
-    try:
-        return load(path, backend="torch")
-    except ImportError as e:
-        raise DitDeployError(f"the PyTorch reference could not be loaded ({e}): use --golden FILE") from e
-
-
-def _load_decoder(vae: Path | None, art):
+def _vae_alone(vae: Path | None):
+    """``--save-golden --reference CKPT --vae DEC`` (no artifact): the decoder given, if any."""
     from ditdeploy.runtimes import load_decoder
 
-    if vae is not None:
-        return load_decoder(vae)
-    if art is None or art.config.space == "pixel":
-        return None
-    from ditdeploy.manifest import Manifest
-
-    p = Manifest.of(art.manifest, getattr(art, "path", None)).decoder_path()
-    return load_decoder(p) if p is not None else None
+    return load_decoder(vae) if vae is not None else None

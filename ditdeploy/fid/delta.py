@@ -54,9 +54,9 @@ def _sample(req: FidDeltaRequest, engine: Path, backend: str | None, options: di
 
 
 def _num_classes(path: Path) -> int:
-    from ditdeploy.runtimes import load
+    from ditdeploy.deployment import open_deployment
 
-    return int(load(path, backend="torch").config.num_classes)
+    return int(open_deployment(path, "torch").denoiser.config.num_classes)
 
 
 def fid_delta(req: FidDeltaRequest) -> dict[str, Any]:

@@ -48,20 +48,14 @@ class ServingCore:
     """The loaded deployment, the denoiser and decoder batchers, and admission."""
 
     def __init__(self, opts: ServeOptions):
-        from ditdeploy import generation, shipped
-        from ditdeploy.labels import for_model
-        from ditdeploy.runtimes import load, resolve_backend
+        from ditdeploy import generation
+        from ditdeploy.deployment import open_deployment
 
         self.opts = opts
-        engine = opts.engine if opts.engine is not None else shipped.default_model(opts.backend)
-        if not Path(engine).exists():
-            raise DitDeployError(f"no such file: {engine}")
-        backend = resolve_backend(engine, opts.backend)
-        bopts = generation.backend_options(backend, opts.options)
-        self.den = load(engine, backend=backend, **bopts)
-        self.decoder = generation.resolve_decoder(self.den, opts.vae, backend, bopts)
+        self.deployment = open_deployment(opts.engine, opts.backend, opts.options, vae=opts.vae)
+        self.den, self.decoder = self.deployment.denoiser, self.deployment.decoder
         cfg = self.den.config
-        self.names = for_model(self.den.manifest, cfg.variant, cfg.num_classes)
+        self.names = self.deployment.class_names
         self.default_cfg = generation.default_cfg(cfg)
         fns: dict[str, Any] = {"plain": self.den}
         if getattr(self.den, "supports_cache", False):
