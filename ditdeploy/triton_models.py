@@ -1,11 +1,12 @@
 """The Python-backend models of a Triton model repository written by ``ditdeploy export --fmt triton``.
 
-Each generated ``model.py`` is three lines that subclass one of these classes, so the repository carries no copy of
-the sampling math or of the wire protocol: the ``generate`` model parses requests with
+Each generated ``model.py`` only makes ditdeploy importable and names one of these classes ``TritonPythonModel``, so
+the repository carries no copy of the sampling math or of the wire protocol: the ``generate`` model parses requests with
 :mod:`ditdeploy.serving.protocol` (``ditdeploy serve``'s), samples with :func:`ditdeploy.generation.sample_batch`
 (``ditdeploy sample``'s noise contract: image i from ``(seed, first_index + i)``) and reaches the denoiser and the VAE
 decoder through BLS (``pb_utils.InferenceRequest(...).exec()``), so Triton's dynamic batcher on ``denoise`` merges
-the rows of every request in flight, each at its own step. ``PythonArtifactModel`` is the ``configs/python.pbtxt``
+the rows of every request in flight, each at its own step; ``InfoModel`` answers as ``ditdeploy serve``'s ``info``.
+``PythonArtifactModel`` is the ``configs/python.pbtxt``
 variant of ``denoise`` / ``vae_decoder``: the artifact on ONNX Runtime through :func:`ditdeploy.runtimes.load`
 (manifest and sha256 checked), for servers that only have the Python backend (PyTriton's bundled tritonserver).
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ditdeploy.errors import DitDeployError
+from ditdeploy.triton_models import SPEC_PARAMETER as SPEC  # the config parameter the Python models read
 
 MANIFEST_NAME = "ditdeploy_manifest.json"
-SPEC = "ditdeploy"  # ditdeploy.triton_models.SPEC_PARAMETER: the model-config parameter holding the description
 DENOISE, DECODER, GENERATE, INFO = "denoise", "vae_decoder", "generate", "info"
 DECODER_INPUT = "latents"  # ditdeploy.export.vae.DECODER_INPUT (not imported: that module needs torch)
 VARIANTS = ("tensorrt", "openvino", "python")
