@@ -90,3 +90,15 @@ def test_h2h_paired_auto_int8_and_recipe_from_a_fresh_workdir(tmp_path):
     bad = subprocess.run([*base, "--contenders", "", "--paired", "1", "--paired-ov-int8", str(tmp_path / "no.onnx")],
                          capture_output=True, text=True, cwd=REPO, timeout=600)
     assert bad.returncode == 2 and "no such file" in bad.stderr and "auto" in bad.stderr
+
+
+def test_h2h_refuses_missing_static_int8_and_recipe_up_front(tmp_path, capsys):
+    """A --paired-ov-int8 file that does not exist (the documented command on a fresh machine) or a recipe
+    contender without --recipe: one argparse line before any export starts; 'auto' is accepted."""
+    for argv, frag in ((["--paired", "1", "--paired-ov-int8", str(tmp_path / "no.onnx")], "pass 'auto'"),
+                       (["--contenders", "recipe"], "needs --recipe")):
+        with pytest.raises(SystemExit) as e:
+            h2h.main(["--contenders", "", "--workdir", str(tmp_path / "w"), *argv])
+        assert e.value.code == 2 and frag in capsys.readouterr().err
+    assert h2h._ov_int8(h2h.Work(workdir=str(tmp_path), model="S/8", image_size=64, ov_int8="auto")) == str(
+        tmp_path / "dit-S8-64-int8.onnx")
