@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.bounds import check_batch
 from ditdeploy.errors import DitDeployError
 
 RESULT_TAG = "DITDEPLOY_BENCH_RESULT "
@@ -85,6 +86,7 @@ def parse_batches(spec: str, flag: str = "--batch-sizes") -> list[int]:
         raise DitDeployError(f"{flag} takes comma-separated integers like 1,2,8, got {spec!r}") from e
     if not out or any(b < 1 for b in out):
         raise DitDeployError(f"{flag} needs positive sizes, got {spec!r}")
+    check_batch(max(out), flag)
     return sorted(dict.fromkeys(out))
 
 

@@ -61,6 +61,8 @@ from ditdeploy.artifacts import (
     make_manifest,
     manifest_path,
     sha256_file,
+    temp_dir,
+    temp_prefix,
     write_json_atomic,
 )
 from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
@@ -206,7 +208,7 @@ def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = No
         yield staged, model
         return
     if os.access(src.parent, os.W_OK):
-        fd, name = tempfile.mkstemp(prefix=f".{src.stem}.int8-stage.", suffix=".onnx", dir=src.parent)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(f"{src.stem}.int8-stage"), suffix=".onnx", dir=src.parent)
         os.close(fd)
         staged = Path(name)
         inferred = staged.with_name(staged.stem + "-inferred.onnx")  # what quantize_static writes beside it
@@ -468,7 +470,7 @@ def quantize_int8(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DitDeployError(f"cannot create output directory {out.parent}: {e.strerror}") from e
-    with tempfile.TemporaryDirectory(prefix=".ditdeploy-int8-", dir=out.parent) as work_s, \
+    with temp_dir(out.parent, "int8") as work_s, \
             contextlib.ExitStack() as stack:
         work = Path(work_s)
         fusions: dict[str, int] = {}

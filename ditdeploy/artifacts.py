@@ -11,16 +11,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.interrupts import note_written
 
 if TYPE_CHECKING:
     from ditdeploy.manifest import Manifest
@@ -77,6 +80,22 @@ def temp_prefix(final_name: str | None = None, kind: str = "") -> str:
     if final_name is not None:
         return f".{final_name}.{TEMP_TAG}-{os.getpid()}-"
     return f".{TEMP_TAG}-{kind + '-' if kind else ''}{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike | None = None, kind: str = "") -> Iterator[Path]:
+    """A private temporary folder in ``parent`` (default: the system temp dir) named with this process's pid, so the
+    next run removes it if this one is killed (:func:`clean_stale_temps`, run here first); removed on every exit."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    clean_stale_temps(parent)
+    try:
+        d = Path(tempfile.mkdtemp(prefix=temp_prefix(kind=kind), dir=parent))
+    except OSError as e:
+        raise DitDeployError(f"could not create a temporary folder in {parent}: {e.strerror or e}") from e
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -185,7 +204,10 @@ def atomic_path(final: str | os.PathLike, suffix: str | None = None) -> Iterator
             os.fsync(f.fileno())
         os.chmod(tmp_path, _default_mode())  # mkstemp makes 0600; published artifacts get the usual umask mode
         os.replace(tmp_path, final)
+        note_written(final)
     except BaseException as e:
+        if not tmp_path.exists() and final.exists():  # renamed into place just before a signal: it is complete
+            note_written(final)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         if isinstance(e, OSError) and not isinstance(e, DitDeployError):
@@ -248,6 +270,8 @@ def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
     try:
         yield tmp
         publish(tmp, finals)
+        for f in finals:
+            note_written(f)
     except BaseException as e:
         if isinstance(e, OSError) and not isinstance(e, DitDeployError):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -260,9 +284,10 @@ def atomic_dir(final_files: list[str | os.PathLike]) -> Iterator[Path]:
 def check_new_folder(final: str | os.PathLike) -> Path:
     """Refuse (one line) a folder-artifact destination that exists and is not an empty folder, or is a link; create
     its parent. Returns the path."""
+    from ditdeploy.outputs import check_new_folder as policy
+
     final = Path(final)
-    if final.is_symlink() or (final.exists() and (not final.is_dir() or any(final.iterdir()))):
-        raise DitDeployError(f"{final} already exists: choose another --out or remove it (a new folder is written)")
+    policy("--out", final)  # a link, a file or device, a non-empty folder, a path below a file: one line
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -292,6 +317,13 @@ def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
         if final.is_dir():
             final.rmdir()  # empty (checked above)
         os.replace(tmp, final)
+        note_written(final)
+    except BaseException as e:
+        if not tmp.exists() and final.is_dir():  # renamed into place just before a signal: it is complete
+            note_written(final)
+        if isinstance(e, OSError) and not isinstance(e, DitDeployError):
+            raise DitDeployError(f"could not write {final}: {e.strerror or e}") from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -327,8 +359,23 @@ def write_file_atomic(path: str | os.PathLike, src: str | os.PathLike) -> None:
 
 
 def json_text(obj: Any) -> str:
-    """The project's JSON text for ``obj``: 2-space indent, sorted keys, numpy scalars/arrays and paths converted."""
-    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+    """The project's JSON text for ``obj``: 2-space indent, sorted keys, numpy scalars/arrays and paths converted,
+    strict JSON (a NaN or infinite number is written as ``null``: ``NaN``/``Infinity`` are not JSON)."""
+    return json.dumps(strict_json(obj), indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with numpy values as Python ones and every non-finite float as None (valid JSON for any reader)."""
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(obj, (np.generic, np.ndarray)):
+        obj = obj.tolist()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -18,10 +18,13 @@ from pathlib import Path
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.outputs import human_bytes
 
-__all__ = ["available_memory", "check_memory", "check_npz", "check_threads", "max_threads"]
+__all__ = ["MAX_BATCH", "available_memory", "check_batch", "check_memory", "check_model", "check_npz",
+           "check_threads", "max_threads"]
 
 #: share of the available memory a run may plan to use
 MEMORY_SHARE = 0.9
+#: the largest batch any command takes (a TensorRT profile's max, a check or bench batch); larger ones are chunked
+MAX_BATCH = 4096
 
 
 def available_memory() -> int:
@@ -60,6 +63,19 @@ def check_memory(count: int, item_bytes: int, what: str, hint: str) -> None:
         raise DitDeployError(f"{what} need about {human_bytes(need)} of memory, {human_bytes(avail)} available: {hint}")
 
 
+def check_batch(n: int | None, flag: str) -> None:
+    """Refuse a batch size below 1 or above :data:`MAX_BATCH` (one line, before any work)."""
+    if n is not None and not 1 <= n <= MAX_BATCH:
+        raise DitDeployError(f"{flag} {n} is out of range: batches are 1..{MAX_BATCH} (larger runs are chunked)")
+
+
+def check_model(cfg: object, what: str = "the model") -> None:
+    """Refuse a model config whose fp32 parameters do not fit in memory (before anything is allocated)."""
+    n = int(cfg.param_count())  # type: ignore[attr-defined]
+    check_memory(n, 4, f"the {n:,} fp32 parameters of {what}", "check the sizes in its config (hidden_size, "
+                 "depth, input_size, num_classes)")
+
+
 def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], int, int]:
     """(shape, itemsize, header bytes) of an ``.npy`` member, read without inflating its data."""
     import numpy as np
@@ -77,8 +93,10 @@ def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[in
         return tuple(int(d) for d in shape), int(dtype.itemsize), f.tell()
 
 
-def check_npz(path: str | os.PathLike, max_bytes: int | None = None, what: str = "npz file") -> dict[str, tuple]:
-    """Check every member's declared size of the ``.npz`` at ``path`` before it is inflated.
+def check_npz(path: str | os.PathLike, max_bytes: int | None = None, what: str = "npz file",
+              only: tuple[str, ...] | None = None) -> dict[str, tuple]:
+    """Check every member's (or, with ``only``, those members') declared size of the ``.npz`` at ``path`` before it
+    is inflated.
 
     Each ``.npy`` member's header shape x itemsize must match the zip's declared uncompressed size (a mismatch is a
     damaged or crafted file), and the total must fit in ``max_bytes`` (default: the memory available now).
@@ -91,7 +109,7 @@ def check_npz(path: str | os.PathLike, max_bytes: int | None = None, what: str =
     try:
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
-                if info.is_dir():
+                if info.is_dir() or (only is not None and info.filename[:-4] not in only):
                     continue
                 if not info.filename.endswith(".npy"):
                     raise ArtifactError(f"{what} {path.name} holds {info.filename!r}, which is not an array")

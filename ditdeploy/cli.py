@@ -83,10 +83,16 @@ def _ensure_std_streams() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))
 
 
-def _stopped(signum: int) -> None:
-    from ditdeploy.interrupts import describe, exit_code
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """Python warnings (a library's UserWarning, a deprecation) as one ``warning:`` line, never source lines."""
+    _say(f"warning: {_one_line(Warning(message) if not isinstance(message, Warning) else message, 300)}")
 
-    _say(f"error: {describe(signum)}")
+
+def _stopped(signum: int) -> None:
+    from ditdeploy.interrupts import describe, exit_code, written
+
+    done = [w for w in dict.fromkeys(written()) if os.path.lexists(w)]  # not the temporaries removed since
+    _say(f"error: {describe(signum)}" + (f" (already written completely: {', '.join(done)})" if done else ""))
     sys.exit(exit_code(signum))
 
 
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
 
     interrupts.install()
     _ensure_std_streams()
+    import warnings
+
+    warnings.showwarning = _show_warning
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("DITDEPLOY_DEBUG") == "1"
     try:
         rv = build_app()(args=argv, standalone_mode=False)

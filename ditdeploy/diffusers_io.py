@@ -19,12 +19,14 @@ Pickled ``.bin`` files are read with ``torch.load(weights_only=True)`` only (via
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +74,9 @@ class Snapshot:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not readable JSON ({e}): the snapshot is damaged; copy it again") from e
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+        raise ArtifactError(f"{path} is not readable JSON ({why}): the snapshot is damaged; copy it again") from e
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path} holds a {type(obj).__name__}, not a JSON object: not a diffusers snapshot")
     return obj
@@ -91,7 +94,7 @@ def is_snapshot_dir(path: str | os.PathLike) -> bool:
         return False
     try:
         return json.loads(cfg.read_text()).get("_class_name") in DIT_CLASSES
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -194,19 +197,22 @@ def config_from_diffusers(cfg: Mapping[str, Any], where: str = "config.json") ->
                                 f"{ok[0]!r}): ditdeploy reads class-conditional adaLN-Zero DiT transformers only")
     need = ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size", "patch_size",
             "num_embeds_ada_norm")
-    missing = [k for k in need if not isinstance(cfg.get(k), int)]
+    missing = [k for k in need if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
     if missing:
         raise ArtifactError(f"{where}: {missing[0]} is missing or not an integer: not a DiT transformer config")
     heads, head_dim, c = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["in_channels"]
     out = cfg.get("out_channels") or c
-    if out not in (c, 2 * c):
+    if isinstance(out, bool) or out not in (c, 2 * c):
         raise ArtifactError(f"{where}: out_channels {out} for in_channels {c}: not a DiT (expected {c} or {2 * c})")
-    return DiTConfig(
-        input_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=c, hidden_size=heads * head_dim,
-        depth=cfg["num_layers"], num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
-        num_classes=cfg["num_embeds_ada_norm"], learn_sigma=out == 2 * c, variant="custom",
-        space="latent" if c == 4 else "pixel",
-    )
+    try:
+        return DiTConfig(
+            input_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=c, hidden_size=heads * head_dim,
+            depth=cfg["num_layers"], num_heads=heads, mlp_ratio=4.0, class_dropout_prob=0.1,
+            num_classes=cfg["num_embeds_ada_norm"], learn_sigma=out == 2 * c, variant="custom",
+            space="latent" if c == 4 else "pixel",
+        )
+    except DitDeployError as e:
+        raise ArtifactError(f"{where}: {e}") from e
 
 
 def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
@@ -227,6 +233,84 @@ def diffusers_config(cfg: DiTConfig) -> dict[str, Any]:
         "activation_fn": "gelu-approximate", "attention_bias": True, "norm_type": "ada_norm_zero",
         "norm_elementwise_affine": False, "norm_eps": OFFICIAL_LN_EPS, "dropout": 0.0, "upcast_attention": False,
     }
+
+
+# ------------------------------------------------------------------------------------------------------ VAE
+
+#: integer sizes of an AutoencoderKL config.json and the largest value each may take
+_VAE_INTS = {"in_channels": 64, "out_channels": 64, "latent_channels": 256, "layers_per_block": 64,
+             "norm_num_groups": 1 << 14, "sample_size": 1 << 16}
+MAX_VAE_CHANNELS = 1 << 14
+
+
+def _bad_int(v: Any, hi: int) -> bool:
+    return not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= hi
+
+
+def check_vae_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of an AutoencoderKL folder with its sizes checked (positive integers, bounded; groups
+    dividing the channels; finite positive scaling factor) and its parameters' memory bounded, before diffusers
+    builds anything. ArtifactError (one line) naming the file and the value."""
+    from ditdeploy.bounds import check_memory
+
+    where = Path(folder) / "config.json"
+    cfg = _read_json(where)
+    for k, hi in _VAE_INTS.items():
+        if cfg.get(k) is not None and _bad_int(cfg[k], hi):
+            raise ArtifactError(f"{where}: {k} must be an integer in 1..{hi}, got {cfg[k]!r}")
+    ch = cfg.get("block_out_channels")
+    if ch is not None and (not isinstance(ch, list) or not 1 <= len(ch) <= 16
+                           or any(_bad_int(c, MAX_VAE_CHANNELS) for c in ch)):
+        raise ArtifactError(f"{where}: block_out_channels must be a list of 1..16 integers in 1..{MAX_VAE_CHANNELS}, "
+                            f"got {str(ch)[:80]}")
+    groups = cfg.get("norm_num_groups") or 32
+    if ch and any(c % groups for c in ch):
+        raise ArtifactError(f"{where}: norm_num_groups {groups} does not divide block_out_channels {ch}")
+    for k in ("scaling_factor", "shift_factor"):
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or (k == "scaling_factor" and v <= 0)):
+            raise ArtifactError(f"{where}: {k} must be a finite{' positive' * (k == 'scaling_factor')} number, "
+                                f"got {v!r}")
+    if ch:  # encoder + decoder: ~(2 layers + 3) 3x3 convolutions of c x c per level each (SD VAE: 76M of 84M)
+        n = 2 * sum((2 * (cfg.get("layers_per_block") or 1) + 3) * 9 * c * c for c in ch)
+        check_memory(n, 4, f"the ~{n:,} fp32 parameters of the AutoencoderKL in {where}",
+                     "check its block_out_channels / layers_per_block")
+    return cfg
+
+
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' notices (``accelerate`` not installed, ``vae=None``, deprecations) and library warnings off while
+    it reads or writes: noise on a CLI whose own one-line errors say what matters."""
+    import warnings
+
+    log = require_diffusers("reading diffusers folders").utils.logging
+    level = log.get_verbosity()
+    log.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.set_verbosity(level)
+
+
+def load_autoencoder(folder: str | os.PathLike, **kwargs: Any) -> Any:
+    """``AutoencoderKL.from_pretrained(folder)`` (local files only) after :func:`check_vae_config`, quietly; any
+    failure of diffusers is one ArtifactError line."""
+    from ditdeploy.errors import raise_if_interrupted
+
+    diffusers = require_diffusers("loading the VAE")
+    d = Path(folder)
+    check_vae_config(d)
+    with quiet_diffusers():
+        try:
+            return diffusers.AutoencoderKL.from_pretrained(str(d), local_files_only=True, **kwargs)
+        except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
+            raise_if_interrupted(e)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"cannot load a diffusers AutoencoderKL from {d}: {first}") from e
 
 
 # ------------------------------------------------------------------------------------------------------ mapping
@@ -354,6 +438,9 @@ def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     snap = locate(path)
     cfg_path = snap.transformer / "config.json"
     hint = config_from_diffusers(_read_json(cfg_path), str(cfg_path))
+    from ditdeploy.bounds import check_model
+
+    check_model(hint, f"the DiT {cfg_path} describes")  # before any tensor (or the sin-cos table) is allocated
     raw: dict[str, torch.Tensor] = {}
     for f in snap.weight_files:
         part, _ = read_state_dict(f)
@@ -391,7 +478,9 @@ def _written_parity(net: Any, folder: Path, seed: int) -> dict[str, Any]:
     import torch
 
     diffusers = require_diffusers("checking the written snapshot")
-    tr = diffusers.DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), local_files_only=True).eval()
+    with quiet_diffusers():
+        tr = diffusers.DiTTransformer2DModel.from_pretrained(str(folder / "transformer"), local_files_only=True)
+    tr = tr.eval()
     cfg = net.config
     back = to_official(tr.state_dict(), cfg)
     own = {k: v.detach().float() for k, v in net.state_dict().items()}
@@ -441,7 +530,6 @@ def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike |
     )
 
     diffusers = require_diffusers("writing a diffusers snapshot")
-    diffusers.utils.logging.set_verbosity_error()  # its notices (accelerate, vae=None) are noise on a CLI
     out = Path(out)
     cfg = net.config
     kwargs = diffusers_config(cfg)
@@ -452,12 +540,13 @@ def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike |
 
         vae_model = load_vae(vae)
     with atomic_folder(out) as tmp:
-        with torch.device("meta"):
+        with quiet_diffusers(), torch.device("meta"):
             tr = diffusers.DiTTransformer2DModel(**kwargs)
         mapped = {k: v.detach().to("cpu", torch.float32).clone() for k, v in from_official(net.state_dict(), cfg).items()}
         tr.load_state_dict(mapped, strict=True, assign=True)  # own copies: the per-block embedders must not alias
-        pipe = diffusers.DiTPipeline(transformer=tr.eval(), vae=vae_model, scheduler=_scheduler(diffusers))
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        with quiet_diffusers():
+            pipe = diffusers.DiTPipeline(transformer=tr.eval(), vae=vae_model, scheduler=_scheduler(diffusers))
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
         if id2label:
             idx = tmp / INDEX
             m = json.loads(idx.read_text())

@@ -514,7 +514,7 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through:
     import numpy as np
 
     from ditdeploy import sharding
-    from ditdeploy.artifacts import temp_prefix, write_file_atomic
+    from ditdeploy.artifacts import clean_stale_temps, temp_prefix, write_file_atomic
     from ditdeploy.errors import DitDeployError
     from ditdeploy.runtimes.base import physical_cores
 
@@ -527,12 +527,14 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through:
         final_npz = Path(tmpdir) / "samples.npz"
     each = max(1, (req.options.get("threads") or physical_cores()) // k)
     parts = [sharding.part_path(final_npz, i, k) for i in range(k)]
-    reqdir = Path(tempfile.mkdtemp(prefix="ditdeploy-requests-"))
+    clean_stale_temps(tempfile.gettempdir())  # a killed run's request folder
+    reqdir = Path(tempfile.mkdtemp(prefix=temp_prefix(kind="requests")))
     try:
         cmds = []
         for i in range(k):
             sub = dataclasses.replace(req, shards=1, shard=[i, k], npz=final_npz, out=None, progress=False,
-                                      options={**req.options, "threads": each}, json_summary=None)
+                                      options={**req.options, "threads": each},
+                                      json_summary=reqdir / f"shard-{i}-of-{k}.summary.json")
             f = reqdir / f"shard-{i}-of-{k}.json"
             f.write_text(sub.to_json())
             cmds.append([sys.executable, "-m", "ditdeploy.generation", str(f)])
@@ -540,6 +542,7 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through:
         t0 = time.perf_counter()
         sharding.run_workers(cmds)
         t_workers = time.perf_counter() - t0
+        shard_runs = [json.loads((reqdir / f"shard-{i}-of-{k}.summary.json").read_text()) for i in range(k)]
         n, _ = sharding.merge_parts(final_npz, parts)
         if npz_through:
             write_file_atomic(req.npz, final_npz)
@@ -557,12 +560,31 @@ def _generate_sharded(req: SampleRequest, say: Say, t_start: float, npz_through:
             shutil.rmtree(tmpdir, ignore_errors=True)
     if n == 0:
         raise DitDeployError("no images were sampled")
-    timings = Timings(total_s=time.perf_counter() - t_start, workers_s=t_workers)
-    res = SampleResult(images=None, labels=None, latents=None, indices=None, backend=str(req.backend),
-                       decoder=None, cfg_scale=req.cfg_scale if req.cfg_scale is not None else float("nan"),
-                       shard=None, written=written, timings=timings, count=int(n))
+    res = _merged_result(shard_runs, written, int(n), t_workers, time.perf_counter() - t_start)
     _write_summary(req, res)
     return res
+
+
+_ADDED_WORK = ("calls", "rows", "light_calls", "light_rows", "gmac")
+_ADDED_TIMES = ("load_s", "denoiser_s", "decode_s", "sampler_overhead_s", "write_s")
+
+
+def _merged_result(runs: list[dict[str, Any]], written: list[str], n: int, workers_s: float,
+                   total_s: float) -> SampleResult:
+    """A ``--shards`` parent's result from its workers' run summaries: the same fields as an unsharded run's
+    (backend, decoder, guidance scale as used, denoiser work), work and stage seconds added over the shards."""
+    first = runs[0]
+    work = dict(first.get("denoiser") or {})
+    for key in _ADDED_WORK:
+        if key in work:
+            work[key] = sum(r["denoiser"][key] for r in runs)
+    if "gmac" in work:
+        work["gmac"] = float(f"{work['gmac']:.6g}")
+    times = {key: sum(float(r["timings"][key]) for r in runs) for key in _ADDED_TIMES}
+    timings = Timings(total_s=total_s, workers_s=workers_s, denoiser_calls=int(work.get("calls", 0)), **times)
+    return SampleResult(images=None, labels=None, latents=None, indices=None, backend=first["backend"],
+                        decoder=first["decoder"], cfg_scale=first["guidance"]["scale"], shard=None, written=written,
+                        timings=timings, count=n, work=work)
 
 
 # --------------------------------------------------------------------------------------------------------- reporting

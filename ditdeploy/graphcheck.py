@@ -22,7 +22,7 @@ from typing import Any
 
 from ditdeploy.errors import ArtifactError
 
-__all__ = ["OnnxScan", "check_against_manifest", "scan"]
+__all__ = ["OnnxScan", "check_against_manifest", "check_listed", "scan"]
 
 # field numbers (onnx.proto3)
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
@@ -178,3 +178,18 @@ def check_against_manifest(path: str | os.PathLike, manifest: Any, config: Any =
     if pos and len(pos) == 3 and config.patch_size:
         _expect("a patch grid of", pos[1], (config.input_size // config.patch_size) ** 2, path)
     return s
+
+
+def check_listed(path: str | os.PathLike, manifest: Any, config: Any = None) -> None:
+    """Every file a runtime reads for the model at ``path`` is listed in its (verified) manifest, whatever the
+    backend: an ONNX model's external data (:func:`check_against_manifest`, which also confirms ``config``), an
+    OpenVINO IR's ``.bin``. ArtifactError (one line) otherwise."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        check_against_manifest(path, manifest, config)
+    elif path.suffix.lower() == ".xml":
+        listed = (manifest.get("files") or {}) if hasattr(manifest, "get") else {}
+        weights = path.with_suffix(".bin").name
+        if weights not in listed:
+            raise ArtifactError(f"{path.name} reads its weights from {weights!r}, which its manifest does not list, "
+                                "so they cannot be verified: re-export the artifact")

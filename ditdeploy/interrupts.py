@@ -15,10 +15,11 @@ from __future__ import annotations
 import signal
 import threading
 
-__all__ = ["HANDLED", "Terminated", "describe", "exit_code", "install", "received"]
+__all__ = ["HANDLED", "Terminated", "describe", "exit_code", "install", "note_written", "received", "written"]
 
 HANDLED = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None)
 _received: list[int] = []
+_written: list[str] = []
 
 
 class Terminated(SystemExit):
@@ -39,6 +40,7 @@ def _on_signal(signum: int, frame: object) -> None:
 def install() -> None:
     """Install the handlers (main thread only; signals ignored at start stay ignored) and forget earlier signals."""
     _received.clear()
+    _written.clear()
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in HANDLED:
@@ -51,6 +53,16 @@ def install() -> None:
 def received() -> int | None:
     """The first signal handled since :func:`install`, or None."""
     return _received[0] if _received else None
+
+
+def note_written(path: object) -> None:
+    """Record an output that is complete at its final path (a signal after it reports it as written)."""
+    _written.append(str(path))
+
+
+def written() -> list[str]:
+    """The outputs completed since :func:`install`."""
+    return list(_written)
 
 
 def exit_code(signum: int) -> int:

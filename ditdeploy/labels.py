@@ -34,12 +34,16 @@ def normalize(id2label: Mapping[Any, Any] | None, num_classes: int | None = None
     for k, v in id2label.items():
         try:
             i = int(k)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise DitDeployError(f"id2label key {k!r} is not a class id") from e
         if not isinstance(v, str) or not v.strip():
             raise DitDeployError(f"id2label[{k!r}] is not a non-empty name")
-        if num_classes is not None and not 0 <= i < num_classes:
-            raise DitDeployError(f"id2label names class {i}, but the model has classes 0..{num_classes - 1}")
+        if i < 0 or (num_classes is not None and i >= num_classes):
+            have = f"the model has classes 0..{num_classes - 1}" if num_classes is not None else "ids start at 0"
+            raise DitDeployError(f"id2label names class {i}, but {have}")
+        if i in out:
+            raise DitDeployError(f"id2label names class {i} twice ({out[i]!r} and {v.strip()!r} under different "
+                                 "keys): keep one entry per class")
         out[i] = v.strip()
     return dict(sorted(out.items()))
 

@@ -48,9 +48,32 @@ def _opt_int(v: Any, what: str) -> int | None:
     if v is None or v == "":
         return None
     try:
-        return int(v)
-    except (TypeError, ValueError) as e:
+        n = int(v)
+    except (TypeError, ValueError, OverflowError) as e:
         raise ArtifactError(f"the manifest's {what} {v!r} is not an integer: re-export the artifact") from e
+    if n < 1 or isinstance(v, bool):
+        raise ArtifactError(f"the manifest's {what} {v!r} is not a positive integer: re-export the artifact")
+    return n
+
+
+#: the type of each top-level field a reader uses (None: the field may be null); checked when a manifest is read
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "format": (str,), "precision": (str,), "artifact": (str,), "decoder": (str, type(None)),
+    "config": (dict, type(None)), "batch": (dict, type(None)), "id2label": (dict, type(None)),
+    "cache_graphs": (dict, type(None)),
+}
+
+
+def _check_types(raw: dict[str, Any], mp: Path) -> None:
+    """One line for a field of the wrong JSON type (a list where a table belongs, a number for a file name)."""
+    for key, types in _FIELD_TYPES.items():
+        if key in raw and not isinstance(raw[key], types):
+            want = " or ".join("null" if t is type(None) else {"str": "a string", "dict": "a table"}[t.__name__]
+                               for t in types)
+            raise ArtifactError(f"manifest {mp.name}: field {key!r} is {type(raw[key]).__name__} {raw[key]!r:.40}, "
+                                f"expected {want}: re-export the artifact")
+    if isinstance(raw.get("decoder"), str) and ("\x00" in raw["decoder"] or "/" in raw["decoder"]):
+        raise ArtifactError(f"manifest {mp.name}: decoder {raw['decoder']!r} is not a file name beside the artifact")
 
 
 def _is_snapshot(path: Path) -> bool:
@@ -93,10 +116,12 @@ class Manifest(dict):
             return None
         try:
             raw = json.loads(mp.read_text())
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"manifest {mp} is not valid JSON ({e}); re-export the artifact") from e
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+            raise ArtifactError(f"manifest {mp} is not valid JSON ({why}); re-export the artifact") from e
         if not isinstance(raw, dict) or not isinstance(raw.get("files"), dict):
             raise ArtifactError(f"manifest {mp} lacks the 'files' table; re-export the artifact")
+        _check_types(raw, mp)
         m = cls(raw, artifact)
         if verify:
             m.verify()

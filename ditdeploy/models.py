@@ -331,7 +331,10 @@ class DiT(nn.Module):
 
 def create_model(name: str | DiTConfig, image_size: int = 256, **overrides) -> DiT:
     """Build a DiT from a variant name (``"XL/2"``, ``"digits"``) or a ``DiTConfig``."""
+    from ditdeploy.bounds import check_model
+
     cfg = name if isinstance(name, DiTConfig) else variant_config(name, image_size, **overrides)
+    check_model(cfg, f"a {cfg.variant} DiT")
     model = DiT(**cfg.model_kwargs())
     model.config = cfg
     return model

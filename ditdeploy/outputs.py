@@ -33,7 +33,8 @@ from typing import Any
 
 from ditdeploy.errors import DitDeployError
 
-__all__ = ["OutputPlan", "artifact_files", "check_outputs", "file_kind", "final_path", "human_bytes"]
+__all__ = ["OutputPlan", "artifact_files", "check_new_folder", "check_outputs", "file_kind", "final_path",
+           "human_bytes"]
 
 #: file kinds that may receive a single-file output by writing through (never replaced)
 WRITE_THROUGH = ("character device", "FIFO")
@@ -130,20 +131,54 @@ def _identity(p: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _input_files(label: str, p: Path) -> list[tuple[str, Path]]:
-    """An input and the files it brings along: an artifact's manifest and every file its manifest lists."""
+def _input_files(label: str, p: Path, depth: int = 0) -> list[tuple[str, Path]]:
+    """An input and every file reading it reads too: its manifest, every file the manifest lists, the external data
+    an ONNX model references (listed or not), an OpenVINO IR's ``.bin``, and the sidecar artifacts the manifest
+    names (its ``decoder``, the ``cache_graphs`` light graph) with their own files."""
     found = [(label, p)]
+    if not p.is_file():
+        return found
+    suffix = p.suffix.lower()
+    if suffix == ".xml":
+        found.append((f"the weights of {label}", p.with_suffix(".bin")))
+    elif suffix == ".onnx":
+        found += [(f"the external data of {label}", p.parent / loc) for loc in _onnx_external(p)]
     mp = p.with_name(p.name + ".json")
-    if p.is_file() and mp.is_file():
-        found.append((f"{label}'s manifest", mp))
-        try:
-            listed = json.loads(mp.read_text()).get("files") or {}
-        except (OSError, ValueError, AttributeError):
-            listed = {}
-        for name in listed if isinstance(listed, dict) else ():
-            if isinstance(name, str) and name and "/" not in name and "\\" not in name and name not in (".", ".."):
-                found.append((f"a file of {label}", p.with_name(name)))
+    if not mp.is_file():
+        return found
+    found.append((f"{label}'s manifest", mp))
+    try:
+        m = json.loads(mp.read_text())
+    except (OSError, ValueError, RecursionError):
+        return found
+    if not isinstance(m, dict):
+        return found
+    listed = m.get("files")
+    found += [(f"a file of {label}", p.with_name(n)) for n in (listed if isinstance(listed, dict) else ())
+              if _plain_name(n)]
+    cg = m.get("cache_graphs")
+    sidecars = {"decoder": m.get("decoder"), "light graph": cg.get("light") if isinstance(cg, dict) else None}
+    for what, name in sidecars.items():
+        if depth == 0 and _plain_name(name):
+            found += _input_files(f"{label}'s {what}", p.with_name(name), depth + 1)
     return found
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name beside the artifact (what manifests record), not a path."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and "\x00" not in name \
+        and name not in (".", "..")
+
+
+def _onnx_external(p: Path) -> list[str]:
+    """The external-data locations an ONNX file references (none when it is not readable as ONNX)."""
+    from ditdeploy.errors import ArtifactError
+    from ditdeploy.graphcheck import scan
+
+    try:
+        return sorted(loc for loc in scan(p).external if "\x00" not in loc)
+    except (ArtifactError, RecursionError, ValueError):
+        return []
 
 
 def _same(a: Path, b: Path, ida: tuple[int, int] | None, idb: tuple[int, int] | None) -> bool:
@@ -251,3 +286,30 @@ def check_outputs(inputs: Mapping[str, Any] | None, outputs: Mapping[str, Any],
     result = OutputPlan(tuple(plan))
     result.check_space(expected_bytes or {})
     return result
+
+
+def check_new_folder(label: str, out: str | os.PathLike, inputs: Mapping[str, Any] | None = None) -> None:
+    """The policy for an output that is a new folder (a diffusers snapshot), before any work: refused when it is a
+    link, a file or device, a non-empty folder, below a file, in a folder that cannot be written, or one of the
+    ``inputs`` (or inside one). One line, ``DitDeployError``."""
+    out = Path(out)
+    if out.is_symlink():
+        raise DitDeployError(f"{label} {out} is a symbolic link: name a new folder (a link is never followed or "
+                             "replaced)")
+    kind = file_kind(out)
+    if kind == "directory" and any(out.iterdir()):
+        raise DitDeployError(f"{label} {out} already exists and is not empty: choose another path or remove it "
+                             "(the output is a new folder)")
+    if kind not in ("missing", "directory"):
+        raise DitDeployError(f"{label} {out} is a {kind}, not a folder: name a new folder")
+    anc = _existing_ancestor(out)
+    if not anc.is_dir():
+        raise DitDeployError(f"{label} {out}: {anc} is a file, not a directory; choose another path")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise DitDeployError(f"{label} {out}: {anc} is not writable; choose another path")
+    real = os.path.realpath(out)
+    for ilabel, ip in _entries(inputs):
+        ireal = os.path.realpath(ip)
+        if real == ireal or real.startswith(ireal.rstrip(os.sep) + os.sep):
+            raise DitDeployError(f"{label} {out} is inside {ilabel} {ip}, an input of this run: choose an output "
+                                 "folder outside it")

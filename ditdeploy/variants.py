@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,11 @@ VARIANTS: dict[str, dict[str, int]] = {
 CONDITIONINGS = ("adaln-zero", "adaln", "in-context", "cross-attn")
 LATENT_CHANNELS = 4
 VAE_DOWNSAMPLE = 8  # SD VAE: 256 px -> 32x32 latents
+SPACES = ("latent", "pixel")
+#: the largest value any integer size of a config may take (XL/2 at 512 px: 64 latents, 1152 wide, 1000 classes);
+#: memory is checked separately where a model is built (``ditdeploy.bounds.check_model``)
+MAX_DIM = 1 << 20
+_SIZES_INT = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,34 @@ class DiTConfig:
     variant: str = "XL/2"
     # "latent" (SD-VAE latents, decode with a VAE) or "pixel" (images in [-1, 1] directly, e.g. digits)
     space: str = "latent"
+
+    def __post_init__(self) -> None:
+        """Refuse values no DiT can have (one line): every size an integer in 1..MAX_DIM, the patch grid and heads
+        dividing evenly, probabilities and ratios in range, known conditioning and space."""
+        for k in _SIZES_INT:
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_DIM:
+                raise DitDeployError(f"model config {k} must be an integer in 1..{MAX_DIM}, got {v!r}")
+        if self.input_size % self.patch_size:
+            raise DitDeployError(f"model config input_size {self.input_size} is not a multiple of patch_size "
+                                 f"{self.patch_size}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise DitDeployError(f"model config hidden_size {self.hidden_size} must be divisible by num_heads "
+                                 f"{self.num_heads} and by 4 (the sin-cos position table)")
+        for k, lo, hi in (("mlp_ratio", 0.0, 64.0), ("class_dropout_prob", 0.0, 1.0)):
+            v = getattr(self, k)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or not (lo < v <= hi if k == "mlp_ratio" else lo <= v < hi):
+                raise DitDeployError(f"model config {k} must be a number in {'(' if k == 'mlp_ratio' else '['}"
+                                     f"{lo:g}, {hi:g}{']' if k == 'mlp_ratio' else ')'}, got {v!r}")
+        if not isinstance(self.learn_sigma, bool):
+            raise DitDeployError(f"model config learn_sigma must be true or false, got {self.learn_sigma!r}")
+        if self.conditioning not in CONDITIONINGS:
+            raise DitDeployError(f"model config conditioning {self.conditioning!r}: choose one of "
+                                 f"{', '.join(CONDITIONINGS)}")
+        if self.space not in SPACES or not isinstance(self.variant, str):
+            raise DitDeployError(f"model config space {self.space!r} / variant {self.variant!r}: space is latent "
+                                 "or pixel, variant a name")
 
     def model_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of ``ditdeploy.models.DiT``."""
@@ -76,7 +110,13 @@ class DiTConfig:
 
     @classmethod
     def from_json(cls, s: str) -> DiTConfig:
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise DitDeployError(f"model config is not readable JSON ({type(e).__name__})") from e
+        if not isinstance(d, dict):
+            raise DitDeployError(f"model config is a JSON {type(d).__name__}, not an object")
+        return cls.from_dict(d)
 
     def param_count(self) -> int:
         """Analytic parameter count (trainable + pos_embed), equal to ``sum(p.numel())`` of the torch model."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,12 +176,11 @@ def _optional(module: str, attr: str, what: str) -> Callable[..., Any]:
 @contextlib.contextmanager
 def scratch_dir(near: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``near`` (same filesystem), removed afterwards."""
+    from ditdeploy.artifacts import temp_dir
+
     near.parent.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=".ditdeploy-export-", dir=near.parent))
-    try:
+    with temp_dir(near.parent, "export") as d:
         yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def export_decoder(vae_dir: str, out: Path, fmt: str, *, opset: int, verify: bool, latent_size: int,

@@ -26,7 +26,7 @@ import numpy as np
 from ditdeploy.errors import ArtifactError, DitDeployError, require
 from ditdeploy.export.trt_ops import load_ops
 
-__all__ = ["Finding", "LintError", "LintReport", "lint_model", "lint_onnx"]
+__all__ = ["Finding", "LintError", "LintReport", "check_graph", "lint_model", "lint_onnx"]
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -303,7 +303,48 @@ def lint_onnx(path: str | os.PathLike) -> LintReport:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as e:
         raise ArtifactError(f"{p.name} is not a readable ONNX model: {type(e).__name__}") from e
+    check_graph(model, p.name)
     return lint_model(model, path=str(p), base_dir=str(p.parent))
+
+
+def check_graph(model: Any, name: str) -> None:
+    """Refuse (one line) what is not a computation graph before linting it: no nodes (an empty or foreign file
+    parses as an empty ModelProto), a node input that nothing produces, a value produced twice, or a cycle."""
+    g = model.graph
+    if not len(g.node):
+        raise ArtifactError(f"{name} has no graph nodes: not an ONNX model (empty, or another kind of file)")
+    producer: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o and o in producer:
+                raise ArtifactError(f"{name}: value {o!r} is produced by two nodes: not a valid ONNX graph")
+            if o:
+                producer[o] = i
+    given = {v.name for v in g.input} | {t.name for t in g.initializer} | {""}
+    deps: list[set[int]] = []
+    for n in g.node:
+        missing = [x for x in n.input if x not in given and x not in producer]
+        if missing:
+            raise ArtifactError(f"{name}: node {n.name or n.op_type!r} reads {missing[0]!r}, which no node, input or "
+                                "initializer provides: not a valid ONNX graph")
+        deps.append({producer[x] for x in n.input if x in producer})
+    users: dict[int, list[int]] = {}
+    for i, d in enumerate(deps):
+        for j in d:
+            users.setdefault(j, []).append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for u in users.get(i, ()):
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                ready.append(u)
+    if done < len(deps):
+        raise ArtifactError(f"{name}: the graph has a cycle ({len(deps) - done} nodes depend on each other's outputs): "
+                            "not a valid ONNX graph")
 
 
 def require_lint_pass(rep: LintReport) -> None:

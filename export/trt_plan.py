@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditdeploy.bounds import MAX_BATCH
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.manifest import Manifest
 
@@ -50,7 +51,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 OPT_LEVELS = range(0, 6)
 DEFAULT_OPT_LEVEL = 3
 DEFAULT_BATCH = (1, 8, 32)  # min, opt, max (the sampler's CFG batch is 2 x images; larger batches are chunked)
-MAX_BATCH_LIMIT = 4096
+MAX_BATCH_LIMIT = MAX_BATCH  # one limit for every command (ditdeploy.bounds)
 MIN_MAJOR = 10
 INSTALL_HINT = ("pip install 'ditdeploy[tensorrt]' (TensorRT wheels come from NVIDIA's index: add "
                 "--extra-index-url https://pypi.nvidia.com; an NVIDIA GPU and driver are required)")

@@ -28,7 +28,7 @@ DECODER_OUTPUT = "image"
 
 def load_vae(vae_dir: str | os.PathLike) -> Any:
     """``AutoencoderKL.from_pretrained(vae_dir)`` (local files only) with a one-line error when that fails."""
-    diffusers = require("diffusers", "vae", "VAE decoder export")
+    require("diffusers", "vae", "VAE decoder export")
     d = Path(vae_dir)
     if not d.exists():
         raise ArtifactError(f"VAE directory {d} does not exist: pass the folder holding config.json and the weights")
@@ -39,13 +39,9 @@ def load_vae(vae_dir: str | os.PathLike) -> Any:
         else:
             raise ArtifactError(f"{d} is not a diffusers AutoencoderKL folder (no config.json): e.g. a local "
                                 "copy of stabilityai/sd-vae-ft-ema")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            vae = diffusers.AutoencoderKL.from_pretrained(str(d), local_files_only=True)
-        except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
-            raise ArtifactError(f"cannot load an AutoencoderKL from {d}: {str(e).splitlines()[0][:200]}") from e
-    return vae.float().eval()
+    from ditdeploy.diffusers_io import load_autoencoder
+
+    return load_autoencoder(d).float().eval()
 
 
 class VaeDecoderGraph(nn.Module):

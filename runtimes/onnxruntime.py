@@ -185,6 +185,7 @@ class OrtDenoiser(DenoiserBase):
         lg = light_graph(self.path, self.manifest)
         if lg is not None:
             lpath, export_id = lg
+            check_against_manifest(lpath, self.manifest)  # the light graph's external data listed too
             self.light_session = _session(lpath, self.providers, threads, trt_cache, precision, spinning, exact)
             for p, sess in ((self.path, self.session), (lpath, self.light_session)):
                 check_export_id(p, sess.get_modelmeta().custom_metadata_map.get("ditdeploy.export_id"), export_id)

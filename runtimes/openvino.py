@@ -17,6 +17,7 @@ import numpy as np
 from ditdeploy.altstack import keep_sigaltstack
 from ditdeploy.artifacts import manifest_path
 from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.graphcheck import check_listed
 from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import (
     DECODER_INPUT,
@@ -148,6 +149,7 @@ class OpenVINODenoiser(DenoiserBase):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "denoiser", verify)
         self.config = self.manifest.config
+        check_listed(self.path, self.manifest, self.config)  # no unlisted (unverified) weights, as on ORT
         hint = _default_hint(self.manifest, precision_hint)
         _int8_note(self.manifest, self.path)
         self.compile_config = compile_config(hint, performance_hint, threads)
@@ -167,6 +169,7 @@ class OpenVINODenoiser(DenoiserBase):
         self._light: _Compiled | None = None
         lg = light_graph(self.path, self.manifest)
         if lg is not None:
+            check_listed(lg[0], self.manifest)
             self._light = _Compiled(lg[0], device, self.compile_config)
             if "cache" not in {n for o in self._m.compiled.outputs for n in o.get_names()}:
                 raise ArtifactError(f"{self.path.name} has no 'cache' output: not the full graph of a two-graph export")
@@ -201,6 +204,7 @@ class OpenVINODecoder(DecoderBase):
                  max_batch: int | None = None):
         self.path = Path(path)
         self.manifest = _manifest_for(self.path, "decoder", verify)
+        check_listed(self.path, self.manifest)
         hint = _default_hint(self.manifest, precision_hint)
         _int8_note(self.manifest, self.path)
         self._m = _Compiled(self.path, device, compile_config(hint, performance_hint, threads))

@@ -131,12 +131,11 @@ class TorchDecoder(DecoderBase):
 def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> TorchDecoder:
     """A diffusers ``AutoencoderKL`` folder (local files only) as the reference decoder."""
     _torch()
-    diffusers = require("diffusers", "vae", "the torch VAE decoder")
+    require("diffusers", "vae", "the torch VAE decoder")
+    from ditdeploy.diffusers_io import load_autoencoder
+
     p = Path(path)
-    try:
-        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True, low_cpu_mem_usage=False)
-    except Exception as e:  # diffusers raises OSError/ValueError variants
-        raise DitDeployError(f"cannot load a diffusers AutoencoderKL from {p}: {str(e).splitlines()[0][:200]}") from e
+    vae = load_autoencoder(p, low_cpu_mem_usage=False)
     return TorchDecoder(vae, device=device, threads=threads, path=p)
 
 

@@ -107,9 +107,13 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError("--fid-ref samples the artifact and its PyTorch reference: it needs --engine and "
                                  "does not combine with --golden")
         batch_size = c.deprecated("--batch", "--batch-size", batch, batch_size, default=4)
+        from ditdeploy.bounds import check_batch
+
+        check_batch(batch_size, "--batch-size")
         from ditdeploy.outputs import check_outputs
 
-        check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae},
+        check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae,
+                       "--inception": inception, "--fid-ref": _fid_ref_path(fid_ref)},
                       {"--json": json_out, "--save-golden": save_golden})
         interval = check_settings(c.value(sampler), steps, cfg_scale, 0.0, cfg_interval, cache_interval, flags=True)
         opts = {"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
@@ -213,6 +217,15 @@ def _fid_delta(dep, ref_path: Path, fid_ref: str, samples: int, inception: Path 
     return fid_delta(FidDeltaRequest(artifact=dep.path, reference=ref_path, fid_ref=fid_ref, backend=dep.backend,
                                      options=dep.options, samples=samples, vae=vae,
                                      inception=inception, **settings))
+
+
+def _fid_ref_path(fid_ref: str | None) -> Path | None:
+    """The file ``--fid-ref`` reads (None for the built-in digits reference)."""
+    if fid_ref is None:
+        return None
+    from ditdeploy.fid import DIGITS_REF
+
+    return None if fid_ref == DIGITS_REF else Path(fid_ref)
 
 
 def _run_trt_lint(path: Path, json_out: Path | None) -> None:

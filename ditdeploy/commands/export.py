@@ -122,11 +122,19 @@ def register(app: typer.Typer) -> None:
             c.warn_deprecated("--precision int8-dynamic", "--precision int8 --int8-mode dynamic")
             prec, int8_mode = "int8", "dynamic"
         batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
+        from ditdeploy.bounds import check_batch
+
+        for flag, n in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", batch_max)):
+            check_batch(n, flag)  # before the model is built or exported
         show_progress = c.progress_on(progress)
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify, instances)
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
         verify = not no_verify
+        if fmt_ == "diffusers" and out is not None:  # a new folder: refused before the model is built
+            from ditdeploy.outputs import check_new_folder
+
+            check_new_folder("--out", out, {"--checkpoint": checkpoint, "--vae": vae})
         from ditdeploy.export import pipeline
         from ditdeploy.formats import get_format
 
@@ -178,7 +186,8 @@ def register(app: typer.Typer) -> None:
             dec_out = target.with_name(pipeline.DECODER_NAME + get_format(dec_fmt).suffix)
         n_bytes = sum(int(p.numel()) for p in net.parameters()) * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1,
                                                                    "fp8": 1}[prec]
-        check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration},
+        check_outputs({"--checkpoint": checkpoint, "--vae": vae, "--calibration": calibration,
+                       "--timing-cache": timing_cache},
                       {"--out": target.with_name(target.stem + ".buildplan.json")} if dry_run else {},
                       None if dry_run else {"--out": n_bytes},
                       sets={} if dry_run else {"--out": target, "--vae decoder": dec_out,
@@ -253,8 +262,11 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
         raise DitDeployError("--precision int8 needs --calibration FILE.npz (from `ditdeploy calibrate`), "
                              "or --int8-mode dynamic for ONNX Runtime CPU")
     if no_verify:
+        import warnings
+
         typer.secho("warning: --no-verify: the exported graph is NOT checked against torch "
                     "(manifest records verified: false)", fg="yellow", err=True)
+        warnings.filterwarnings("ignore", message=r".*verification skipped \(--no-verify\)")  # said once, above
     if fmt == "trt" and prec == "int8" and int8_mode != "static":
         raise DitDeployError("TensorRT needs the static Q/DQ INT8 (--int8-mode static --calibration ...)")
     if fmt == "trt" and not dry_run:  # fail before the slow ONNX export, not after it

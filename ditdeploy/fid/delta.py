@@ -10,7 +10,6 @@ that is removed afterwards.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,9 @@ def fid_delta(req: FidDeltaRequest) -> dict[str, Any]:
     if req.samples < 2:
         raise DitDeployError(f"--fid-samples must be >= 2, got {req.samples}")
     per_class = max(1, req.samples // _num_classes(req.reference))
-    with tempfile.TemporaryDirectory(prefix=".ditdeploy-fid-") as tmp:
+    from ditdeploy.artifacts import temp_dir
+
+    with temp_dir(kind="fid") as tmp:
         a_npz, r_npz = Path(tmp) / "artifact.npz", Path(tmp) / "reference.npz"
         a_run = _sample(req, req.artifact, req.backend, dict(req.options), a_npz, per_class, True)
         r_run = _sample(req, req.reference, "torch", {}, r_npz, per_class, False)

@@ -34,6 +34,9 @@ SIZES = (64, 128, 64, 10)
 IMAGE_SHAPE = (8, 8, 1)
 
 
+N_REAL = 1797  # scikit-learn's digits
+
+
 def real_digits_u8() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 real digits as uint8 (N, 8, 8, 1) through the samples' conversion, and their labels."""
     from ditdeploy.errors import MissingDependencyError

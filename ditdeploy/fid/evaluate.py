@@ -108,10 +108,23 @@ def _extractor_kind(req: FidRequest) -> str:
     return kind
 
 
+def _check_memory(req: FidRequest, n_samples: int, ref: ImageNpz | None) -> None:
+    """Precision / recall keep every feature row of both sets: their memory, from the npz headers, before any work."""
+    from ditdeploy.bounds import check_memory
+    from ditdeploy.fid.digits import N_REAL
+    from ditdeploy.fid.stats import precision_recall_bytes
+
+    n_ref = N_REAL if ref is None else len(ref)
+    if req.precision_recall and n_ref:
+        check_memory(1, precision_recall_bytes(n_ref, n_samples), f"precision/recall over {n_samples} samples and "
+                     f"{n_ref} reference images", "pass --no-pr or score fewer samples")
+
+
 def _reference(req: FidRequest, samples_shape: tuple[int, ...]):
     """(extractor, reference description, in-memory reference images or None, reference ImageNpz or None)."""
     kind = _extractor_kind(req)
     ref = None if str(req.ref) == DIGITS_REF else ImageNpz(req.ref, "reference")
+    _check_memory(req, samples_shape[0], ref)
     if ref is not None and not ref.has_images and not {"mu", "sigma"} <= ref.members:
         raise DitDeployError(f"reference {ref.path} has neither arr_0 images nor precomputed mu/sigma")
     if kind == "digits":
@@ -130,10 +143,10 @@ def _reference(req: FidRequest, samples_shape: tuple[int, ...]):
 def _ref_stats(ref: ImageNpz | None, acc: _Acc | None) -> tuple[tuple | None, tuple | None, str]:
     """((mu, sigma), (mu_s, sigma_s) or None, where they came from)."""
     if ref is not None and {"mu", "sigma"} <= ref.members:
-        spatial = (ref.array("mu_s"), ref.array("sigma_s")) if {"mu_s", "sigma_s"} <= ref.members else None
+        spatial = ref.gaussian("mu_s", "sigma_s") if {"mu_s", "sigma_s"} <= ref.members else None
         if spatial is None and acc is not None and acc.spatial.n >= 2:
             spatial = (acc.spatial.mu, acc.spatial.sigma)
-        return (ref.array("mu"), ref.array("sigma")), spatial, "precomputed mu/sigma in the reference file"
+        return ref.gaussian("mu", "sigma"), spatial, "precomputed mu/sigma in the reference file"
     assert acc is not None
     spatial = (acc.spatial.mu, acc.spatial.sigma) if acc.spatial.n >= 2 else None
     return (acc.pool.mu, acc.pool.sigma), spatial, f"computed from {acc.pool.n} reference images"

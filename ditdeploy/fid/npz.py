@@ -50,12 +50,18 @@ class ImageNpz:
                 read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                     np.lib.format.read_array_header_2_0
                 shape, fortran, dtype = read(f)
-            except ValueError as e:
-                raise DitDeployError(f"{self.what} file {self.path}: arr_0 is not a valid .npy member ({e})") from e
+            except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+                raise DitDeployError(f"{self.what} file {self.path}: arr_0 is not a valid .npy member "
+                                     f"({' '.join(str(e).split())[:200]})") from e
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize + f.tell()
+            stored = z.getinfo("arr_0.npy").file_size
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
             raise DitDeployError(f"{self.what} file {self.path}: arr_0 is {dtype} {tuple(shape)}; expected {LAYOUT}")
         if fortran:
             raise DitDeployError(f"{self.what} file {self.path}: arr_0 is stored in Fortran order; save it C-ordered")
+        if declared != stored:  # checked before any batch is read: a header cannot claim images the file lacks
+            raise DitDeployError(f"{self.what} file {self.path}: arr_0 declares {tuple(shape)} {dtype} but holds "
+                                 f"{stored} bytes: the file is damaged")
         return tuple(int(v) for v in shape)
 
     def require_images(self) -> tuple[int, ...]:
@@ -82,9 +88,19 @@ class ImageNpz:
                 yield np.frombuffer(buf, dtype=np.uint8).reshape(b, *rest)
 
     def array(self, name: str) -> np.ndarray:
-        """A small member (e.g. ``mu``) read whole."""
+        """A small member (e.g. ``mu``) read whole, after its declared size was checked against the file and the
+        memory available (``ditdeploy.bounds.check_npz``)."""
+        from ditdeploy.bounds import check_npz
+
+        check_npz(self.path, what=f"{self.what} file", only=(name,))
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 return np.asarray(z[name])
-        except (KeyError, ValueError, OSError) as e:
-            raise DitDeployError(f"cannot read {name!r} from {self.path}: {e}") from e
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise DitDeployError(f"cannot read {name!r} from {self.path}: {' '.join(str(e).split())[:200]}") from e
+
+    def gaussian(self, mu: str, sigma: str) -> tuple[np.ndarray, np.ndarray]:
+        """Precomputed statistics (mean ``mu``, covariance ``sigma``), checked as :func:`check_gaussian` does."""
+        from ditdeploy.fid.stats import check_gaussian
+
+        return check_gaussian(self.array(mu), self.array(sigma), f"{self.what} file {self.path.name} ({mu}/{sigma})")

@@ -21,7 +21,13 @@ import numpy as np
 
 from ditdeploy.errors import DitDeployError
 
-__all__ = ["InceptionScore", "RunningStats", "frechet_distance", "precision_recall"]
+__all__ = ["InceptionScore", "RunningStats", "check_gaussian", "frechet_distance", "precision_recall",
+           "precision_recall_bytes"]
+
+#: relative tolerances of a stored covariance: asymmetry max|S - S^T| and the most negative eigenvalue, both against
+#: max|eigenvalue| (float32-stored covariances of 2048 features are symmetric to ~1e-7 and PSD to ~1e-6 relative)
+SYMMETRY_RTOL = 1e-5
+PSD_RTOL = 1e-4
 
 
 class RunningStats:
@@ -61,6 +67,29 @@ class RunningStats:
             raise DitDeployError(f"a covariance needs at least 2 samples, got {self.n}")
         m = self._s1 / self.n
         return (self._s2 - self.n * np.outer(m, m)) / (self.n - 1)
+
+
+def check_gaussian(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read-time checks of precomputed statistics: ``mu`` a finite real vector of d values, ``sigma`` a finite real
+    d x d covariance, symmetric and positive semi-definite within the tolerances above. float64 copies, or one line
+    (a negative or complex covariance would give a negative or meaningless FID)."""
+    for name, a, nd in (("mean", mu, 1), ("covariance", sigma, 2)):
+        if a.dtype.kind not in "iuf":
+            raise DitDeployError(f"{where}: the {name} is {a.dtype}, not real numbers")
+        if a.ndim != nd or (nd == 2 and a.shape != (len(mu), len(mu))) or not a.size:
+            raise DitDeployError(f"{where}: mean {mu.shape} and covariance {sigma.shape} are not a d-vector and a "
+                                 "d x d matrix")
+        if not np.isfinite(a).all():
+            raise DitDeployError(f"{where}: the {name} contains NaN or Inf")
+    m, s = mu.astype(np.float64), sigma.astype(np.float64)
+    ev = np.linalg.eigvalsh((s + s.T) / 2)
+    scale = max(float(np.abs(ev).max()), np.finfo(np.float64).tiny)
+    if float(np.abs(s - s.T).max()) > SYMMETRY_RTOL * scale:
+        raise DitDeployError(f"{where}: the covariance is not symmetric: not a covariance matrix")
+    if float(ev.min()) < -PSD_RTOL * scale:
+        raise DitDeployError(f"{where}: the covariance has a negative eigenvalue ({float(ev.min()):.3g}): not positive "
+                             "semi-definite, so not a covariance matrix")
+    return m, s
 
 
 def _psd_sqrt(s: np.ndarray) -> np.ndarray:
@@ -147,6 +176,12 @@ def _covered(points: np.ndarray, centers: np.ndarray, radii: np.ndarray, rows: i
     for i in range(0, len(points), rows):
         out[i : i + rows] = (_sq_dists(points[i : i + rows], centers) <= radii[None, :]).any(axis=1)
     return out
+
+
+def precision_recall_bytes(n_ref: int, n_samples: int, dim: int = 2048, rows: int = 1024) -> int:
+    """Peak bytes :func:`precision_recall` needs: both feature sets kept in float32, plus one block of distances
+    (``rows`` x the larger set) with its two temporaries."""
+    return 4 * ((n_ref + n_samples) * dim + 3 * rows * max(n_ref, n_samples))
 
 
 def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, rows: int = 1024) -> tuple[float, float]:

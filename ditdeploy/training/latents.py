@@ -31,11 +31,10 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu"):
     if not (p / "config.json").is_file():
         raise DitDeployError(f"--vae {p} is not a diffusers AutoencoderKL folder (no config.json): pass a local "
                              "folder saved with save_pretrained, e.g. a download of stabilityai/sd-vae-ft-ema")
-    diffusers = require("diffusers", "vae", "loading the VAE")
-    try:
-        vae = diffusers.AutoencoderKL.from_pretrained(str(p), local_files_only=True)
-    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError variants
-        raise DitDeployError(f"cannot load the VAE from {p}: {str(e).splitlines()[0]}") from e
+    require("diffusers", "vae", "loading the VAE")
+    from ditdeploy.diffusers_io import load_autoencoder
+
+    vae = load_autoencoder(p)
     vae.requires_grad_(False)
     return vae.eval().to(device)
 
