@@ -465,7 +465,7 @@ def test_killed_diffusers_export_leaves_a_tagged_folder_the_next_run_removes(tmp
     r = _export_snapshot_child(KILL_BEFORE_RENAME, tmp_path / "snap")
     assert r.returncode == -9, r.stderr[-2000:]
     left = [p.name for p in tmp_path.iterdir()]
-    assert len(left) == 1 and left[0].startswith(f".{TEMP_TAG}-") and str(r.args) and left[0] != "snap", left
+    assert len(left) == 1 and left[0].startswith(f".{TEMP_TAG}-"), left
     assert any((tmp_path / left[0]).rglob("*.safetensors"))  # the weights were left behind
     code, _, err = run_main(["export", "--model", "digits", "--fmt", "diffusers", "--no-verify", "--out",
                              tmp_path / "again", "--no-progress"])
