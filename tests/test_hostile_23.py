@@ -326,7 +326,7 @@ def _garbage(tmp_path: Path, reader: str) -> list:
     elif reader == "manifest NUL in a file name":
         edit_manifest(a, lambda m: m["files"].update({"a\x00b": {"sha256": "0"}}))
     elif reader == "manifest field of the wrong type":
-        edit_manifest(a, lambda m: m.update(decoder=5))
+        edit_manifest(a, lambda m: m.update(decoder=5))  # a number where a file name belongs
     elif reader == "manifest config of the wrong type":
         edit_manifest(a, lambda m: m["config"].update(hidden_size="128"))
     elif reader == "manifest batch not positive":
