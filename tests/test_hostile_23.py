@@ -476,3 +476,19 @@ def test_killed_diffusers_export_leaves_a_tagged_folder_the_next_run_removes(tmp
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
     assert "removed 1 temporary file" in err and left[0] in err
+
+
+def test_temp_dir_is_pid_tagged_and_cleans_a_dead_runs_leftover(tmp_path):
+    """The scratch folders of export (OpenVINO/VAE staging), fid's paired sampling and INT8 quantization were named
+    without a pid (``.ditdeploy-export-xxxx``): a killed run's folder stayed forever. ``temp_dir`` names them with the
+    pid and removes a dead process's folder the next time one is made there."""
+    from ditdeploy.artifacts import TEMP_TAG, temp_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".{TEMP_TAG}-export-{int(dead.stdout)}-abcdefgh"
+    left.mkdir()
+    (left / "weights.bin").write_bytes(b"w")
+    with temp_dir(tmp_path, "export") as d:
+        assert d.name.startswith(f".{TEMP_TAG}-export-{os.getpid()}-") and d.is_dir()
+        assert not left.exists()
+    assert list(tmp_path.iterdir()) == []

@@ -62,4 +62,6 @@ def register(app: typer.Typer) -> None:
             write_json_atomic(json_out, report)
         typer.echo(_summary(report))
         if json_out is None:
-            typer.echo(json.dumps(report["metrics"], sort_keys=True), err=True)
+            from ditdeploy.artifacts import strict_json
+
+            typer.echo(json.dumps(strict_json(report["metrics"]), sort_keys=True, allow_nan=False), err=True)

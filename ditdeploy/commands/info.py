@@ -18,15 +18,13 @@ def register(app: typer.Typer) -> None:
         from ditdeploy.commands._common import deprecated
 
         artifact = deprecated("the positional ARTIFACT", "--engine", artifact, engine)
-        import json
-
         from ditdeploy import __version__
-        from ditdeploy.artifacts import load_manifest
+        from ditdeploy.artifacts import json_text, load_manifest
         from ditdeploy.runtimes.registry import backends, tool_versions
 
         if artifact is not None:
             m = load_manifest(artifact, verify=True)
-            typer.echo(json.dumps(m, indent=2, sort_keys=True))
+            typer.echo(json_text(m), nl=False)  # strict JSON (a NaN a manifest holds is printed as null)
             return
         typer.echo(f"ditdeploy {__version__}")
         for k, v in tool_versions().items():
