@@ -105,7 +105,7 @@ def _installed(backend: str) -> bool:
 
 def candidates(req: TuneRequest, pairs: dict[str, bool]) -> list[Candidate]:
     """Every candidate of ``req``; ``pairs`` says which engines are two-graph exports (feature reuse)."""
-    from ditdeploy.runtimes import READS
+    from ditdeploy.runtimes.registry import get_backend
 
     backends = req.backends or [b for b in ("onnxruntime", "openvino") if _installed(b)]
     hints = req.hints or (["f32", "bf16"] if _has_bf16() else ["f32"])
@@ -113,7 +113,7 @@ def candidates(req: TuneRequest, pairs: dict[str, bool]) -> list[Candidate]:
     out = []
     for e in req.engines:
         for b in backends:
-            if Path(e).suffix.lower() not in READS.get(b, ()):
+            if Path(e).suffix.lower() not in get_backend(b).reads:
                 continue
             for h in (hints if b == "openvino" else [None]):
                 for lw in (req.less_work or LESS_WORK):
