@@ -98,10 +98,11 @@ class Deployment:
         ``existing``: only when it is there). None for pixel-space models and when none is known."""
         if self.vae is not None:
             return Path(self.vae)
+        named = self.manifest.decoder_path(existing=existing)  # a name escaping the folder is refused even here
         cfg = self.config
         if cfg is not None and cfg.space == "pixel":
             return None
-        return self.manifest.decoder_path(existing=existing)
+        return named
 
     @functools.cached_property
     def decoder(self) -> Any:

@@ -63,9 +63,11 @@ def test_cache_graphs_light_graph_is_checked_before_the_export(tmp_path):
 
 
 def test_cache_graphs_light_graph_may_not_be_an_input(tmp_path):
-    """The light graph's path naming the run's --checkpoint is refused before the export."""
-    ck = tmp_path / "m.light.onnx"
+    """The light graph's path naming the run's --checkpoint (the same file under another name) is refused before
+    the export."""
+    ck = tmp_path / "ck.safetensors"
     shutil.copyfile(ASSETS / "digits.safetensors", ck)
+    os.link(ck, tmp_path / "m.light.onnx")  # --out m.onnx -> light graph m.light.onnx: the checkpoint's inode
     before = ck.read_bytes()
     code, _, err = run_main(["export", "--checkpoint", ck, "--cache-graphs", "--out", tmp_path / "m.onnx"])
     assert_one_line_error(code, err, ["light graph", "input"], strict=False)

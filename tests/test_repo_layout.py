@@ -36,5 +36,5 @@ def test_experiments_are_not_installed_and_bench_keeps_the_harness():
     setuptools = text[text.index("[tool.setuptools]"):text.index("[tool.setuptools.package-data]")]
     assert '"ditdeploy.bench"' in setuptools and "experiments" not in setuptools
     bench = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
-    assert bench == ["__init__.py", "h2h_diffusers.py", "harness.py", "machine.py", "report.py"]
+    assert bench == ["__init__.py", "h2h_diffusers.py", "harness.py", "load.py", "machine.py", "report.py"]
     assert (ROOT / "experiments" / "__init__.py").is_file()
