@@ -27,15 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import (
-    atomic_dir,
-    make_manifest,
-    manifest_path,
-    sha256_file,
-    write_json_atomic,
-)
+from ditdeploy.artifacts import atomic_dir, manifest_path, sha256_file, write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.manifest import Manifest
+from ditdeploy.manifest import Manifest, make_manifest
 
 __all__ = [
     "CalibrationSet",

@@ -110,10 +110,10 @@ def quantize_cache_pair(pair_in: str | os.PathLike, out: str | os.PathLike, cali
                         **int8_kwargs: Any) -> dict[str, Any]:
     """Quantize the full graph of the fp32 pair ``pair_in`` to INT8 (``quantize_int8`` keyword arguments) and write
     it with the unchanged light graph as a two-graph artifact at ``out``; returns the manifest."""
-    from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.calibration.quantize import quantize_int8
     from ditdeploy.export.cache_graphs import light_path
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.manifest import Manifest, make_manifest
     from ditdeploy.runtimes.base import light_graph
 
     src, out = Path(pair_in), Path(out)

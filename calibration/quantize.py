@@ -58,7 +58,6 @@ import numpy as np
 
 from ditdeploy.artifacts import (
     atomic_dir,
-    make_manifest,
     manifest_path,
     sha256_file,
     temp_dir,
@@ -69,7 +68,7 @@ from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
 from ditdeploy.cpu_isa import INT8_TARGETS, detect, resolve_int8_target
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
-from ditdeploy.manifest import Manifest
+from ditdeploy.manifest import Manifest, make_manifest
 from ditdeploy.parity import stacked_probe_inputs, thresholds_for
 
 __all__ = [
@@ -93,8 +92,6 @@ METHODS = ("percentile", "entropy", "minmax")
 # validation outputs (0.994 for the worst single call, at t = 0), entropy ranges 0.998 (0.953 worst call); a wrong
 # scale or a quantized embedding table falls far below.
 MIN_COSINE = thresholds_for("int8").call_cosine
-_CARRY = ("kind", "config", "opset", "batch", "decoder", "variant", "input_size", "space", "checkpoint",
-          "source_checkpoint", "id2label", "random_weights")
 log = logging.getLogger("ditdeploy.calibration")
 
 
@@ -506,12 +503,10 @@ def quantize_int8(
             excluded_nodes=[r.name for r in excluded],
             **({"opset": opset_change["to"], "opset_converted_from": opset_change["from"]} if opset_change else {}),
             excluded_modules=sorted({r.module for r in excluded if r.module}),
-            source={"onnx": src.name, "sha256": sha256_file(src), "precision": src_m.precision,
-                    **src_m.source_checkpoint()},
         )
         if calib is not None:
             fields.update(_calibration_record(calib))
-        return _publish(out, files, tmp_q, {**_carried(src_m, out), **fields})
+        return _publish(out, files, tmp_q, src_m.derive(out, sha256=sha256_file(src), **fields))
 
 
 def _resolve_fusions(opts: Int8Options, ort_fusions: bool | None) -> bool:
@@ -663,15 +658,6 @@ def _calibration_record(calib) -> dict[str, Any]:
     return {"calibration_sha256": calib.sha256,
             "calibration": {"file": calib.path.name, "inputs": len(calib), "timesteps": calib.num_timesteps,
                             "sampler": calib.manifest.get("sampler"), "seed": calib.manifest.get("seed")}}
-
-
-def _carried(src_m: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Source manifest fields the INT8 manifest keeps (the decoder only if it sits beside the output)."""
-    carry = src_m.carry(_CARRY)
-    dec = src_m.decoder_name
-    if dec and not (out.parent / str(dec)).exists():
-        carry.pop("decoder", None)
-    return carry
 
 
 def _publish(out: Path, files: list[Path], tmp_q: Path, fields: dict[str, Any]) -> dict[str, Any]:

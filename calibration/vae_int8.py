@@ -66,10 +66,11 @@ def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latent
     (this CPU), cpu-vnni or cpu-avx2 (the decoder INT8 is a CPU artifact: activations uint8)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from ditdeploy.artifacts import atomic_dir, load_manifest, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.calibration.quantize import int8_form
     from ditdeploy.cpu_isa import resolve_int8_target
     from ditdeploy.export.onnx import readable
+    from ditdeploy.manifest import Manifest, load_manifest, make_manifest
 
     tgt = resolve_int8_target(target)
     if tgt == "trt":
@@ -96,16 +97,13 @@ def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latent
         if not acc["psnr_db"] >= min_psnr_db:
             raise NumericsError(f"INT8 decoder: PSNR {acc['psnr_db']:.1f} dB vs the fp32 decoder < {min_psnr_db:g} dB; "
                                 "nothing was written")
-        fields = {k: m[k] for k in ("kind", "config", "opset", "latent_channels", "upsample", "scaling_factor",
-                                    "shift_factor", "io", "batch") if k in m}
-        fields.update(
-            format="onnx", precision="int8", parity=acc, verified=True,
+        fields = Manifest.of(m, src).derive(
+            out, format="onnx", precision="int8", parity=acc, verified=True,
             int8={"method": "onnxruntime quantize_static QDQ", "ops": ["Conv"],
                   "weights": f"int8 {'7-bit range (reduce_range) ' if reduce_range else ''}per-channel symmetric",
                   "activations": "uint8 min/max over the calibration latents", **int8_form(reduce_range, tgt)},
             calibration={"latents": int(len(calib)), "shape": list(calib.shape[1:]), "source": source,
                          "sha256": hashlib.sha256(calib.tobytes()).hexdigest()},
-            fp32_source={"onnx": src.name, "sha256": (m.get("files") or {}).get(src.name, {}).get("sha256")},
         )
         manifest = make_manifest(tmp / out.name, [tmp / out.name], **fields)
         write_json_atomic(tmp / manifest_path(out).name, manifest)

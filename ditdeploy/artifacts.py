@@ -2,8 +2,9 @@
 
 A manifest ``<artifact>.json`` (e.g. ``s2.onnx`` -> ``s2.onnx.json``) records what the artifact is (variant/config,
 input size, channels, classes, precision, opset, calibration hash, tool versions), the sha256 of every file it
-consists of, and parity numbers measured at export. The typed manifest lives in ``ditdeploy.manifest``;
-``load_manifest`` / ``make_manifest`` here are its function-style entry points.
+consists of, and parity numbers measured at export. The typed manifest lives in ``ditdeploy.manifest`` (with
+its function-style entry points ``load_manifest`` / ``make_manifest``). Together with ``errors``, ``variants``,
+``manifest``, ``outputs`` and ``formats`` this is the artifact layer: it imports nothing above it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.interrupts import note_written
-
-if TYPE_CHECKING:
-    from ditdeploy.manifest import Manifest
 
 MANIFEST_VERSION = 1
 
@@ -420,22 +418,22 @@ def safe_member(base: Path, name: str) -> Path:
     return p
 
 
-def make_manifest(artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> Manifest:
-    """Build a manifest for ``artifact``: ``fields`` plus sha256 and size of every file (see :class:`Manifest`)."""
-    from ditdeploy.manifest import Manifest
-
-    return Manifest.build(artifact, files, **fields)
+# diffusers snapshot folders (an artifact kind the readers recognise; ditdeploy.diffusers_io reads and writes them)
+SNAPSHOT_INDEX = "model_index.json"
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 
 
-def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bool = True) -> Manifest | None:
-    """Read (and by default sha256-verify) the manifest beside ``artifact``: :meth:`Manifest.load`."""
-    from ditdeploy.manifest import Manifest
-
-    return Manifest.load(artifact, verify=verify, required=required)
-
-
-def verify_manifest(artifact: str | os.PathLike, m: dict[str, Any]) -> None:
-    """Check that every file listed in manifest ``m`` exists beside ``artifact`` with the recorded sha256."""
-    from ditdeploy.manifest import Manifest
-
-    Manifest(m, artifact).verify()
+def is_snapshot_dir(path: str | os.PathLike) -> bool:
+    """True for a folder with ``model_index.json``, or with a ``config.json`` of a DiT transformer."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if (p / SNAPSHOT_INDEX).is_file():
+        return True
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") in DIT_CLASSES
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False

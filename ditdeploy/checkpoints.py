@@ -163,7 +163,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         from ditdeploy import diffusers_io
 
         if diffusers_io.is_snapshot_dir(path):
-            return diffusers_io.read_official_state_dict(path)
+            return diffusers_io.read_official_state_dict(path, read_state_dict, infer_config)
         raise ArtifactError(f"checkpoint {path} is a directory but not a diffusers DiT snapshot (no model_index.json "
                             "or transformer config.json): pass the snapshot folder or a .pt/.safetensors file")
     size = path.stat().st_size

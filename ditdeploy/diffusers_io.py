@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.artifacts import DIT_CLASSES, is_snapshot_dir
+from ditdeploy.artifacts import SNAPSHOT_INDEX as INDEX
+from ditdeploy.errors import ArtifactError, DitDeployError, require
 from ditdeploy.labels import normalize
 from ditdeploy.variants import DiTConfig
 
@@ -43,9 +45,7 @@ __all__ = [
     "looks_like_hub_id", "read_official_state_dict", "snapshot_digest", "to_official", "write_snapshot",
 ]
 
-INDEX = "model_index.json"
 WEIGHTS = "diffusion_pytorch_model"
-DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 POS_EMBED_ATOL = 1e-5  # a stored pos_embed further than this from sin-cos was trained: diffusers cannot hold it
 OFFICIAL_LN_EPS = 1e-6  # every LayerNorm of the official DiT; diffusers' MLP LayerNorm uses config norm_eps
 _FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".onnx", ".json")
@@ -80,22 +80,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path} holds a {type(obj).__name__}, not a JSON object: not a diffusers snapshot")
     return obj
-
-
-def is_snapshot_dir(path: str | os.PathLike) -> bool:
-    """True for a folder with ``model_index.json``, or with a ``config.json`` of a DiT transformer."""
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if (p / INDEX).is_file():
-        return True
-    cfg = p / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("_class_name") in DIT_CLASSES
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return False
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -296,6 +280,22 @@ def quiet_diffusers() -> Iterator[None]:
         log.set_verbosity(level)
 
 
+def load_vae(vae_dir: str | os.PathLike) -> Any:
+    """``AutoencoderKL.from_pretrained(vae_dir)`` (local files only) with a one-line error when that fails."""
+    require("diffusers", "vae", "VAE decoder export")
+    d = Path(vae_dir)
+    if not d.exists():
+        raise ArtifactError(f"VAE directory {d} does not exist: pass the folder holding config.json and the weights")
+    if d.is_file() or not (d / "config.json").exists():
+        sub = d / "vae"
+        if sub.is_dir() and (sub / "config.json").exists():
+            d = sub  # a full pipeline folder: use its vae/ subfolder
+        else:
+            raise ArtifactError(f"{d} is not a diffusers AutoencoderKL folder (no config.json): e.g. a local "
+                                "copy of stabilityai/sd-vae-ft-ema")
+    return load_autoencoder(d).float().eval()
+
+
 def load_autoencoder(folder: str | os.PathLike, **kwargs: Any) -> Any:
     """``AutoencoderKL.from_pretrained(folder)`` (local files only) after :func:`check_vae_config`, quietly; any
     failure of diffusers is one ArtifactError line."""
@@ -429,11 +429,12 @@ def from_official(sd: Mapping[str, torch.Tensor], cfg: DiTConfig) -> dict[str, t
 # ------------------------------------------------------------------------------------------------------ read
 
 
-def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_official_state_dict(path: str | os.PathLike, read_file: Any, infer_config: Any
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(official state dict, info)`` of a snapshot folder; ``info`` as ``checkpoints.read_state_dict`` plus
-    ``snapshot`` (the ``Snapshot``), ``id2label`` and ``dtype`` (of the stored weights)."""
-
-    from ditdeploy.checkpoints import infer_config, read_state_dict
+    ``snapshot`` (the ``Snapshot``), ``id2label`` and ``dtype`` (of the stored weights). ``read_file`` /
+    ``infer_config``: ``checkpoints.read_state_dict`` / ``checkpoints.infer_config`` (passed in by
+    ``checkpoints``, the only caller: this module does not import it back)."""
 
     snap = locate(path)
     cfg_path = snap.transformer / "config.json"
@@ -443,7 +444,7 @@ def read_official_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     check_model(hint, f"the DiT {cfg_path} describes")  # before any tensor (or the sin-cos table) is allocated
     raw: dict[str, torch.Tensor] = {}
     for f in snap.weight_files:
-        part, _ = read_state_dict(f)
+        part, _ = read_file(f)
         dup = set(part) & set(raw)
         if dup:
             raise ArtifactError(f"{f.name} repeats tensor {sorted(dup)[0]!r} of another shard: the snapshot is damaged")
@@ -536,8 +537,6 @@ def write_snapshot(net: Any, out: str | os.PathLike, *, vae: str | os.PathLike |
     check_new_folder(out)
     vae_model = None
     if vae is not None:
-        from ditdeploy.export.vae import load_vae
-
         vae_model = load_vae(vae)
     with atomic_folder(out) as tmp:
         with quiet_diffusers(), torch.device("meta"):

@@ -116,5 +116,5 @@ register_format(FormatSpec("aoti", ".pt2", f"{_PIPELINE}:build_aoti", precisions
                            options=("device", "min_batch", "calibration"), help="AOTInductor .pt2"))
 register_format(FormatSpec("diffusers", "", f"{_PIPELINE}:build_diffusers", precisions=("fp32",),
                            help="a DiTPipeline snapshot folder"))
-register_format(FormatSpec("triton", "", f"{_PIPELINE}:build_triton", options=("instances",),
+register_format(FormatSpec("triton", "", "ditdeploy.export.triton_repo:build", options=("instances",),
                            help="a Triton model repository folder"))

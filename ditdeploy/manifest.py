@@ -21,6 +21,7 @@ from typing import Any
 
 from ditdeploy.artifacts import (
     MANIFEST_VERSION,
+    is_snapshot_dir,
     json_text,
     manifest_path,
     safe_member,
@@ -32,7 +33,13 @@ from ditdeploy.cpu_isa import detect
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
 
-_MAX_SOURCE_DEPTH = 3  # INT8 -> fp32 ONNX -> ... : how many ``source.onnx`` links reference_checkpoint() follows
+_MAX_SOURCE_DEPTH = 3  # INT8 -> fp32 ONNX -> ... : how many ``source`` links reference_checkpoint() follows
+# What every derived artifact (INT8 ONNX, OpenVINO IR, TensorRT engine, the pair's IRs, the INT8 decoder) keeps from
+# the artifact it was made from: what the model is, how it is called, where it came from. The deriving step sets
+# what it changes (format, precision, parity, batch profile...) on top (:meth:`Manifest.derive`).
+CARRIED = ("kind", "precision", "config", "opset", "batch", "io", "decoder", "variant", "input_size", "space",
+           "checkpoint", "source_checkpoint", "id2label", "random_weights", "calibration_sha256", "excluded_nodes",
+           "int8", "latent_channels", "upsample", "scaling_factor", "shift_factor", "image_size", "name")
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,6 @@ def _check_types(raw: dict[str, Any], mp: Path) -> None:
 
 
 def _is_snapshot(path: Path) -> bool:
-    from ditdeploy.diffusers_io import is_snapshot_dir
-
     return is_snapshot_dir(path)
 
 
@@ -291,7 +296,8 @@ class Manifest(dict):
 
     @property
     def source(self) -> dict[str, Any]:
-        """Where the artifact came from (``source`` table: checkpoint/path/sha256, or onnx/sha256/precision)."""
+        """Where the artifact came from (``source`` table: checkpoint/path/sha256, or for a derived artifact
+        artifact/sha256/precision; ``onnx`` in manifests written before :meth:`derive`)."""
         return self.section("source")
 
     @property
@@ -309,7 +315,8 @@ class Manifest(dict):
     def reference_checkpoint(self, shipped_fallback: bool = False) -> Path | None:
         """The torch checkpoint the artifact was made from, as recorded: ``checkpoint`` / ``source_checkpoint`` /
         ``source.checkpoint`` / ``source.path`` (relative to the artifact's folder or absolute), following
-        ``source.onnx`` (INT8 / OpenVINO / engine artifacts made from an ONNX) through that file's manifest.
+        the lineage ``source.artifact`` (``source.onnx`` before ``derive``) of INT8 / OpenVINO / engine artifacts
+        through that file's manifest.
 
         With ``shipped_fallback``, a ``digits`` model with no checkpoint found falls back to the shipped weights.
         None when unknown.
@@ -333,7 +340,7 @@ class Manifest(dict):
             for cand in ((p,) if p.is_absolute() else (base / p, p)):
                 if cand.is_file() or _is_snapshot(cand):  # a diffusers snapshot folder (export --checkpoint DIR)
                     return cand
-        parent = s.get("onnx")
+        parent = s.get("artifact") or s.get("onnx")  # "onnx": manifests written before Manifest.derive
         if parent and depth < _MAX_SOURCE_DEPTH:
             try:
                 pm = Manifest.load(base / Path(str(parent)).name, verify=False, required=False)
@@ -356,3 +363,44 @@ class Manifest(dict):
     def carry(self, keys: tuple[str, ...] | list[str]) -> dict[str, Any]:
         """The fields named in ``keys`` that are present (for derived artifacts that copy model fields)."""
         return {k: self[k] for k in keys if k in self}
+
+    def derive(self, out: str | os.PathLike | None = None, *, sha256: str | None = None,
+               **fields: Any) -> dict[str, Any]:
+        """The manifest fields of an artifact made from this one (its ``artifact``): the :data:`CARRIED` fields
+        it has (the decoder only when it sits beside ``out``), the lineage ``source`` = ``{artifact, sha256,
+        precision}``, the torch checkpoint as ``source_checkpoint`` (the one spelling written; older manifests'
+        ``checkpoint`` / ``source.checkpoint`` / ``source.path`` are still read), then ``fields`` (what the new
+        artifact changes) on top. ``sha256``: the source file's, when its manifest's table does not hold it."""
+        carried = self.carry(CARRIED)
+        dec = self.decoder_name
+        if out is not None and dec and not (Path(out).parent / str(dec)).exists():
+            carried.pop("decoder", None)
+        ck = self.source_checkpoint()
+        if not carried.get("source_checkpoint") and ck:
+            carried["source_checkpoint"] = {"path": ck["checkpoint"], "sha256": ck["checkpoint_sha256"]}
+        src = self._artifact()
+        digest = sha256 or self.file_sha256(src.name) or sha256_file(src)
+        return {**carried, "source": {"artifact": src.name, "sha256": digest, "precision": self.precision},
+                **fields}
+
+    def file_sha256(self, name: str) -> str | None:
+        """The sha256 the ``files`` table records for ``name``, or None."""
+        meta = (self.get("files") or {}).get(name)
+        v = meta.get("sha256") if isinstance(meta, dict) else meta
+        return str(v) if v else None
+
+
+
+def make_manifest(artifact: str | os.PathLike, files: list[str | os.PathLike], **fields: Any) -> Manifest:
+    """Build a manifest for ``artifact``: ``fields`` plus sha256 and size of every file (see :class:`Manifest`)."""
+    return Manifest.build(artifact, files, **fields)
+
+
+def load_manifest(artifact: str | os.PathLike, verify: bool = True, required: bool = True) -> Manifest | None:
+    """Read (and by default sha256-verify) the manifest beside ``artifact``: :meth:`Manifest.load`."""
+    return Manifest.load(artifact, verify=verify, required=required)
+
+
+def verify_manifest(artifact: str | os.PathLike, m: dict[str, Any]) -> None:
+    """Check that every file listed in manifest ``m`` exists beside ``artifact`` with the recorded sha256."""
+    Manifest(m, artifact).verify()

@@ -126,8 +126,9 @@ def _fp32_fused(src: Path, out: Path) -> None:
     """The fp32 graph with the same FastGelu fusion (graph-only copy beside the source: same external data)."""
     import onnx
 
-    from ditdeploy.artifacts import load_manifest, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.artifacts import manifest_path, write_json_atomic
     from ditdeploy.calibration.quantize import _load_small_external, ort_cpu_fusions
+    from ditdeploy.manifest import load_manifest, make_manifest
 
     graph = onnx.load(str(src), load_external_data=False)
     _load_small_external(graph, src.parent)

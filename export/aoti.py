@@ -217,9 +217,10 @@ def export_denoiser_aoti(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``net`` (a ``ditdeploy.models.DiT``) to an AOTInductor ``.pt2`` at ``out``; returns the manifest."""
-    from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.export.onnx import PeakRSS, check_out_path
     from ditdeploy.export.verify import torch_reference
+    from ditdeploy.manifest import make_manifest
 
     check_target(device, precision)
     out = check_out_path(out, SUFFIX)

@@ -105,9 +105,10 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
     """Export ``model`` (adaLN-Zero DiT) as a verified full + light ONNX pair at ``out_path``; return the manifest."""
     import torch
 
-    from ditdeploy.artifacts import atomic_dir, make_manifest, manifest_path, write_json_atomic
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.export.onnx import DEFAULT_OPSET, check_out_path, readable
     from ditdeploy.feature_cache import CacheFull, CacheLight
+    from ditdeploy.manifest import make_manifest
     from ditdeploy.parity import probe_inputs, tolerance_for
     from ditdeploy.runtimes.base import cache_shape
 
@@ -163,16 +164,10 @@ def export_cache_graphs_openvino(onnx_path: str | os.PathLike, out_xml: str | os
     Parity: both IRs on OpenVINO CPU (f32) vs both ONNX graphs on ONNX Runtime CPU at batch 2 (the light graph fed
     the full graph's cache). One manifest ``NAME.xml.json`` lists every file of both IRs.
     """
-    from ditdeploy.artifacts import (
-        atomic_dir,
-        load_manifest,
-        make_manifest,
-        manifest_path,
-        sha256_file,
-        write_json_atomic,
-    )
+    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.errors import require
     from ditdeploy.export.onnx import readable
+    from ditdeploy.manifest import load_manifest, make_manifest
 
     src, xml = Path(onnx_path), Path(out_xml)
     if xml.suffix.lower() != ".xml":
@@ -190,12 +185,10 @@ def export_cache_graphs_openvino(onnx_path: str | os.PathLike, out_xml: str | os
         for onnx_file, target in ((src, xml), (src.parent / cg["light"], lxml)):
             ov.save_model(ov.convert_model(str(onnx_file)), str(tmp / target.name), compress_to_fp16=False)
             files += [tmp / target.with_suffix(".bin").name, tmp / target.name]
-        fields = {k: src_m[k] for k in ("kind", "precision", "config", "opset", "batch", "decoder", "io")
-                  if k in src_m}
-        fields.update(format="openvino", source={"onnx": src.name, "sha256": sha256_file(src)},
-                      openvino={"version": ov.__version__, "inference_precision_hint": "f32",
-                                "compress_to_fp16": False},
-                      cache_graphs={**cg, "light": lxml.name, "parity": None})
+        fields = src_m.derive(xml, format="openvino",
+                              openvino={"version": ov.__version__, "inference_precision_hint": "f32",
+                                        "compress_to_fp16": False},
+                              cache_graphs={**cg, "light": lxml.name, "parity": None})
         if verify:
             fields["cache_graphs"]["parity"] = _ov_parity(src, src.parent / cg["light"], tmp / xml.name,
                                                           tmp / lxml.name, src_m)

@@ -285,7 +285,7 @@ def _denoiser_manifest(onnx_path: Path, files: list[Path], config: Any, *, preci
     """The denoiser's manifest: config, I/O, batch limits, parity, graph summary, timings and memory."""
     import torch
 
-    from ditdeploy.artifacts import make_manifest
+    from ditdeploy.manifest import make_manifest
 
     size, c = config.input_size, config.in_channels
     return make_manifest(

@@ -18,20 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import (
-    atomic_dir,
-    make_manifest,
-    manifest_path,
-    sha256_file,
-    write_json_atomic,
-)
+from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
-from ditdeploy.manifest import Manifest
+from ditdeploy.manifest import Manifest, make_manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
-_CARRY = ("kind", "precision", "config", "opset", "batch", "calibration_sha256", "excluded_nodes", "checkpoint", "int8",
-          "source_checkpoint", "id2label", "latent_channels", "scaling_factor", "image_size", "name")
-
 
 def parity_feeds(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
     """The conversion's parity inputs (``ditdeploy.parity``'s probe generators) for a denoiser or decoder manifest."""
@@ -101,15 +92,9 @@ def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, pr
     with atomic_dir([bin_path, xml, mpath]) as tmp:
         txml = tmp / xml.name
         ov.save_model(model, str(txml), compress_to_fp16=False)
-        fields = src_m.carry(_CARRY)
-        dec = src_m.decoder_name
-        if dec and (xml.parent / dec).exists():
-            fields["decoder"] = dec
-        fields.update(
-            format="openvino",
-            openvino={"version": ov.__version__, "inference_precision_hint": hint, "compress_to_fp16": False},
-            source={"onnx": src.name, "sha256": sha256_file(src)},
-        )
+        fields = src_m.derive(xml, format="openvino", openvino={"version": ov.__version__,
+                                                                "inference_precision_hint": hint,
+                                                                "compress_to_fp16": False})
         if verify:
             fields["parity"] = _parity(src, txml, src_m, hint)
         manifest = make_manifest(xml, [tmp / bin_path.name, txml], **fields)

@@ -254,7 +254,8 @@ class ExportJob:
     def extra(self) -> dict[str, Any]:
         """Manifest fields every denoiser artifact records: its source checkpoint, random weights, class names."""
         src = self.source
-        out: dict[str, Any] = {"source_checkpoint": ({"name": src.get("name"), "sha256": src.get("sha256")}
+        out: dict[str, Any] = {"source_checkpoint": ({"path": src.get("path"), "name": src.get("name"),
+                                                      "sha256": src.get("sha256")}
                                                      if src.get("sha256") else None),
                                "random_weights": src.get("kind") == "random"}
         if self.id2label:
@@ -337,23 +338,6 @@ def build_diffusers(job: ExportJob) -> dict[str, Any]:
 
     return write_snapshot(job.net, job.out, vae=job.vae, id2label=job.id2label, verify=job.verify, seed=job.seed,
                           source=job.source)
-
-
-def build_triton(job: ExportJob) -> dict[str, Any]:
-    """``--fmt triton``: a Triton model repository folder (ONNX denoiser, generate loop, VAE decoder)."""
-    from ditdeploy.export.triton_repo import (
-        DEFAULT_INSTANCES,
-        DEFAULT_MAX_BATCH,
-        RepoOptions,
-        export_repository,
-    )
-
-    options = RepoOptions(max_batch=job.batch_max or DEFAULT_MAX_BATCH,
-                          instances=job.options.get("instances") or DEFAULT_INSTANCES)
-    return export_repository(job.net, job.out, precision=job.precision, vae=job.vae, options=options,
-                             opset=job.opset, verify=job.verify, seed=job.seed, source=job.source,
-                             id2label=job.id2label, progress=job.progress, calibration=job.calibration,
-                             int8_mode=job.int8_mode, int8_options=job.int8_options)
 
 
 def export_denoiser(net: Any, out: Path, fmt: str, precision: str, **settings: Any) -> dict[str, Any]:

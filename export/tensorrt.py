@@ -18,17 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ditdeploy.artifacts import (
-    atomic_dir,
-    load_manifest,
-    make_manifest,
-    manifest_path,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from ditdeploy.artifacts import atomic_dir, manifest_path, write_bytes_atomic, write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
 from ditdeploy.export.trt_plan import INSTALL_HINT, BuildPlan, TrtFeatures, engine_metadata, make_build_plan
 from ditdeploy.export.trt_polygraphy import ConfigChecks, make_loaders, polygraphy_args
+from ditdeploy.manifest import load_manifest, make_manifest
 
 __all__ = ["build_engine", "import_tensorrt", "write_build_plan"]
 

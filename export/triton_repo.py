@@ -303,3 +303,13 @@ def export_repository(net: Any, out: str | os.PathLike, *, precision: str, vae: 
                                  int8_mode=int8_mode, seed=seed, progress=progress, int8_options=int8_options,
                                  id2label=id2label)
         return write_repository(den, out, decoder=dec, options=options, id2label=id2label)
+
+
+def build(job: Any) -> dict[str, Any]:
+    """``--fmt triton``'s builder (``ditdeploy.formats``): the repository for an ``export.pipeline.ExportJob``."""
+    options = RepoOptions(max_batch=job.batch_max or DEFAULT_MAX_BATCH,
+                          instances=job.options.get("instances") or DEFAULT_INSTANCES)
+    return export_repository(job.net, job.out, precision=job.precision, vae=job.vae, options=options,
+                             opset=job.opset, verify=job.verify, seed=job.seed, source=job.source,
+                             id2label=job.id2label, progress=job.progress, calibration=job.calibration,
+                             int8_mode=job.int8_mode, int8_options=job.int8_options)

@@ -415,13 +415,11 @@ def engine_metadata(plan: BuildPlan, gpu_name: str | None, compute_capability: t
     """Manifest fields of a built engine (read back by ``ditdeploy.runtimes.tensorrt`` at load).
 
     ``tensorrt``: version, GPU name and compute capability (engines are tied to both), compatibility switches;
-    plus the carried denoiser fields, precision, batch profile, calibration hash and the whole plan.
+    plus the fields carried from the ONNX (``Manifest.derive``: model fields, calibration hash, lineage), precision,
+    batch profile and the whole plan.
     """
-    carry = {k: source_manifest[k] for k in ("kind", "config", "opset", "decoder", "excluded_nodes",
-                                             "calibration_sha256", "id2label") if k in source_manifest}
     cfg = plan.config
-    return {
-        **carry,
+    return Manifest.of(source_manifest, plan.onnx).derive(None, sha256=plan.onnx_sha256, **{
         "format": "tensorrt",
         "precision": plan.precision,
         "variant": cfg.get("variant"),
@@ -440,7 +438,5 @@ def engine_metadata(plan: BuildPlan, gpu_name: str | None, compute_capability: t
             "timing_cache": Path(plan.timing_cache).name if plan.timing_cache else None,
             "build_seconds": round(seconds, 1) if seconds is not None else None,
         },
-        "source": {"onnx": plan.onnx, "sha256": plan.onnx_sha256,
-                   "precision": Manifest.of(source_manifest).source_precision or plan.precision},
         "build_plan": plan.to_dict(),
-    }
+    })

@@ -20,28 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ditdeploy.errors import ArtifactError, DitDeployError, require
+from ditdeploy.errors import DitDeployError
 
 DECODER_INPUT = "latents"
 DECODER_OUTPUT = "image"
-
-
-def load_vae(vae_dir: str | os.PathLike) -> Any:
-    """``AutoencoderKL.from_pretrained(vae_dir)`` (local files only) with a one-line error when that fails."""
-    require("diffusers", "vae", "VAE decoder export")
-    d = Path(vae_dir)
-    if not d.exists():
-        raise ArtifactError(f"VAE directory {d} does not exist: pass the folder holding config.json and the weights")
-    if d.is_file() or not (d / "config.json").exists():
-        sub = d / "vae"
-        if sub.is_dir() and (sub / "config.json").exists():
-            d = sub  # a full pipeline folder: use its vae/ subfolder
-        else:
-            raise ArtifactError(f"{d} is not a diffusers AutoencoderKL folder (no config.json): e.g. a local "
-                                "copy of stabilityai/sd-vae-ft-ema")
-    from ditdeploy.diffusers_io import load_autoencoder
-
-    return load_autoencoder(d).float().eval()
 
 
 class VaeDecoderGraph(nn.Module):
@@ -106,6 +88,8 @@ def export_vae_decoder_onnx(
     vae_dir = None
     if isinstance(vae, (str, os.PathLike)):
         vae_dir = Path(vae)
+        from ditdeploy.diffusers_io import load_vae
+
         vae = load_vae(vae_dir)
     if not hasattr(vae, "decoder") or not hasattr(vae, "config"):
         raise DitDeployError("export_vae_decoder_onnx needs a diffusers AutoencoderKL or its directory")
@@ -198,7 +182,7 @@ def _decoder_manifest(path: Path, files: list[Path], vae: Any, graph: Any, *, op
                       stats: dict[str, Any], changes: dict[str, Any], source: dict[str, Any] | None,
                       timings: dict[str, float], peak_rss: int) -> dict[str, Any]:
     """The decoder's manifest: VAE config, scaling, I/O, parity, graph summary, timings."""
-    from ditdeploy.artifacts import make_manifest
+    from ditdeploy.manifest import make_manifest
 
     latent_channels = int(vae.config.latent_channels)
     up = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -88,7 +88,7 @@ def _module(backend: str):
 
 
 def _is_snapshot(path: str | os.PathLike) -> bool:
-    from ditdeploy.diffusers_io import is_snapshot_dir
+    from ditdeploy.artifacts import is_snapshot_dir
 
     return is_snapshot_dir(path)
 

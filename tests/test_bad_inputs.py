@@ -520,7 +520,7 @@ def test_bad_input(case: Case, digits_artifacts, inputs, tmp_path):
         assert left == [], f"partial output left behind: {left}"
     assert not (tmp_path / "PWNED").exists(), "a pickle in a checkpoint was executed"
     # the session artifacts were not touched through any case
-    from ditdeploy.artifacts import load_manifest
+    from ditdeploy.manifest import load_manifest
 
     load_manifest(digits_artifacts["onnx"], verify=True)
 

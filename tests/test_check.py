@@ -175,7 +175,8 @@ def _perturbed_copy(src: Path, dst: Path, how: str) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from ditdeploy.artifacts import load_manifest, make_manifest, write_json_atomic
+    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.manifest import load_manifest, make_manifest
 
     m = onnx.load(str(src), load_external_data=True)
     # the largest 2-D weight inside the transformer blocks (an attention or MLP matrix)

@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ditdeploy.artifacts import load_manifest, manifest_path, sha256_file
+from ditdeploy.artifacts import manifest_path, sha256_file
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError
 from ditdeploy.export.onnx import export_denoiser_onnx
 from ditdeploy.export.randomize import randomize_weights
+from ditdeploy.manifest import load_manifest
 from ditdeploy.metrics import cosine, rel_l2
 from ditdeploy.models import create_model
 from ditdeploy.variants import DIGITS, DiTConfig

@@ -18,10 +18,11 @@ import pytest
 from test_export import independent_parity, tiny_model
 from test_export_vae import make_tiny_vae
 
-from ditdeploy.artifacts import load_manifest, sha256_file
+from ditdeploy.artifacts import sha256_file
 from ditdeploy.checkpoints import save_safetensors
 from ditdeploy.cli import main
 from ditdeploy.export.pipeline import default_out
+from ditdeploy.manifest import load_manifest
 from ditdeploy.variants import DIGITS, variant_config
 
 
@@ -152,7 +153,7 @@ def test_int8_dynamic_dispatch(tmp_path, tiny_ckpt, capsys):
     m = load_manifest(out)
     assert m["precision"] == "int8" and m["kind"] == "denoiser"
     # the fp32 intermediate is not kept, but the checkpoint the model came from stays traceable (for `check`)
-    assert m["source"]["onnx"] == "q-fp32.onnx" and m["source"]["precision"] == "fp32"
+    assert m["source"]["artifact"] == "q-fp32.onnx" and m["source"]["precision"] == "fp32"
     assert m["source_checkpoint"]["sha256"] == sha256_file(src)
     assert m.reference_checkpoint() == src
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the fp32 intermediate is gone

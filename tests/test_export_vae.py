@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ditdeploy.artifacts import load_manifest
 from ditdeploy.errors import ArtifactError
 from ditdeploy.export.vae import export_vae_decoder_onnx
+from ditdeploy.manifest import load_manifest
 from ditdeploy.metrics import rel_l2
 
 

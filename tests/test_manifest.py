@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from ditdeploy import shipped
-from ditdeploy.artifacts import load_manifest, make_manifest, manifest_path, write_json_atomic
+from ditdeploy.artifacts import manifest_path, write_json_atomic
 from ditdeploy.errors import ArtifactError
-from ditdeploy.manifest import BatchLimits, Manifest
+from ditdeploy.manifest import BatchLimits, Manifest, load_manifest, make_manifest
 from ditdeploy.variants import DIGITS
 
 
@@ -108,3 +108,29 @@ def test_shipped_default_model():
     assert shipped.default_model() == shipped.DIGITS_ONNX and shipped.DIGITS_ONNX.is_file()
     assert shipped.default_model("torch") == shipped.DIGITS_CHECKPOINT
     assert shipped.ASSETS.name == "assets" and shipped.DIGITS_ONNX.parent == shipped.ASSETS
+
+
+def test_derive_writes_the_lineage_and_carries_one_field_set(tmp_path):
+    """Every derived artifact (INT8, OpenVINO IR, engine, INT8 decoder) gets its fields from Manifest.derive: the
+    declared CARRIED set, ``source`` = {artifact, sha256, precision}, the checkpoint as ``source_checkpoint``."""
+    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.manifest import CARRIED
+
+    ck = tmp_path / "model.safetensors"
+    ck.write_bytes(b"weights")
+    (tmp_path / "vae.onnx").write_bytes(b"vae")
+    fp32 = _artifact(tmp_path, "fp32.onnx", kind="denoiser", precision="fp32", config={"variant": "digits"},
+                     id2label={"0": "zero"}, decoder="vae.onnx", parity={"worst": 1e-6}, format="onnx",
+                     source={"kind": "checkpoint", "path": str(ck), "sha256": "c" * 64})
+    m = Manifest.load(fp32)
+    d = m.derive(tmp_path / "fp32-int8.onnx", format="onnx", precision="int8")
+    assert d["source"] == {"artifact": "fp32.onnx", "sha256": sha256_file(fp32), "precision": "fp32"}
+    assert d["source_checkpoint"] == {"path": str(ck), "sha256": "c" * 64}  # the one spelling written
+    assert d["precision"] == "int8" and d["format"] == "onnx"  # what the step changes goes on top
+    assert d["id2label"] == {"0": "zero"} and d["decoder"] == "vae.onnx" and "parity" not in d
+    assert set(d) - {"source", "source_checkpoint", "format"} <= set(CARRIED)
+    elsewhere = m.derive(tmp_path / "sub" / "x.xml")
+    assert "decoder" not in elsewhere  # the decoder is carried only when it sits beside the new artifact
+    q = _artifact(tmp_path, "fp32-int8.onnx", b"q", **d)
+    assert Manifest.load(q).reference_checkpoint() == ck  # read back through the lineage
+    assert Manifest.load(q).derive(None)["source_checkpoint"] == d["source_checkpoint"]  # carried on

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ditdeploy.artifacts import make_manifest, sha256_file, write_json_atomic
+from ditdeploy.artifacts import sha256_file, write_json_atomic
 from ditdeploy.errors import ArtifactError
+from ditdeploy.manifest import make_manifest
 from ditdeploy.trust import (
     UntrustedNativeCode,
     record_trusted,

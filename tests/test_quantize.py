@@ -276,7 +276,8 @@ def test_int8_samples_match_fp32_samples(work, static):
 
 def test_config_mismatch_between_calibration_and_model(work, tmp_path):
     """A calibration set from another model shape is refused before any work."""
-    from ditdeploy.artifacts import make_manifest, write_json_atomic
+    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.manifest import make_manifest
 
     other = dataclasses.asdict(work["model"].config) | {"input_size": 16}
     cm = json.loads(manifest_path(work["calib"]).read_text())

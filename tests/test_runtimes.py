@@ -17,8 +17,9 @@ import pytest
 import rt_artifacts
 
 from ditdeploy import metrics
-from ditdeploy.artifacts import make_manifest, write_json_atomic
+from ditdeploy.artifacts import write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
+from ditdeploy.manifest import make_manifest
 from ditdeploy.runtimes import Decoder, Denoiser, Timed, load, load_decoder, resolve_backend
 from ditdeploy.runtimes.onnxruntime import choose_providers
 from ditdeploy.runtimes.openvino import compile_config
@@ -235,7 +236,8 @@ def test_tensorrt_manifest_without_gpu_fields_is_refused_before_loading(tmp_path
 
 def test_shipped_onnx_was_exported_from_the_shipped_checkpoint():
     """digits.onnx must be re-exported whenever digits.safetensors changes (the manifest records its sha256)."""
-    from ditdeploy.artifacts import load_manifest, sha256_file
+    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.manifest import load_manifest
 
     s = rt_artifacts.shipped()
     assert s is not None, "ditdeploy/assets/digits.safetensors + digits.onnx are shipped"

@@ -11,8 +11,9 @@ import importlib.util
 import numpy as np
 import pytest
 
-from ditdeploy.artifacts import make_manifest, write_json_atomic
+from ditdeploy.artifacts import write_json_atomic
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
+from ditdeploy.manifest import make_manifest
 from ditdeploy.runtimes import load, resolve_backend
 from ditdeploy.runtimes.base import chunked
 from ditdeploy.runtimes.tensorrt import check_engine_compat, engine_build_info, pad_batch, profile_batch_range

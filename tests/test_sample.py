@@ -20,8 +20,9 @@ import rt_artifacts
 from PIL import Image
 
 from ditdeploy import metrics
-from ditdeploy.artifacts import make_manifest, write_json_atomic
+from ditdeploy.artifacts import write_json_atomic
 from ditdeploy.cli import main
+from ditdeploy.manifest import make_manifest
 
 PSNR_MIN = 40.0
 

@@ -18,16 +18,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, copy_artifact, edit_manifest, run_main
 
-from ditdeploy.artifacts import (
-    atomic_path,
-    load_manifest,
-    make_manifest,
-    manifest_path,
-    safe_member,
-    sha256_file,
-    write_json_atomic,
-)
+from ditdeploy.artifacts import atomic_path, manifest_path, safe_member, sha256_file, write_json_atomic
 from ditdeploy.errors import ArtifactError
+from ditdeploy.manifest import load_manifest, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("ditdeploy", "export", "runtimes", "calibration", "bench")

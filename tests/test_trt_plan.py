@@ -20,7 +20,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ditdeploy.artifacts import make_manifest, manifest_path, write_json_atomic  # noqa: E402
+from ditdeploy.artifacts import manifest_path, write_json_atomic  # noqa: E402
 from ditdeploy.errors import ArtifactError, DitDeployError  # noqa: E402
 from ditdeploy.export.trt_plan import (  # noqa: E402
     BatchProfile,
@@ -30,6 +30,7 @@ from ditdeploy.export.trt_plan import (  # noqa: E402
     engine_metadata,
     make_build_plan,
 )
+from ditdeploy.manifest import make_manifest  # noqa: E402
 from ditdeploy.variants import DIGITS  # noqa: E402
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

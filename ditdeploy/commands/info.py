@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
 
         artifact = deprecated("the positional ARTIFACT", "--engine", artifact, engine)
         from ditdeploy import __version__
-        from ditdeploy.artifacts import json_text, load_manifest
+        from ditdeploy.artifacts import json_text
+        from ditdeploy.manifest import load_manifest
         from ditdeploy.runtimes.registry import backends, tool_versions
 
         if artifact is not None:

@@ -8,7 +8,15 @@
 - ``sampling``: ``sample(denoiser, noise, labels, *, method, steps, cfg_scale, ...)``, the public entry point.
 """
 
-from ditdeploy.diffusion.registry import SAMPLERS, SamplerSpec, get_sampler, register_sampler, sampler_names
+from ditdeploy.diffusion.registry import (
+    SAMPLERS,
+    SamplerSpec,
+    get_sampler,
+    register_sampler,
+    sampler_names,
+    sampling_timesteps,
+    spacing_rule,
+)
 from ditdeploy.diffusion.samplers import ddim, ddpm, dpmpp_2m
 from ditdeploy.diffusion.sampling import (
     GuidedModel,
@@ -20,7 +28,7 @@ from ditdeploy.diffusion.sampling import (
     sample,
 )
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, GaussianSchedule, base_schedule, linear_betas
-from ditdeploy.diffusion.spacing import sampling_timesteps, space_timesteps, spacing_rule
+from ditdeploy.diffusion.spacing import space_timesteps
 
 METHODS = sampler_names()  # the built-in samplers (a snapshot; SAMPLERS is the live registry)
 

@@ -21,10 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ditdeploy.diffusion import samplers, spacing
+from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 from ditdeploy.errors import DitDeployError
 
-__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "register_sampler", "sampler_names"]
+__all__ = ["SAMPLERS", "SamplerSpec", "get_sampler", "register_sampler", "sampler_names", "sampling_timesteps",
+           "spacing_rule"]
 
 Rule = Callable[[int, int], str]
 
@@ -62,6 +66,37 @@ def get_sampler(name: str) -> SamplerSpec:
     if spec is None:
         raise DitDeployError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}")
     return spec
+
+
+def spacing_rule(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
+    """The respacing string the sampler ``method`` uses for ``steps`` steps (its registered rule; see
+    ``sampling_timesteps``)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(SAMPLERS)}")
+    return SAMPLERS[method].rule(steps, num_timesteps)
+
+
+def sampling_timesteps(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
+    """Original timesteps (int64, ascending) at which ``method`` evaluates the denoiser with ``steps`` steps.
+
+    - ``"ddim"``: the ``"ddimN"`` rule (N=10 -> 0, 100, ..., 900). Where no integer stride gives exactly N steps
+      (N=1, and many N above 500, e.g. 999) it falls back to the evenly rounded ``"N"`` rule, so the sampler always
+      takes exactly N steps; ``spacing_rule()`` tells which rule was used.
+    - ``"ddpm"``: the evenly rounded ``"N"`` rule (N=250 -> 0, 4, 8, ..., 995, 999).
+    - ``"dpm-solver++"``: N timesteps uniform in log-SNR ``lambda = log(sqrt(abar) / sqrt(1 - abar))`` from t=T-1 down
+      to t=0 (N=1 -> [T-1]), each rounded to the nearest integer timestep and then nudged to be strictly decreasing
+      (needed only for large N, where steps at high noise would collide). Equal lambda steps keep the 2M
+      extrapolation ratio r = h_prev/h near 1 (well conditioned); a time-uniform grid makes the last lambda step ~5x
+      the previous one and measured 2-10x larger errors on a Gaussian test problem at 10-25 steps. After the
+      evaluation at t=0 a final first-order step to sigma=0 returns its x_0 prediction (as DDIM's last step does), so
+      the solver converges to the same probability-flow answer as DDIM with all 1000 steps.
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    rule = spacing_rule(method, steps, num_timesteps)
+    if rule.startswith("logsnr"):
+        return spacing.logsnr_timesteps(num_timesteps, steps)
+    return np.array(sorted(spacing.space_timesteps(num_timesteps, rule)), dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ built-in samplers

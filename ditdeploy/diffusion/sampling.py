@@ -8,9 +8,8 @@ from collections.abc import Callable
 import numpy as np
 
 from ditdeploy.diffusion import samplers
-from ditdeploy.diffusion.registry import SAMPLERS, get_sampler
+from ditdeploy.diffusion.registry import SAMPLERS, get_sampler, sampling_timesteps
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
-from ditdeploy.diffusion.spacing import sampling_timesteps
 from ditdeploy.errors import DitDeployError, NumericsError
 from ditdeploy.watch import ensure_finite
 

@@ -1,4 +1,4 @@
-"""Timestep respacing with the official ``space_timesteps`` semantics, and the timesteps each sampler uses."""
+"""Timestep respacing with the official ``space_timesteps`` semantics, and the spacing rules the samplers use."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS
 
-__all__ = ["ddim_rule", "even_rule", "logsnr_rule", "sampling_timesteps", "space_timesteps", "spacing_rule"]
+__all__ = ["ddim_rule", "even_rule", "logsnr_rule", "logsnr_timesteps", "space_timesteps"]
 
 
 def _ddim_stride_steps(num_timesteps: int, desired: int) -> set[int] | None:
@@ -57,7 +57,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
     return set(kept)
 
 
-def _logsnr_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+def logsnr_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     """``steps`` distinct integer timesteps, ascending, uniform in log-SNR between T-1 and 0 (see below)."""
     from ditdeploy.diffusion.schedule import base_schedule
 
@@ -88,36 +88,3 @@ def even_rule(steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
 def logsnr_rule(steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
     """N timesteps uniform in log-SNR (DPM-Solver++)."""
     return f"logsnr{steps}"
-
-
-def spacing_rule(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> str:
-    """The respacing string the sampler ``method`` uses for ``steps`` steps (its registered rule; see
-    ``sampling_timesteps``)."""
-    from ditdeploy.diffusion.registry import SAMPLERS
-
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(SAMPLERS)}")
-    return SAMPLERS[method].rule(steps, num_timesteps)
-
-
-def sampling_timesteps(method: str, steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
-    """Original timesteps (int64, ascending) at which ``method`` evaluates the denoiser with ``steps`` steps.
-
-    - ``"ddim"``: the ``"ddimN"`` rule (N=10 -> 0, 100, ..., 900). Where no integer stride gives exactly N steps
-      (N=1, and many N above 500, e.g. 999) it falls back to the evenly rounded ``"N"`` rule, so the sampler always
-      takes exactly N steps; ``spacing_rule()`` tells which rule was used.
-    - ``"ddpm"``: the evenly rounded ``"N"`` rule (N=250 -> 0, 4, 8, ..., 995, 999).
-    - ``"dpm-solver++"``: N timesteps uniform in log-SNR ``lambda = log(sqrt(abar) / sqrt(1 - abar))`` from t=T-1 down
-      to t=0 (N=1 -> [T-1]), each rounded to the nearest integer timestep and then nudged to be strictly decreasing
-      (needed only for large N, where steps at high noise would collide). Equal lambda steps keep the 2M
-      extrapolation ratio r = h_prev/h near 1 (well conditioned); a time-uniform grid makes the last lambda step ~5x
-      the previous one and measured 2-10x larger errors on a Gaussian test problem at 10-25 steps. After the
-      evaluation at t=0 a final first-order step to sigma=0 returns its x_0 prediction (as DDIM's last step does), so
-      the solver converges to the same probability-flow answer as DDIM with all 1000 steps.
-    """
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
-    rule = spacing_rule(method, steps, num_timesteps)
-    if rule.startswith("logsnr"):
-        return _logsnr_timesteps(num_timesteps, steps)
-    return np.array(sorted(space_timesteps(num_timesteps, rule)), dtype=np.int64)
