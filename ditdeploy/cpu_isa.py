@@ -6,7 +6,7 @@ AVX-512 VNNI, AVX-VNNI, AVX512-BF16, AMX). ``DITDEPLOY_CPU_ISA`` overrides the f
 list such as ``avx2,fma``; ``none`` for no flags): tests use it to take the decisions of another CPU, a user to
 export for a target machine. :meth:`CpuIsa.record` is what manifests and bench/check results record.
 
-Why VNNI matters (README "INT8 forms"): without VNNI, x86 int8 GEMM kernels (ONNX Runtime's MLAS u8s8 on AVX2 and
+Why VNNI matters (docs/export.md "INT8 forms by CPU"): without VNNI, x86 int8 GEMM kernels (ONNX Runtime's MLAS u8s8 on AVX2 and
 AVX-512BW) multiply uint8 activations by int8 weights with ``vpmaddubsw``, which adds each pair of products into a
 saturating 16-bit lane: 2 x 255 x 127 = 64770 does not fit in int16 (32767), so large activations times full-range
 int8 weights are clipped. VNNI (``vpdpbusd``) and AMX add the products into 32-bit lanes. 7-bit weights (|w| <= 64:

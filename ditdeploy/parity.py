@@ -105,7 +105,7 @@ class Thresholds:
         return {k: v for k, v in (("rel_l2", self.call_rel_l2), ("cosine", self.call_cosine)) if v is not None}
 
 
-# Why these numbers (README "Proof: check and bench" and docs/parity.md say the same):
+# Why these numbers (docs/proof.md "Proof: check and bench" and docs/parity.md say the same):
 # fp32: the artifact computes the same function in the same format; only the order of float additions differs
 #       (fused kernels, different GEMM blocking), giving ~1e-7..1e-5 relative error per call (export verification
 #       measures ~1e-6 even for 28 blocks; a wrong graph, e.g. the legacy exporter's, is >= 1e-2). 1e-4 per call

@@ -39,7 +39,7 @@ class Fp16Policy:
     embed_fp32:    the patch embedding (a C*p*p -> hidden GEMM: negligible cost) and the input x in float32.
     adaln_weights_fp32: store (and run) the adaLN modulation linears in float32. They are a third of XL/2's
                    weights (28 x 1152 x 6912): fp32 costs 0.9 GB more and doubles their memory traffic, for an
-                   error gain the measurements do not show (README ## Export), so by default they are fp16 GEMVs
+                   error gain the measurements do not show (docs/export.md ## Export), so by default they are fp16 GEMVs
                    whose outputs (shift/scale/gate) are cast to float32 for the modulation arithmetic.
     fp32_blocks:   indices of transformer blocks computed entirely in float32 (negative indices count from the end).
     """

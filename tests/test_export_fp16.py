@@ -55,7 +55,7 @@ def test_islands_beat_naive_fp16():
     islands = block_errors(model, DEFAULT_POLICY, x, t, y)
     assert len(islands["per_block_rel_l2"]) == 6
     assert all(np.isfinite(islands["per_block_rel_l2"]))
-    # measured on this configuration: ~3x lower end-to-end error with the islands (README: ## Export)
+    # measured on this configuration: ~3x lower end-to-end error with the islands (docs/export.md: ## Export)
     assert islands["end_to_end_rel_l2"] < 0.6 * naive["end_to_end_rel_l2"]
     assert islands["per_block_rel_l2"][-1] < naive["per_block_rel_l2"][-1]
     # turning the residual stream back to fp16 loses most of the gain: it is the island that matters most
