@@ -211,13 +211,14 @@ def test_export_cuda_on_cpu_machine(tmp_path: Path):
 
 @pytest.mark.slow
 def test_bf16_package_within_bf16_threshold(tmp_path: Path, reference):
-    """bf16 on this AVX512-BF16 CPU: export parity within TOLERANCES['bf16'], and `check` passes at bf16 limits."""
-    from ditdeploy.export.aoti import TOLERANCES, export_denoiser_aoti
+    """bf16 on this AVX512-BF16 CPU: export parity within parity.tolerance_for('bf16'), and `check` passes at bf16 limits."""
+    from ditdeploy.export.aoti import export_denoiser_aoti
+    from ditdeploy.parity import tolerance_for
 
     out = tmp_path / "digits-bf16.pt2"
     m = export_denoiser_aoti(reference, out, precision="bf16")
     w = m["parity"]["worst"]
-    assert 1e-4 < w["rel_l2"] <= TOLERANCES["bf16"]["rel_l2"]  # really bf16 (not fp32), and within the limit
+    assert 1e-4 < w["rel_l2"] <= tolerance_for("bf16")["rel_l2"]  # really bf16 (not fp32), and within the limit
     code, out_, err = run_main(["check", "--engine", out, "--steps", "6", "--timesteps", "4"])
     assert code == 0, out_ + err
 

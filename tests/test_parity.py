@@ -63,8 +63,7 @@ def test_one_thresholds_table_feeds_every_gate():
     assert checking.THRESHOLDS is parity.THRESHOLDS and checking.thresholds_for is parity.thresholds_for
     assert not hasattr(verify, "TOLERANCES")  # export verification asks parity.tolerance_for
     assert quantize.MIN_COSINE == parity.THRESHOLDS["int8"].call_cosine == 0.99  # the one INT8 cosine limit
-    for p in ("fp16", "bf16", "fp8"):
-        assert aoti.TOLERANCES[p] == parity.tolerance_for(p)
+    assert not hasattr(aoti, "TOLERANCES")  # AOTInductor verification asks parity.tolerance_for too
     assert parity.tolerance_for("fp32") == {"rel_l2": 1e-4, "cosine": 0.99999}
     assert parity.thresholds_for("float16") is parity.THRESHOLDS["fp16"]
     for name, th in parity.THRESHOLDS.items():  # every row says why
