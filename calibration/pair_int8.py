@@ -77,20 +77,21 @@ def _pair_parity(fp32_full: Path, fp32_light: Path, q_full: Path, q_light: Path,
 
     idx = stratified_subset(np.asarray(pool["t"]), PARITY_INPUTS, seed=2)
     x, t, y = (np.ascontiguousarray(pool[k][idx]) for k in ("x", "t", "y"))
-    sess = {k: make_session(p) for k, p in (("rf", fp32_full), ("rl", fp32_light), ("qf", q_full), ("ql", q_light))}
     got: dict[str, list[np.ndarray]] = {k: [] for k in ("rf", "rc", "rl", "qf", "qc", "ql")}
     rng = np.random.default_rng(3)
-    for i in range(0, x.shape[0], batch):
-        feed = {"x": x[i:i + batch].astype(np.float32), "t": t[i:i + batch].astype(np.int64),
-                "y": y[i:i + batch].astype(np.int64)}
-        # the light step as the sampler runs it: the next step (t 40 lower, x moved) from this step's cache
-        nxt = {**feed, "x": feed["x"] + np.float32(0.05) * rng.standard_normal(feed["x"].shape, dtype=np.float32),
-               "t": np.maximum(feed["t"] - 40, 0)}
-        for p in ("r", "q"):
-            out, cache = sess[p + "f"].run(["out", "cache"], feed)
+    # the light step as the sampler runs it: the next step (t 40 lower, x moved) from this step's cache
+    feeds = [{"x": x[i:i + batch].astype(np.float32), "t": t[i:i + batch].astype(np.int64),
+              "y": y[i:i + batch].astype(np.int64)} for i in range(0, x.shape[0], batch)]
+    nexts = [{**f, "x": f["x"] + np.float32(0.05) * rng.standard_normal(f["x"].shape, dtype=np.float32),
+              "t": np.maximum(f["t"] - 40, 0)} for f in feeds]
+    for p, full, light in (("r", fp32_full, fp32_light), ("q", q_full, q_light)):  # one pair in memory at a time
+        fs, ls = make_session(full), make_session(light)
+        for feed, nxt in zip(feeds, nexts, strict=True):
+            out, cache = fs.run(["out", "cache"], feed)
             got[p + "f"].append(out)
             got[p + "c"].append(cache)
-            got[p + "l"].append(sess[p + "l"].run(["out"], {**nxt, "cache": cache})[0])
+            got[p + "l"].append(ls.run(["out"], {**nxt, "cache": cache})[0])
+        del fs, ls
     cat = {k: np.concatenate(v) for k, v in got.items()}
     res: dict[str, Any] = {"reference": "the fp32 pair on ONNX Runtime CPU", "backend": "onnxruntime CPU",
                            "inputs": int(x.shape[0]), "inputs_from": src}
