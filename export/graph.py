@@ -12,6 +12,7 @@ from typing import Any
 
 from ditdeploy.errors import DitDeployError
 from ditdeploy.export.onnxscript_compat import optimize_graph
+from ditdeploy.interrupts import deferred
 
 DEFAULT_OPSET = 18
 
@@ -48,6 +49,10 @@ def dynamo_export(module: Any, args: tuple, input_names: Sequence[str], output_n
             dims.setdefault(dim_name, torch.export.Dim(dim_name.replace("-", "_")))
             spec[axis] = dims[dim_name]
         shapes[name] = spec
+    with deferred():  # the exporter's first use imports onnx/onnxscript (C extensions): never interrupt that
+        import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
+        import onnxscript  # noqa: F401
     with quiet_exporter(), torch.inference_mode(False), torch.no_grad():
         try:
             prog = torch.onnx.export(
