@@ -233,7 +233,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None 
 
 
 def _infer(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None, need_heads: bool) -> DiTConfig:
-    """``infer_config``; with ``need_heads=False`` unknown heads become 0 (only for comparing/describing)."""
+    """``infer_config``; with ``need_heads=False`` unknown heads become 1 (a valid placeholder, only for comparing/
+    describing: heads are not visible in the weights and `_arch(..., heads=False)` leaves them out)."""
     w = _need(state_dict, "x_embedder.proj.weight")
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
         raise ArtifactError(f"x_embedder.proj.weight has shape {tuple(w.shape)}, not (hidden, C, p, p): not a DiT")
@@ -284,7 +285,7 @@ def _infer(state_dict: Mapping[str, torch.Tensor], hint: DiTConfig | None, need_
     elif hidden in _HEADS_BY_HIDDEN:
         heads = _HEADS_BY_HIDDEN[hidden]
     elif not need_heads:
-        heads = 0
+        heads = 1
     else:
         raise ArtifactError(
             f"cannot tell the number of attention heads of a DiT with hidden size {hidden}: use a .safetensors "
