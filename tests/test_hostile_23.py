@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -446,8 +447,10 @@ main(sys.argv[2:])
 def _export_snapshot_child(script: str, out: Path) -> subprocess.CompletedProcess:
     args = ["export", "--model", "digits", "--fmt", "diffusers", "--no-verify", "--out", str(out), "--no-progress"]
     env = {**os.environ, "DITDEPLOY_NO_PROGRESS": "1"}
+    # a background shell starts children with SIGINT ignored (and ditdeploy keeps an ignored signal ignored):
+    # restore the default so the child's SIGINT is delivered however the suite was started
     return subprocess.run([sys.executable, "-c", script, str(out), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_late_interrupt_reports_what_was_written(tmp_path):
