@@ -145,6 +145,17 @@ main(sys.argv[2:])
 """
 
 
+def cmdline_of(proc) -> list[str]:
+    """A psutil process's argv, or [] when it ended (or hid) between listing and reading: short-lived helpers come
+    and go while a test polls a process tree."""
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return []
+
+
 def shipped_digits_copy(dest: Path) -> Path:
     """A private copy of the shipped digits ONNX and its manifest in ``dest``."""
     for f in ("digits.onnx", "digits.onnx.json"):

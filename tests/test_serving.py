@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import cmdline_of
 
 from ditdeploy import generation
 from ditdeploy.serving import client
@@ -68,7 +69,7 @@ class Server:
             raise AssertionError(f"server not ready in {READY_TIMEOUT_S} s: {self.lines} {self.proc.stderr.read()}")
         self.family = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
         # what each Python-backend stub holds outside TMPDIR: its model folder (/tmp/folderXXXXXX) and shm region
-        self.stub_files = [p for argv in (q.cmdline() for q in self.family[1:] if q.is_running())
+        self.stub_files = [p for argv in (cmdline_of(q) for q in self.family[1:])
                            if argv and argv[0].endswith("triton_python_backend_stub")
                            for p in (Path(argv[1]).parent.parent, Path("/dev/shm", argv[2]))]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import assert_one_line_error, shipped_digits_copy, tiny_checkpoint
+from conftest import assert_one_line_error, cmdline_of, shipped_digits_copy, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "ditdeploy" / "assets"
@@ -82,7 +82,7 @@ def test_shards_parent_forwards_the_signal_and_leaves_nothing(model, tmp_path, s
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
-            workers = [c for c in parent.children() if "ditdeploy" in " ".join(c.cmdline())]
+            workers = [c for c in parent.children() if "ditdeploy" in " ".join(cmdline_of(c))]
             time.sleep(0.1)
         assert len(workers) == 2, "the workers did not start"
         time.sleep(4)  # let them load the model and start sampling
