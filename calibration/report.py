@@ -16,14 +16,24 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.parity import compare
+from ditdeploy.parity import RunParity, compare, compare_runs
 
-__all__ = ["error_curve", "plot_error_curves", "summarize_curve"]
+__all__ = ["batch_rows", "curve_of", "error_curve", "plot_error_curves", "probe_batches", "summarize_curve"]
 
 
-def _batches(n: int, batch_size: int):
-    for i in range(0, n, batch_size):
-        yield slice(i, min(n, i + batch_size))
+def batch_rows(a: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``a`` in consecutive pieces of ``batch_size`` rows (the last one shorter)."""
+    return [a[i:i + batch_size] for i in range(0, int(a.shape[0]), batch_size)]
+
+
+def probe_batches(x: np.ndarray, t: np.ndarray, y: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
+    """The validation inputs as denoiser feeds of ``batch_size`` rows (the last one shorter)."""
+    return [{"x": a, "t": b, "y": c} for a, b, c in
+            zip(batch_rows(x, batch_size), batch_rows(t, batch_size), batch_rows(y, batch_size), strict=True)]
+
+
+def _feeds_run(fn: Callable[..., np.ndarray]) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    return lambda f: np.asarray(fn(f["x"], f["t"], f["y"]), dtype=np.float32)
 
 
 def error_curve(
@@ -36,26 +46,30 @@ def error_curve(
     batch_size: int = 16,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Compare ``candidate(x, t, y)`` with ``reference(x, t, y)`` per timestep value.
+    """Compare ``candidate(x, t, y)`` with ``reference(x, t, y)`` per timestep value (``parity.compare_runs`` in
+    batches of ``batch_size``, recorded without judging; :func:`curve_of`).
+
+    ``reference`` may also be the reference outputs already computed on ``x, t, y`` (an array with one row per
+    input).
+    """
+    feeds = probe_batches(x, t, y, batch_size)
+    ref = (batch_rows(np.asarray(reference, dtype=np.float32), batch_size) if isinstance(reference, np.ndarray)
+           else _feeds_run(reference))
+    res = compare_runs(ref, _feeds_run(candidate), feeds, thresholds=None, what="error curve", pooled=True,
+                       keep_outputs=True, progress=progress)
+    return curve_of(res, t)
+
+
+def curve_of(res: RunParity, t: np.ndarray) -> dict[str, Any]:
+    """The error curve of a pooled :func:`ditdeploy.parity.compare_runs` result that kept its outputs, one row per
+    input at timesteps ``t``.
 
     Returns ``{"per_timestep": [{"t", "n", "cosine", "rel_l2", "max_abs"}...] (ascending t), "overall": {...}}`` where
     the per-t numbers compare the concatenated outputs of all inputs at that t, and ``overall`` holds the
-    per-call cosine/rel-L2 statistics (mean, min/max) and the metrics of everything concatenated. ``reference`` may
-    also be the reference outputs already computed on ``x, t, y`` (an array with one row per input).
+    per-call cosine/rel-L2 statistics (mean, min/max) and the metrics of everything concatenated.
     """
-    n = int(x.shape[0])
-    outs_r, outs_c = [], []
-    it = list(_batches(n, batch_size))
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(it, desc="error curve", unit="batch", dynamic_ncols=True)
-    for sl in it:
-        r = reference[sl] if isinstance(reference, np.ndarray) else reference(x[sl], t[sl], y[sl])
-        outs_r.append(np.asarray(r, dtype=np.float32))
-        outs_c.append(np.asarray(candidate(x[sl], t[sl], y[sl]), dtype=np.float32))
-    ref = np.concatenate(outs_r)
-    cand = np.concatenate(outs_c)
+    cand, ref = res.stacked()
+    n = int(cand.shape[0])
     per_call = [compare(cand[i], ref[i]) for i in range(n)]
     per_call_cos = np.array([c.cosine for c in per_call])
     per_call_rel = np.array([c.rel_l2 for c in per_call])
@@ -65,7 +79,7 @@ def error_curve(
         cmp = compare(cand[m], ref[m])
         curve.append({"t": int(tv), "n": int(m.sum()), "cosine": cmp.cosine, "rel_l2": cmp.rel_l2,
                       "max_abs": cmp.max_abs})
-    allc = compare(cand, ref)
+    allc = res.pooled[None]
     overall = {
         "inputs": n,
         "cosine": allc.cosine,

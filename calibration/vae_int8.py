@@ -5,7 +5,8 @@ real sampling runs, per-channel symmetric INT8 weights, with its accuracy agains
 ``per_channel=True``, weights int8 symmetric, activations uint8 by min/max over the calibration latents) on the
 decoder's convolutions only (GroupNorm, SiLU, the mid-block attention and the up-sampling interpolation stay fp32).
 Verification on ``val_latents`` (sampled with other seeds): PSNR of the INT8 decoder's images against the fp32
-decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` nothing is written. The weight
+decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` (default: the ``int8-decoder``
+row of ``ditdeploy.parity.THRESHOLDS``, 30 dB) nothing is written. The weight
 form follows ``target`` like the denoiser's (``calibration.quantize``): ``cpu-avx2`` (x86 without VNNI, the default
 there) quantizes the weights to 7 bits (``reduce_range``) so the AVX2 u8s8 convolution kernels cannot saturate. The result is
 a ``kind: decoder`` artifact with ``precision: int8`` that ``runtimes.load_decoder`` runs on ONNX Runtime or OpenVINO.
@@ -20,11 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError
+from ditdeploy.errors import ArtifactError, DitDeployError
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "quantize_decoder_int8"]
-
-DEFAULT_MIN_PSNR_DB = 30.0  # below this the decoded images differ visibly from the fp32 decoder's
+__all__ = ["quantize_decoder_int8"]
 
 
 class _Reader:
@@ -44,23 +43,29 @@ def _check_latents(name: str, z: Any, channels: int) -> np.ndarray:
     return np.ascontiguousarray(z)
 
 
-def _images_255(sess: Any, z: np.ndarray) -> np.ndarray:
-    out = np.concatenate([sess.run(None, {"latents": z[i:i + 1]})[0] for i in range(len(z))])
-    return (np.clip(out.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
+def _images_255(sess: Any) -> Any:
+    """The decoder on ``sess`` as ``{"latents"} -> images in 0..255`` (after the [-1, 1] clamp), float64."""
+    return lambda f: (np.clip(sess.run(None, f)[0].astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
 
 
-def _accuracy(src: Path, q: Path, val: np.ndarray) -> dict[str, Any]:
-    from ditdeploy import metrics
+def _accuracy(src: Path, q: Path, val: np.ndarray, min_psnr_db: float | None) -> dict[str, Any]:
+    """The INT8 decoder's images vs the fp32 decoder's on ``val`` one latent at a time (``parity.compare_runs``,
+    pooled, judged by THRESHOLDS ``int8-decoder``'s PSNR or ``min_psnr_db``); NumericsError (nothing written)."""
     from ditdeploy.export.verify import ort_session
+    from ditdeploy.parity import compare_runs, thresholds_for
 
-    ref, got = _images_255(ort_session(src), val), _images_255(ort_session(q, int8_exact=True), val)
+    th = thresholds_for("int8-decoder").replace(psnr=min_psnr_db)
+    res = compare_runs(_images_255(ort_session(src)), _images_255(ort_session(q, int8_exact=True)),
+                       [{"latents": val[i:i + 1]} for i in range(len(val))], thresholds=th, what="INT8 decoder",
+                       against="the fp32 decoder", pooled=True, data_range=255.0)
+    rep = res.pooled[None]
     return {"reference": f"fp32 decoder {src.name} on ONNX Runtime CPU", "val_latents": int(len(val)),
-            "psnr_db": float(metrics.psnr(got, ref, 255.0)), "rel_l2": float(metrics.rel_l2(got, ref)),
-            "max_abs_255": float(np.abs(got - ref).max())}
+            "psnr_db": float(res.pooled_psnr[None]), "rel_l2": rep.rel_l2, "max_abs_255": rep.max_abs,
+            "min_psnr_db": th.psnr}
 
 
 def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latents: Any, val_latents: Any, *,
-                          min_psnr_db: float = DEFAULT_MIN_PSNR_DB, source: str = "",
+                          min_psnr_db: float | None = None, source: str = "",
                           target: str | None = "auto") -> dict[str, Any]:
     """Quantize the fp32 decoder ONNX ``src`` to ``out`` (see module doc); returns the manifest. ``target``: auto
     (this CPU), cpu-vnni or cpu-avx2 (the decoder INT8 is a CPU artifact: activations uint8)."""
@@ -93,10 +98,7 @@ def quantize_decoder_int8(src: str | os.PathLike, out: str | os.PathLike, latent
                         op_types_to_quantize=["Conv"], per_channel=True, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
-        acc = _accuracy(src, tmp / out.name, val)
-        if not acc["psnr_db"] >= min_psnr_db:
-            raise NumericsError(f"INT8 decoder: PSNR {acc['psnr_db']:.1f} dB vs the fp32 decoder < {min_psnr_db:g} dB; "
-                                "nothing was written")
+        acc = _accuracy(src, tmp / out.name, val, min_psnr_db)
         fields = Manifest.of(m, src).derive(
             out, format="onnx", precision="int8", parity=acc, verified=True,
             int8={"method": "onnxruntime quantize_static QDQ", "ops": ["Conv"],

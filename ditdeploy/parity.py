@@ -4,6 +4,9 @@
   of ``actual`` against ``reference`` (float64, via the elementwise primitives of ``ditdeploy.metrics``).
 * :data:`THRESHOLDS`: one table of pass/fail limits per precision (fp32, fp16, bf16, fp8, int8) with the reason for each
   number. Export verification, INT8 quantization, OpenVINO conversion and ``ditdeploy check`` all read it.
+* :func:`compare_runs` -> :class:`RunParity`: the one "run A and B on these probe inputs and compare" (export
+  verification, OpenVINO conversion, cache graphs, AOTInductor, INT8 quantization of the denoiser and the decoder,
+  the diffusers snapshot): both runs on every probe, :func:`compare` per output, judged against a THRESHOLDS row.
 * :func:`probe_inputs` / :func:`decoder_probe_inputs` / :func:`trajectory_probes`: the inputs parity is measured on
   (seeded random denoiser feeds when there is no reference trajectory; forward-noised reference samples when there
   is one).
@@ -15,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ditdeploy import metrics
-from ditdeploy.errors import DitDeployError
+from ditdeploy.errors import DitDeployError, NumericsError
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -87,12 +90,13 @@ class Thresholds:
 
     ``call_*`` limits judge one comparison of denoiser (or decoder) outputs on the same inputs: one probe call in
     ``check``, the whole validation set in INT8 quantization, one batch in export verification / OpenVINO
-    conversion. The others judge a whole sampling run (``check`` end to end)."""
+    conversion. The others judge a whole sampling run (``check`` end to end); ``psnr`` also judges one comparison
+    whose outputs are images (:func:`compare_runs` with ``data_range``: the INT8 VAE decoder)."""
 
     call_rel_l2: float | None  # max rel-L2 of one comparison of outputs
     call_cosine: float | None  # min cosine of one comparison of outputs
     latent_rel_l2: float | None  # max rel-L2 of the final latents (x_0) after the whole sampling loop
-    psnr: float | None  # min PSNR (dB) of the final images, data range 255
+    psnr: float | None  # min PSNR (dB) of the final images, data range 255 (or of one decoder comparison)
     ssim: float | None  # min mean SSIM of the final images
     reason: str = ""
 
@@ -130,12 +134,17 @@ class Thresholds:
 # fp8:  E4M3 token GEMMs (3-bit mantissa, per-channel weight / per-tensor activation scales, export/fp8.py) inside a
 #       bf16 model: an approximation like int8, judged by cosine at the GPU issue's bar (per call >= 0.995); end to
 #       end the int8 limits.
+# int8-decoder: the INT8 VAE decoder (calibration/vae_int8.py) against its fp32 source on the same latents, judged
+#       on the decoded images (pixels 0..255 after the [-1, 1] clamp) by PSNR only: below 30 dB the decoded images
+#       differ visibly from the fp32 decoder's (the quantizer's limit since it was written; an SD-VAE-sized decoder
+#       measured 41.6 dB, docs/less-work.md). Not a precision of a denoiser: `check` never picks it.
 THRESHOLDS: dict[str, Thresholds] = {
     "fp32": Thresholds(1e-4, 0.99999, 1e-3, 40.0, 0.99, "same function, float reassociation only"),
     "fp16": Thresholds(5e-3, 0.9999, 5e-2, 30.0, 0.95, "11-bit mantissa accumulated over depth"),
     "bf16": Thresholds(0.1, 0.995, 0.15, 25.0, 0.90, "8-bit mantissa (bf16 inference hint)"),
     "int8": Thresholds(0.15, 0.99, 0.30, 20.0, 0.80, "8-bit quantisation: an approximation, judged by cosine"),
     "fp8": Thresholds(0.15, 0.995, 0.30, 20.0, 0.80, "E4M3 token GEMMs in bf16: an approximation, judged by cosine"),
+    "int8-decoder": Thresholds(None, None, None, 30.0, None, "INT8 VAE decoder vs fp32: images within 30 dB PSNR"),
 }
 
 _ALIASES = {"f32": "fp32", "float32": "fp32", "f16": "fp16", "float16": "fp16", "half": "fp16",
@@ -180,6 +189,148 @@ def effective_precision(denoiser: Any) -> str:
     if ":" in name:
         found += name.rsplit(":", 1)[-1].split("->")
     return lossiest(*found)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# compare_runs(): run A and B on the same probe inputs and judge
+# --------------------------------------------------------------------------------------------------------------------
+Feeds = Mapping[str, np.ndarray]
+Run = Callable[[Feeds], Any]  # feeds -> an output array, or {output name: array} for a model with several outputs
+
+
+@dataclass(frozen=True)
+class ProbeParity:
+    """One output of one probe: its :class:`ParityReport`, the reference's RMS and (images) PSNR."""
+
+    probe: int  # index into the probes
+    output: str | None  # output name when the runs return several, else None
+    batch: int  # rows of the probe's first input
+    report: ParityReport
+    reference_rms: float  # sqrt(mean(reference^2)): 0 means the comparison proves nothing
+    psnr: float | None = None  # with ``data_range`` only
+
+    def where(self) -> str:
+        name = f"output {self.output} " if self.output else ""
+        return f"{name}at probe {self.probe + 1} (batch {self.batch})"
+
+
+@dataclass(frozen=True)
+class RunParity:
+    """What :func:`compare_runs` measured (and passed): one :class:`ProbeParity` per probe and output, the pooled
+    comparison (all probes' outputs concatenated) when asked for, and the limits it was judged against."""
+
+    what: str
+    against: str
+    thresholds: Thresholds | None
+    probes: tuple[ProbeParity, ...]
+    pooled: dict[str | None, ParityReport]  # per output; empty unless ``pooled``
+    pooled_psnr: dict[str | None, float]  # per output; with ``pooled`` and ``data_range``
+    kept: tuple[tuple[dict[str | None, np.ndarray], dict[str | None, np.ndarray]], ...] = ()  # (actual, reference)
+
+    def of(self, output: str | None = None) -> list[ProbeParity]:
+        """The per-probe comparisons of one output."""
+        return [p for p in self.probes if p.output == output]
+
+    def worst(self, output: str | None = None) -> dict[str, float]:
+        """Worst values over the probes of one output: max rel-L2, min cosine, max max-abs."""
+        reps = [p.report for p in self.of(output)]
+        return {"rel_l2": max(r.rel_l2 for r in reps), "cosine": min(r.cosine for r in reps),
+                "max_abs": max(r.max_abs for r in reps)}
+
+    def stacked(self, output: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Both runs' kept outputs (``keep_outputs``) of every probe, concatenated along axis 0: (actual, reference)."""
+        if not self.kept:
+            raise DitDeployError("compare_runs kept no outputs (keep_outputs=False)")
+        return (np.concatenate([a[output] for a, _ in self.kept]), np.concatenate([r[output] for _, r in self.kept]))
+
+    def tolerance(self) -> dict[str, float]:
+        """The per-call limits judged against, as manifests record them."""
+        return self.thresholds.tolerance() if self.thresholds is not None else {}
+
+
+def _outputs(out: Any) -> dict[str | None, np.ndarray]:
+    if isinstance(out, Mapping):
+        return {str(k): np.asarray(v) for k, v in out.items()}
+    return {None: np.asarray(out)}
+
+
+def _rows(feeds: Feeds) -> int:
+    first = np.asarray(next(iter(feeds.values())))
+    return int(first.shape[0]) if first.ndim else 1
+
+
+def _probe(i: int, feeds: Feeds, act: dict, ref: dict, what: str, against: str,
+           data_range: float | None) -> list[ProbeParity]:
+    if set(act) != set(ref):
+        raise NumericsError(f"{what} returns outputs {sorted(map(str, act))}, {against} {sorted(map(str, ref))}")
+    out = []
+    for name, a in act.items():
+        r = ref[name]
+        if a.shape != r.shape:
+            label = f" output {name}" if name else " output"
+            raise NumericsError(f"{what}{label} shape {a.shape} != {against}'s {r.shape} at probe {i + 1}: "
+                                "the artifact's graph is wrong")
+        rms = float(np.sqrt(np.mean(np.square(r, dtype=np.float64)))) if r.size else 0.0
+        psnr = metrics.psnr(a, r, data_range) if data_range is not None else None
+        out.append(ProbeParity(i, name, _rows(feeds), compare(a, r), rms, psnr))
+    return out
+
+
+def _judge(th: Thresholds | None, items: list[tuple[ParityReport, float | None, str]]) -> list[str]:
+    """Misses of ``th``: NaN/Inf, per-call rel-L2 / cosine and, for images, PSNR, each with where it happened."""
+    out: list[str] = []
+    for rep, psnr, where in items if th is not None else []:
+        out += rep.failures(th, where)
+        if psnr is not None and th.psnr is not None and not psnr >= th.psnr:
+            out.append(f"PSNR {psnr:.1f} dB < {th.psnr:g} dB {where}")
+    return sorted(out, key=lambda m: not m.startswith("NaN"))  # a NaN is named first
+
+
+def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequence[Feeds], *,
+                 thresholds: Thresholds | str | None, what: str, against: str = "the reference",
+                 pooled: bool = False, data_range: float | None = None, keep_outputs: bool = False,
+                 hint: str = "nothing was written", progress: bool = False) -> RunParity:
+    """Run ``reference`` and ``candidate`` on every probe, :func:`compare` their outputs and judge them against
+    ``thresholds`` (a THRESHOLDS row or its precision name; None records without judging). A miss raises
+    NumericsError "``what`` differs from ``against``: <first miss>; ``hint``".
+
+    ``reference`` may also be its outputs already computed, one per probe. A run returns an array or a dict of named
+    arrays (each output compared on its own). Every probe is judged on its own, or with ``pooled`` one comparison
+    of all probes' outputs concatenated along axis 0 (a validation set judged as a whole). ``data_range``: the
+    outputs are images of that range; their PSNR is recorded and gated by the row's ``psnr``. ``keep_outputs``:
+    keep both runs' outputs (:meth:`RunParity.stacked`)."""
+    th = thresholds_for(thresholds) if isinstance(thresholds, str) else thresholds
+    order: Any = range(len(probes))
+    if progress:
+        from tqdm import tqdm
+
+        order = tqdm(order, desc=what, unit="probe", dynamic_ncols=True)
+    entries: list[ProbeParity] = []
+    kept = []
+    for i in order:
+        ref = _outputs(reference(probes[i]) if callable(reference) else reference[i])
+        act = _outputs(candidate(probes[i]))
+        entries += _probe(i, probes[i], act, ref, what, against, data_range)
+        if keep_outputs or pooled:
+            kept.append((act, ref))
+    pool: dict[str | None, ParityReport] = {}
+    pool_psnr: dict[str | None, float] = {}
+    for name in (dict.fromkeys(e.output for e in entries) if pooled else ()):
+        a, r = (np.concatenate([k[j][name] for k in kept]) for j in (0, 1))
+        pool[name] = compare(a, r)
+        if data_range is not None:
+            pool_psnr[name] = metrics.psnr(a, r, data_range)
+    if pooled:
+        rows = sum(_rows(f) for f in probes)
+        items = [(rep, pool_psnr.get(n), f"{f'output {n} ' if n else ''}over all {rows} rows of {len(probes)} probes")
+                 for n, rep in pool.items()]
+    else:
+        items = [(e.report, e.psnr, e.where()) for e in entries]
+    fails = _judge(th, items)
+    if fails:
+        more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
+        raise NumericsError(f"{what} differs from {against}: {fails[0]}{more}" + (f"; {hint}" if hint else ""))
+    return RunParity(what, against, th, tuple(entries), pool, pool_psnr, tuple(kept) if keep_outputs else ())
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.parity import tolerance_for
 
 SUFFIX = ".pt2"
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
@@ -176,9 +175,10 @@ def _quiet():
 
 
 def verify_package(package: Path, manifest: dict[str, Any], reference: Callable[[dict], Any], seed: int,
-                   tolerance: dict[str, float], batch_sizes: Sequence[int] = (1, 3)) -> dict[str, Any]:
-    """Run the probe inputs of the ONNX path (``ditdeploy.parity.probe_inputs``) through the package on the ditdeploy runtime
-    and compare with ``reference`` (eager fp32); NumericsError beyond ``tolerance``."""
+                   batch_sizes: Sequence[int] = (1, 3)) -> dict[str, Any]:
+    """Run the probe inputs of the ONNX path (``ditdeploy.parity.probe_inputs``) through the package on the ditdeploy
+    runtime and compare with ``reference`` (eager fp32) by ``check_parity`` (``parity.compare_runs``); NumericsError
+    beyond the per-call limits of the package's precision."""
     from ditdeploy.export.verify import check_parity
     from ditdeploy.parity import probe_inputs
     from ditdeploy.runtimes.aoti import AotiDenoiser
@@ -188,7 +188,8 @@ def verify_package(package: Path, manifest: dict[str, Any], reference: Callable[
     feeds = probe_inputs(cfg, batch_sizes, seed)
     den = AotiDenoiser(package, manifest=manifest, trust_native_code=True)  # built by this very export
     try:
-        res = check_parity(package, reference, feeds, tolerance=tolerance, what=f"{manifest['precision']} .pt2",
+        res = check_parity(package, reference, feeds, precision=manifest["precision"],
+                           what=f"{manifest['precision']} .pt2",
                            run=lambda feed: den(feed["x"], feed["t"], feed["y"]))
     finally:
         den.close()
@@ -246,8 +247,7 @@ def export_denoiser_aoti(
         parity = None
         if verify:
             tv = time.perf_counter()
-            parity = verify_package(tmp / out.name, manifest, torch_reference(_on_cpu_output(net)), seed,
-                                    tolerance_for(precision))
+            parity = verify_package(tmp / out.name, manifest, torch_reference(_on_cpu_output(net)), seed)
             timings["verify_s"] = time.perf_counter() - tv
             rss.lap("verify")
         else:

@@ -71,32 +71,40 @@ def _export_one(module: Any, args: tuple, inputs: tuple, outputs: tuple, path: P
     return files
 
 
-def _verify(full: Path, light: Path, feeds: list[dict[str, np.ndarray]], refs: list[dict[str, np.ndarray]],
-            tol: dict[str, float]) -> dict[str, Any]:
-    """Compare both ORT graphs with torch; raise NumericsError beyond ``tol`` (rel_l2 / cosine)."""
-    from ditdeploy.errors import NumericsError
+FULL_OUTPUTS = ("out", "cache")
+
+
+def _ort_full(sess: Any) -> Any:
+    """The full graph on an ONNX Runtime session as ``feeds -> {"out", "cache"}``."""
+    return lambda f: dict(zip(FULL_OUTPUTS, sess.run(list(FULL_OUTPUTS), f), strict=True))
+
+
+def _ov_full(compiled: Any) -> Any:
+    """The full graph on an OpenVINO compiled model as ``feeds -> {"out", "cache"}``."""
+    def run(f: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        r = compiled(f)
+        return {n: r[compiled.output(n)] for n in FULL_OUTPUTS}
+
+    return run
+
+
+def _verify(full: Path, light: Path, feeds: list[dict[str, np.ndarray]],
+            refs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Both ORT graphs vs torch (``parity.compare_runs``, fp32 row); NumericsError (nothing written) on a miss."""
     from ditdeploy.export.verify import ort_session
-    from ditdeploy.parity import compare
+    from ditdeploy.parity import compare_runs
 
     fs, ls = ort_session(full), ort_session(light)
-    worst: dict[str, dict[str, float]] = {}
-    for f, r in zip(feeds, refs, strict=True):
-        out, cache = fs.run(["out", "cache"], f)
-        got_light = ls.run(["out"], {**f, "cache": r["cache"]})[0]
-        for name, got, ref in (("full_out", out, r["out"]), ("full_cache", cache, r["cache"]),
-                               ("light_out", got_light, r["light"])):
-            if got.shape != ref.shape:
-                raise NumericsError(f"{name}: ONNX shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
-            m = compare(got, ref).metrics()
-            w = worst.setdefault(name, {"rel_l2": 0.0, "cosine": 1.0, "max_abs": 0.0})
-            w["rel_l2"], w["max_abs"] = max(w["rel_l2"], m["rel_l2"]), max(w["max_abs"], m["max_abs"])
-            w["cosine"] = min(w["cosine"], m["cosine"])
-    for name, w in worst.items():
-        if not w["rel_l2"] <= tol["rel_l2"] or not w["cosine"] >= tol["cosine"]:
-            raise NumericsError(f"cache graphs: {name} differs from torch (rel-L2 {w['rel_l2']:.3g}, cosine "
-                                f"{w['cosine']:.6f}; tolerance {tol}); nothing was written")
-    return {"backend": "onnxruntime-cpu", "reference": "torch-fp32 (ditdeploy.feature_cache)", "tolerance": tol,
-            "batches": [int(f["x"].shape[0]) for f in feeds], "worst": worst, "passed": True}
+    kw = {"thresholds": "fp32", "against": "torch"}
+    f_res = compare_runs([{"out": r["out"], "cache": r["cache"]} for r in refs],
+                         _ort_full(fs), feeds, what="cache graphs: the full graph", **kw)
+    l_res = compare_runs([r["light"] for r in refs], lambda f: ls.run(["out"], f)[0],
+                         [{**f, "cache": r["cache"]} for f, r in zip(feeds, refs, strict=True)],
+                         what="cache graphs: the light graph", **kw)
+    return {"backend": "onnxruntime-cpu", "reference": "torch-fp32 (ditdeploy.feature_cache)",
+            "tolerance": f_res.tolerance(), "batches": [p.batch for p in f_res.of("out")],
+            "worst": {"full_out": f_res.worst("out"), "full_cache": f_res.worst("cache"),
+                      "light_out": l_res.worst()}, "passed": True}
 
 
 def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int | None = None, verify: bool = True,
@@ -109,7 +117,7 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
     from ditdeploy.export.onnx import DEFAULT_OPSET, check_out_path, readable
     from ditdeploy.feature_cache import CacheFull, CacheLight
     from ditdeploy.manifest import make_manifest
-    from ditdeploy.parity import probe_inputs, tolerance_for
+    from ditdeploy.parity import probe_inputs
     from ditdeploy.runtimes.base import cache_shape
 
     config = getattr(model, "config", None)
@@ -136,7 +144,7 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
         parity = None
         if verify:
             feeds = probe_inputs(config, batch_sizes, seed)
-            parity = _verify(tmp / out.name, tmp / light.name, feeds, _torch_refs(model, feeds), tolerance_for("fp32"))
+            parity = _verify(tmp / out.name, tmp / light.name, feeds, _torch_refs(model, feeds))
         d = ["batch", config.in_channels, s, s]
         manifest = make_manifest(
             tmp / out.name, files, kind="denoiser", format="onnx", precision="fp32",
@@ -201,27 +209,22 @@ def export_cache_graphs_openvino(onnx_path: str | os.PathLike, out_xml: str | os
 
 def _ov_parity(full_onnx: Path, light_onnx: Path, full_xml: Path, light_xml: Path,
                m: dict[str, Any]) -> dict[str, Any]:
-
-    from ditdeploy.errors import NumericsError
+    """Both IRs on OpenVINO CPU f32 vs both ONNX graphs on ONNX Runtime CPU (``parity.compare_runs``, fp32 row), the
+    light graphs fed the ONNX full graph's cache; NumericsError (nothing written) on a miss."""
     from ditdeploy.export.openvino import parity_feeds
     from ditdeploy.export.verify import ort_session
-    from ditdeploy.parity import compare, tolerance_for
+    from ditdeploy.parity import compare_runs
     from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 
     feeds = parity_feeds(m)
-    ref_out, ref_cache = ort_session(full_onnx).run(["out", "cache"], feeds)
-    ref_light = ort_session(light_onnx).run(["out"], {**feeds, "cache": ref_cache})[0]
+    fs, ls = ort_session(full_onnx), ort_session(light_onnx)
     fc = compile_cpu(str(full_xml), compile_config("f32"))
     lc = compile_cpu(str(light_xml), compile_config("f32"))
-    r = fc(feeds)
-    got_out, got_cache = np.asarray(r[fc.output("out")]), np.asarray(r[fc.output("cache")])
-    got_light = np.asarray(lc({**feeds, "cache": ref_cache})[lc.output(0)])
-    res = {"reference": "onnxruntime CPU on the ONNX pair", "backend": "openvino CPU f32",
-           "full_out": compare(got_out, ref_out).metrics(), "full_cache": compare(got_cache, ref_cache).metrics(),
-           "light_out": compare(got_light, ref_light).metrics()}
-    tol = tolerance_for("fp32")
-    for k in ("full_out", "full_cache", "light_out"):
-        if not res[k]["rel_l2"] <= tol["rel_l2"]:
-            raise NumericsError(f"OpenVINO cache graphs: {k} differs from ONNX Runtime (rel-L2 "
-                                f"{res[k]['rel_l2']:.3g}); nothing was written")
-    return res
+    kw = {"thresholds": "fp32", "against": "ONNX Runtime"}
+    full = compare_runs(_ort_full(fs), _ov_full(fc), [feeds], what="OpenVINO cache graphs: the full graph", keep_outputs=True, **kw)
+    light_feeds = {**feeds, "cache": full.kept[0][1]["cache"]}
+    light = compare_runs(lambda f: ls.run(["out"], f)[0], lambda f: lc(f)[lc.output(0)], [light_feeds],
+                         what="OpenVINO cache graphs: the light graph", **kw)
+    return {"reference": "onnxruntime CPU on the ONNX pair", "backend": "openvino CPU f32",
+            "full_out": full.of("out")[0].report.metrics(), "full_cache": full.of("cache")[0].report.metrics(),
+            "light_out": light.probes[0].report.metrics()}

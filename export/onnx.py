@@ -267,11 +267,11 @@ def _verify(model: Any, onnx_path: Path, config: Any, precision: str, batch_size
             tolerance: dict[str, float] | None, release_model: bool) -> dict[str, Any]:
     """ONNX Runtime CPU vs the fp32 torch model at each batch size; raises ``NumericsError`` beyond tolerance."""
     from ditdeploy.export.verify import check_parity, torch_reference
-    from ditdeploy.parity import probe_inputs, tolerance_for
+    from ditdeploy.parity import probe_inputs
 
-    tol = tolerance if tolerance is not None else tolerance_for(precision)
     feeds = probe_inputs(config, batch_sizes, seed)
-    parity = check_parity(onnx_path, torch_reference(model), feeds, tolerance=tol, what=f"{precision} ONNX",
+    parity = check_parity(onnx_path, torch_reference(model), feeds, precision=precision, tolerance=tolerance,
+                          what=f"{precision} ONNX",
                           after_reference=(lambda: _release(model)) if release_model else None)
     parity["reference"] = "torch-fp32"
     return parity

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
-from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
+from ditdeploy.errors import ArtifactError, DitDeployError, require
 from ditdeploy.manifest import Manifest, make_manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
@@ -37,25 +37,23 @@ def parity_feeds(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, 
 
 
 def _parity(onnx_path: Path, xml: Path, m: Manifest, hint: str) -> dict[str, Any]:
-    """The IR on OpenVINO CPU vs the ONNX on ONNX Runtime CPU, judged by the thresholds of the lossier of the
-    artifact's precision and the inference hint; NumericsError (nothing written) when they miss."""
-    from ditdeploy.parity import compare, lossiest, thresholds_for
+    """The IR on OpenVINO CPU vs the ONNX on ONNX Runtime CPU (``parity.compare_runs``), judged by the thresholds of
+    the lossier of the artifact's precision and the inference hint; NumericsError (nothing written) when they miss."""
+    from ditdeploy.parity import compare_runs, lossiest
     from ditdeploy.runtimes.onnxruntime import make_session
     from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 
     require("openvino", "openvino", "OpenVINO export")
     feeds = parity_feeds(m)
-    ref = make_session(onnx_path).run(None, feeds)[0]
+    sess = make_session(onnx_path)
     compiled = compile_cpu(str(xml), compile_config(hint))
-    got = np.asarray(compiled(feeds)[compiled.output(0)])
-    rep = compare(got, ref)
     judged = lossiest(m.precision, hint)
-    fails = rep.failures(thresholds_for(judged), "vs ONNX Runtime")
-    if fails:
-        raise NumericsError(f"OpenVINO IR of {onnx_path.name} ({hint}): {fails[0]}; nothing was written")
+    res = compare_runs(lambda f: sess.run(None, f)[0], lambda f: compiled(f)[compiled.output(0)], [feeds],
+                       thresholds=judged, what=f"OpenVINO IR of {onnx_path.name} ({hint})",
+                       against="ONNX Runtime")
+    p = res.probes[0]
     return {"reference": f"onnxruntime CPU on {onnx_path.name}", "backend": f"openvino CPU {hint}",
-            "batch": int(next(iter(feeds.values())).shape[0]), **rep.metrics(), "judged_as": judged,
-            "tolerance": thresholds_for(judged).tolerance()}
+            "batch": p.batch, **p.report.metrics(), "judged_as": judged, "tolerance": res.tolerance()}
 
 
 def export_openvino(onnx_path: str | os.PathLike, out_xml: str | os.PathLike, precision_hint: str | None = None,

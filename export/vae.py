@@ -165,12 +165,12 @@ def _verify_decoder(vae: Any, graph: Any, path: Path, latent_sizes: Sequence[int
                     seed: int, tolerance: dict[str, float] | None) -> dict[str, Any]:
     """ORT CPU vs diffusers ``decode`` (fp32, clamped) at each latent size x batch; raises beyond tolerance."""
     from ditdeploy.export.verify import check_parity
-    from ditdeploy.parity import decoder_probe_inputs, tolerance_for
+    from ditdeploy.parity import decoder_probe_inputs
 
     # fp32 decoder: convolution reassociation only (~1e-6): the fp32 row of ditdeploy.parity.THRESHOLDS
     feeds = decoder_probe_inputs(int(vae.config.latent_channels), latent_sizes, batch_sizes, seed)
     parity = check_parity(path, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
-                          feeds, tolerance=tolerance or tolerance_for("fp32"), what="VAE decoder ONNX")
+                          feeds, precision="fp32", tolerance=tolerance, what="VAE decoder ONNX")
     parity["reference"] = "diffusers AutoencoderKL.decode (fp32, clamped)"
     for b, f in zip(parity["batches"], feeds, strict=True):
         b["latent_shape"] = list(f[DECODER_INPUT].shape)

@@ -2,8 +2,8 @@
 
 The inputs are ``ditdeploy.parity.probe_inputs`` (seeded; both CFG halves; timesteps over 0..999), one
 ``session.run`` per batch size on the same file, so the dynamic batch dimension is exercised too. The gates are the
-per-call rows of ``ditdeploy.parity.THRESHOLDS`` (:func:`tolerance_for`); the numbers come from
-``ditdeploy.parity.compare``.
+per-call rows of ``ditdeploy.parity.THRESHOLDS``; the runs, numbers and verdict come from
+``ditdeploy.parity.compare_runs``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.errors import NumericsError
-from ditdeploy.parity import compare
+from ditdeploy.parity import compare_runs, thresholds_for
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, int8_exact: bool = False):
@@ -33,13 +32,16 @@ def check_parity(
     reference: Callable[[dict[str, np.ndarray]], np.ndarray],
     feeds: Sequence[dict[str, np.ndarray]],
     *,
+    precision: str = "fp32",
     tolerance: dict[str, float] | None = None,
     output: str | None = None,
     what: str = "ONNX",
     after_reference: Callable[[], None] | None = None,
     run: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Run every feed through ORT and ``reference``; return per-batch metrics; raise NumericsError on failure.
+    """Run every feed through ORT and ``reference`` (``parity.compare_runs``); return per-batch metrics; raise
+    NumericsError beyond the per-call limits of ``precision``'s THRESHOLDS row (``tolerance``, ``{"rel_l2",
+    "cosine"}``, replaces them).
 
     All reference outputs are computed first; ``after_reference`` (e.g. freeing the torch model) runs before the
     ORT session is created, so the two never need to be in memory together. ``run`` replaces the ORT session (other
@@ -51,47 +53,27 @@ def check_parity(
     refs = [np.asarray(reference(feed), dtype=np.float32) for feed in feeds]
     if after_reference is not None:
         after_reference()
-    sess = ort_session(onnx_path) if run is None else None
-    names = [i.name for i in sess.get_inputs()] if sess is not None else []
-    batches = []
-    for feed, ref in zip(feeds, refs, strict=True):
-        if sess is None:
-            got = np.asarray(run(feed))
-        else:
-            got = sess.run([output] if output else None, {k: feed[k] for k in names})[0]
-        if got.shape != ref.shape:
-            raise NumericsError(f"{what} output shape {got.shape} != torch {ref.shape}: the exported graph is wrong")
-        entry = {"batch": int(next(iter(feed.values())).shape[0]), **compare(got, ref).metrics(),
-                 "reference_rms": float(np.sqrt(np.mean(np.square(ref, dtype=np.float64))))}
-        for k in ("t", "y"):
-            if k in feed:
-                entry[k] = feed[k].tolist()
-        batches.append(entry)
-    del sess
+    if run is None:
+        sess = ort_session(onnx_path)
+        names = [i.name for i in sess.get_inputs()]
+
+        def run(feed: dict[str, np.ndarray]) -> np.ndarray:
+            return sess.run([output] if output else None, {k: feed[k] for k in names})[0]
+
     tol = tolerance or {}
-    worst = {
-        "rel_l2": max(b["rel_l2"] for b in batches),
-        "cosine": min(b["cosine"] for b in batches),
-        "max_abs": max(b["max_abs"] for b in batches),
-    }
-    result = {"backend": "onnxruntime-cpu", "reference": "torch-fp32", "tolerance": tol, "batches": batches,
-              "worst": worst, "passed": True}
-    if all(b["reference_rms"] == 0.0 for b in batches):
-        # an untrained adaLN-Zero DiT outputs exactly 0: the comparison then proves nothing about the blocks
-        result["note"] = "reference output is all zeros (untrained zero-initialised model?): parity is trivial"
+    th = thresholds_for(precision).replace(call_rel_l2=tol.get("rel_l2"), call_cosine=tol.get("cosine"))
+    trivial = not any(np.any(r) for r in refs)
+    if trivial:  # an untrained adaLN-Zero DiT outputs exactly 0: the comparison then proves nothing about the blocks
         warnings.warn(f"{what}: the reference output is all zeros, so the parity check is trivial", stacklevel=2)
-    bad = [b for b in batches if not b["finite"]]
-    if bad:
-        raise NumericsError(f"{what} produced NaN/Inf at batch {bad[0]['batch']}: export failed verification")
-    if "rel_l2" in tol and worst["rel_l2"] > tol["rel_l2"]:
-        raise NumericsError(
-            f"{what} differs from torch: rel-L2 {worst['rel_l2']:.3g} > tolerance {tol['rel_l2']:g} "
-            f"(cosine {worst['cosine']:.6f}); nothing was written"
-        )
-    if "cosine" in tol and worst["cosine"] < tol["cosine"]:
-        raise NumericsError(
-            f"{what} differs from torch: cosine {worst['cosine']:.6f} < {tol['cosine']}; nothing was written"
-        )
+    res = compare_runs(refs, run, feeds, thresholds=th, what=what, against="torch")
+    batches = []
+    for feed, p in zip(feeds, res.probes, strict=True):
+        entry = {"batch": p.batch, **p.report.metrics(), "reference_rms": p.reference_rms}
+        batches.append({**entry, **{k: feed[k].tolist() for k in ("t", "y") if k in feed}})
+    result = {"backend": "onnxruntime-cpu", "reference": "torch-fp32", "tolerance": res.tolerance(),
+              "batches": batches, "worst": res.worst(), "passed": True}
+    if trivial:
+        result["note"] = "reference output is all zeros (untrained zero-initialised model?): parity is trivial"
     return result
 
 
