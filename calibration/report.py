@@ -70,7 +70,7 @@ def curve_of(res: RunParity, t: np.ndarray) -> dict[str, Any]:
     """
     cand, ref = res.stacked()
     n = int(cand.shape[0])
-    per_call = [compare(cand[i], ref[i]) for i in range(n)]
+    per_call = res.rows()
     per_call_cos = np.array([c.cosine for c in per_call])
     per_call_rel = np.array([c.rel_l2 for c in per_call])
     curve = []

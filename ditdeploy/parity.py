@@ -243,6 +243,11 @@ class RunParity:
             raise DitDeployError("compare_runs kept no outputs (keep_outputs=False)")
         return (np.concatenate([a[output] for a, _ in self.kept]), np.concatenate([r[output] for _, r in self.kept]))
 
+    def rows(self, output: str | None = None) -> list[ParityReport]:
+        """One :func:`compare` per row (axis 0) of the kept outputs of every probe (per-call numbers of a batch)."""
+        a, r = self.stacked(output)
+        return [compare(a[i], r[i]) for i in range(a.shape[0])]
+
     def tolerance(self) -> dict[str, float]:
         """The per-call limits judged against, as manifests record them."""
         return self.thresholds.tolerance() if self.thresholds is not None else {}
@@ -289,7 +294,8 @@ def _judge(th: Thresholds | None, items: list[tuple[ParityReport, float | None, 
 def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequence[Feeds], *,
                  thresholds: Thresholds | str | None, what: str, against: str = "the reference",
                  pooled: bool = False, data_range: float | None = None, keep_outputs: bool = False,
-                 hint: str = "nothing was written", progress: bool = False) -> RunParity:
+                 judge: Sequence[str | None] | None = None, hint: str = "nothing was written",
+                 progress: bool = False) -> RunParity:
     """Run ``reference`` and ``candidate`` on every probe, :func:`compare` their outputs and judge them against
     ``thresholds`` (a THRESHOLDS row or its precision name; None records without judging). A miss raises
     NumericsError "``what`` differs from ``against``: <first miss>; ``hint``".
@@ -297,8 +303,9 @@ def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequenc
     ``reference`` may also be its outputs already computed, one per probe. A run returns an array or a dict of named
     arrays (each output compared on its own). Every probe is judged on its own, or with ``pooled`` one comparison
     of all probes' outputs concatenated along axis 0 (a validation set judged as a whole). ``data_range``: the
-    outputs are images of that range; their PSNR is recorded and gated by the row's ``psnr``. ``keep_outputs``:
-    keep both runs' outputs (:meth:`RunParity.stacked`)."""
+    outputs are images of that range; their PSNR is recorded and gated by the row's ``psnr``. ``judge``: the output
+    names judged (default all; the others are recorded). ``keep_outputs``: keep both runs' outputs
+    (:meth:`RunParity.stacked`, :meth:`RunParity.rows`)."""
     th = thresholds_for(thresholds) if isinstance(thresholds, str) else thresholds
     order: Any = range(len(probes))
     if progress:
@@ -323,9 +330,9 @@ def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequenc
     if pooled:
         rows = sum(_rows(f) for f in probes)
         items = [(rep, pool_psnr.get(n), f"{f'output {n} ' if n else ''}over all {rows} rows of {len(probes)} probes")
-                 for n, rep in pool.items()]
+                 for n, rep in pool.items() if judge is None or n in judge]
     else:
-        items = [(e.report, e.psnr, e.where()) for e in entries]
+        items = [(e.report, e.psnr, e.where()) for e in entries if judge is None or e.output in judge]
     fails = _judge(th, items)
     if fails:
         more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""

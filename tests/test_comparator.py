@@ -172,6 +172,7 @@ PLACES = [
     ("ditdeploy.export.cache_graphs", "_verify"),
     ("ditdeploy.export.aoti", "verify_package"),
     ("ditdeploy.calibration.quantize", "_verify"),
+    ("ditdeploy.calibration.pair_int8", "_pair_parity"),
     ("ditdeploy.calibration.vae_int8", "_accuracy"),
     ("ditdeploy.calibration.report", "error_curve"),
     ("ditdeploy.diffusers_io", "_written_parity"),
@@ -203,3 +204,21 @@ def test_the_source_check_catches_a_local_comparison():
         return float(((a - b) ** 2).sum() ** 0.5 / np.linalg.norm(b))
 
     assert "norm" in _called_names(local) and not _called_names(local) & {"compare_runs", "check_parity"}
+
+
+def test_judge_picks_the_gated_outputs_and_rows_are_per_call(sessions):
+    _, a, b = sessions
+
+    def both(sess):
+        return lambda f: dict(zip(("out", "hidden"), sess.run(["out", "hidden"], f), strict=True))
+
+    probes = _probes()
+    # the bent copy differs only after the hidden layer: judging `hidden` alone passes fp32, `out` recorded
+    res = compare_runs(both(a), both(b), probes, thresholds="fp32", what="bent", judge=("hidden",), pooled=True,
+                       keep_outputs=True)
+    assert res.pooled["hidden"].rel_l2 == 0.0 and res.pooled["out"].rel_l2 == pytest.approx(0.02, rel=1e-5)
+    with pytest.raises(NumericsError, match=r"rel-L2 0.02 > 0.0001 output out over all 6 rows of 3 probes"):
+        compare_runs(both(a), both(b), probes, thresholds="fp32", what="bent", judge=("out",), pooled=True)
+    got, ref = res.stacked("out")
+    want = [_indep(g, r)["rel_l2"] for g, r in zip(got, ref, strict=True)]
+    assert len(want) == 6 and [r.rel_l2 for r in res.rows("out")] == pytest.approx(want, rel=1e-9)
