@@ -176,6 +176,7 @@ PLACES = [
     ("ditdeploy.calibration.vae_int8", "_accuracy"),
     ("ditdeploy.calibration.report", "error_curve"),
     ("ditdeploy.diffusers_io", "_written_parity"),
+    ("ditdeploy.tuning", "_call_cosine"),
 ]
 OWN_MATH = {"compare", "rel_l2", "cosine", "max_abs", "psnr", "norm"}
 
