@@ -291,6 +291,17 @@ def _judge(th: Thresholds | None, items: list[tuple[ParityReport, float | None, 
     return sorted(out, key=lambda m: not m.startswith("NaN"))  # a NaN is named first
 
 
+def _pool(kept: list, names: list[str | None], data_range: float | None) -> tuple[dict, dict]:
+    """Per output: :func:`compare` (and PSNR with ``data_range``) of all probes' outputs concatenated on axis 0."""
+    pool, pool_psnr = {}, {}
+    for name in names:
+        a, r = (np.concatenate([k[j][name] for k in kept]) for j in (0, 1))
+        pool[name] = compare(a, r)
+        if data_range is not None:
+            pool_psnr[name] = metrics.psnr(a, r, data_range)
+    return pool, pool_psnr
+
+
 def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequence[Feeds], *,
                  thresholds: Thresholds | str | None, what: str, against: str = "the reference",
                  pooled: bool = False, data_range: float | None = None, keep_outputs: bool = False,
@@ -320,13 +331,7 @@ def compare_runs(reference: Run | Sequence[Any], candidate: Run, probes: Sequenc
         entries += _probe(i, probes[i], act, ref, what, against, data_range)
         if keep_outputs or pooled:
             kept.append((act, ref))
-    pool: dict[str | None, ParityReport] = {}
-    pool_psnr: dict[str | None, float] = {}
-    for name in (dict.fromkeys(e.output for e in entries) if pooled else ()):
-        a, r = (np.concatenate([k[j][name] for k in kept]) for j in (0, 1))
-        pool[name] = compare(a, r)
-        if data_range is not None:
-            pool_psnr[name] = metrics.psnr(a, r, data_range)
+    pool, pool_psnr = _pool(kept, list(dict.fromkeys(e.output for e in entries)) if pooled else [], data_range)
     if pooled:
         rows = sum(_rows(f) for f in probes)
         items = [(rep, pool_psnr.get(n), f"{f'output {n} ' if n else ''}over all {rows} rows of {len(probes)} probes")
