@@ -1,16 +1,20 @@
-"""The benchmark harness behind ``ditdeploy bench``: per target (artifact x backend) and batch, measure
+"""The benchmark harness behind ``ditdeploy bench``: speed, memory and roofline per target and batch.
+
+Per target (artifact x backend) and batch, it measures:
 
 * denoiser latency per call: median and p90 over ``repeats`` timed calls after ``warmup`` untimed ones;
-* end to end: one full sampling run (``ditdeploy.diffusion.sample``) of ``batch`` images with ``steps`` steps and
-  guidance (denoiser batch 2x when cfg > 1), plus VAE decode when the artifact has a decoder: images/s and the
-  sampler's overhead (wall time not spent inside denoiser or decoder calls) in %;
-* peak RSS of the process (each target runs in its own subprocess, so the number is that target's), GPU memory when
-  present, artifact size on disk;
-* achieved GFLOP/s = 2 * DiTConfig.macs() * batch / median call time, and its % of this machine's measured matmul
-  peak for the row's precision (``bench.machine.matmul_peak``);
-* speed-up vs torch eager fp32, measured in the same run on the same config and batch (when torch is installed).
+* end to end: one full sampling run (``ditdeploy.diffusion.sample``) of ``batch`` images with ``steps`` steps
+  and guidance (denoiser batch 2x when cfg > 1), plus VAE decode when the artifact has a decoder: images/s and
+  the sampler's overhead (wall time not spent inside denoiser or decoder calls) in %;
+* peak RSS of the process (each target runs in its own subprocess, so the number is that target's), GPU memory
+  when present, artifact size on disk;
+* achieved GFLOP/s = 2 * DiTConfig.macs() * batch / median call time, and its % of this machine's measured
+  matmul peak for the row's precision (``bench.machine.matmul_peak``);
+* speed-up vs torch eager fp32, measured in the same run on the same config and batch (when torch is
+  installed).
 
-Results are plain dicts (``rows``) with every input to the derived numbers, so they can be recomputed from JSON.
+Results are plain dicts (``rows``) with every input to the derived numbers, so they can be recomputed from
+JSON.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.bounds import check_batch
 from ditdeploy.errors import DitDeployError
+from ditdeploy.system.bounds import check_batch
 
 RESULT_TAG = "DITDEPLOY_BENCH_RESULT "
 
@@ -140,7 +144,7 @@ def parse_backend_spec(spec: str) -> tuple[str, dict[str, Any], str]:
 
 def artifact_bytes(path: str | None, manifest: dict[str, Any] | None) -> int | None:
     """Bytes on disk: the files the manifest lists (model + external data / .bin), else the file itself."""
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     total = Manifest.of(manifest).total_bytes
     if total:
@@ -160,9 +164,9 @@ def _load_target(t: Target):
     from ditdeploy.runtimes import load, load_decoder
 
     if t.backend == "torch" and t.path is None:
+        from ditdeploy.config.variants import DiTConfig
         from ditdeploy.models import create_model
         from ditdeploy.runtimes.torch import TorchDenoiser
-        from ditdeploy.variants import DiTConfig
 
         cfg = DiTConfig.from_dict(t.config or {})
         import torch
@@ -177,10 +181,10 @@ def _load_target(t: Target):
 
 def run_target(t: Target, s: Settings) -> dict[str, Any]:
     """Time one target at every batch in this process; returns ``{"target": ..., "rows": [...]}``."""
-    from ditdeploy.checking import effective_precision
+    from ditdeploy.config.macs import spent_gmacs
     from ditdeploy.diffusion import sample
+    from ditdeploy.proof.reference_check import effective_precision
     from ditdeploy.runtimes.base import Timed
-    from ditdeploy.work import spent_gmacs
 
     from .machine import gpu_memory_used_mb
 

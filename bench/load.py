@@ -1,18 +1,21 @@
-"""``ditdeploy bench --server URL``: a load test of a running ``generate`` server (``ditdeploy serve``, or the
-repository ``export --fmt triton`` writes, on any tritonserver).
+"""``ditdeploy bench --server URL``: a load test of a running ``generate`` server.
+
+The server is ``ditdeploy serve``, or the repository ``export --fmt triton`` writes, on any tritonserver.
 
 Two ways to load it, each for ``--duration`` seconds, then stop by itself:
 
 - closed loop, ``--concurrency C``: C clients, each sends its next request when the previous one is answered;
-- open loop, ``--rate R``: Poisson arrivals at R requests/s (exponential gaps from a seeded generator, so a run is
-  reproducible); a request's latency counts from its scheduled arrival, so client-side waiting is included.
+- open loop, ``--rate R``: Poisson arrivals at R requests/s (exponential gaps from a seeded generator, so a
+  run is reproducible); a request's latency counts from its scheduled arrival, so client-side waiting is
+  included.
 
 Each request is one ``generate`` call for one image (labels cycled, seeds distinct). Reported per run
 (:func:`summarize`): images/s, latency p50/p90/p99, time to admission p50/p99 (when the server reports it per
-response), the mean denoiser batch in rows per call (the server's counters before and after: the ``info`` model's
-``stats``, else Triton's ``nv_inference_count`` / ``nv_inference_exec_count`` of the ``denoise`` model), refusals and
-errors, SLO attainment for ``--slo``. The baseline is the same settings with requests sent one after another.
-Percentiles: linear interpolation between the closest ranks (numpy's default, :func:`percentile`).
+response), the mean denoiser batch in rows per call (the server's counters before and after: the ``info``
+model's ``stats``, else Triton's ``nv_inference_count`` / ``nv_inference_exec_count`` of the ``denoise``
+model), refusals and errors, SLO attainment for ``--slo``. The baseline is the same settings with requests
+sent one after another. Percentiles: linear interpolation between the closest ranks (numpy's default,
+:func:`percentile`).
 
 HTTP through :mod:`ditdeploy.serving.client` (standard library + numpy): no PyTriton, no numpy<2.
 """
@@ -274,7 +277,7 @@ def http_sender(spec: LoadSpec) -> Send:
     """The request for index i: one image of label ``labels[i % n]``, seed ``spec.seed + i``, through
     ``ditdeploy.serving.client`` (no 503 retry: a refusal is counted). The server's ``admission_s`` output is read
     when its generate model has one (``ditdeploy serve``)."""
-    from ditdeploy.generation import SampleRequest
+    from ditdeploy.run.generation import SampleRequest
     from ditdeploy.serving.client import ServerError, generate_outputs
     from ditdeploy.serving.protocol import GenerateRequest
 
@@ -387,7 +390,7 @@ def write_plot(result: dict[str, Any], path: Any) -> None:
     ax.set_title("generate: latency vs load")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    from ditdeploy.artifacts import atomic_path
+    from ditdeploy.artifact.files import atomic_path
 
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -26,16 +26,16 @@ import numpy as np
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's inference-relevant ISA flags (``ditdeploy.cpu_isa.detect``: /proc/cpuinfo, or DITDEPLOY_CPU_ISA)."""
-    from ditdeploy.cpu_isa import detect
+    """The CPU's inference-relevant ISA flags (``ditdeploy.system.cpu_isa.detect``: /proc/cpuinfo, or DITDEPLOY_CPU_ISA)."""
+    from ditdeploy.system.cpu_isa import detect
 
     return set(detect().flags)
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, relevant ISA flags, memory, load, OS and library versions."""
-    from ditdeploy.artifacts import tool_versions
-    from ditdeploy.cpu_isa import cpuinfo, detect
+    from ditdeploy.artifact.files import tool_versions
+    from ditdeploy.system.cpu_isa import cpuinfo, detect
 
     ci, isa = cpuinfo(), detect()
     info: dict[str, Any] = {
@@ -87,7 +87,7 @@ def gpu_name() -> str | None:
 def cuda_info() -> dict[str, Any] | None:
     """GPU 0 as torch sees it (name, compute capability, memory, SMs, CUDA/cuDNN versions) plus the driver version
     (NVML, else ``nvidia-smi``); None without torch or a CUDA device."""
-    from ditdeploy.checking import has_torch
+    from ditdeploy.proof.reference_check import has_torch
 
     if not has_torch():
         return None
@@ -169,7 +169,7 @@ def _openvino_matmul(n: int, hint: str) -> Callable[[], Any] | None:
 
 
 def _torch_matmul(n: int, dtype: str) -> Callable[[], Any] | None:
-    from ditdeploy.checking import has_torch
+    from ditdeploy.proof.reference_check import has_torch
 
     if not has_torch():
         return None

@@ -82,7 +82,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_csv(result: dict[str, Any], path: str | Path) -> None:
     """One CSV line per row with the inputs of every derived number (atomic write)."""
-    from ditdeploy.artifacts import write_bytes_atomic
+    from ditdeploy.artifact.files import write_bytes_atomic
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore")
@@ -101,7 +101,7 @@ def write_plot(result: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from ditdeploy.artifacts import atomic_path
+    from ditdeploy.artifact.files import atomic_path
 
     rows = result["rows"]
     batches = sorted({r["batch"] for r in rows})

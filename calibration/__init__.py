@@ -1,1 +1,1 @@
-"""ditdeploy.calibration."""
+"""ditdeploy.calibration: INT8 quantization of exported DiT denoisers and the calibration it needs."""

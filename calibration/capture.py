@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import atomic_dir, manifest_path, sha256_file, write_json_atomic
+from ditdeploy.artifact.files import atomic_dir, manifest_path, sha256_file, write_json_atomic
+from ditdeploy.artifact.manifest import Manifest, make_manifest
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.manifest import Manifest, make_manifest
 
 __all__ = [
     "CalibrationSet",
@@ -392,7 +392,7 @@ class CalibrationSet:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    from ditdeploy.bounds import check_npz
+    from ditdeploy.system.bounds import check_npz
 
     check_npz(path, what="calibration set")  # declared sizes before anything is inflated
     try:

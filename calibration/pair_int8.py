@@ -9,7 +9,7 @@ cache that the INT8 full graph wrote, as it will at sampling time.
 
 Parity recorded in ``cache_graphs.parity`` (and checked): the INT8 pair against the fp32 pair on the calibration
 set's held-out inputs: the full graph's ``out`` and ``cache``, and the light graph's ``out`` one step later (t - 40,
-x moved) from each pair's own cache (what a sampler run sees); the per-call cosine limit is the int8 one of ``ditdeploy.parity.THRESHOLDS``.
+x moved) from each pair's own cache (what a sampler run sees); the per-call cosine limit is the int8 one of ``ditdeploy.proof.parity.THRESHOLDS``.
 
 Files for ``out = NAME.onnx``: ``NAME.onnx`` (+ ``.data``), ``NAME.light.onnx`` (+ ``.data``), one manifest
 ``NAME.onnx.json`` listing every file, with the source pair's export id (both graphs carry it in their metadata).
@@ -56,7 +56,7 @@ def _copy_graph(src: Path, dst: Path) -> list[Path]:
 
 def _parity_inputs(calibration: str | os.PathLike | None, cfg: Any) -> tuple[dict[str, np.ndarray], str]:
     """Held-out inputs of the calibration set (else its calibration inputs, else synthetic ones) and their name."""
-    from ditdeploy.parity import stacked_probe_inputs
+    from ditdeploy.proof.parity import stacked_probe_inputs
 
     if calibration is None:
         return stacked_probe_inputs(cfg, PARITY_INPUTS), "synthetic inputs (x ~ N(0,1), t spread over 0..999)"
@@ -88,7 +88,7 @@ def _pair_parity(fp32_full: Path, fp32_light: Path, q_full: Path, q_light: Path,
     """INT8 pair vs fp32 pair on ``pool`` (``parity.compare_runs``, pooled, int8 row on full out and light out; the
     cache recorded): full out / cache, and light out from each pair's own cache."""
     from ditdeploy.calibration.quantize import stratified_subset
-    from ditdeploy.parity import compare_runs
+    from ditdeploy.proof.parity import compare_runs
 
     idx = stratified_subset(np.asarray(pool["t"]), PARITY_INPUTS, seed=2)
     x, t, y = (np.ascontiguousarray(pool[k][idx]) for k in ("x", "t", "y"))
@@ -118,10 +118,10 @@ def quantize_cache_pair(pair_in: str | os.PathLike, out: str | os.PathLike, cali
                         **int8_kwargs: Any) -> dict[str, Any]:
     """Quantize the full graph of the fp32 pair ``pair_in`` to INT8 (``quantize_int8`` keyword arguments) and write
     it with the unchanged light graph as a two-graph artifact at ``out``; returns the manifest."""
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import Manifest, make_manifest
     from ditdeploy.calibration.quantize import quantize_int8
     from ditdeploy.export.cache_graphs import light_path
-    from ditdeploy.manifest import Manifest, make_manifest
     from ditdeploy.runtimes.base import light_graph
 
     src, out = Path(pair_in), Path(out)

@@ -31,7 +31,7 @@ names are passed).
 An fp16 export can be the source too (what TensorRT wants: layers without Q/DQ then run in fp16 under strong
 typing): its graph is converted to opset 19 (fp16 Q/DQ scales need it) and the activation scales are fp16.
 
-The INT8 form follows the machine that runs it (``target``, ``ditdeploy.cpu_isa``; default ``auto`` = this CPU):
+The INT8 form follows the machine that runs it (``target``, ``ditdeploy.system.cpu_isa``; default ``auto`` = this CPU):
 ``cpu-vnni`` and ``trt`` keep full-range int8 weights; ``cpu-avx2`` (x86 without VNNI) quantizes the weights to 7 bits
 (``reduce_range``, |w| <= 64) so that ONNX Runtime's AVX2/AVX-512BW u8s8 kernels, which add pairs of u8 x s8
 products into saturating int16 lanes, cannot saturate (2 x 255 x 64 = 32640 <= 32767). The target and the form go
@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import (
+from ditdeploy.artifact.files import (
     atomic_dir,
     manifest_path,
     sha256_file,
@@ -64,12 +64,12 @@ from ditdeploy.artifacts import (
     temp_prefix,
     write_json_atomic,
 )
-from ditdeploy.calibration.fusions import ort_cpu_fusions, quiet_ort_logging
+from ditdeploy.artifact.manifest import Manifest, make_manifest
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
-from ditdeploy.cpu_isa import INT8_TARGETS, detect, resolve_int8_target
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
-from ditdeploy.manifest import Manifest, make_manifest
-from ditdeploy.parity import compare_runs, stacked_probe_inputs
+from ditdeploy.export.ort_fusions import ort_cpu_fusions, quiet_ort_logging
+from ditdeploy.proof.parity import compare_runs, stacked_probe_inputs
+from ditdeploy.system.cpu_isa import INT8_TARGETS, detect, resolve_int8_target
 
 __all__ = [
     "MODES",
@@ -87,7 +87,7 @@ FP16_QDQ_OPSET = 19
 ACTIVATIONS = ("int8", "uint8")
 METHODS = ("percentile", "entropy", "minmax")
 # The check at the end (``_verify``) catches broken graphs (wrong scales, a quantized embedding), not quality: the
-# int8 row of ditdeploy.parity.THRESHOLDS (cosine 0.99, rel-L2 0.15: the limits `check` applies per call; the cosine
+# int8 row of ditdeploy.proof.parity.THRESHOLDS (cosine 0.99, rel-L2 0.15: the limits `check` applies per call; the cosine
 # used to be a separate 0.98 here) applied to all validation outputs as one comparison. On the trained digits model
 # static int8 gives cosine 0.9998 over all validation outputs (0.994 for the worst single call, at t = 0), entropy
 # ranges 0.998 (0.953 worst call); a wrong scale or a quantized embedding table falls far below.
@@ -188,7 +188,7 @@ def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = No
     """
     import onnx
 
-    from ditdeploy.artifacts import safe_member
+    from ditdeploy.artifact.files import safe_member
 
     model = onnx.load(str(src), load_external_data=False)
     if transform is not None:  # graph rewrites need the small constants they match (biases), not the weights

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.parity import RunParity, compare, compare_runs
+from ditdeploy.proof.parity import RunParity, compare, compare_runs
 
 __all__ = ["batch_rows", "curve_of", "error_curve", "plot_error_curves", "probe_batches", "summarize_curve"]
 
@@ -61,7 +61,7 @@ def error_curve(
 
 
 def curve_of(res: RunParity, t: np.ndarray) -> dict[str, Any]:
-    """The error curve of a pooled :func:`ditdeploy.parity.compare_runs` result that kept its outputs, one row per
+    """The error curve of a pooled :func:`ditdeploy.proof.parity.compare_runs` result that kept its outputs, one row per
     input at timesteps ``t``.
 
     Returns ``{"per_timestep": [{"t", "n", "cosine", "rel_l2", "max_abs"}...] (ascending t), "overall": {...}}`` where
@@ -112,7 +112,7 @@ def plot_error_curves(curves: dict[str, dict[str, Any]], out_png: str | os.PathL
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ditdeploy.artifacts import atomic_path
+    from ditdeploy.artifact.files import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, c in curves.items():

@@ -89,7 +89,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _stopped(signum: int) -> None:
-    from ditdeploy.interrupts import describe, exit_code, written
+    from ditdeploy.system.interrupts import describe, exit_code, written
 
     done = [w for w in dict.fromkeys(written()) if os.path.lexists(w)]  # not the temporaries removed since
     _say(f"error: {describe(signum)}" + (f" (already written completely: {', '.join(done)})" if done else ""))
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn known errors into one clear line."""
     import signal
 
-    from ditdeploy import interrupts
+    from ditdeploy.system import interrupts
 
     interrupts.install()
     _ensure_std_streams()

@@ -42,7 +42,7 @@ def require(module: str, extra: str, what: str = ""):
 def raise_if_interrupted(e: BaseException) -> None:
     """Re-raise the interruption an ``ImportError`` (or other error) stands for: a C extension's import that is
     interrupted reports ``ImportError``, which must not read as a missing package."""
-    from ditdeploy.interrupts import Terminated, received
+    from ditdeploy.system.interrupts import Terminated, received
 
     sig = received()
     if sig is None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditdeploy.variants import CONDITIONINGS, VARIANTS, DiTConfig, variant_config
+from ditdeploy.config.variants import CONDITIONINGS, VARIANTS, DiTConfig, variant_config
 
 __all__ = ["DiT", "DiT_models", "create_model", "get_2d_sincos_pos_embed", "timestep_embedding"]
 
@@ -331,7 +331,7 @@ class DiT(nn.Module):
 
 def create_model(name: str | DiTConfig, image_size: int = 256, **overrides) -> DiT:
     """Build a DiT from a variant name (``"XL/2"``, ``"digits"``) or a ``DiTConfig``."""
-    from ditdeploy.bounds import check_model
+    from ditdeploy.system.bounds import check_model
 
     cfg = name if isinstance(name, DiTConfig) else variant_config(name, image_size, **overrides)
     check_model(cfg, f"a {cfg.variant} DiT")

@@ -1,6 +1,6 @@
 """Image parity of `ditdeploy sample` across backends: torch (reference) vs ONNX Runtime fp32 vs OpenVINO fp32.
 
-Same checkpoint, seed, sampler and labels through ``ditdeploy.generation.generate`` on each backend; PSNR
+Same checkpoint, seed, sampler and labels through ``ditdeploy.run.generation.generate`` on each backend; PSNR
 (data range 255) of the uint8 images against torch's, the largest per-pixel difference, and the share of pixels
 that are bit-identical. Models:
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ditdeploy import shipped
+from ditdeploy.sources import shipped
 
 RUNS = (("ddim", 50), ("ddpm", 250), ("dpm-solver++", 20))
 
@@ -35,12 +35,12 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
     import torch
     from diffusers import AutoencoderKL
 
-    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.config.variants import DiTConfig
     from ditdeploy.export.onnx import export_denoiser_onnx
     from ditdeploy.export.openvino import export_openvino
     from ditdeploy.export.randomize import random_model
     from ditdeploy.export.vae import export_vae_decoder_onnx
-    from ditdeploy.variants import DiTConfig
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     cache.mkdir(parents=True, exist_ok=True)
     if not (cache / "digits.xml").exists():
@@ -69,10 +69,10 @@ def build(cache: Path) -> dict[str, dict[str, Path | None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ditdeploy import metrics
-    from ditdeploy.artifacts import tool_versions, write_json_atomic
+    from ditdeploy.artifact.files import tool_versions, write_json_atomic
     from ditdeploy.bench.machine import machine_info
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.proof import distances
+    from ditdeploy.run.generation import SampleRequest, generate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ditdeploy-parity")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 d = np.abs(imgs[backend].astype(np.int16) - ref.astype(np.int16))
                 rows.append({"model": model, "method": method, "steps": steps, "backend": names[backend],
                              "reference": names["torch"], "images": int(len(ref)), "shape": list(ref.shape[1:]),
-                             "psnr_db": metrics.psnr(imgs[backend], ref), "max_abs_diff": int(d.max()),
+                             "psnr_db": distances.psnr(imgs[backend], ref), "max_abs_diff": int(d.max()),
                              "identical_pixels": float((d == 0).mean()),
                              "saturated_pixels": float(((ref == 0) | (ref == 255)).mean())})
                 r = rows[-1]

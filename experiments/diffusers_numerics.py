@@ -1,7 +1,7 @@
 """ditdeploy's official-numerics DiT vs diffusers' ``DiTTransformer2DModel`` on identical weights, per timestep.
 
 One randomly initialised model (every weight ~ N(0, 0.02); the released weights are not available offline) is mapped
-into diffusers with ``ditdeploy.diffusers_io.from_official`` (``norm_eps`` 1e-5, the hub snapshots' default). Both
+into diffusers with ``ditdeploy.sources.diffusers_snapshot.from_official`` (``norm_eps`` 1e-5, the hub snapshots' default). Both
 forwards run on the same x ~ N(0, 1) with labels (207, null); diffusers' two numerical differences are switched to
 the official values in place (sinusoid divisor: ``time_proj.downscale_freq_shift`` 1 -> 0; MLP LayerNorm eps
 1e-5 -> 1e-6) one at a time and together. Prints rel-L2 / max-abs of the output per timestep; docs/diffusers.md
@@ -24,9 +24,9 @@ def measure(variant: str, timesteps: tuple[int, ...] = (1, 10, 100, 500, 999)) -
     import diffusers
     import torch
 
-    from ditdeploy import diffusers_io
+    from ditdeploy.config.variants import variant_config
     from ditdeploy.models import DiT
-    from ditdeploy.variants import variant_config
+    from ditdeploy.sources import diffusers_snapshot
 
     torch.manual_seed(0)
     cfg = variant_config(variant, 256, num_classes=1000)
@@ -36,8 +36,8 @@ def measure(variant: str, timesteps: tuple[int, ...] = (1, 10, 100, 500, 999)) -
             if n != "pos_embed":
                 p.normal_(0, 0.02)
     net.config = cfg
-    tr = diffusers.DiTTransformer2DModel(**(diffusers_io.diffusers_config(cfg) | {"norm_eps": 1e-5})).eval()
-    tr.load_state_dict(diffusers_io.from_official(net.state_dict(), cfg), strict=True)
+    tr = diffusers.DiTTransformer2DModel(**(diffusers_snapshot.diffusers_config(cfg) | {"norm_eps": 1e-5})).eval()
+    tr.load_state_dict(diffusers_snapshot.from_official(net.state_dict(), cfg), strict=True)
     x, y = torch.randn(2, 4, cfg.input_size, cfg.input_size), torch.tensor([207, 1000])
     out: dict[int, dict[str, tuple]] = {}
     for tv in timesteps:

@@ -71,10 +71,10 @@ def fit_classifier(real: dict[str, np.ndarray]):
 def generate(model_path: str | Path | None, n_per_class: int, cfg_scale: float, method: str, steps: int,
              seed: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(samples in [-1, 1] (N, 1, 8, 8), labels, seconds) from the model at ``model_path`` (default: shipped)."""
-    from ditdeploy import shipped
-    from ditdeploy.checkpoints import load_model
     from ditdeploy.diffusion import sample
     from ditdeploy.runtimes.torch import TorchDenoiser
+    from ditdeploy.sources import shipped
+    from ditdeploy.sources.checkpoints import load_model
 
     path = Path(model_path) if model_path else shipped.DIGITS_CHECKPOINT
     model = load_model(path)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:
-        from ditdeploy.artifacts import write_bytes_atomic
+        from ditdeploy.artifact.files import write_bytes_atomic
 
         write_bytes_atomic(a.json, (text + "\n").encode())
     return 0

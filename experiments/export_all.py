@@ -120,8 +120,8 @@ def fp16_study(seed: int = 0) -> dict[str, Any]:
     }
     models = {"S/2 (random weights)": random_model("S/2", seed=seed)}
     try:
-        from ditdeploy import shipped
-        from ditdeploy.checkpoints import load_model
+        from ditdeploy.sources import shipped
+        from ditdeploy.sources.checkpoints import load_model
 
         if shipped.digits_checkpoint() is not None:
             models["digits (shipped, trained)"] = load_model(shipped.DIGITS_CHECKPOINT, "digits")
@@ -147,7 +147,7 @@ def fp16_study(seed: int = 0) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ditdeploy.variants import VARIANTS
+    from ditdeploy.config.variants import VARIANTS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated (default: all 12)")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         print(RESULT_TAG + json.dumps(res), flush=True)
         return
 
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
     from ditdeploy.bench.machine import machine_info
 
     results: dict[str, Any] = {"machine": machine_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -70,7 +70,7 @@ def artifacts(work: Path, need: set[str]) -> dict[str, Path]:
 def sample_variant(name: str, arts: dict[str, Path], work: Path, n_per_class: int) -> tuple[Path, float | None,
                                                                                          dict]:
     """Sample ``name`` into ``work/<name>.npz`` (skipped when present); returns (npz, CPU seconds or None, work)."""
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.run.generation import SampleRequest, generate
 
     key, backend, opts, extra, _ = VARIANTS[name]
     npz = work / f"{name}.npz"
@@ -87,7 +87,7 @@ def sample_variant(name: str, arts: dict[str, Path], work: Path, n_per_class: in
 def baselines(work: Path) -> dict[str, Path]:
     """Real halves (a seed-1 permutation) and uniform noise, as npz files."""
     from ditdeploy.fid.digits import real_digits_u8
-    from ditdeploy.images import save_npz
+    from ditdeploy.run.images import save_npz
 
     u8, y = real_digits_u8()
     perm = np.random.default_rng(1).permutation(len(u8))
@@ -125,7 +125,7 @@ def run(work: Path, n_per_class: int, only: list[str] | None, partial: Path | No
                       "fid_vs_torch_fp32_samples": fid(npz, ref_npz)["metrics"]["fid"], "work": work_sum}
         print(f"{name}: FID {rep['metrics']['fid']:.4f}", flush=True)
         if partial is not None:
-            from ditdeploy.artifacts import write_json_atomic
+            from ditdeploy.artifact.files import write_json_atomic
 
             write_json_atomic(partial, {"rows": rows, "partial": True})
     t = rows["torch-fp32"]["fid"] if "torch-fp32" in rows else None
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"] = machine_info()
     print(table(res))
     if a.json:
-        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.artifact.files import write_json_atomic
 
         write_json_atomic(a.json, res)
         Path(a.json + ".partial").unlink(missing_ok=True)

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import write_json_atomic
-from ditdeploy.parity import compare
+from ditdeploy.artifact.files import write_json_atomic
+from ditdeploy.proof.parity import compare
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 CFG_SCALE = 4.0
@@ -98,7 +98,7 @@ def random_copy(variant: str, image_size: int, seed: int) -> Any:
 
 
 def metrics(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """``ditdeploy.parity.compare`` (rel-L2, cosine, max-abs, finite) plus the reference's RMS for scale."""
+    """``ditdeploy.proof.parity.compare`` (rel-L2, cosine, max-abs, finite) plus the reference's RMS for scale."""
     return {**compare(actual, reference).metrics(), "ref_rms": float(np.sqrt(np.mean(np.asarray(reference, np.float64) ** 2)))}
 
 
@@ -312,7 +312,7 @@ def section_e2e(rec: Recorder, variant: str, image_size: int, device: Any, image
 
 def _digits_sample(device: str, steps: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """The shipped digits model sampled as ``ditdeploy sample`` does (default labels, cfg, per-image noise)."""
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.run.generation import SampleRequest, generate
 
     res = generate(SampleRequest(backend="torch", options={"device": device}, steps=steps, seed=seed, out=None))
     t = res.timings
@@ -322,7 +322,7 @@ def _digits_sample(device: str, steps: int, seed: int) -> tuple[np.ndarray, dict
 
 def section_digits(rec: Recorder, device: Any, steps: int, seed: int) -> None:
     """Digits samples on ``device`` vs the CPU, same seed: max-abs of x_0 and of the uint8 images."""
-    from ditdeploy import images
+    from ditdeploy.run import images
 
     set_tf32(False)
     _digits_sample(str(device), 2, seed)  # warm-up

@@ -126,9 +126,9 @@ def _fp32_fused(src: Path, out: Path) -> None:
     """The fp32 graph with the same FastGelu fusion (graph-only copy beside the source: same external data)."""
     import onnx
 
-    from ditdeploy.artifacts import manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import load_manifest, make_manifest
     from ditdeploy.calibration.quantize import _load_small_external, ort_cpu_fusions
-    from ditdeploy.manifest import load_manifest, make_manifest
 
     graph = onnx.load(str(src), load_external_data=False)
     _load_small_external(graph, src.parent)
@@ -161,7 +161,7 @@ def measure(files: dict[str, Path], calib: Path, batches: list[int], repeats: in
     """
     import gc
 
-    from ditdeploy import metrics
+    from ditdeploy.proof import distances
     from ditdeploy.runtimes import load
 
     ref = load(files["fp32"], threads=threads)
@@ -206,9 +206,9 @@ def measure(files: dict[str, Path], calib: Path, batches: list[int], repeats: in
                 # CPU seconds (all threads) per call: the work done, robust to waiting for a shared CPU
                 "cpu_s": round(cpu, 4), "fp32_cpu_s": round(cpu_ref, 4),
                 "speedup_vs_fp32_cpu": round(cpu_ref / cpu, 3),
-                "cosine_vs_fp32": metrics.cosine(out, ref_out[b]),
-                "per_sample_cosine_min": min(metrics.cosine(out[i], ref_out[b][i]) for i in range(b)),
-                "rel_l2_vs_fp32": metrics.rel_l2(out, ref_out[b]),
+                "cosine_vs_fp32": distances.cosine(out, ref_out[b]),
+                "per_sample_cosine_min": min(distances.cosine(out[i], ref_out[b][i]) for i in range(b)),
+                "rel_l2_vs_fp32": distances.rel_l2(out, ref_out[b]),
                 "load_avg_1m": [la0, _load_avg()],
             }
             res[str(b)][name] = row
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
     from ditdeploy.bench.machine import machine_info
 
     tmp = None

@@ -42,7 +42,7 @@ def run(out: str, models: list[str]) -> None:
 
 def compare(native: str, emulated: str, fp32: str, out: str) -> None:
     from ditdeploy.bench.machine import machine_info
-    from ditdeploy.metrics import cosine, rel_l2
+    from ditdeploy.proof.distances import cosine, rel_l2
 
     nat, emu = np.load(native), np.load(emulated)
     ref = nat[f"{fp32}|{OPTION}=0"]

@@ -55,7 +55,7 @@ def compare_samples(fp32: str | os.PathLike, int8: str | os.PathLike, *, n_per_c
                     cfg_scale: float = 3.0, seed: int = 0, threads: int | None = None,
                     classifier: Any = None) -> dict[str, Any]:
     """Sample both models from the same seeds and compare them through the digits classifier."""
-    from ditdeploy import metrics
+    from ditdeploy.proof import distances
     from ditdeploy.runtimes import load
     from experiments.digits_quality import fit_classifier, real_digits
 
@@ -77,9 +77,9 @@ def compare_samples(fp32: str | os.PathLike, int8: str | os.PathLike, *, n_per_c
         "classifier_heldout_accuracy": clf_acc,
         "accuracy_fp32": acc_f, "accuracy_int8": acc_q, "accuracy_drop_points": 100.0 * (acc_f - acc_q),
         "agreement": float((yf == yq).mean()),
-        "psnr_db": metrics.psnr(pq, pf, data_range=16.0),
-        "ssim": metrics.ssim(pq.reshape(-1, 8, 8), pf.reshape(-1, 8, 8), data_range=16.0, win=7),
-        "sample_rel_l2": metrics.rel_l2(xq, xf),
+        "psnr_db": distances.psnr(pq, pf, data_range=16.0),
+        "ssim": distances.ssim(pq.reshape(-1, 8, 8), pf.reshape(-1, 8, 8), data_range=16.0, win=7),
+        "sample_rel_l2": distances.rel_l2(xq, xf),
         "sampling_s": {"fp32": round(sf, 3), "int8": round(sq, 3)},
     }
 
@@ -112,8 +112,8 @@ def _prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
 
             model, what = random_model("digits", seed=0), "RANDOM-weight digits-config model (seed 0)"
         else:
-            from ditdeploy import shipped
-            from ditdeploy.checkpoints import load_model
+            from ditdeploy.sources import shipped
+            from ditdeploy.sources.checkpoints import load_model
 
             p = shipped.DIGITS_CHECKPOINT
             if not p.exists():
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", default="bench/results/int8_quality_timesteps.png")
     a = ap.parse_args(argv)
 
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
     from ditdeploy.calibration.quantize import quantize_int8
     from ditdeploy.calibration.report import plot_error_curves, summarize_curve
     from experiments.digits_quality import fit_classifier, real_digits

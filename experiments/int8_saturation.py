@@ -124,7 +124,7 @@ def measure(src: Path, work: Path, n_inputs: int = 64) -> dict[str, Any]:
     """Quantize ``src`` (fp32 denoiser ONNX) for cpu-vnni and cpu-avx2, and compare each with fp32, as computed
     exactly (VNNI / u8u8) and as an AVX2 CPU computes it (emulated)."""
     from ditdeploy.calibration.quantize import quantize_int8
-    from ditdeploy.metrics import cosine, rel_l2
+    from ditdeploy.proof.distances import cosine, rel_l2
 
     feeds = probe_feeds(n_inputs)
     ref, _ = run(src, feeds, emulate=False)
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/int8_avx2_emulation.json"))
     a = ap.parse_args(argv)
     from ditdeploy.bench.machine import machine_info
-    from ditdeploy.shipped import DIGITS_ONNX as SHIPPED_ONNX
+    from ditdeploy.sources.shipped import DIGITS_ONNX as SHIPPED_ONNX
 
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "digits.onnx"

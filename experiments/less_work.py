@@ -1,7 +1,7 @@
 """Less work per image on the shipped digits model: every reduced-work option against full work, same seeds.
 
 Options (``OPTIONS``): limited-interval guidance (``cfg_interval``), feature reuse (``cache_interval``) and their
-combination. For each: the denoiser work actually done (rows, light rows, GMACs from ``ditdeploy.work``), CPU and wall
+combination. For each: the denoiser work actually done (rows, light rows, GMACs from ``ditdeploy.config.macs``), CPU and wall
 seconds of sampling, and quality: class accuracy of the samples by the project's digits classifier (the SVC of
 ``experiments/digits_quality.py``), within-class spread (per-pixel std and pairwise L2, as ratios to real held-out digits),
 and PSNR against the full-work samples from the same seeds (pixels 0..255). Guidance intervals change the samples
@@ -33,19 +33,19 @@ RECOMMENDED = ("interval 150..750 + cache 2", [150, 750], 2)  # documented in do
 
 def psnr_255(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR (dB) of images in [-1, 1] mapped to 0..255 (clipped)."""
-    from ditdeploy import metrics
+    from ditdeploy.proof import distances
 
     a255 = (np.clip(a, -1, 1) + 1) * 127.5
     b255 = (np.clip(b, -1, 1) + 1) * 127.5
-    return float(metrics.psnr(a255, b255, 255.0))
+    return float(distances.psnr(a255, b255, 255.0))
 
 
 def run_option(den: Any, noise: np.ndarray, labels: np.ndarray, *, method: str, steps: int, cfg_scale: float,
                cfg_interval: list[int] | None, cache_interval: int | None) -> dict[str, Any]:
     """Sample once with the option; returns samples, work and seconds."""
+    from ditdeploy.config.macs import spent_gmacs
     from ditdeploy.diffusion import sample
     from ditdeploy.runtimes.base import Timed
-    from ditdeploy.work import spent_gmacs
 
     td = Timed(den)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -73,9 +73,9 @@ def quality(x: np.ndarray, labels: np.ndarray, clf: Any, real: dict[str, np.ndar
 def evaluate(n_per_class: int = 12, method: str = "ddim", steps: int = 50, cfg_scale: float = 4.0, seed: int = 0,
              options=OPTIONS, threads: int | None = 1) -> dict[str, Any]:
     """Every option's work, time and quality (see module doc); the first option must be full work."""
-    from ditdeploy.checkpoints import load_model
     from ditdeploy.runtimes.torch import TorchDenoiser
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
     from experiments.digits_quality import fit_classifier, real_digits
 
     real = real_digits()
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"] = machine_info()
     print(format_table(res))
     if a.json:
-        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.artifact.files import write_json_atomic
 
         write_json_atomic(a.json, res)
     return 0

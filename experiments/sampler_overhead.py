@@ -52,8 +52,8 @@ def _torch_denoiser(variant: str, image_size: int, threads: int | None):
 def measure(den, method: str, steps: int, images: int, cfg_scale: float, seed: int = 0,
             progress: bool = False) -> dict:
     """One sampling run of ``images`` images the way ``ditdeploy sample`` does it; raw timings."""
-    from ditdeploy import sharding
     from ditdeploy.diffusion import sample
+    from ditdeploy.run import noise_contract
     from ditdeploy.runtimes import Timed
 
     cfg = den.config
@@ -61,9 +61,9 @@ def measure(den, method: str, steps: int, images: int, cfg_scale: float, seed: i
     labels = idx % cfg.num_classes
     timed = Timed(den)
     t0 = time.perf_counter()
-    noise = sharding.initial_noise(seed, idx, (cfg.in_channels, cfg.input_size, cfg.input_size))
+    noise = noise_contract.initial_noise(seed, idx, (cfg.in_channels, cfg.input_size, cfg.input_size))
     sample(timed, noise, labels, method=method, steps=steps, cfg_scale=cfg_scale, num_classes=cfg.num_classes,
-           noise_fn=sharding.PerImageNoise(seed, idx), progress=progress)
+           noise_fn=noise_contract.PerImageNoise(seed, idx), progress=progress)
     wall = time.perf_counter() - t0
     over = wall - timed.seconds
     return {"method": method, "steps": steps, "images": images, "cfg_scale": cfg_scale, "progress_bar": progress,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m:13s} {int(s):4d} steps  bar={progress!s:5s}  wall {r['wall_s']:7.2f} s  denoiser "
                   f"{r['denoiser_s']:7.2f} s  overhead {r['overhead_s'] * 1e3:7.1f} ms = {r['overhead_pct']:.3f}%",
                   file=sys.stderr)
-    from ditdeploy.artifacts import tool_versions, write_json_atomic
+    from ditdeploy.artifact.files import tool_versions, write_json_atomic
     from ditdeploy.bench.machine import machine_info
 
     result = {

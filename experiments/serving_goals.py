@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="Rounds of the interleaved same-requests comparison.")
     ap.add_argument("--no-sweep", action="store_true", help="Only the interleaved comparison (big models).")
     a = ap.parse_args(argv)
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
     from ditdeploy.bench.machine import machine_info
 
     def say(s: str) -> None:
@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         stop(proc)
     if a.triton_repo is not None:
         from ditdeploy.export.triton_repo import RepoOptions, write_repository
-        from ditdeploy.shipped import DIGITS_ONNX
-        from ditdeploy.triton_local import LocalTriton, ServerEnv
+        from ditdeploy.serving.triton_local import LocalTriton, ServerEnv
+        from ditdeploy.sources.shipped import DIGITS_ONNX
 
         if not a.triton_repo.exists():  # the shipped digits model, one generate instance per client
             write_repository(a.engine or DIGITS_ONNX, a.triton_repo,

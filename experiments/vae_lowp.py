@@ -33,14 +33,14 @@ def sampled_latents(denoiser: str, n: int, seed: int, steps: int) -> np.ndarray:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from ditdeploy import metrics
+    from ditdeploy.proof import distances
 
-    return float(metrics.psnr((np.clip(a, -1, 1) + 1) * 127.5, (np.clip(b, -1, 1) + 1) * 127.5, 255.0))
+    return float(distances.psnr((np.clip(a, -1, 1) + 1) * 127.5, (np.clip(b, -1, 1) + 1) * 127.5, 255.0))
 
 
 def run(decoder: Path, denoiser: str, n_calib: int, n_val: int, steps: int, repeats: int) -> dict[str, Any]:
-    from ditdeploy.calibration.vae_int8 import quantize_decoder_int8
     from ditdeploy.runtimes import load_decoder
+    from experiments.vae_int8 import quantize_decoder_int8
 
     calib = sampled_latents(denoiser, n_calib, 0, steps)
     val = sampled_latents(denoiser, n_val, 1, steps)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:9s} {v:7.3f} s  {res['speedup_vs_ov_f32'][k]:.2f}x ov-f32  PSNR vs fp32 "
               f"{'-' if p is None else f'{p:.1f} dB'}")
     if a.json:
-        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.artifact.files import write_json_atomic
 
         write_json_atomic(a.json, res)
     return 0

@@ -1,1 +1,1 @@
-"""ditdeploy.export."""
+"""ditdeploy.export: turn a DiT into deployable artifacts (ONNX, OpenVINO IR, TensorRT, AOTInductor, ...)."""

@@ -1,15 +1,17 @@
-"""torch DiT -> AOTInductor package (``.pt2``): ``torch.export`` with a dynamic batch, compiled and packaged by
-``torch._inductor.aoti_compile_and_package``, verified against the eager fp32 model, written atomically with its
-manifest.
+"""torch DiT -> AOTInductor package (``.pt2``), verified and written atomically with its manifest.
 
-A ``.pt2`` holds the compiled kernels (a shared library) and the weights; it runs with no Python model code, on the
-device it was compiled for (``cpu`` or ``cuda``) and with the torch version that compiled it (the runtime checks
-both from the manifest, ``ditdeploy.runtimes.aoti``). Precisions:
+``torch.export`` with a dynamic batch, compiled and packaged by ``torch._inductor.aoti_compile_and_package``,
+verified against the eager fp32 model.
+
+A ``.pt2`` holds the compiled kernels (a shared library) and the weights; it runs with no Python model code,
+on the device it was compiled for (``cpu`` or ``cuda``) and with the torch version that compiled it (the
+runtime checks both from the manifest, ``ditdeploy.runtimes.aoti``). Precisions:
 
 - ``fp32``: the model as is;
-- ``bf16``: the whole model in bfloat16 (fp32's exponent range: no overflow concern), except the timestep sinusoid
-  (the model keeps it in float32) -- I/O stays float32;
-- ``fp16``: the project's fp16 policy (``export/fp16.py``: fp16 GEMMs, float32 residual stream, norms, conditioning);
+- ``bf16``: the whole model in bfloat16 (fp32's exponent range: no overflow concern), except the timestep
+  sinusoid (the model keeps it in float32) -- I/O stays float32;
+- ``fp16``: the project's fp16 policy (``export/fp16.py``: fp16 GEMMs, float32 residual stream, norms,
+  conditioning);
 - ``fp8``: E4M3 token linears (``export/fp8.py``) inside the bf16 model; needs an FP8 GPU (compute capability
   >= 8.9) and a calibration set.
 """
@@ -36,7 +38,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 DEVICES = ("cpu", "cuda")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (8.9) and Hopper (9.0) have FP8 tensor cores
 
-# Export verification against the eager fp32 model uses the per-call limits of ditdeploy.parity.THRESHOLDS for the
+# Export verification against the eager fp32 model uses the per-call limits of ditdeploy.proof.parity.THRESHOLDS for the
 # package's precision (one table for every gate; reasons there). fp32 measured 1.4e-7 rel-L2 on digits, far inside
 # its 1e-4; the digits bf16 package measured 6.3e-3 on the export probes but 5.8e-2 at its worst timestep in `check`,
 # so a stricter export limit would refuse packages that `check` passes.
@@ -176,13 +178,13 @@ def _quiet():
 
 def verify_package(package: Path, manifest: dict[str, Any], reference: Callable[[dict], Any], seed: int,
                    batch_sizes: Sequence[int] = (1, 3)) -> dict[str, Any]:
-    """Run the probe inputs of the ONNX path (``ditdeploy.parity.probe_inputs``) through the package on the ditdeploy
+    """Run the probe inputs of the ONNX path (``ditdeploy.proof.parity.probe_inputs``) through the package on the ditdeploy
     runtime and compare with ``reference`` (eager fp32) by ``check_parity`` (``parity.compare_runs``); NumericsError
     beyond the per-call limits of the package's precision."""
+    from ditdeploy.config.variants import DiTConfig
     from ditdeploy.export.verify import check_parity
-    from ditdeploy.parity import probe_inputs
+    from ditdeploy.proof.parity import probe_inputs
     from ditdeploy.runtimes.aoti import AotiDenoiser
-    from ditdeploy.variants import DiTConfig
 
     cfg = DiTConfig.from_dict(manifest["config"])
     feeds = probe_inputs(cfg, batch_sizes, seed)
@@ -212,10 +214,10 @@ def export_denoiser_aoti(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``net`` (a ``ditdeploy.models.DiT``) to an AOTInductor ``.pt2`` at ``out``; returns the manifest."""
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import make_manifest
     from ditdeploy.export.onnx import PeakRSS, check_out_path
     from ditdeploy.export.verify import torch_reference
-    from ditdeploy.manifest import make_manifest
 
     check_target(device, precision)
     out = check_out_path(out, SUFFIX)
@@ -259,9 +261,9 @@ def export_denoiser_aoti(
                         timings={k: round(v, 3) for k, v in timings.items()}, peak_rss_bytes=rss.peak,
                         peak_rss_bytes_by_stage=rss.stages)
         write_json_atomic(tmp / manifest_path(out).name, manifest)
-    from ditdeploy.trust import record_trusted
+    from ditdeploy.artifact.trust import record_trusted
 
-    record_trusted(manifest["files"][out.name]["sha256"], out, "aoti")  # this installation built it (ditdeploy.trust)
+    record_trusted(manifest["files"][out.name]["sha256"], out, "aoti")  # this installation built it (ditdeploy.artifact.trust)
     return manifest
 
 

@@ -1,13 +1,14 @@
-"""Two-graph export for feature reuse across steps: a full graph that also returns the feature cache, a light
-graph that takes it (see ``ditdeploy.feature_cache``). ONNX, and OpenVINO IR converted from it.
+"""Two-graph export for feature reuse across steps: ONNX, and OpenVINO IR converted from it.
 
-Files for ``--out NAME.onnx``: ``NAME.onnx`` (inputs x, t, y; outputs ``out`` and ``cache`` (batch, 2*depth, T, D)),
-``NAME.light.onnx`` (inputs x, t, y, cache; output ``out``), external data beside each when large, and ONE manifest
-``NAME.onnx.json`` listing the sha256 of every file of both graphs, with ``cache_graphs = {light, export_id,
-cache_shape, parity}``. Both graphs carry the same random ``ditdeploy.export_id`` in their ONNX metadata, so a light
-graph from another export is refused at load even if someone rewrote the manifest. Verified at export on ONNX
-Runtime CPU against torch: the full graph's ``out`` and ``cache`` and the light graph's ``out`` (fed the torch
-cache) within the fp32 tolerance; a failure writes nothing.
+A full graph also returns the feature cache, a light graph takes it (see ``ditdeploy.feature_cache``).
+
+Files for ``--out NAME.onnx``: ``NAME.onnx`` (inputs x, t, y; outputs ``out`` and ``cache`` (batch, 2*depth,
+T, D)), ``NAME.light.onnx`` (inputs x, t, y, cache; output ``out``), external data beside each when large, and
+ONE manifest ``NAME.onnx.json`` listing the sha256 of every file of both graphs, with ``cache_graphs = {light,
+export_id, cache_shape, parity}``. Both graphs carry the same random ``ditdeploy.export_id`` in their ONNX
+metadata, so a light graph from another export is refused at load even if someone rewrote the manifest.
+Verified at export on ONNX Runtime CPU against torch: the full graph's ``out`` and ``cache`` and the light
+graph's ``out`` (fed the torch cache) within the fp32 tolerance; a failure writes nothing.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _verify(full: Path, light: Path, feeds: list[dict[str, np.ndarray]],
             refs: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Both ORT graphs vs torch (``parity.compare_runs``, fp32 row); NumericsError (nothing written) on a miss."""
     from ditdeploy.export.verify import ort_session
-    from ditdeploy.parity import compare_runs
+    from ditdeploy.proof.parity import compare_runs
 
     fs, ls = ort_session(full), ort_session(light)
     kw = {"thresholds": "fp32", "against": "torch"}
@@ -113,11 +114,11 @@ def export_cache_graphs(model: Any, out_path: str | os.PathLike, *, opset: int |
     """Export ``model`` (adaLN-Zero DiT) as a verified full + light ONNX pair at ``out_path``; return the manifest."""
     import torch
 
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import make_manifest
     from ditdeploy.export.onnx import DEFAULT_OPSET, check_out_path, readable
     from ditdeploy.feature_cache import CacheFull, CacheLight
-    from ditdeploy.manifest import make_manifest
-    from ditdeploy.parity import probe_inputs
+    from ditdeploy.proof.parity import probe_inputs
     from ditdeploy.runtimes.base import cache_shape
 
     config = getattr(model, "config", None)
@@ -172,10 +173,10 @@ def export_cache_graphs_openvino(onnx_path: str | os.PathLike, out_xml: str | os
     Parity: both IRs on OpenVINO CPU (f32) vs both ONNX graphs on ONNX Runtime CPU at batch 2 (the light graph fed
     the full graph's cache). One manifest ``NAME.xml.json`` lists every file of both IRs.
     """
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import load_manifest, make_manifest
     from ditdeploy.errors import require
     from ditdeploy.export.onnx import readable
-    from ditdeploy.manifest import load_manifest, make_manifest
 
     src, xml = Path(onnx_path), Path(out_xml)
     if xml.suffix.lower() != ".xml":
@@ -213,7 +214,7 @@ def _ov_parity(full_onnx: Path, light_onnx: Path, full_xml: Path, light_xml: Pat
     light graphs fed the ONNX full graph's cache; NumericsError (nothing written) on a miss."""
     from ditdeploy.export.openvino import parity_feeds
     from ditdeploy.export.verify import ort_session
-    from ditdeploy.parity import compare_runs
+    from ditdeploy.proof.parity import compare_runs
     from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 
     feeds = parity_feeds(m)

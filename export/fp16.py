@@ -260,7 +260,7 @@ def block_errors(model: DiT, policy: Fp16Policy, x: torch.Tensor, t: torch.Tenso
 
     Block outputs of the fp32 model are captured with forward hooks; the half model records its own via ``trace``.
     """
-    from ditdeploy.metrics import rel_l2
+    from ditdeploy.proof.distances import rel_l2
 
     ref_blocks: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda _m, _i, o: ref_blocks.append(o.detach().float())) for b in model.blocks]

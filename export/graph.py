@@ -1,5 +1,6 @@
-"""The exported graph itself: dynamo export to ``onnx_ir``, cleanup (Einsum -> Transpose, names), statistics
-and metadata.
+"""The exported graph itself: dynamo export to ``onnx_ir``, cleanup, statistics and metadata.
+
+Cleanup rewrites Einsum -> Transpose and tidies names.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from ditdeploy.errors import DitDeployError
 from ditdeploy.export.onnxscript_compat import optimize_graph
-from ditdeploy.interrupts import deferred
+from ditdeploy.system.interrupts import deferred
 
 DEFAULT_OPSET = 18
 

@@ -137,13 +137,13 @@ def export_denoiser_onnx(
     (batch,out_C,H,W). ``precision="fp16"`` exports ``HalfDiT(model, fp16_policy)`` (fp16 GEMMs, fp32 islands, f32
     I/O). With ``verify`` (default) ONNX Runtime CPU is compared with the fp32 torch model at each of
     ``batch_sizes`` and the export fails (``NumericsError``, nothing written) beyond ``tolerance`` (default
-    the per-call limits of ``ditdeploy.parity.THRESHOLDS[precision]``). ``source`` (e.g. checkpoint path + sha256) and ``decoder`` (file name of a VAE
+    the per-call limits of ``ditdeploy.proof.parity.THRESHOLDS[precision]``). ``source`` (e.g. checkpoint path + sha256) and ``decoder`` (file name of a VAE
     decoder artifact beside it) go into the manifest, as does everything in ``extra``. ``release_model`` frees the
     model's weights (moved to the meta device: the model is unusable afterwards) once the torch reference outputs
     are computed, so the torch weights and the ONNX Runtime session are never in memory together (the CLI does
     this: peak RSS ~1.3x instead of ~2.3x the weight bytes for XL/2).
     """
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
 
     config = _check_args(model, precision, opset, batch_sizes)
     out = check_out_path(out_path)
@@ -267,7 +267,7 @@ def _verify(model: Any, onnx_path: Path, config: Any, precision: str, batch_size
             tolerance: dict[str, float] | None, release_model: bool) -> dict[str, Any]:
     """ONNX Runtime CPU vs the fp32 torch model at each batch size; raises ``NumericsError`` beyond tolerance."""
     from ditdeploy.export.verify import check_parity, torch_reference
-    from ditdeploy.parity import probe_inputs
+    from ditdeploy.proof.parity import probe_inputs
 
     feeds = probe_inputs(config, batch_sizes, seed)
     parity = check_parity(onnx_path, torch_reference(model), feeds, precision=precision, tolerance=tolerance,
@@ -285,7 +285,7 @@ def _denoiser_manifest(onnx_path: Path, files: list[Path], config: Any, *, preci
     """The denoiser's manifest: config, I/O, batch limits, parity, graph summary, timings and memory."""
     import torch
 
-    from ditdeploy.manifest import make_manifest
+    from ditdeploy.artifact.manifest import make_manifest
 
     size, c = config.input_size, config.in_channels
     return make_manifest(

@@ -5,7 +5,7 @@
 manifest last). The manifest copies the ONNX manifest's model fields (kind, config, precision, batch, calibration
 hash…) and records the OpenVINO version and the default ``INFERENCE_PRECISION_HINT`` the runtime will use
 (``f32`` unless given: OpenVINO would otherwise run bf16 on CPUs that have it). Parity: the IR on OpenVINO CPU vs
-the ONNX on ONNX Runtime CPU, on ``ditdeploy.parity.probe_inputs`` at batch 2, gated by ``ditdeploy.parity``'s
+the ONNX on ONNX Runtime CPU, on ``ditdeploy.proof.parity.probe_inputs`` at batch 2, gated by ``ditdeploy.proof.parity``'s
 thresholds for the lossier of the artifact's precision and the hint.
 """
 
@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+from ditdeploy.artifact.manifest import Manifest, make_manifest
 from ditdeploy.errors import ArtifactError, DitDeployError, require
-from ditdeploy.manifest import Manifest, make_manifest
 
 # fields of the ONNX manifest that describe the model and carry over to the IR's manifest
 
 def parity_feeds(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """The conversion's parity inputs (``ditdeploy.parity``'s probe generators) for a denoiser or decoder manifest."""
-    from ditdeploy.parity import decoder_probe_inputs, probe_inputs
+    """The conversion's parity inputs (``ditdeploy.proof.parity``'s probe generators) for a denoiser or decoder manifest."""
+    from ditdeploy.proof.parity import decoder_probe_inputs, probe_inputs
 
     m = Manifest.of(m)
     if m.kind == "decoder":
@@ -39,7 +39,7 @@ def parity_feeds(m: dict[str, Any], batch: int = 2, seed: int = 0) -> dict[str, 
 def _parity(onnx_path: Path, xml: Path, m: Manifest, hint: str) -> dict[str, Any]:
     """The IR on OpenVINO CPU vs the ONNX on ONNX Runtime CPU (``parity.compare_runs``), judged by the thresholds of
     the lossier of the artifact's precision and the inference hint; NumericsError (nothing written) when they miss."""
-    from ditdeploy.parity import compare_runs, lossiest
+    from ditdeploy.proof.parity import compare_runs, lossiest
     from ditdeploy.runtimes.onnxruntime import make_session
     from ditdeploy.runtimes.openvino import compile_config, compile_cpu
 

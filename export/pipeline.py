@@ -1,9 +1,9 @@
 """What ``ditdeploy export`` does, as plain functions: pick the weights, name the output, dispatch by format.
 
-- weights: ``--checkpoint FILE`` (official .pt or our safetensors, via ``ditdeploy.checkpoints.load_model``), the
-  official file by name (from the cache, or downloaded with ``--download`` via ``ditdeploy.weights``), the shipped
+- weights: ``--checkpoint FILE`` (official .pt or our safetensors, via ``ditdeploy.sources.checkpoints.load_model``), the
+  official file by name (from the cache, or downloaded with ``--download`` via ``ditdeploy.sources.official_weights``), the shipped
   ``digits`` model, or ``--random-weights`` (benchmarking only; must be asked for explicitly);
-- formats: the registry ``ditdeploy.formats`` maps each ``--fmt`` to its builder here, which takes one
+- formats: the registry ``ditdeploy.artifact.formats`` maps each ``--fmt`` to its builder here, which takes one
   :class:`ExportJob`: ``build_onnx``, ``build_openvino`` (ONNX, then ``ditdeploy.export.openvino.export_openvino``),
   ``build_trt`` (ONNX, then ``ditdeploy.export.tensorrt.build_engine``), ``build_aoti`` (no ONNX:
   ``ditdeploy.export.aoti``, a ``.pt2``), ``build_diffusers``; ``--precision int8`` goes through the fp32 ONNX and
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ditdeploy.artifact.formats import get_format
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.formats import get_format
 
 DECODER_NAME = "vae_decoder"
 
@@ -45,21 +45,21 @@ def default_out(config: Any, precision: str, fmt: str) -> Path:
 
 def resolve_checkpoint(checkpoint: str, download: bool, say: Callable[[str], None] = print) -> Path:
     """An existing checkpoint path; an official file name is taken from the weights cache or, with ``download``,
-    fetched (``ditdeploy.weights.resolve_checkpoint``). Absent and not downloadable: a one-line error saying where
+    fetched (``ditdeploy.sources.official_weights.resolve_checkpoint``). Absent and not downloadable: a one-line error saying where
     to put the file and that ``--download`` fetches it."""
-    from ditdeploy import diffusers_io, weights
+    from ditdeploy.sources import diffusers_snapshot, official_weights
 
     p = Path(checkpoint).expanduser()
     if p.is_dir():
         return p  # a diffusers snapshot folder (checked when it is read)
-    if diffusers_io.looks_like_hub_id(str(checkpoint)):
-        raise diffusers_io.hub_id_error(str(checkpoint))
+    if diffusers_snapshot.looks_like_hub_id(str(checkpoint)):
+        raise diffusers_snapshot.hub_id_error(str(checkpoint))
     name = p.name if p.name.endswith(".pt") else p.name + ".pt"
-    official = not p.exists() and name in weights.OFFICIAL_WEIGHTS
-    if official and download and weights.cached_official(name) is None:
-        say(f"downloading {name} ({weights.LICENSE}) into {weights.resolve_cache_dir()} ...")
+    official = not p.exists() and name in official_weights.OFFICIAL_WEIGHTS
+    if official and download and official_weights.cached_official(name) is None:
+        say(f"downloading {name} ({official_weights.LICENSE}) into {official_weights.resolve_cache_dir()} ...")
     try:
-        return weights.resolve_checkpoint(checkpoint, download=download)
+        return official_weights.resolve_checkpoint(checkpoint, download=download)
     except ArtifactError as e:
         if official and not download:
             raise ArtifactError(f"{e}; or rerun with --download to fetch it") from e
@@ -78,7 +78,7 @@ def load_denoiser_model(
     say: Callable[[str], None] = print,
 ) -> tuple[Any, dict[str, Any]]:
     """The torch DiT to export and a ``source`` description for the manifest."""
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     is_digits = (model or "").lower() == "digits"
     if is_digits and image_size is not None:
@@ -86,9 +86,9 @@ def load_denoiser_model(
     if checkpoint and random_weights:
         raise DitDeployError("--checkpoint and --random-weights exclude each other")
     if checkpoint is None and not random_weights and not is_digits:
-        from ditdeploy import weights
+        from ditdeploy.sources import official_weights
 
-        official = weights.official_name(model or "", image_size or 256) if model else None
+        official = official_weights.official_name(model or "", image_size or 256) if model else None
         if download and official:
             checkpoint = official
         else:
@@ -105,10 +105,10 @@ def load_denoiser_model(
         net = random_model(model, image_size=image_size or 256, seed=seed,
                            **({"conditioning": conditioning} if conditioning else {}))
         return net, {"kind": "random", "seed": seed, "note": "random weights (benchmarking only)"}
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
 
     if checkpoint is None:  # digits, shipped
-        from ditdeploy import shipped
+        from ditdeploy.sources import shipped
 
         path = shipped.require_digits_checkpoint()
         kind = "shipped"
@@ -128,18 +128,18 @@ def load_denoiser_model(
 def snapshot_source(path: Path) -> dict[str, Any]:
     """``source`` of a diffusers snapshot: its folder, a digest of the transformer files, and (not for the
     manifest's ``source``; the command pops them) its ``vae/`` folder and ``id2label``."""
-    from ditdeploy import diffusers_io
+    from ditdeploy.sources import diffusers_snapshot
 
-    snap = diffusers_io.locate(path)
+    snap = diffusers_snapshot.locate(path)
     return {"kind": "diffusers", "path": str(path.resolve()), "name": path.name,
-            "sha256": diffusers_io.snapshot_digest(snap),
+            "sha256": diffusers_snapshot.snapshot_digest(snap),
             "bytes": sum(f.stat().st_size for f in snap.weight_files),
             "vae": str(snap.vae) if snap.vae else None, "id2label": snap.id2label}
 
 
 def class_names(net: Any, source: dict[str, Any]) -> dict[int, str] | None:
     """The id2label the exported artifact records: the snapshot's, or "0".."9" for the digits model."""
-    from ditdeploy.labels import for_model
+    from ditdeploy.config.labels import for_model
 
     if source.get("id2label"):
         return source["id2label"]
@@ -150,7 +150,7 @@ def class_names(net: Any, source: dict[str, Any]) -> dict[int, str] | None:
 def removed_on_failure(artifact: Path | None) -> Iterator[None]:
     """Delete ``artifact`` (and its manifest and external data) if the block fails: a decoder exported for a
     denoiser whose export then failed is not left behind on its own."""
-    from ditdeploy.outputs import artifact_files
+    from ditdeploy.artifact.output_policy import artifact_files
 
     try:
         yield
@@ -176,7 +176,7 @@ def _optional(module: str, attr: str, what: str) -> Callable[..., Any]:
 @contextlib.contextmanager
 def scratch_dir(near: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``near`` (same filesystem), removed afterwards."""
-    from ditdeploy.artifacts import temp_dir
+    from ditdeploy.artifact.files import temp_dir
 
     near.parent.mkdir(parents=True, exist_ok=True)
     with temp_dir(near.parent, "export") as d:
@@ -226,7 +226,7 @@ def export_cache_pair(net: Any, out: Path, fmt: str, *, opset: int, verify: bool
 
 @dataclass
 class ExportJob:
-    """One denoiser export, as every format's builder receives it (``ditdeploy.formats``).
+    """One denoiser export, as every format's builder receives it (``ditdeploy.artifact.formats``).
 
     ``options``: the format's own settings (``FormatSpec.options``: TensorRT's profile and dry run, AOTInductor's
     device...); ``id2label`` (class names) goes into the manifest and is carried through INT8 / OpenVINO /
@@ -334,14 +334,14 @@ def build_aoti(job: ExportJob) -> dict[str, Any]:
 
 def build_diffusers(job: ExportJob) -> dict[str, Any]:
     """``--fmt diffusers``: a DiTPipeline snapshot folder (its ``vae/`` copied from ``job.vae``)."""
-    from ditdeploy.diffusers_io import write_snapshot
+    from ditdeploy.sources.diffusers_snapshot import write_snapshot
 
     return write_snapshot(job.net, job.out, vae=job.vae, id2label=job.id2label, verify=job.verify, seed=job.seed,
                           source=job.source)
 
 
 def export_denoiser(net: Any, out: Path, fmt: str, precision: str, **settings: Any) -> dict[str, Any]:
-    """Export ``net`` as ``fmt``/``precision`` to ``out`` through the format's builder (``ditdeploy.formats``);
+    """Export ``net`` as ``fmt``/``precision`` to ``out`` through the format's builder (``ditdeploy.artifact.formats``);
     ``settings`` are :class:`ExportJob` fields. Returns the final artifact's manifest."""
     spec = get_format(fmt)
     job = ExportJob(net=net, out=Path(out), fmt=spec.name, precision=precision, **settings)
@@ -355,7 +355,7 @@ def quantize_export(src: Path, out: Path, fmt: str, *, cache_graphs: bool, verif
                     calibration: str | None, **int8: Any) -> dict[str, Any]:
     """INT8 from an existing fp32 ONNX export ``src`` (plain, or a ``--cache-graphs`` pair): the graph is quantized
     as it is, nothing is exported again. ``fmt`` onnx (a pair stays ONNX: OpenVINO reads it) or openvino (plain)."""
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     m = Manifest.load(src, verify=True)
     assert m is not None

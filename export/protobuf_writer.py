@@ -1,5 +1,7 @@
-"""Writing large ``onnx_ir`` models: one external-data file above the 2 GiB protobuf limit, or a
-streamed self-contained .onnx that never holds the whole serialized protobuf in memory.
+"""Writing large ``onnx_ir`` models past the 2 GiB protobuf limit.
+
+Either one external-data file above the 2 GiB protobuf limit, or a streamed self-contained .onnx that never
+holds the whole serialized protobuf in memory.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ditdeploy.artifacts import atomic_dir, manifest_path, write_bytes_atomic, write_json_atomic
+from ditdeploy.artifact.files import atomic_dir, manifest_path, write_bytes_atomic, write_json_atomic
+from ditdeploy.artifact.manifest import load_manifest, make_manifest
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
 from ditdeploy.export.trt_plan import INSTALL_HINT, BuildPlan, TrtFeatures, engine_metadata, make_build_plan
 from ditdeploy.export.trt_polygraphy import ConfigChecks, make_loaders, polygraphy_args
-from ditdeploy.manifest import load_manifest, make_manifest
 
 __all__ = ["build_engine", "import_tensorrt", "write_build_plan"]
 
@@ -163,9 +163,9 @@ def _build(trt: Any, feats: TrtFeatures, src: Path, out: Path, plan: BuildPlan, 
         gpu_name, cc = _gpu()
         manifest = make_manifest(out, [tmp / out.name], **engine_metadata(plan, gpu_name, cc, src_m, seconds))
         write_json_atomic(tmp / mp.name, manifest)
-    from ditdeploy.trust import record_trusted
+    from ditdeploy.artifact.trust import record_trusted
 
-    record_trusted(manifest["files"][out.name]["sha256"], out, "tensorrt")  # built here (ditdeploy.trust)
+    record_trusted(manifest["files"][out.name]["sha256"], out, "tensorrt")  # built here (ditdeploy.artifact.trust)
     if plan.timing_cache:
         write_bytes_atomic(Path(plan.timing_cache), checks.timing_cache_bytes())
     return manifest

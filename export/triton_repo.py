@@ -1,24 +1,29 @@
-"""``ditdeploy export --fmt triton``: a Triton Inference Server model repository around an exported ONNX denoiser.
+"""``ditdeploy export --fmt triton``: a Triton Inference Server model repository around an ONNX denoiser.
 
-Layout (``REPO/``; model names are the ones ``ditdeploy serve`` uses)::
+The ONNX denoiser is one already exported. Layout (``REPO/``; model names are the ones ``ditdeploy serve``
+uses)::
 
     ditdeploy_manifest.json       what the repository holds, sha256 of every file, how to run it
     denoise/config.pbtxt          the denoiser on ONNX Runtime (platform onnxruntime_onnx), dynamic batching
-    denoise/configs/tensorrt.pbtxt   ... on TensorRT (platform tensorrt_plan; build 1/model.plan on the GPU first)
+    denoise/configs/tensorrt.pbtxt   ... on TensorRT (platform tensorrt_plan;
+                                     build 1/model.plan on the GPU first)
     denoise/configs/openvino.pbtxt   ... on OpenVINO (backend openvino, reading the same .onnx)
     denoise/configs/python.pbtxt     ... on ONNX Runtime inside the Python backend (PyTriton's bundled server)
     denoise/1/<artifact>.onnx (+ .json manifest, + .data external weights)   default_model_filename names it
-    denoise/1/model.py            the Python-backend variant (ditdeploy.triton_models.PythonArtifactModel)
+    denoise/1/model.py            the Python-backend variant
+                                  (ditdeploy.serving.triton_repo_models.PythonArtifactModel)
     vae_decoder/...               the same for the VAE decoder (latent models with a decoder)
     generate/config.pbtxt         the sampling loop (Python backend; calls denoise / vae_decoder through BLS),
                                   the DiT config and id2label in its ``ditdeploy`` parameter
-    generate/1/model.py           ditdeploy.triton_models.GenerateModel (ditdeploy serve's wire protocol)
+    generate/1/model.py           ditdeploy.serving.triton_repo_models.GenerateModel
+                                  (ditdeploy serve's wire protocol)
     info/config.pbtxt, 1/model.py the deployment's description, as ditdeploy serve's info model answers
 
-Triton picks a variant with ``tritonserver --model-config-name tensorrt|openvino|python`` (a model without that
-file in ``configs/`` keeps ``config.pbtxt``). The repository is built in a hidden folder beside ``REPO`` and renamed
-into place, so ``REPO`` either appears complete with its manifest or not at all. Standard library + the artifact
-layer only (no torch): :func:`write_repository` packages an ONNX artifact that already exists.
+Triton picks a variant with ``tritonserver --model-config-name tensorrt|openvino|python`` (a model without
+that file in ``configs/`` keeps ``config.pbtxt``). The repository is built in a hidden folder beside ``REPO``
+and renamed into place, so ``REPO`` either appears complete with its manifest or not at all. Standard library
+and the artifact layer only (no torch): :func:`write_repository` packages an ONNX artifact that already
+exists.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.triton_models import SPEC_PARAMETER as SPEC  # the config parameter the Python models read
+from ditdeploy.serving.triton_repo_models import (
+    SPEC_PARAMETER as SPEC,  # the config parameter the Python models read
+)
 
 MANIFEST_NAME = "ditdeploy_manifest.json"
 DENOISE, DECODER, GENERATE, INFO = "denoise", "vae_decoder", "generate", "info"
@@ -61,7 +68,7 @@ for _p in filter(None, os.environ.get("DITDEPLOY_PYTHONPATH", "").split(os.paths
     site.addsitedir(_p)
 sys.path[:] = [p for p in sys.path if p not in _before] + _before
 
-from ditdeploy.triton_models import {cls} as TritonPythonModel  # noqa: E402,F401
+from ditdeploy.serving.triton_repo_models import {cls} as TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -181,7 +188,7 @@ def info_config(spec: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------ the repository
 def _copy_set(artifact: Path, dest: Path) -> list[Path]:
     """Copy an artifact, its manifest and the files the manifest lists into ``dest`` (hard links when possible)."""
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     m = Manifest.load(artifact)  # sha256 verified before anything is copied
     dest.mkdir(parents=True, exist_ok=True)
@@ -213,9 +220,9 @@ def build_repository(root: Path, denoiser: Path, decoder: Path | None, options: 
                      id2label: dict[int, str] | None = None) -> dict[str, Any]:
     """Lay out the repository in ``root`` (an empty folder) around the ONNX ``denoiser`` (and ``decoder``) artifacts
     with manifests; copies them in. Returns the repository manifest (also written to ``root``)."""
-    from ditdeploy.artifacts import folder_files, tool_versions, write_json_atomic
-    from ditdeploy.labels import for_model, normalize
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.files import folder_files, tool_versions, write_json_atomic
+    from ditdeploy.artifact.manifest import Manifest
+    from ditdeploy.config.labels import for_model, normalize
 
     dm = Manifest.load(denoiser)
     if dm.format != "onnx" or dm.kind not in (None, "denoiser"):
@@ -264,8 +271,8 @@ def write_repository(denoiser: str | os.PathLike, out: str | os.PathLike, *, dec
                      options: RepoOptions | None = None, id2label: dict[int, str] | None = None) -> dict[str, Any]:
     """Package an exported ONNX denoiser (and its VAE decoder: ``decoder``, else the one its manifest names) as a
     Triton model repository at ``out`` (a new or empty folder), published in one rename. Returns its manifest."""
-    from ditdeploy.artifacts import atomic_folder
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.files import atomic_folder
+    from ditdeploy.artifact.manifest import Manifest
 
     denoiser = Path(denoiser)
     if decoder is None:
@@ -276,7 +283,7 @@ def write_repository(denoiser: str | os.PathLike, out: str | os.PathLike, *, dec
 
 def verify_repository(repo: str | os.PathLike) -> dict[str, Any]:
     """Read ``repo``'s manifest and check every file it lists (sha256); returns the manifest."""
-    from ditdeploy.artifacts import verify_folder
+    from ditdeploy.artifact.files import verify_folder
 
     return verify_folder(repo, MANIFEST_NAME)
 
@@ -287,7 +294,7 @@ def export_repository(net: Any, out: str | os.PathLike, *, precision: str, vae: 
                       int8_mode: str = "static", int8_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``export --fmt triton``: export ``net`` to ONNX (and the VAE decoder of ``vae``) in a scratch folder beside
     ``out``, then :func:`write_repository` around them. Returns the repository manifest."""
-    from ditdeploy.artifacts import check_new_folder
+    from ditdeploy.artifact.files import check_new_folder
     from ditdeploy.export import pipeline
 
     out = check_new_folder(out)  # before the slow export, not after it
@@ -306,7 +313,7 @@ def export_repository(net: Any, out: str | os.PathLike, *, precision: str, vae: 
 
 
 def build(job: Any) -> dict[str, Any]:
-    """``--fmt triton``'s builder (``ditdeploy.formats``): the repository for an ``export.pipeline.ExportJob``."""
+    """``--fmt triton``'s builder (``ditdeploy.artifact.formats``): the repository for an ``export.pipeline.ExportJob``."""
     options = RepoOptions(max_batch=job.batch_max or DEFAULT_MAX_BATCH,
                           instances=job.options.get("instances") or DEFAULT_INSTANCES)
     return export_repository(job.net, job.out, precision=job.precision, vae=job.vae, options=options,

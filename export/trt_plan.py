@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ditdeploy.bounds import MAX_BATCH
+from ditdeploy.artifact.manifest import Manifest
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.manifest import Manifest
+from ditdeploy.system.bounds import MAX_BATCH
 
 __all__ = [
     "BatchProfile",
@@ -51,7 +51,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 OPT_LEVELS = range(0, 6)
 DEFAULT_OPT_LEVEL = 3
 DEFAULT_BATCH = (1, 8, 32)  # min, opt, max (the sampler's CFG batch is 2 x images; larger batches are chunked)
-MAX_BATCH_LIMIT = MAX_BATCH  # one limit for every command (ditdeploy.bounds)
+MAX_BATCH_LIMIT = MAX_BATCH  # one limit for every command (ditdeploy.system.bounds)
 MIN_MAJOR = 10
 INSTALL_HINT = ("pip install 'ditdeploy[tensorrt]' (TensorRT wheels come from NVIDIA's index: add "
                 "--extra-index-url https://pypi.nvidia.com; an NVIDIA GPU and driver are required)")
@@ -185,7 +185,7 @@ class BuildPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        from ditdeploy.variants import DiTConfig
+        from ditdeploy.config.variants import DiTConfig
 
         return self.profile.shapes(DiTConfig.from_dict(self.config))
 
@@ -377,7 +377,7 @@ def make_build_plan(
     graph: Q/DQ nodes -> int8, fp16 initializers -> fp16). Unset batch bounds default to (1, 8, 32) clamped to each
     other; a static-batch ONNX must be built for exactly its batch. ``features`` defaults to TensorRT 10 assumed.
     """
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     p = Path(onnx_path)
     model, manifest = _read_source(p, manifest)

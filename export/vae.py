@@ -78,7 +78,7 @@ def export_vae_decoder_onnx(
     ``batch_sizes`` (zipped) are the verification shapes (ORT CPU vs diffusers ``decode``); a failed check raises
     ``NumericsError`` and leaves nothing at ``out_path``.
     """
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
     from ditdeploy.export.graph import MIN_OPSET
     from ditdeploy.export.onnx import check_out_path, move_into_place, readable
     from ditdeploy.export.profiling import PeakRSS, _stage_bar
@@ -88,7 +88,7 @@ def export_vae_decoder_onnx(
     vae_dir = None
     if isinstance(vae, (str, os.PathLike)):
         vae_dir = Path(vae)
-        from ditdeploy.diffusers_io import load_vae
+        from ditdeploy.sources.diffusers_snapshot import load_vae
 
         vae = load_vae(vae_dir)
     if not hasattr(vae, "decoder") or not hasattr(vae, "config"):
@@ -130,7 +130,7 @@ def export_vae_decoder_onnx(
 
 def _vae_source(vae_dir: Path) -> dict[str, Any]:
     """Where the VAE came from: its folder and the sha256 of its weight files."""
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     source: dict[str, Any] = {"vae_dir": str(vae_dir)}
     weights = sorted(p for p in (vae_dir / "vae" if (vae_dir / "vae").is_dir() else vae_dir).glob("*")
@@ -165,9 +165,9 @@ def _verify_decoder(vae: Any, graph: Any, path: Path, latent_sizes: Sequence[int
                     seed: int, tolerance: dict[str, float] | None) -> dict[str, Any]:
     """ORT CPU vs diffusers ``decode`` (fp32, clamped) at each latent size x batch; raises beyond tolerance."""
     from ditdeploy.export.verify import check_parity
-    from ditdeploy.parity import decoder_probe_inputs
+    from ditdeploy.proof.parity import decoder_probe_inputs
 
-    # fp32 decoder: convolution reassociation only (~1e-6): the fp32 row of ditdeploy.parity.THRESHOLDS
+    # fp32 decoder: convolution reassociation only (~1e-6): the fp32 row of ditdeploy.proof.parity.THRESHOLDS
     feeds = decoder_probe_inputs(int(vae.config.latent_channels), latent_sizes, batch_sizes, seed)
     parity = check_parity(path, _diffusers_reference(vae, graph.scaling_factor, graph.shift_factor),
                           feeds, precision="fp32", tolerance=tolerance, what="VAE decoder ONNX")
@@ -182,7 +182,7 @@ def _decoder_manifest(path: Path, files: list[Path], vae: Any, graph: Any, *, op
                       stats: dict[str, Any], changes: dict[str, Any], source: dict[str, Any] | None,
                       timings: dict[str, float], peak_rss: int) -> dict[str, Any]:
     """The decoder's manifest: VAE config, scaling, I/O, parity, graph summary, timings."""
-    from ditdeploy.manifest import make_manifest
+    from ditdeploy.artifact.manifest import make_manifest
 
     latent_channels = int(vae.config.latent_channels)
     up = 2 ** (len(vae.config.block_out_channels) - 1)

@@ -1,9 +1,9 @@
 """Parity at export: run the freshly written ONNX file on ONNX Runtime CPU and compare it with the torch model.
 
-The inputs are ``ditdeploy.parity.probe_inputs`` (seeded; both CFG halves; timesteps over 0..999), one
+The inputs are ``ditdeploy.proof.parity.probe_inputs`` (seeded; both CFG halves; timesteps over 0..999), one
 ``session.run`` per batch size on the same file, so the dynamic batch dimension is exercised too. The gates are the
-per-call rows of ``ditdeploy.parity.THRESHOLDS``; the runs, numbers and verdict come from
-``ditdeploy.parity.compare_runs``.
+per-call rows of ``ditdeploy.proof.parity.THRESHOLDS`` (:func:`tolerance_for`); the numbers come from
+``ditdeploy.proof.parity.compare``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.parity import compare_runs, thresholds_for
+from ditdeploy.proof.parity import compare_runs, thresholds_for
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, int8_exact: bool = False):

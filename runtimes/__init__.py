@@ -1,7 +1,6 @@
-"""ditdeploy.runtimes: run an exported DiT denoiser (and VAE decoder) on torch, ONNX Runtime, OpenVINO, TensorRT or
-AOTInductor (.pt2).
+"""Run an exported DiT denoiser (and VAE decoder) on torch, ONNX Runtime, OpenVINO, TensorRT or AOTInductor.
 
-One protocol for all backends::
+This is ``ditdeploy.runtimes``; AOTInductor artifacts are ``.pt2`` packages. One protocol for all backends::
 
     from ditdeploy.runtimes import load, load_decoder
     den = load("s2.onnx")                      # backend from the suffix, or load(p, backend="openvino")
@@ -21,12 +20,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ditdeploy.artifact.manifest import Manifest
+from ditdeploy.config.variants import DiTConfig
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import Timed
 from ditdeploy.runtimes.options import accepted, validate
 from ditdeploy.runtimes.registry import backend_module, backend_names, canonical, get_backend, suffix_backends
-from ditdeploy.variants import DiTConfig
 
 __all__ = ["Decoder", "Denoiser", "Timed", "backend_names", "check_options", "load", "load_decoder",
            "options_for", "resolve_backend", "select_options"]
@@ -88,7 +87,7 @@ def _module(backend: str):
 
 
 def _is_snapshot(path: str | os.PathLike) -> bool:
-    from ditdeploy.artifacts import is_snapshot_dir
+    from ditdeploy.artifact.files import is_snapshot_dir
 
     return is_snapshot_dir(path)
 

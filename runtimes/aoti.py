@@ -1,14 +1,15 @@
-"""AOTInductor backend: a ``.pt2`` package from ``ditdeploy export --fmt aoti``, run by AOTInductor's C++ package
-loader, single-threaded (no Python model code; imports torch, like the torch backend).
+"""AOTInductor backend: run a ``.pt2`` package from ``ditdeploy export --fmt aoti``, no Python model code.
+
+AOTInductor's C++ package loader runs it, single-threaded; this module imports torch, like the torch backend.
 
 A ``.pt2`` is native code: it loads only with ``trust_native_code=True`` or its sha256 in the trusted list
-(``ditdeploy.trust``), after its zip members are checked, into a private folder (``ditdeploy.zipcheck``).
-Before loading, the manifest is checked against this machine: the torch version that compiled the package (a
-``.pt2`` holds a shared library built against that libtorch) and the device it was compiled for (a CUDA package needs
-a CUDA device; a CPU package runs on the CPU only). Each mismatch, a truncated or corrupt package, is one line.
-Batches below the package's minimum batch are padded (rows repeated, outputs dropped), above its maximum chunked.
-On CUDA, inputs are staged once per call and ``cuda_graph=True`` replays a captured graph per batch size
-(``ditdeploy.runtimes.cuda_staging``).
+(``ditdeploy.artifact.trust``), after its zip members are checked, into a private folder
+(``ditdeploy.artifact.zip_members``). Before loading, the manifest is checked against this machine: the torch
+version that compiled the package (a ``.pt2`` holds a shared library built against that libtorch) and the
+device it was compiled for (a CUDA package needs a CUDA device; a CPU package runs on the CPU only). Each
+mismatch, a truncated or corrupt package, is one line. Batches below the package's minimum batch are padded
+(rows repeated, outputs dropped), above its maximum chunked. On CUDA, inputs are staged once per call and
+``cuda_graph=True`` replays a captured graph per batch size (``ditdeploy.runtimes.cuda_staging``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.artifact.manifest import Manifest
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DenoiserBase, read_manifest
 from ditdeploy.runtimes.registry import BackendSpec
 
@@ -183,14 +184,14 @@ def load_package(path: Path, device: Any, *, trust_native_code: bool = False,
     """The package loaded through AOTInductor's C++ loader (``aoti_load_package`` wraps the same loader but first
     imports the whole inductor and probes the compiler for CPU ISAs: ~10 s here, vs 0.1 s).
 
-    Before a byte reaches native code: the trust check (``ditdeploy.trust``: the flag, or the file's sha256 --
-    ``verified``'s entry when that manifest was just checked, else hashed -- in the trusted list) and the zip check (``ditdeploy.zipcheck``: no
+    Before a byte reaches native code: the trust check (``ditdeploy.artifact.trust``: the flag, or the file's sha256 --
+    ``verified``'s entry when that manifest was just checked, else hashed -- in the trusted list) and the zip check (``ditdeploy.artifact.zip_members``: no
     absolute/``..``/link members, bounded count and sizes). The loader extracts into a private folder (``TMPDIR``
     for its duration) that is removed on failure and by :meth:`Package.close`. Every failure is one line."""
     import torch
 
-    from ditdeploy.trust import require_trusted
-    from ditdeploy.zipcheck import PrivateDir, check_zip
+    from ditdeploy.artifact.trust import require_trusted
+    from ditdeploy.artifact.zip_members import PrivateDir, check_zip
 
     require_trusted(path, "aoti", trust_native_code, verified)
     check_zip(path, "the AOTInductor package")

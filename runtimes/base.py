@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.artifact.manifest import Manifest
+from ditdeploy.config.variants import LATENT_CHANNELS, DiTConfig
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
-from ditdeploy.manifest import Manifest
-from ditdeploy.variants import LATENT_CHANNELS, DiTConfig
-from ditdeploy.watch import Watched
+from ditdeploy.run.watched import Watched
 
 DENOISER_INPUTS = ("x", "t", "y")
 DENOISER_OUTPUT = "out"
@@ -57,9 +57,9 @@ def read_manifest(path: str | os.PathLike, kind: str, verify: bool = True) -> Ma
 
 def int8_saturates_here(m: Manifest, path: str | os.PathLike, runtime: str, remedy: str) -> bool:
     """True when ``m`` is an INT8 artifact with full-range int8 weights and this CPU has no VNNI (its u8s8 kernels
-    pair-add into saturating int16 lanes: ``ditdeploy.cpu_isa``); says so in one warning line, once per artifact and
+    pair-add into saturating int16 lanes: ``ditdeploy.system.cpu_isa``); says so in one warning line, once per artifact and
     process. ``remedy``: what the runtime does about it."""
-    from ditdeploy.cpu_isa import detect
+    from ditdeploy.system.cpu_isa import detect
 
     isa = detect()
     if not (m.int8_full_range and isa.int8_saturates):
@@ -107,7 +107,7 @@ def light_graph(path: str | os.PathLike, m: dict[str, Any]) -> tuple[Path, str] 
 
     Raises ``ArtifactError`` (one line) when the manifest's ``cache_graphs`` entry is malformed or its file missing.
     """
-    from ditdeploy.artifacts import safe_member
+    from ditdeploy.artifact.files import safe_member
 
     cg = m.get("cache_graphs")
     if cg is None:

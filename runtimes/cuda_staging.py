@@ -1,13 +1,15 @@
-"""CUDA execution for the torch-based backends (``torch``, ``aoti``): inputs staged once per call, optional CUDA graphs.
+"""CUDA execution for the torch-based backends: inputs staged once per call, optional CUDA graphs.
 
-Per call, the numpy inputs are copied into pinned host buffers and from there, asynchronously, into device buffers
-that persist per batch size (one host->device copy per input per call, no allocation); the output comes back through a
-pinned buffer after one stream synchronisation. With ``graph=True`` the model call is captured once per batch size
-(after warm-up calls on a side stream, as torch's CUDA-graph documentation prescribes) and replayed on later calls
-with the same batch: no per-kernel launch cost, which dominates small batches.
+The torch-based backends are ``torch`` and ``aoti``. Per call, the numpy inputs are copied into pinned host
+buffers and from there, asynchronously, into device buffers that persist per batch size (one host->device copy
+per input per call, no allocation); the output comes back through a pinned buffer after one stream
+synchronisation. With ``graph=True`` the model call is captured once per batch size (after warm-up calls on a
+side stream, as torch's CUDA-graph documentation prescribes) and replayed on later calls with the same batch:
+no per-kernel launch cost, which dominates small batches.
 
-Imports torch; loaded only by the torch-based backends, and only on a CUDA device. Not executed in this project's CI
-(no GPU); the CPU-visible behaviour (``--cuda-graph`` on a CPU device is an error) is tested there.
+Imports torch; loaded only by the torch-based backends, and only on a CUDA device. Not executed in this
+project's CI (no GPU); the CPU-visible behaviour (``--cuda-graph`` on a CPU device is an error) is tested
+there.
 """
 
 from __future__ import annotations

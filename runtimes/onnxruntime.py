@@ -1,10 +1,11 @@
-"""ONNX Runtime backend: providers TensorRT EP > CUDA EP > CPU by availability (overridable), throughput settings.
+"""ONNX Runtime backend: execution providers by availability (overridable) and throughput settings.
 
-Session options: all graph optimisations, intra-op threads = physical cores (override ``threads=``), sequential
-execution, no spinning of idle worker threads (``spinning=True`` to allow it). On GPU providers the output is
-bound on the device with I/O binding and copied back once per call. An INT8 artifact whose full-range int8 weights
-would saturate on this CPU (x86 without VNNI, ``ditdeploy.cpu_isa``) is said in one warning line and run on ONNX
-Runtime's u8u8 kernels, which do not saturate (``make_session(int8_exact=True)``).
+Providers: TensorRT EP > CUDA EP > CPU. Session options: all graph optimisations, intra-op threads = physical
+cores (override ``threads=``), sequential execution, no spinning of idle worker threads (``spinning=True`` to
+allow it). On GPU providers the output is bound on the device with I/O binding and copied back once per call.
+An INT8 artifact whose full-range int8 weights would saturate on this CPU (x86 without VNNI,
+``ditdeploy.system.cpu_isa``) is said in one warning line and run on ONNX Runtime's u8u8 kernels, which do not
+saturate (``make_session(int8_exact=True)``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.artifact.onnx_header import check_against_manifest
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.graphcheck import check_against_manifest
 from ditdeploy.runtimes.base import (
     DECODER_INPUT,
     DENOISER_INPUTS,

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from ditdeploy.altstack import keep_sigaltstack
-from ditdeploy.artifacts import manifest_path
+from ditdeploy.artifact.files import manifest_path
+from ditdeploy.artifact.manifest import Manifest
+from ditdeploy.artifact.onnx_header import check_listed
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.graphcheck import check_listed
-from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import (
     DECODER_INPUT,
     DENOISER_INPUTS,
@@ -32,6 +31,7 @@ from ditdeploy.runtimes.base import (
     read_manifest,
 )
 from ditdeploy.runtimes.registry import BackendSpec
+from ditdeploy.system.altstack import keep_sigaltstack
 
 BACKEND = BackendSpec("openvino", reads=(".xml", ".onnx"), claims=(".xml",), aliases=("ov",),
                       distributions=("openvino",), imports="openvino")
@@ -49,7 +49,7 @@ def _ov():
 
 
 def compile_cpu(model: Any, cfg: dict[str, Any], device: str = "CPU") -> Any:
-    """``ov.Core().compile_model`` keeping this thread's alternate signal stack (see ``ditdeploy.altstack``)."""
+    """``ov.Core().compile_model`` keeping this thread's alternate signal stack (see ``ditdeploy.system.altstack``)."""
     with keep_sigaltstack():
         return _ov().Core().compile_model(model, device, cfg)
 

@@ -1,14 +1,15 @@
-"""The backend registry: each runtime module declares its :class:`BackendSpec`; every backend list derives from it.
+"""The backend registry: each runtime module declares a :class:`BackendSpec`; backend lists derive from it.
 
 A runtime module (``runtimes/onnxruntime.py``...) holds ``BACKEND = BackendSpec(...)`` (its name, aliases, the
-suffixes it reads and those it is the default for, the pip distributions whose versions matter, bench's default
-targets) next to ``load_denoiser`` / ``load_decoder``, whose keyword parameters are its option set
-(``runtimes/options.py``). :data:`MODULES` below lists the runtime modules: adding a backend is one module plus
-one line there (a test or plugin may call :func:`register_backend` with its own module instead).
+suffixes it reads and those it is the default for, the pip distributions whose versions matter, bench's
+default targets) next to ``load_denoiser`` / ``load_decoder``, whose keyword parameters are its option set
+(``runtimes/options.py``). :data:`MODULES` below lists the runtime modules: adding a backend is one module
+plus one line there (a test or plugin may call :func:`register_backend` with its own module instead).
 
-``runtimes.load`` (suffix -> backend, aliases, what a backend reads), the CLI's ``--backend`` choices,
-``ditdeploy info``, ``bench``'s default targets (:func:`readers`) and :func:`tool_versions` all read this registry. Modules are
-imported on first use; none imports its runtime library (or torch) at import time.
+Every backend list reads this registry: ``runtimes.load`` (suffix -> backend, aliases, what a backend reads),
+the CLI's ``--backend`` choices, ``ditdeploy info``, ``bench``'s default targets (:func:`readers`) and
+:func:`tool_versions`. Modules are imported on first use; none imports its runtime library (or torch) at
+import time.
 """
 
 from __future__ import annotations

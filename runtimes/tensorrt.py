@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.artifact.manifest import Manifest
 from ditdeploy.errors import ArtifactError, DitDeployError, require
-from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import (
     DENOISER_INPUTS,
     DENOISER_OUTPUT,
@@ -173,7 +173,7 @@ class TensorRTDenoiser(DenoiserBase):
         self.path = Path(path)
         self.manifest = read_manifest(self.path, "denoiser", verify=verify)
         self.config = self.manifest.config
-        from ditdeploy.trust import require_trusted
+        from ditdeploy.artifact.trust import require_trusted
 
         require_trusted(self.path, "tensorrt", trust_native_code, self.manifest if verify else None)  # before TensorRT
         self.trt = trt = require("tensorrt", "tensorrt", "the TensorRT backend")

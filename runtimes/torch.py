@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ditdeploy.artifact.manifest import Manifest
 from ditdeploy.errors import DitDeployError, require
-from ditdeploy.manifest import Manifest
 from ditdeploy.runtimes.base import DecoderBase, DenoiserBase
 from ditdeploy.runtimes.registry import BackendSpec
 
@@ -132,7 +132,7 @@ def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int |
     """A diffusers ``AutoencoderKL`` folder (local files only) as the reference decoder."""
     _torch()
     require("diffusers", "vae", "the torch VAE decoder")
-    from ditdeploy.diffusers_io import load_autoencoder
+    from ditdeploy.sources.diffusers_snapshot import load_autoencoder
 
     p = Path(path)
     vae = load_autoencoder(p, low_cpu_mem_usage=False)
@@ -142,7 +142,7 @@ def load_decoder(path: str | os.PathLike, *, device: str = "cpu", threads: int |
 def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, verify: bool = True,
                   device: str = "cpu", threads: int | None = None, max_batch: int | None = None,
                   cuda_graph: bool = False) -> TorchDenoiser:
-    """Load a checkpoint with ``ditdeploy.checkpoints.load_model`` (config from safetensors metadata, or
+    """Load a checkpoint with ``ditdeploy.sources.checkpoints.load_model`` (config from safetensors metadata, or
     inferred for official .pt files with ``image_size``); a manifest beside it, if present, is verified."""
     _torch()
     if cuda_graph:  # before the (possibly large) checkpoint is read
@@ -150,14 +150,14 @@ def load_denoiser(path: str | os.PathLike, *, image_size: int | None = None, ver
 
         require_cuda_for_graph(device, "the torch backend (pass device='cuda')")
     try:
-        from ditdeploy.checkpoints import load_model
+        from ditdeploy.sources.checkpoints import load_model
     except ImportError as e:  # pragma: no cover - checkpoints module ships with ditdeploy
-        raise DitDeployError(f"the torch backend needs ditdeploy.checkpoints: {e}") from e
+        raise DitDeployError(f"the torch backend needs ditdeploy.sources.checkpoints: {e}") from e
     p = Path(path)
     manifest = Manifest.load(p, verify=verify, required=False) if p.is_file() else None
     model = load_model(p, image_size=image_size) if image_size else load_model(p)
     if p.is_dir():  # a diffusers snapshot: its class names and vae/ folder (decoded by the torch reference)
-        from ditdeploy.diffusers_io import locate
+        from ditdeploy.sources.diffusers_snapshot import locate
 
         snap = locate(p)
         manifest = {"kind": "denoiser", "format": "diffusers", "precision": "fp32",

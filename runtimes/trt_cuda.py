@@ -1,11 +1,13 @@
-"""CUDA pieces of the TensorRT backend (cuda-python runtime bindings): checked calls, errors by name, and the
-CUDA-graph executor (Polygraphy's ``TrtRunner`` runs the plain path; it has no CUDA-graph mode).
+"""CUDA pieces of the TensorRT backend (cuda-python): checked calls, errors by name, a CUDA-graph executor.
 
-Every cuda-python call returns ``(cudaError_t, *values)``; :func:`ck` unpacks it and raises a one-line error that
-names the error (``cudaGetErrorName``, e.g. ``cudaErrorMemoryAllocation``), not its number. Every
+The bindings are cuda-python's runtime bindings. Polygraphy's ``TrtRunner`` runs the plain path; it has no
+CUDA-graph mode, hence the executor here.
+
+Every cuda-python call returns ``(cudaError_t, *values)``; :func:`ck` unpacks it and raises a one-line error
+that names the error (``cudaGetErrorName``, e.g. ``cudaErrorMemoryAllocation``), not its number. Every
 ``execute_async_v3`` is checked, in the CUDA-graph capture too; a capture that fails is ended and its graph
-destroyed; an instantiated graph's template is destroyed at once (``cudaGraphDestroy``) and each executable graph
-at close (``cudaGraphExecDestroy``).
+destroyed; an instantiated graph's template is destroyed at once (``cudaGraphDestroy``) and each executable
+graph at close (``cudaGraphExecDestroy``).
 """
 
 from __future__ import annotations

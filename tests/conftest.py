@@ -20,7 +20,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def private_trusted_list(tmp_path_factory) -> Path:
-    """The trusted-digests file of native artifacts (``ditdeploy.trust``) for this session: a private one, never the
+    """The trusted-digests file of native artifacts (``ditdeploy.artifact.trust``) for this session: a private one, never the
     user's ~/.config/ditdeploy/trusted.txt (exports record what they build there; loads consult it)."""
     old = os.environ.get("DITDEPLOY_TRUSTED_FILE")
     path = tmp_path_factory.mktemp("trust") / "trusted.txt"
@@ -37,10 +37,10 @@ def digits_artifacts(tmp_path_factory) -> dict[str, Path]:
     """A digits-config DiT (pixel space 1x8x8, 10 classes) with deterministic random weights: ``ckpt``
     (.safetensors with its config in the metadata) and ``onnx`` (fp32, verified on ONNX Runtime at export, manifest
     beside it). Built once per session (~10-30 s of dynamo export)."""
-    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.config.variants import DIGITS
     from ditdeploy.export.onnx import export_denoiser_onnx
     from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     d = tmp_path_factory.mktemp("digits_artifacts")
     model = random_model(DIGITS, seed=11)
@@ -77,7 +77,7 @@ def edit_manifest(artifact: Path, fn: Callable[[dict], None]) -> None:
 def rehash(artifact: Path, files: Iterable[Path] | None = None) -> None:
     """Re-record the sha256/size of ``files`` (default: the artifact alone) in its manifest, so a deliberately
     damaged file passes the hash check and reaches the runtime's own loader."""
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     files = list(files) if files is not None else [artifact]
 
@@ -167,9 +167,9 @@ def tiny_checkpoint(dest: Path) -> Path:
     """A 1-block, 32-wide digits-shaped safetensors checkpoint in ``dest`` (for refusals before export work)."""
     import dataclasses
 
-    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.config.variants import DIGITS
     from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
     return save_safetensors(random_model(cfg, seed=4), dest / "tiny.safetensors", cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ditdeploy.variants import DIGITS, DiTConfig
+from ditdeploy.config.variants import DIGITS, DiTConfig
 
 TINY_LATENT = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
                         num_classes=5, variant="tiny-latent", space="latent")
@@ -33,8 +33,8 @@ def _tiny_vae():
 
 def shipped() -> dict[str, Path] | None:
     """The shipped digits checkpoint + ONNX, if present."""
-    from ditdeploy.shipped import DIGITS_CHECKPOINT as ckpt
-    from ditdeploy.shipped import DIGITS_ONNX as onnx
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT as ckpt
+    from ditdeploy.sources.shipped import DIGITS_ONNX as onnx
 
     return {"ckpt": ckpt, "onnx": onnx} if ckpt.exists() and onnx.exists() else None
 
@@ -51,9 +51,9 @@ def pixel_artifacts(root: Path) -> dict[str, Path]:
     if s is not None:
         ckpt, onnx, trained = s["ckpt"], s["onnx"], True
     else:
-        from ditdeploy.checkpoints import save_safetensors
         from ditdeploy.export.onnx import export_denoiser_onnx
         from ditdeploy.export.randomize import random_model
+        from ditdeploy.sources.checkpoints import save_safetensors
 
         model = random_model("digits", seed=0)
         ckpt = save_safetensors(model, d / "px.safetensors", DIGITS)
@@ -69,11 +69,11 @@ def latent_artifacts(root: Path) -> dict[str, Path]:
     """Checkpoint + ONNX (decoder named in the manifest) of a tiny latent DiT, and its tiny VAE (ONNX + folder)."""
     if "latent" in _CACHE:
         return _CACHE["latent"]
-    from ditdeploy.checkpoints import save_safetensors
     from ditdeploy.export.onnx import export_denoiser_onnx
     from ditdeploy.export.openvino import export_openvino
     from ditdeploy.export.randomize import random_model
     from ditdeploy.export.vae import export_vae_decoder_onnx
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     d = root / "latent"
     d.mkdir(parents=True, exist_ok=True)

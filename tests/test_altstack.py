@@ -1,4 +1,4 @@
-"""Regression test for the single-process-suite SIGSEGV (root cause in ditdeploy/altstack.py).
+"""Regression test for the single-process-suite SIGSEGV (root cause in ditdeploy/system/altstack.py).
 
 Each case runs in a fresh interpreter: two OpenVINO models compiled through different Cores, released out of
 creation order, then subprocesses exit under a Python SIGCHLD handler (as torch's DataLoader installs one). The
@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import openvino as ov
     from openvino import opset13 as ops
-    from ditdeploy import altstack
+    from ditdeploy.system import altstack
     from ditdeploy.runtimes.openvino import compile_cpu
 
     def model():

@@ -31,8 +31,8 @@ def pt2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference():
-    from ditdeploy.checkpoints import load_model
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     return load_model(DIGITS_CHECKPOINT).eval()
 
@@ -43,7 +43,7 @@ def torch_out(model, x, t, y) -> np.ndarray:
 
 
 def test_manifest_records_package_and_parity(pt2: Path):
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     m = json.loads(pt2.with_name("digits.pt2.json").read_text())
     assert (m["format"], m["device"], m["precision"], m["kind"]) == ("aoti", "cpu", "fp32", "denoiser")
@@ -89,7 +89,7 @@ def test_min_batch_pads_and_drops_rows(tmp_path: Path, pt2: Path, reference):
 
 
 def test_sample_cli_matches_torch_backend(tmp_path: Path, pt2: Path):
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     args = ["--labels", "0,3,7", "--steps", "8", "--no-progress", "--no-out"]
     code, _, err = run_main(["sample", "--engine", pt2, "--npz", tmp_path / "a.npz", *args])
@@ -148,7 +148,7 @@ def test_truncated_package_refused(tmp_path: Path, pt2: Path):
 @pytest.mark.parametrize("backend", ["aoti", "torch"])
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA machines --cuda-graph is valid")
 def test_cuda_graph_on_cpu_is_one_line(tmp_path: Path, pt2: Path, backend: str):
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     engine = pt2 if backend == "aoti" else DIGITS_CHECKPOINT
     code, _, err = run_main(["sample", "--engine", engine, "--cuda-graph", "--out", tmp_path / "s.png"])
@@ -213,7 +213,7 @@ def test_export_cuda_on_cpu_machine(tmp_path: Path):
 def test_bf16_package_within_bf16_threshold(tmp_path: Path, reference):
     """bf16 on this AVX512-BF16 CPU: export parity within parity.tolerance_for('bf16'), and `check` passes at bf16 limits."""
     from ditdeploy.export.aoti import export_denoiser_aoti
-    from ditdeploy.parity import tolerance_for
+    from ditdeploy.proof.parity import tolerance_for
 
     out = tmp_path / "digits-bf16.pt2"
     m = export_denoiser_aoti(reference, out, precision="bf16")
@@ -288,7 +288,7 @@ def test_package_built_elsewhere_needs_trust(tmp_path: Path, pt2: Path, private_
     """The export recorded its package in the trusted list; a package with other bytes (here: re-zipped with one
     extra member, manifest updated) is native code nobody trusted: one line, nothing written, until
     --trust-native-code; with the list off, even the installation's own package needs the flag."""
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     assert sha256_file(pt2) in private_trusted_list.read_text()
     foreign = _retamper(pt2, tmp_path / "f", add={"digits/extra.txt": b"hello"})

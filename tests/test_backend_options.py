@@ -8,7 +8,7 @@ from conftest import run_main
 
 from ditdeploy.errors import DitDeployError
 from ditdeploy.runtimes import backend_names, load, load_decoder, options_for
-from ditdeploy.shipped import DIGITS_ONNX
+from ditdeploy.sources.shipped import DIGITS_ONNX
 
 
 def test_every_backend_declares_its_options_without_kwargs():

@@ -73,9 +73,9 @@ def inputs(digits_artifacts, tmp_path_factory) -> dict[str, Path]:
     onnx.save(model, str(nan_onnx))
     rehash(nan_onnx)
 
-    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.config.variants import DIGITS
     from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     other_cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
     other = save_safetensors(random_model(other_cfg, seed=2), d / "other.safetensors", other_cfg)
@@ -173,7 +173,7 @@ def _symlinked_member(c: Ctx) -> Path:
     outside.parent.mkdir()
     outside.write_bytes(b"not part of the artifact")
     (p.parent / "weights.bin").symlink_to(outside)
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     edit_manifest(p, lambda m: m["files"].update({"weights.bin": {"sha256": sha256_file(outside)}}))
     return p
@@ -520,7 +520,7 @@ def test_bad_input(case: Case, digits_artifacts, inputs, tmp_path):
         assert left == [], f"partial output left behind: {left}"
     assert not (tmp_path / "PWNED").exists(), "a pickle in a checkpoint was executed"
     # the session artifacts were not touched through any case
-    from ditdeploy.manifest import load_manifest
+    from ditdeploy.artifact.manifest import load_manifest
 
     load_manifest(digits_artifacts["onnx"], verify=True)
 
@@ -642,6 +642,6 @@ def test_full_tmpfs_sample(digits_artifacts, tmp_path):
     r = _cli(["sample", "--engine", digits_artifacts["onnx"], "--steps", "2", "--num-per-label", "40",
               "--out", small / "g.png", "--npz", small / "s.npz"], prefix=prefix)
     assert r.returncode == 2
-    # refused before sampling since the npz alone cannot fit (ditdeploy.outputs); before that: ENOSPC at the write
+    # refused before sampling since the npz alone cannot fit (ditdeploy.artifact.output_policy); before that: ENOSPC at the write
     assert_one_line_error(r.returncode, r.stderr, ("space",))
     assert r.stdout.strip().splitlines()[-1] == "LEFT:", r.stdout

@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditdeploy.variants import DIGITS, DiTConfig
+from ditdeploy.config.variants import DIGITS, DiTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    from ditdeploy.checkpoints import save_safetensors
     from ditdeploy.export.onnx import export_denoiser_onnx
     from ditdeploy.export.randomize import random_model
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     d = tmp_path_factory.mktemp("bench")
     model = random_model(DIGITS, seed=5)

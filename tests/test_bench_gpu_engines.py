@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from ditdeploy.variants import DIGITS  # noqa: E402
+from ditdeploy.config.variants import DIGITS  # noqa: E402
 from experiments.gpu_engines import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""bench/h2h_diffusers.py: the head-to-head's bookkeeping (fast) and a small end-to-end smoke run (slow)."""
+"""experiments/h2h_diffusers.py: the head-to-head's bookkeeping (fast) and a small end-to-end smoke run (slow)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ditdeploy.bench import h2h_diffusers as h2h
+from experiments import h2h_diffusers as h2h
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_summary_ratios_are_diffusers_over_contender():
 def test_h2h_smoke_small_model(tmp_path):
     """S/2 at 64 px, 2 steps: every contender runs the same work; ditdeploy fp32 matches the torch loop."""
     out = tmp_path / "h2h.json"
-    p = subprocess.run([sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--model", "S/2", "--image-size", "64",
+    p = subprocess.run([sys.executable, "-m", "experiments.h2h_diffusers", "--model", "S/2", "--image-size", "64",
                         "--steps", "2", "--contenders", "diffusers,torch,ort-fp32,ort-int8", "--workdir",
                         str(tmp_path / "w"), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
                        timeout=1800)
@@ -56,11 +56,11 @@ def test_h2h_paired_auto_int8_and_recipe_from_a_fresh_workdir(tmp_path):
     """The documented paired command works on a fresh machine (it used to need artifacts that only the ort-int8
     contender's prepare built, and a static INT8 file nothing built: `--paired-ov-int8 auto` builds it with the
     calibrate -> quantize-the-fp32-export chain); the `recipe` contender runs a tuned recipe of the same weights."""
-    from ditdeploy.generation import SampleRequest  # noqa: F401  (the recipe library is importable here)
-    from ditdeploy.recipes import Recipe, save_recipe
+    from ditdeploy.run.generation import SampleRequest  # noqa: F401  (the recipe library is importable here)
+    from ditdeploy.run.recipes import Recipe, save_recipe
 
     wd = tmp_path / "w"
-    base = [sys.executable, "-m", "ditdeploy.bench.h2h_diffusers", "--model", "S/8", "--image-size", "64",
+    base = [sys.executable, "-m", "experiments.h2h_diffusers", "--model", "S/8", "--image-size", "64",
             "--steps", "2", "--workdir", str(wd), "--threads", "1"]
     out = tmp_path / "paired.json"
     p = subprocess.run([*base, "--contenders", "ort-pair", "--paired", "1", "--paired-ov-int8", "auto", "--out",
@@ -74,7 +74,7 @@ def test_h2h_paired_auto_int8_and_recipe_from_a_fresh_workdir(tmp_path):
     assert res["machine"]["cpu_isa"]["flags"] and res["machine"]["load_avg_1_5_15"] and res["machine"]["load_avg_end"]
     # a recipe on the same weights' pair: guidance interval + feature reuse on ONNX Runtime
     pair = next(wd.glob("*/dit-S8-64-pair.onnx"))
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     recipe = tmp_path / "r.json"
     save_recipe(recipe, Recipe(engine=str(pair), engine_sha256=sha256_file(pair), backend="onnxruntime",

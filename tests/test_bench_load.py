@@ -184,7 +184,7 @@ def test_bench_server_against_ditdeploy_serve(tmp_path):
     from tests.conftest import run_main
 
     _server_or_skip()
-    from ditdeploy.triton_local import free_port
+    from ditdeploy.serving.triton_local import free_port
 
     port = free_port()
     proc = start_serve(None, port, max_batch=16, max_queue=8, extra=[])
@@ -216,8 +216,8 @@ def test_bench_server_against_the_triton_repository(tmp_path):
     """The exported repository on PyTriton's tritonserver: counters from Triton's metrics (denoise model)."""
     from ditdeploy.bench import load
     from ditdeploy.export.triton_repo import RepoOptions, write_repository
-    from ditdeploy.shipped import DIGITS_ONNX
-    from ditdeploy.triton_local import LocalTriton, ServerEnv
+    from ditdeploy.serving.triton_local import LocalTriton, ServerEnv
+    from ditdeploy.sources.shipped import DIGITS_ONNX
 
     _server_or_skip()
     write_repository(DIGITS_ONNX, tmp_path / "repo", options=RepoOptions(instances=4))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ditdeploy.artifacts import manifest_path, sha256_file
+from ditdeploy.artifact.files import manifest_path, sha256_file
 from ditdeploy.calibration.capture import (
     VAL_SEED_OFFSET,
     CaptureSettings,
@@ -168,8 +168,8 @@ def test_bad_settings(kw, msg):
 
 
 def test_calibrate_cli(digits_denoiser, tmp_path, capsys):
-    from ditdeploy.checkpoints import save_safetensors
     from ditdeploy.cli import main
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     ckpt = tmp_path / "digits.safetensors"
     save_safetensors(digits_denoiser.model, ckpt, digits_denoiser.config)

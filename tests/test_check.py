@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditdeploy import checking
+from ditdeploy.config.variants import DIGITS
 from ditdeploy.errors import DitDeployError
-from ditdeploy.variants import DIGITS
+from ditdeploy.proof import reference_check
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "5", "--batch-size", "2", "--timesteps", "4"]
@@ -35,8 +35,8 @@ def _export(model, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
     """checkpoint + fp32 ONNX + OpenVINO IR of a random-weight digits-config model."""
-    from ditdeploy.checkpoints import save_safetensors
     from ditdeploy.export.randomize import random_model
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     d = tmp_path_factory.mktemp("check")
     model = random_model(DIGITS, seed=3)
@@ -85,24 +85,24 @@ def _torch_blocked_env(tmp: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ thresholds
 def test_thresholds_per_precision_are_ordered_and_documented():
     order = ["fp32", "fp16", "bf16", "int8"]
-    ths = [checking.thresholds_for(p) for p in order]
+    ths = [reference_check.thresholds_for(p) for p in order]
     for a, b in zip(ths, ths[1:], strict=False):  # each lower precision is allowed more error, never less
         assert a.call_rel_l2 < b.call_rel_l2 and a.call_cosine > b.call_cosine
         assert a.latent_rel_l2 < b.latent_rel_l2 and a.psnr > b.psnr
     assert all(t.reason for t in ths)
-    assert checking.thresholds_for("fp32").call_rel_l2 == 1e-4
-    assert checking.thresholds_for("int8").call_cosine == 0.99
-    assert checking.thresholds_for("float16") == checking.thresholds_for("fp16")
+    assert reference_check.thresholds_for("fp32").call_rel_l2 == 1e-4
+    assert reference_check.thresholds_for("int8").call_cosine == 0.99
+    assert reference_check.thresholds_for("float16") == reference_check.thresholds_for("fp16")
     with pytest.raises(DitDeployError, match="unknown precision"):
-        checking.thresholds_for("fp4")  # fp8 has a row since the GPU FP8 work
+        reference_check.thresholds_for("fp4")  # fp8 has a row since the GPU FP8 work
 
 
 def test_probe_inputs_cover_both_cfg_halves_and_all_timesteps():
-    ts = checking.probe_timesteps(8)
+    ts = reference_check.probe_timesteps(8)
     assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 8 and np.all(np.diff(ts) > 0)
     x0 = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
-    labels = checking.spread_labels(3, 10)
-    px, pt, py = checking.make_probes(DIGITS, x0, labels, ts, seed=0)
+    labels = reference_check.spread_labels(3, 10)
+    px, pt, py = reference_check.make_probes(DIGITS, x0, labels, ts, seed=0)
     assert px.shape == (8, 6, 1, 8, 8) and pt.shape == py.shape == (8, 6)
     assert (py[:, :3] == labels).all() and (py[:, 3:] == DIGITS.null_class).all()
     np.testing.assert_array_equal(px[:, :3], px[:, 3:])  # both halves see the same x_t
@@ -125,7 +125,7 @@ def test_check_fp32_onnx_passes_with_independent_numbers(art, tmp_path):
     import onnxruntime as ort
     import torch
 
-    g = checking.load_golden(golden)
+    g = reference_check.load_golden(golden)
     sess = ort.InferenceSession(str(art["onnx"]), providers=["CPUExecutionProvider"])
     k = 2
     got = sess.run(None, {"x": g.probe_x[k], "t": g.probe_t[k], "y": g.probe_y[k]})[0]
@@ -166,7 +166,7 @@ def test_openvino_bf16_hint_is_judged_as_bf16(art, tmp_path):
         pytest.skip("CPU without native bf16: OpenVINO ignores the hint")
     assert rep["precision"] == "bf16" and rc == 0
     worst = max(r["rel_l2"] for r in rep["calls"])
-    assert 1e-4 < worst < checking.THRESHOLDS["bf16"].call_rel_l2
+    assert 1e-4 < worst < reference_check.THRESHOLDS["bf16"].call_rel_l2
 
 
 # ------------------------------------------------------------------------------------------------ failing artifacts
@@ -175,8 +175,8 @@ def _perturbed_copy(src: Path, dst: Path, how: str) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from ditdeploy.artifacts import write_json_atomic
-    from ditdeploy.manifest import load_manifest, make_manifest
+    from ditdeploy.artifact.files import write_json_atomic
+    from ditdeploy.artifact.manifest import load_manifest, make_manifest
 
     m = onnx.load(str(src), load_external_data=True)
     # the largest 2-D weight inside the transformer blocks (an attention or MLP matrix)
@@ -231,13 +231,13 @@ def test_nan_in_sampling_loop_names_backend_and_step(art):
 
     from dataclasses import asdict
 
-    g = checking.Golden(meta={"config": asdict(DIGITS), "sampler": "ddim", "steps": 5, "cfg_scale": 4.0,
+    g = reference_check.Golden(meta={"config": asdict(DIGITS), "sampler": "ddim", "steps": 5, "cfg_scale": 4.0,
                               "seed": 0, "reference": "x"},
                         probe_x=np.zeros((0, 2, 1, 8, 8), np.float32), probe_t=np.zeros((0, 2), np.int64),
                         probe_y=np.zeros((0, 2), np.int64), probe_out=np.zeros((0, 2, 2, 8, 8), np.float32),
                         noise=np.ones((1, 1, 8, 8), np.float32), labels=np.array([1]),
                         ref_latents=np.zeros((1, 1, 8, 8), np.float32))
-    rep = checking.check(Overflowing(), g, thresholds=checking.thresholds_for("fp32"), precision="fp32",
+    rep = reference_check.check(Overflowing(), g, thresholds=reference_check.thresholds_for("fp32"), precision="fp32",
                          backend=den.name)
     assert not rep.passed
     assert any("onnxruntime" in f and "sampling step 3" in f and "Inf" in f for f in rep.failures), rep.failures
@@ -248,14 +248,14 @@ def test_golden_round_trip_is_torch_free(art, tmp_path):
     golden, js_torch, js_golden = tmp_path / "g.npz", tmp_path / "a.json", tmp_path / "b.json"
     assert _main(["check", "--engine", str(art["onnx"]), "--reference", str(art["ckpt"]), *FAST,
                   "--save-golden", str(golden), "--json", str(js_torch)]) == 0
-    g = checking.load_golden(golden)
+    g = reference_check.load_golden(golden)
     assert g.probe_x.shape == (4, 4, 1, 8, 8) and g.probe_out.shape == (4, 4, 2, 8, 8)
     assert g.ref_latents.shape == (2, 1, 8, 8) and g.ref_images is not None
     assert g.meta["sampler"] == "ddim" and g.meta["steps"] == 5 and g.config == DIGITS
     # save -> load keeps every array bit-exact
     again = tmp_path / "g2.npz"
-    checking.save_golden(again, g)
-    g2 = checking.load_golden(again)
+    reference_check.save_golden(again, g)
+    g2 = reference_check.load_golden(again)
     for k in ("probe_x", "probe_t", "probe_y", "probe_out", "noise", "labels", "ref_latents", "ref_images"):
         np.testing.assert_array_equal(getattr(g, k), getattr(g2, k))
     # in a process where `import torch` fails, --golden still checks the artifact, with the same numbers
@@ -281,10 +281,10 @@ def test_golden_for_another_model_is_refused(art, tmp_path):
     golden = tmp_path / "g.npz"
     assert _main(["check", "--engine", str(art["onnx"]), "--reference", str(art["ckpt"]), *FAST,
                   "--save-golden", str(golden), "--per-call-only"]) == 0
-    gd = checking.load_golden(golden)
+    gd = reference_check.load_golden(golden)
     other = replace(DIGITS, hidden_size=64)
     gd.meta["config"] = asdict(other)
-    checking.save_golden(golden, gd)
+    reference_check.save_golden(golden, gd)
     p = _cli(["check", "--engine", str(art["onnx"]), "--golden", str(golden)])
     assert p.returncode == 2 and "configs differ" in p.stderr
 
@@ -308,10 +308,10 @@ def _lower_precision_gates(art, path: Path, precision: str, tmp_path: Path) -> d
     rc = _main(["check", "--engine", str(path), "--reference", str(art["ckpt"]), *FAST, "--json", str(js)])
     rep = json.loads(js.read_text())
     assert rep["precision"] == precision and rc == 0 and rep["passed"], f"{rep['failures']} on CPU {rep['cpu_isa']}"
-    th = checking.thresholds_for(precision)
+    th = reference_check.thresholds_for(precision)
     worst = rep["calls_worst"]
     assert worst["rel_l2"] <= th.call_rel_l2 and worst["cosine"] >= th.call_cosine
-    assert worst["rel_l2"] > checking.THRESHOLDS["fp32"].call_rel_l2  # really lower precision than fp32...
+    assert worst["rel_l2"] > reference_check.THRESHOLDS["fp32"].call_rel_l2  # really lower precision than fp32...
     # ...so judging it by the fp32 gates fails, naming the metric
     p = _cli(["check", "--engine", str(path), "--reference", str(art["ckpt"]), *FAST, "--per-call-only",
               "--precision", "fp32"])
@@ -343,7 +343,7 @@ def test_elementwise_stats_polygraphy_and_numpy_fallback_agree():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
     act = ref + 1e-3 * rng.standard_normal(ref.shape).astype(np.float32)
-    pg, npy = checking.elementwise_stats(act, ref), checking._numpy_stats(act, ref)
+    pg, npy = reference_check.elementwise_stats(act, ref), reference_check._numpy_stats(act, ref)
     assert set(pg) == set(npy)
     for k in pg:
         assert pg[k] == pytest.approx(npy[k], rel=1e-3), k

@@ -17,16 +17,16 @@ import pytest
 import torch
 from official_model_ref import make_official_state_dict
 
-from ditdeploy.checkpoints import (
+from ditdeploy.config.variants import CONDITIONINGS, DIGITS, VARIANTS, DiTConfig, variant_config
+from ditdeploy.errors import ArtifactError, DitDeployError
+from ditdeploy.models import DiT, create_model
+from ditdeploy.sources.checkpoints import (
     infer_config,
     load_model,
     read_state_dict,
     save_safetensors,
     validate_against,
 )
-from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.models import DiT, create_model
-from ditdeploy.variants import CONDITIONINGS, DIGITS, VARIANTS, DiTConfig, variant_config
 
 # A small official-format model: hidden 128 (4 heads, as the digits preset), patch 2, 8x8 latents, 10 classes.
 ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_classes=10)

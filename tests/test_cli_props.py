@@ -81,7 +81,7 @@ def test_batch_list_any_text(spec):
 @FAST
 @given(st.integers(1, 1000), st.data())
 def test_label_list_valid(num_classes, data):
-    from ditdeploy.generation import parse_labels
+    from ditdeploy.run.generation import parse_labels
 
     labels = data.draw(st.lists(st.integers(0, num_classes - 1), min_size=1, max_size=10))
     k = data.draw(st.none() | st.integers(1, 5))
@@ -95,7 +95,7 @@ def test_label_list_valid(num_classes, data):
 @FAST
 @given(st.integers(1, 1000), st.lists(st.integers(-2000, 2000), min_size=1, max_size=6))
 def test_label_out_of_range_is_named(num_classes, labels):
-    from ditdeploy.generation import parse_labels
+    from ditdeploy.run.generation import parse_labels
 
     bad = [v for v in labels if not 0 <= v < num_classes]
     assume(bad)
@@ -108,7 +108,7 @@ def test_label_out_of_range_is_named(num_classes, labels):
 @FAST
 @given(spec_text, st.integers(1, 1000))
 def test_label_list_any_text(spec, num_classes):
-    from ditdeploy.generation import parse_labels
+    from ditdeploy.run.generation import parse_labels
 
     try:
         out, _ = parse_labels(spec, None, num_classes)
@@ -121,7 +121,7 @@ def test_label_list_any_text(spec, num_classes):
 @FAST
 @given(st.integers(1, 100), st.integers(-5, 0))
 def test_num_per_label_must_be_positive(num_classes, k):
-    from ditdeploy.generation import DEFAULT_PER_LABEL_SMALL, parse_labels
+    from ditdeploy.run.generation import DEFAULT_PER_LABEL_SMALL, parse_labels
 
     with pytest.raises(DitDeployError, match="--num-per-label"):
         parse_labels(None, k, num_classes)
@@ -134,7 +134,7 @@ def test_num_per_label_must_be_positive(num_classes, k):
 @FAST
 @given(st.integers(1, 512), st.data())
 def test_shard_spec_valid_and_covering(count, data):
-    from ditdeploy.sharding import parse_shard, shard_range
+    from ditdeploy.run.shard_workers import parse_shard, shard_range
 
     index = data.draw(st.integers(0, count - 1))
     assert parse_shard(f"{index}/{count}") == (index, count)
@@ -149,7 +149,7 @@ def test_shard_spec_valid_and_covering(count, data):
 @FAST
 @given(spec_text)
 def test_shard_spec_any_text(spec):
-    from ditdeploy.sharding import parse_shard
+    from ditdeploy.run.shard_workers import parse_shard
 
     try:
         i, k = parse_shard(spec)
@@ -213,7 +213,7 @@ def test_ort_providers_any_text(requested):
                                                         "L/3", "XL2", "s/2 "])),
        st.sampled_from([256, 512, 128, 250, 8]))
 def test_variant_names_any_text(name, image_size):
-    from ditdeploy.variants import VARIANTS, variant_config
+    from ditdeploy.config.variants import VARIANTS, variant_config
 
     try:
         cfg = variant_config(name, image_size)

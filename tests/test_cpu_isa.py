@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_main, shipped_digits_copy
 
-from ditdeploy import cpu_isa
 from ditdeploy.errors import DitDeployError
+from ditdeploy.system import cpu_isa
 
 onnx = pytest.importorskip("onnx")
 
@@ -174,7 +174,7 @@ def test_int8_checks_name_the_cpu(tmp_path, monkeypatch, simulated):
     run on another machine says which CPU (and INT8 form) it was."""
     pytest.importorskip("torch")
     from ditdeploy.calibration.quantize import quantize_int8
-    from ditdeploy.parity import THRESHOLDS
+    from ditdeploy.proof.parity import THRESHOLDS
 
     if simulated:
         monkeypatch.setenv(cpu_isa.ENV, simulated)

@@ -8,8 +8,8 @@ import pytest
 import rt_artifacts
 from conftest import copy_artifact
 
-from ditdeploy.deployment import open_deployment
 from ditdeploy.errors import DitDeployError
+from ditdeploy.run.deployment import open_deployment
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def latent(tmp_path_factory):
 
 
 def test_default_is_the_shipped_digits_model_and_nothing_loads_until_used():
-    from ditdeploy import shipped
+    from ditdeploy.sources import shipped
 
     d = open_deployment()
     assert d.path == shipped.DIGITS_ONNX and d.backend == "onnxruntime"

@@ -103,7 +103,7 @@ def test_roundtrip_to_diffusers_loads_in_ditpipeline(exported, tmp_path):
     at t=0 and differs for t>0 only by diffusers' timestep divisor (127 vs 128)."""
     from diffusers import DiTPipeline
 
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
 
     _, snap = exported
     out = tmp_path / "rt"

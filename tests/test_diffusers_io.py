@@ -14,9 +14,9 @@ import pytest
 import torch
 from diffusers_snapshots import ID2LABEL, NUM_CLASSES, save_snapshot, tiny_transformer
 
-from ditdeploy import diffusers_io
-from ditdeploy.checkpoints import load_model
 from ditdeploy.errors import ArtifactError
+from ditdeploy.sources import diffusers_snapshot
+from ditdeploy.sources.checkpoints import load_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("diffusers")
@@ -45,7 +45,7 @@ def _diffusers_aligned(tr, divisor: bool, eps: bool):
         if divisor:
             blk.norm1.emb.time_proj.downscale_freq_shift = 0  # sinusoid divisor half (128), not half-1 (127)
         if eps:
-            blk.norm3.eps = diffusers_io.OFFICIAL_LN_EPS  # MLP LayerNorm 1e-6, not config norm_eps 1e-5
+            blk.norm3.eps = diffusers_snapshot.OFFICIAL_LN_EPS  # MLP LayerNorm 1e-6, not config norm_eps 1e-5
     return m
 
 
@@ -57,7 +57,7 @@ def test_snapshot_maps_exactly_and_infers_config(snap, sub):
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size, cfg.input_size) == (2, 32, 2, 2, 8)
     assert (cfg.num_classes, cfg.learn_sigma, cfg.in_channels, cfg.space) == (NUM_CLASSES, True, 4, "latent")
     # identity: every diffusers tensor is reproduced bit-exactly by mapping our parameters back
-    back = diffusers_io.from_official(net.state_dict(), cfg)
+    back = diffusers_snapshot.from_official(net.state_dict(), cfg)
     ref = tr.state_dict()
     assert set(back) == set(ref)
     assert all(torch.equal(back[k], ref[k]) for k in ref)
@@ -101,9 +101,9 @@ def test_sharded_and_bin_weights(tmp_path, snap):
 
 
 def test_snapshot_parts_located(snap):
-    s = diffusers_io.locate(snap[0] / "transformer")
+    s = diffusers_snapshot.locate(snap[0] / "transformer")
     assert s.root == snap[0] and s.vae == snap[0] / "vae" and s.id2label == ID2LABEL
-    assert len(diffusers_io.snapshot_digest(s)) == 64
+    assert len(diffusers_snapshot.snapshot_digest(s)) == 64
 
 
 def _broken(tmp_path, snap, how: str):
@@ -156,9 +156,9 @@ def test_broken_snapshots_are_one_line_errors(tmp_path, snap, how, words):
 
 
 def test_hub_id_is_refused_with_where_to_put_it():
-    assert diffusers_io.looks_like_hub_id("facebook/DiT-XL-2-256")
-    assert not diffusers_io.looks_like_hub_id("a/b/c")
-    msg = str(diffusers_io.hub_id_error("facebook/DiT-XL-2-256"))
+    assert diffusers_snapshot.looks_like_hub_id("facebook/DiT-XL-2-256")
+    assert not diffusers_snapshot.looks_like_hub_id("a/b/c")
+    msg = str(diffusers_snapshot.hub_id_error("facebook/DiT-XL-2-256"))
     assert "huggingface-cli download facebook/DiT-XL-2-256 --local-dir DiT-XL-2-256" in msg
     assert "--checkpoint DiT-XL-2-256/" in msg
 
@@ -184,7 +184,7 @@ def test_ditpipeline_end_to_end_equals_ours_once_aligned(tmp_path):
 
     def pipeline_latents(aligned: bool) -> np.ndarray:
         pipe = diffusers.DiTPipeline(transformer=_diffusers_aligned(tr, aligned, aligned), vae=tr_vae(),
-                                     scheduler=diffusers_io._scheduler(diffusers))
+                                     scheduler=diffusers_snapshot._scheduler(diffusers))
         pipe.set_progress_bar_config(disable=True)
         got = {}
         decode = pipe.vae.decode
@@ -213,6 +213,6 @@ def tr_vae():
 
 
 def test_mistyped_paths_are_not_hub_ids():
-    assert not diffusers_io.looks_like_hub_id("runs/model.safetensors")
-    assert not diffusers_io.looks_like_hub_id("ckpt/DiT-XL-2-256x256.pt")
-    assert diffusers_io.looks_like_hub_id("facebook/DiT-XL-2-512")
+    assert not diffusers_snapshot.looks_like_hub_id("runs/model.safetensors")
+    assert not diffusers_snapshot.looks_like_hub_id("ckpt/DiT-XL-2-256x256.pt")
+    assert diffusers_snapshot.looks_like_hub_id("facebook/DiT-XL-2-512")

@@ -20,8 +20,8 @@ torch = pytest.importorskip("torch")
 from official_diffusion_ref import RefSpacedDiffusion  # noqa: E402
 
 from ditdeploy.diffusion import sample  # noqa: E402
-from ditdeploy.metrics import rel_l2  # noqa: E402
 from ditdeploy.models import DiT  # noqa: E402
+from ditdeploy.proof.distances import rel_l2  # noqa: E402
 
 NUM_CLASSES = 10
 B = 3

@@ -13,14 +13,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ditdeploy.artifacts import manifest_path, sha256_file
+from ditdeploy.artifact.files import manifest_path, sha256_file
+from ditdeploy.artifact.manifest import load_manifest
+from ditdeploy.config.variants import DIGITS, DiTConfig
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError
 from ditdeploy.export.onnx import export_denoiser_onnx
 from ditdeploy.export.randomize import randomize_weights
-from ditdeploy.manifest import load_manifest
-from ditdeploy.metrics import cosine, rel_l2
 from ditdeploy.models import create_model
-from ditdeploy.variants import DIGITS, DiTConfig
+from ditdeploy.proof.distances import cosine, rel_l2
 
 
 def tiny_config(conditioning: str = "adaln-zero", **kw) -> DiTConfig:

@@ -18,12 +18,12 @@ import pytest
 from test_export import independent_parity, tiny_model
 from test_export_vae import make_tiny_vae
 
-from ditdeploy.artifacts import sha256_file
-from ditdeploy.checkpoints import save_safetensors
+from ditdeploy.artifact.files import sha256_file
+from ditdeploy.artifact.manifest import load_manifest
 from ditdeploy.cli import main
+from ditdeploy.config.variants import DIGITS, variant_config
 from ditdeploy.export.pipeline import default_out
-from ditdeploy.manifest import load_manifest
-from ditdeploy.variants import DIGITS, variant_config
+from ditdeploy.sources.checkpoints import save_safetensors
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -73,7 +73,7 @@ def test_weights_are_required(capsys, tmp_path, monkeypatch):
 
 
 def test_official_name_downloaded_from_loopback(tmp_path, tiny_ckpt, capsys, monkeypatch):
-    """--checkpoint <official name> --download: fetched through ditdeploy.weights (here from a loopback server
+    """--checkpoint <official name> --download: fetched through ditdeploy.sources.official_weights (here from a loopback server
     standing in for the official host; the bytes are a tiny model's), then exported with its sha256 recorded."""
     src, model = tiny_ckpt
     served = tmp_path / "srv"
@@ -198,8 +198,8 @@ def test_random_weights_recorded(tmp_path, capsys, monkeypatch):
 
 
 def test_shipped_digits_by_name(tmp_path, capsys):
-    from ditdeploy.checkpoints import load_model
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     if not DIGITS_CHECKPOINT.exists():
         pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")

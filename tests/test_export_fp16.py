@@ -13,7 +13,7 @@ from test_export import check_graph_contract, independent_parity, tiny_model
 
 from ditdeploy.export.fp16 import DEFAULT_POLICY, PURE_FP16, Fp16Policy, HalfDiT, block_errors
 from ditdeploy.export.onnx import export_denoiser_onnx
-from ditdeploy.metrics import rel_l2
+from ditdeploy.proof.distances import rel_l2
 
 # fp16 unit roundoff is 4.9e-4; with fp32 residual stream / norms / conditioning the output error is a few 1e-4.
 FP16_TOL = 2e-3
@@ -81,8 +81,8 @@ def test_fp16_onnx(tmp_path, conditioning):
 
 def test_fp16_trained_digits(tmp_path):
     """Trained weights (the shipped digits model), not just random ones, within the fp16 tolerance."""
-    from ditdeploy.checkpoints import load_model
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     if not DIGITS_CHECKPOINT.exists():
         pytest.skip("the shipped digits model has not been trained into ditdeploy/assets yet")

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ditdeploy.artifact.manifest import load_manifest
 from ditdeploy.errors import ArtifactError
 from ditdeploy.export.vae import export_vae_decoder_onnx
-from ditdeploy.manifest import load_manifest
-from ditdeploy.metrics import rel_l2
+from ditdeploy.proof.distances import rel_l2
 
 
 def make_tiny_vae(path, seed: int = 0):

@@ -11,14 +11,14 @@ import pytest
 import torch
 from test_export import tiny_model
 
+from ditdeploy.config.macs import full_macs, light_macs
 from ditdeploy.diffusion import sample
 from ditdeploy.errors import ArtifactError, DitDeployError
 from ditdeploy.export.cache_graphs import export_cache_graphs, light_path
 from ditdeploy.feature_cache import forward_from_cache, forward_with_cache
-from ditdeploy.metrics import rel_l2
+from ditdeploy.proof.distances import rel_l2
 from ditdeploy.runtimes import Timed, load
 from ditdeploy.runtimes.torch import TorchDenoiser
-from ditdeploy.work import full_macs, light_macs
 
 K = 10
 
@@ -57,7 +57,7 @@ def test_full_step_is_the_model_and_light_step_reproduces_it(model):
 
 
 def test_mac_counts():
-    from ditdeploy.variants import variant_config
+    from ditdeploy.config.variants import variant_config
 
     xl = variant_config("XL/2", 256)
     assert full_macs(xl) / 1e9 == pytest.approx(118.6, abs=0.1)  # DiT paper: 118.6 GFLOPs (multiply-adds)
@@ -174,7 +174,7 @@ def test_missing_light_graph_is_one_line(pair, tmp_path):
 def test_light_graph_from_another_export_is_refused(pair, tmp_path):
     import onnx
 
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     p = _copy_pair(pair, tmp_path)
     lp = light_path(p)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_main
 
-from ditdeploy.images import save_npz
+from ditdeploy.run.images import save_npz
 
 NO_PROGRESS = ["--no-progress"]
 
@@ -177,7 +177,7 @@ def imagenet_case(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_inception_path_end_to_end_random_weights(imagenet_case, tmp_path):
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     c = imagenet_case
     out = tmp_path / "r.json"

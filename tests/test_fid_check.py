@@ -36,7 +36,7 @@ def test_check_fid_ref_digits_fp32(digits_artifacts, tmp_path):
 def test_same_model_other_seeds_is_far(digits_artifacts, tmp_path):
     """The control for the ~0 above: the same model with other seeds gives a clearly non-zero FID between sets."""
     from ditdeploy.fid import FidRequest, evaluate
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.run.generation import SampleRequest, generate
 
     npz = []
     for seed in (0, 1):

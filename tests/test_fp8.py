@@ -64,8 +64,8 @@ def test_scaled_mm_linear_matches_fake_quant_reference():
 
 @pytest.fixture(scope="module")
 def digits():
-    from ditdeploy.checkpoints import load_model
-    from ditdeploy.shipped import DIGITS_CHECKPOINT
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import DIGITS_CHECKPOINT
 
     return load_model(DIGITS_CHECKPOINT).eval()
 
@@ -100,7 +100,7 @@ def test_activation_amax_of_first_qkv_is_its_input_max(digits):
 def test_calibrated_fp8_digits_within_goal(digits):
     """FP8 digits model (scales from sampling-trajectory inputs) vs fp32 on the export probes: cosine >= 0.995."""
     from ditdeploy.calibration.capture import capture_inputs
-    from ditdeploy.parity import probe_inputs as denoiser_inputs
+    from ditdeploy.proof.parity import probe_inputs as denoiser_inputs
     from ditdeploy.runtimes.torch import TorchDenoiser
 
     cal = capture_inputs(TorchDenoiser(digits), digits.config, samples=10, seed=1, steps=10, timesteps=5)
@@ -128,7 +128,7 @@ def test_fp8_package_module_exports_with_scaled_mm(digits):
     the bf16 model, torch.export captures one `_scaled_mm` per quantized linear with a dynamic batch, and the
     exported program computes what the eager module does (cosine vs fp32 at the fp8 bar)."""
     from ditdeploy.export.aoti import precision_module
-    from ditdeploy.parity import probe_inputs as denoiser_inputs
+    from ditdeploy.proof.parity import probe_inputs as denoiser_inputs
 
     f8 = denoiser_inputs(digits.config, (8,), seed=3)[0]
 
@@ -159,8 +159,8 @@ def test_every_fp8_buffer_on_the_model_device():
     """Issue #21 defect 4: an FP8 model built from a model on device D has every buffer (E4M3 weights, weight and
     activation scales, bias) on D. The meta device stands in for CUDA here: a buffer created without a device lands
     on the CPU, which CUDA ``_scaled_mm`` and torch.export's device propagation refuse."""
+    from ditdeploy.config.variants import DIGITS
     from ditdeploy.models import create_model
-    from ditdeploy.variants import DIGITS
 
     with torch.device("meta"):
         model = create_model(DIGITS)

@@ -10,8 +10,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 
-from ditdeploy import metrics  # noqa: E402
-from ditdeploy.calibration.fusions import fuse_attention, ort_cpu_fusions  # noqa: E402
+from ditdeploy.export.ort_fusions import fuse_attention, ort_cpu_fusions  # noqa: E402
+from ditdeploy.proof import distances  # noqa: E402
 
 DEPTH = 4  # digits config
 pytestmark = pytest.mark.filterwarnings("ignore:.*verification skipped:UserWarning")
@@ -54,7 +54,7 @@ def test_fused_graph_matches_unfused(exported):
     onnx.checker.check_model(fused)
     feeds = _feeds()
     ref, out = _run(base, feeds), _run(fused, feeds)
-    assert metrics.rel_l2(out, ref) < 1e-5 and metrics.max_abs(out, ref) < 1e-4
+    assert distances.rel_l2(out, ref) < 1e-5 and distances.max_abs(out, ref) < 1e-4
 
 
 def test_softmax_scale_is_read_from_the_graph(exported):
@@ -74,8 +74,8 @@ def test_softmax_scale_is_read_from_the_graph(exported):
     feeds = _feeds()
     ref, out = _run(base, feeds), _run(fused, feeds)
     plain = _run(onnx.load(str(exported["fp32"])), feeds)
-    assert metrics.rel_l2(out, ref) < 1e-5
-    assert metrics.rel_l2(ref, plain) > 1e-3  # the change mattered
+    assert distances.rel_l2(out, ref) < 1e-5
+    assert distances.rel_l2(ref, plain) > 1e-3  # the change mattered
 
 
 def test_fp16_and_foreign_graphs_are_left_alone(exported):

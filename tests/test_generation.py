@@ -1,4 +1,4 @@
-"""The sampling library (`ditdeploy.generation`): typed request/result, JSON for shard workers, `--output-format`,
+"""The sampling library (`ditdeploy.run.generation`): typed request/result, JSON for shard workers, `--output-format`,
 and the rule that nothing outside `ditdeploy/commands/` imports a command module."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from conftest import assert_one_line_error, run_main
 from PIL import Image
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.generation import SampleRequest, generate
+from ditdeploy.run.generation import SampleRequest, generate
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "3", "--num-per-label", "1", "--no-progress"]
@@ -32,7 +32,7 @@ def test_library_result_equals_the_cli_npz(tmp_path):
     assert res.images.shape == (10, 8, 8, 1) and res.latents.shape == (10, 1, 8, 8)
     assert res.latents.dtype == np.float32 and np.isfinite(res.latents).all()
     # the uint8 images are the official conversion of the returned latents (pixel model: no decoder)
-    from ditdeploy.images import to_uint8
+    from ditdeploy.run.images import to_uint8
 
     np.testing.assert_array_equal(to_uint8(res.latents), res.images)
     assert res.written == [] and res.count == 10 and res.cfg_scale == 4.0
@@ -85,19 +85,19 @@ def test_output_format_bad_value_fails_in_the_parser(tmp_path):
 
 
 def test_worker_entry_runs_a_json_request(tmp_path):
-    """The hidden worker entry (`python -m ditdeploy.generation REQ.json`) samples its shard; bad JSON fields are
+    """The hidden worker entry (`python -m ditdeploy.run.generation REQ.json`) samples its shard; bad JSON fields are
     one line."""
     req = SampleRequest(steps=2, num_per_label=1, out=None, npz=tmp_path / "w.npz", shard=[1, 2])
     f = tmp_path / "req.json"
     f.write_text(req.to_json())
-    p = subprocess.run([sys.executable, "-m", "ditdeploy.generation", str(f)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "ditdeploy.run.generation", str(f)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    from ditdeploy.sharding import part_path
+    from ditdeploy.run.shard_workers import part_path
 
     with np.load(part_path(tmp_path / "w.npz", 1, 2)) as z:
         np.testing.assert_array_equal(z["index"], np.arange(5, 10))
     f.write_text('{"stepz": 1}')
-    p = subprocess.run([sys.executable, "-m", "ditdeploy.generation", str(f)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "ditdeploy.run.generation", str(f)], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "error: sample request has unknown field(s) stepz"
 
 
@@ -135,5 +135,5 @@ def test_nothing_outside_commands_imports_a_command_module():
 def test_the_import_scan_catches_an_offender():
     """The scan above is not vacuous: each import form of a command module is found, other imports are not."""
     src = ("import ditdeploy.commands.bench\nfrom ditdeploy import commands\nfrom ditdeploy.commands import sample\n"
-           "def f():\n    from ditdeploy.commands.sample import register\nimport ditdeploy.generation\n")
+           "def f():\n    from ditdeploy.commands.sample import register\nimport ditdeploy.run.generation\n")
     assert _command_imports(src) == [1, 2, 3, 5]

@@ -246,8 +246,8 @@ def test_fid_reference_with_a_valid_covariance_still_scores(tmp_path):
 @pytest.mark.parametrize("table,why", [({"-1": "cat", "0": "dog"}, "class -1"), ({"1": "a", "01": "b"}, "twice")])
 def test_id2label_ids_in_range_and_unique(table, why):
     """A negative id published an artifact that could never sample; "1" and "01" dropped one name silently."""
+    from ditdeploy.config.labels import normalize
     from ditdeploy.errors import DitDeployError
-    from ditdeploy.labels import normalize
 
     with pytest.raises(DitDeployError, match=why):
         normalize(table)
@@ -424,7 +424,7 @@ def test_sharded_json_summary_is_strict_and_shaped_like_the_unsharded_one(digits
 
 
 def test_json_text_never_writes_nan():
-    from ditdeploy.artifacts import json_text
+    from ditdeploy.artifact.files import json_text
 
     assert json.loads(json_text({"a": float("nan"), "b": [float("inf"), np.float32("nan"), 1.5],
                                  "c": np.array([1.0, -np.inf])})) == {"a": None, "b": [None, None, 1.5],
@@ -467,7 +467,7 @@ def test_late_interrupt_reports_what_was_written(tmp_path):
 # --------------------------------------------------------------------------------- 7. temp folders tagged, cleaned
 def test_killed_diffusers_export_leaves_a_tagged_folder_the_next_run_removes(tmp_path):
     """A killed --fmt diffusers export left .NAME.xxxx/ with the weights, which no later run recognised."""
-    from ditdeploy.artifacts import TEMP_TAG
+    from ditdeploy.artifact.files import TEMP_TAG
 
     r = _export_snapshot_child(KILL_BEFORE_RENAME, tmp_path / "snap")
     assert r.returncode == -9, r.stderr[-2000:]
@@ -485,7 +485,7 @@ def test_temp_dir_is_pid_tagged_and_cleans_a_dead_runs_leftover(tmp_path):
     """The scratch folders of export (OpenVINO/VAE staging), fid's paired sampling and INT8 quantization were named
     without a pid (``.ditdeploy-export-xxxx``): a killed run's folder stayed forever. ``temp_dir`` names them with the
     pid and removes a dead process's folder the next time one is made there."""
-    from ditdeploy.artifacts import TEMP_TAG, temp_dir
+    from ditdeploy.artifact.files import TEMP_TAG, temp_dir
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = tmp_path / f".{TEMP_TAG}-export-{int(dead.stdout)}-abcdefgh"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ditdeploy.artifacts import manifest_path, sha256_file
+from ditdeploy.artifact.files import manifest_path, sha256_file
 
 pytest.importorskip("onnxruntime.quantization")
 torch = pytest.importorskip("torch")
@@ -28,10 +28,10 @@ def pair(tmp_path_factory):
     """The shipped digits model as an fp32 pair, a calibration set captured from that pair, and its INT8 pair."""
     from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set
     from ditdeploy.calibration.pair_int8 import quantize_cache_pair
-    from ditdeploy.checkpoints import load_model
     from ditdeploy.export.cache_graphs import export_cache_graphs
     from ditdeploy.runtimes import load
-    from ditdeploy.shipped import require_digits_checkpoint
+    from ditdeploy.sources.checkpoints import load_model
+    from ditdeploy.sources.shipped import require_digits_checkpoint
 
     d = tmp_path_factory.mktemp("int8pair")
     fp32 = d / "pair.onnx"
@@ -79,7 +79,7 @@ def test_int8_pair_files_and_parity(pair):
     par = m["cache_graphs"]["parity"]
     assert par["inputs"] == 16 and par["inputs_from"] == "held-out validation inputs"
     for k in ("full_out", "light_out"):
-        assert 0.99 <= par[k]["cosine"] < 1.0  # int8 limit of ditdeploy.parity, and not a copy of fp32
+        assert 0.99 <= par[k]["cosine"] < 1.0  # int8 limit of ditdeploy.proof.parity, and not a copy of fp32
     # independent recomputation of the light-step number with ONNX Runtime
     from ditdeploy.calibration.capture import load_calibration
     from ditdeploy.runtimes.onnxruntime import make_session
@@ -95,11 +95,12 @@ def test_int8_pair_files_and_parity(pair):
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_int8_pair_samples_with_less_work(pair, backend):
     """INT8 + feature reuse + guidance interval end to end: same work counts as the fp32 pair, and the images stay
-    close to the fp32 pair's with the same settings (int8 per-image PSNR, ditdeploy.parity's int8 row)."""
+    close to the fp32 pair's with the same settings (int8 per-image PSNR, ditdeploy.proof.parity's int8 row)."""
     if backend == "openvino":
         pytest.importorskip("openvino")
-    from ditdeploy import generation, metrics
-    from ditdeploy.parity import thresholds_for
+    from ditdeploy.proof import distances
+    from ditdeploy.proof.parity import thresholds_for
+    from ditdeploy.run import generation
 
     def run(engine):
         req = generation.SampleRequest(engine=engine, backend=backend, num_per_label=2, steps=20, out=None,
@@ -109,7 +110,7 @@ def test_int8_pair_samples_with_less_work(pair, backend):
     a, b = run(pair["int8"]), run(pair["fp32"])
     assert a.work["light_rows"] == b.work["light_rows"] > 0 and a.work["rows"] == b.work["rows"]
     assert "int8" in a.backend
-    psnr = metrics.psnr(a.images.astype(np.float64), b.images.astype(np.float64), 255.0)
+    psnr = distances.psnr(a.images.astype(np.float64), b.images.astype(np.float64), 255.0)
     assert thresholds_for("int8").psnr <= psnr < float("inf")
 
 

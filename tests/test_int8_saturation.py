@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ditdeploy.cpu_isa import detect
+from ditdeploy.system.cpu_isa import detect
 
 onnx = pytest.importorskip("onnx")
 from experiments.int8_saturation import emulate_avx2, measure  # noqa: E402
@@ -60,7 +60,7 @@ def test_emulator_matches_numpy(tmp_path):
 def test_full_range_weights_saturate_on_avx2_and_7bit_weights_do_not(tmp_path):
     from conftest import shipped_digits_copy
 
-    from ditdeploy.parity import THRESHOLDS
+    from ditdeploy.proof.parity import THRESHOLDS
 
     res = measure(shipped_digits_copy(tmp_path), tmp_path, n_inputs=24)
     full, safe = res["forms"]["cpu-vnni"], res["forms"]["cpu-avx2"]

@@ -75,9 +75,9 @@ def run_ok(args: list) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 1-block, 32-wide digits-shaped DiT checkpoint (fast to export) and its torch model for reference outputs."""
-    from ditdeploy.checkpoints import save_safetensors
+    from ditdeploy.config.variants import DIGITS
     from ditdeploy.export.randomize import random_model
-    from ditdeploy.variants import DIGITS
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     cfg = dataclasses.replace(DIGITS, hidden_size=32, depth=1, num_heads=2, variant="custom")
     model = random_model(cfg, seed=4)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from ditdeploy.config.labels import DIGIT_NAMES, display_names, for_model, normalize, parse_spec, resolve
 from ditdeploy.errors import DitDeployError
-from ditdeploy.labels import DIGIT_NAMES, display_names, for_model, normalize, parse_spec, resolve
 
 TABLE = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "volcano", 3: "crane", 4: "crane"}
 

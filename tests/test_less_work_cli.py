@@ -10,8 +10,8 @@ import pytest
 from test_export import tiny_model
 from test_export_cli import run_cli
 
-from ditdeploy.checkpoints import save_safetensors
-from ditdeploy.work import full_macs, light_macs
+from ditdeploy.config.macs import full_macs, light_macs
+from ditdeploy.sources.checkpoints import save_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_json_summary_counts_the_work_actually_done(tmp_path, capsys):
     # ddim 10: t = 0, 100, ..., 900; guided (4 rows) at 200..700 (6 steps), conditional-only (2 rows) at 4 steps
     assert s["guidance"] == {"scale": 4.0, "interval": [150, 750]} and s["cache_interval"] is None
     assert (s["denoiser"]["calls"], s["denoiser"]["rows"]) == (10, 6 * 4 + 4 * 2)
-    from ditdeploy.variants import DIGITS
+    from ditdeploy.config.variants import DIGITS
 
     assert s["denoiser"]["gmac"] == pytest.approx(32 * full_macs(DIGITS) / 1e9, rel=1e-3)
     t = s["timings"]

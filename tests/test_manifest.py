@@ -1,4 +1,4 @@
-"""The typed manifest (ditdeploy.manifest) and the shipped-asset paths (ditdeploy.shipped): numpy/stdlib only."""
+"""The typed manifest (ditdeploy.artifact.manifest) and the shipped-asset paths (ditdeploy.sources.shipped): numpy/stdlib only."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ditdeploy import shipped
-from ditdeploy.artifacts import manifest_path, write_json_atomic
+from ditdeploy.artifact.files import manifest_path, write_json_atomic
+from ditdeploy.artifact.manifest import BatchLimits, Manifest, load_manifest, make_manifest
+from ditdeploy.config.variants import DIGITS
 from ditdeploy.errors import ArtifactError
-from ditdeploy.manifest import BatchLimits, Manifest, load_manifest, make_manifest
-from ditdeploy.variants import DIGITS
+from ditdeploy.sources import shipped
 
 
 def _artifact(d: Path, name: str = "m.onnx", data: bytes = b"model", **fields) -> Path:
@@ -113,8 +113,8 @@ def test_shipped_default_model():
 def test_derive_writes_the_lineage_and_carries_one_field_set(tmp_path):
     """Every derived artifact (INT8, OpenVINO IR, engine, INT8 decoder) gets its fields from Manifest.derive: the
     declared CARRIED set, ``source`` = {artifact, sha256, precision}, the checkpoint as ``source_checkpoint``."""
-    from ditdeploy.artifacts import sha256_file
-    from ditdeploy.manifest import CARRIED
+    from ditdeploy.artifact.files import sha256_file
+    from ditdeploy.artifact.manifest import CARRIED
 
     ck = tmp_path / "model.safetensors"
     ck.write_bytes(b"weights")

@@ -20,8 +20,8 @@ from official_model_ref import (
     timestep_sinusoid_np,
 )
 
+from ditdeploy.config.variants import CONDITIONINGS, VARIANTS, DiTConfig, variant_config
 from ditdeploy.models import DiT, DiT_models, create_model, get_2d_sincos_pos_embed, timestep_embedding
-from ditdeploy.variants import CONDITIONINGS, VARIANTS, DiTConfig, variant_config
 
 TOL_FP32 = 1e-5
 

@@ -1,5 +1,5 @@
-"""Native-code artifacts (issue #23 item 1): the trust switch (``ditdeploy.trust``: --trust-native-code or the
-trusted-digests file) and the zip checks before extraction (``ditdeploy.zipcheck``). The tampered real ``.pt2``
+"""Native-code artifacts (issue #23 item 1): the trust switch (``ditdeploy.artifact.trust``: --trust-native-code or the
+trusted-digests file) and the zip checks before extraction (``ditdeploy.artifact.zip_members``). The tampered real ``.pt2``
 cases (a ``..`` member, a replaced shared library, a failed load's leftovers) are in tests/test_aoti.py, which
 compiles one package for its module."""
 
@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from ditdeploy.artifacts import sha256_file, write_json_atomic
-from ditdeploy.errors import ArtifactError
-from ditdeploy.manifest import make_manifest
-from ditdeploy.trust import (
+from ditdeploy.artifact.files import sha256_file, write_json_atomic
+from ditdeploy.artifact.manifest import make_manifest
+from ditdeploy.artifact.trust import (
     UntrustedNativeCode,
     record_trusted,
     require_trusted,
     trusted_digests,
     trusted_file,
 )
-from ditdeploy.variants import DIGITS
-from ditdeploy.zipcheck import MAX_MEMBERS, PrivateDir, check_zip
+from ditdeploy.artifact.zip_members import MAX_MEMBERS, PrivateDir, check_zip
+from ditdeploy.config.variants import DIGITS
+from ditdeploy.errors import ArtifactError
 from tests.conftest import assert_one_line_error, run_main
 
 
@@ -136,7 +136,7 @@ def test_unsafe_members_refused(tmp_path, members, words):
 def test_member_count_and_sizes_bounded(tmp_path, monkeypatch):
     ok = _zip(tmp_path / "ok.pt2", [("m/data/a.bin", b"abc"), ("m/version", b"1")])
     assert [i.filename for i in check_zip(ok)] == ["m/data/a.bin", "m/version"]
-    monkeypatch.setattr("ditdeploy.zipcheck.MAX_MEMBERS", 3)
+    monkeypatch.setattr("ditdeploy.artifact.zip_members.MAX_MEMBERS", 3)
     many = _zip(tmp_path / "many.pt2", [(f"m/{i}", b"") for i in range(4)])
     with pytest.raises(ArtifactError, match="4 members"):
         check_zip(many)

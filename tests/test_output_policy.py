@@ -1,4 +1,4 @@
-"""The output-path policy (issue 14, ditdeploy.outputs) through the real CLI on real files: an output may not be an
+"""The output-path policy (issue 14, ditdeploy.artifact.output_policy) through the real CLI on real files: an output may not be an
 input or another output, devices/FIFOs are written through or refused (never replaced), symlinks are followed,
 artifact sets are published as a unit, leftovers of a killed run are cleaned by the next run, and destinations are
 checked (writable, free space, memory for the count) before any work.
@@ -30,7 +30,7 @@ from conftest import (
     tiny_checkpoint,
 )
 
-from ditdeploy.artifacts import sha256_file
+from ditdeploy.artifact.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "ditdeploy" / "assets"
@@ -195,7 +195,7 @@ def test_manifest_path_that_cannot_be_written_leaves_nothing(tiny_ckpt, tmp_path
 def test_failed_publish_takes_back_what_was_moved(tmp_path):
     """atomic_dir: when the manifest's rename fails after the data's, the data is taken back and the previous
     version of every file restored (real renames; the manifest's final name becomes a non-empty folder mid-way)."""
-    from ditdeploy.artifacts import atomic_dir
+    from ditdeploy.artifact.files import atomic_dir
     from ditdeploy.errors import DitDeployError
 
     data, art, man = tmp_path / "m.onnx.data", tmp_path / "m.onnx", tmp_path / "m.onnx.json"
@@ -227,7 +227,7 @@ def test_next_run_cleans_what_a_killed_run_left(model, tmp_path):
 
 
 def test_a_live_runs_temporary_file_is_left_alone(model, tmp_path):
-    from ditdeploy.artifacts import temp_prefix
+    from ditdeploy.artifact.files import temp_prefix
 
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

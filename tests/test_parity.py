@@ -1,4 +1,4 @@
-"""ditdeploy.parity (compare, the thresholds table, probe inputs) and ditdeploy.watch (the denoiser wrapper).
+"""ditdeploy.proof.parity (compare, the thresholds table, probe inputs) and ditdeploy.run.watched (the denoiser wrapper).
 
 compare() is checked against an independent float64 computation written out here; the thresholds table is checked
 to be the one every gate reads (check, export verification, INT8 quantization, OpenVINO conversion, AOTInductor).
@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ditdeploy import parity
+from ditdeploy.config.variants import DIGITS
 from ditdeploy.errors import NumericsError
-from ditdeploy.variants import DIGITS
-from ditdeploy.watch import NonFiniteError, Watched
+from ditdeploy.proof import parity
+from ditdeploy.run.watched import NonFiniteError, Watched
 
 
 def _independent(a: np.ndarray, r: np.ndarray) -> dict[str, float]:
@@ -56,11 +56,11 @@ def test_failures_name_the_gate():
 
 
 def test_one_thresholds_table_feeds_every_gate():
-    from ditdeploy import checking
     from ditdeploy.calibration import quantize
     from ditdeploy.export import aoti, verify
+    from ditdeploy.proof import reference_check
 
-    assert checking.THRESHOLDS is parity.THRESHOLDS and checking.thresholds_for is parity.thresholds_for
+    assert reference_check.THRESHOLDS is parity.THRESHOLDS and reference_check.thresholds_for is parity.thresholds_for
     assert not hasattr(verify, "TOLERANCES")  # export verification asks parity.tolerance_for
     assert not hasattr(quantize, "MIN_COSINE")  # INT8 quantization judges by the int8 row (compare_runs)
     assert parity.THRESHOLDS["int8"].call_cosine == 0.99  # the one INT8 cosine limit

@@ -14,7 +14,7 @@ What is compared, so that a pin means the same on every CPU (issue 20: AVX2-only
   hashes do depend on the library versions, so they are compared wherever ONNX Runtime, numpy and torch are the
   versions the pins were recorded with (the ``env`` key in the pin file; its ``isa`` entry is informational);
 - error magnitudes (rel-L2, cosine, max-abs, elementwise diffs, PSNR, SSIM): against the precision's limits in
-  ``ditdeploy.parity.THRESHOLDS`` (:func:`_error_limit`), not against the recording machine's rounding noise, which
+  ``ditdeploy.proof.parity.THRESHOLDS`` (:func:`_error_limit`), not against the recording machine's rounding noise, which
   differs between AVX2 and AVX-512 kernels (max-abs 2.9e-6 vs 1.7e-6 measured);
 - other floats (reference RMS, FLOPs): within rel 1e-4.
 Fields added to a report after the pins were recorded are allowed; a pinned field that changes or disappears fails.
@@ -93,7 +93,7 @@ def _pin(key: str, value, precision: str = "fp32") -> None:
         PINS.parent.mkdir(parents=True, exist_ok=True)
         PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
         return
-    from ditdeploy.parity import thresholds_for
+    from ditdeploy.proof.parity import thresholds_for
 
     pins = _load_pins()
     assert key in pins, f"no pin {key!r} in {PINS}: record with DITDEPLOY_REPIN=1"
@@ -154,7 +154,7 @@ def test_sample_outputs_pinned(tmp_path):
 
 
 def test_check_report_pinned(tmp_path):
-    from ditdeploy.checking import has_torch
+    from ditdeploy.proof.reference_check import has_torch
 
     if not has_torch():
         pytest.skip("check against the PyTorch reference needs torch")
@@ -170,7 +170,7 @@ def test_check_report_pinned(tmp_path):
 
 
 def test_bench_fields_pinned(tmp_path):
-    from ditdeploy.checking import has_torch
+    from ditdeploy.proof.reference_check import has_torch
 
     if not has_torch():
         pytest.skip("the bench baseline row needs torch")
@@ -205,7 +205,7 @@ def test_pins_judge_noise_by_thresholds_and_structure_exactly():
     """The comparison itself (no model run): the AVX2 machine's rounding noise (issue 20: check max-abs 2.92e-06 vs
     the pinned 1.67e-06, export 1.25e-06 vs 1.43e-06) passes; an error past the fp32 limits, a changed op count, a
     changed hash under the same library versions, or a changed threshold fails."""
-    from ditdeploy.parity import thresholds_for
+    from ditdeploy.proof.parity import thresholds_for
 
     pins = _load_pins()
     th = thresholds_for("fp32")

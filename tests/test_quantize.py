@@ -20,13 +20,13 @@ onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 from onnx import numpy_helper  # noqa: E402
 
-from ditdeploy.artifacts import manifest_path, sha256_file  # noqa: E402
+from ditdeploy.artifact.files import manifest_path, sha256_file  # noqa: E402
 from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set  # noqa: E402
 from ditdeploy.calibration.nodes import classify_nodes, resolve_exclusions, role_counts  # noqa: E402
 from ditdeploy.calibration.quantize import count_qdq, quantize_int8  # noqa: E402
-from ditdeploy.cpu_isa import detect  # noqa: E402
 from ditdeploy.errors import DitDeployError  # noqa: E402
 from ditdeploy.export.trt_plan import check_int8_graph  # noqa: E402
+from ditdeploy.system.cpu_isa import detect  # noqa: E402
 
 DEPTH = 4  # digits config
 SEED = 7
@@ -155,7 +155,7 @@ def test_static_manifest_and_parity(work, static):
 
 
 def test_int8_runs_through_the_runtime_and_matches_fp32(work, static):
-    from ditdeploy.metrics import cosine
+    from ditdeploy.proof.distances import cosine
     from ditdeploy.runtimes import load
 
     out, _ = static
@@ -276,8 +276,8 @@ def test_int8_samples_match_fp32_samples(work, static):
 
 def test_config_mismatch_between_calibration_and_model(work, tmp_path):
     """A calibration set from another model shape is refused before any work."""
-    from ditdeploy.artifacts import write_json_atomic
-    from ditdeploy.manifest import make_manifest
+    from ditdeploy.artifact.files import write_json_atomic
+    from ditdeploy.artifact.manifest import make_manifest
 
     other = dataclasses.asdict(work["model"].config) | {"input_size": 16}
     cm = json.loads(manifest_path(work["calib"]).read_text())

@@ -139,9 +139,9 @@ def test_backend_lists_derive_from_the_registry():
 # ------------------------------------------------------------------------------------------------------ formats
 def _build_safetensors(job):
     """A toy format: the torch weights as .safetensors plus a manifest (what the torch backend reads)."""
-    from ditdeploy.artifacts import atomic_dir, manifest_path, write_json_atomic
-    from ditdeploy.checkpoints import save_safetensors
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.files import atomic_dir, manifest_path, write_json_atomic
+    from ditdeploy.artifact.manifest import Manifest
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     with atomic_dir([job.out, manifest_path(job.out)]) as tmp:
         save_safetensors(job.net, tmp / job.out.name, job.net.config)
@@ -153,7 +153,7 @@ def _build_safetensors(job):
 
 @pytest.fixture
 def toy_format():
-    from ditdeploy.formats import FORMATS, FormatSpec, register_format
+    from ditdeploy.artifact.formats import FORMATS, FormatSpec, register_format
 
     with registered(FORMATS, "safetensors"):
         yield register_format(FormatSpec("safetensors", ".safetensors", _build_safetensors, precisions=("fp32",)))
@@ -179,8 +179,8 @@ def test_registered_format_in_cli_and_exports(toy_format, tmp_path, monkeypatch)
 
 
 def test_format_lists_derive_from_the_registry(tmp_path):
-    from ditdeploy.formats import canonical_format, format_names, get_format
-    from ditdeploy.outputs import artifact_files
+    from ditdeploy.artifact.formats import canonical_format, format_names, get_format
+    from ditdeploy.artifact.output_policy import artifact_files
 
     assert format_names() == ("onnx", "openvino", "trt", "tensorrt", "aoti", "diffusers", "triton")
     assert canonical_format("tensorrt") == "trt" and get_format("tensorrt").suffix == ".plan"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -36,5 +37,26 @@ def test_experiments_are_not_installed_and_bench_keeps_the_harness():
     setuptools = text[text.index("[tool.setuptools]"):text.index("[tool.setuptools.package-data]")]
     assert '"ditdeploy.bench"' in setuptools and "experiments" not in setuptools
     bench = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
-    assert bench == ["__init__.py", "h2h_diffusers.py", "harness.py", "load.py", "machine.py", "report.py"]
+    assert bench == ["__init__.py", "harness.py", "load.py", "machine.py", "report.py"]
     assert (ROOT / "experiments" / "__init__.py").is_file()
+
+
+def test_every_module_opens_with_one_line_saying_its_job():
+    """Issue 22: every installed module's docstring opens with one complete line (<= 110 chars, ends with '.')."""
+    offenders = []
+    for folder in ("ditdeploy", "export", "calibration", "runtimes", "bench"):
+        for p in sorted((ROOT / folder).rglob("*.py")):
+            rel = p.relative_to(ROOT)
+            if set(rel.parts) & SKIP:
+                continue
+            doc = ast.get_docstring(ast.parse(p.read_text()))
+            if not doc:
+                offenders.append(f"{rel}: no module docstring")
+                continue
+            lines = doc.split("\n")
+            first = lines[0].strip()
+            if not first or len(first) > 110 or not first.endswith("."):
+                offenders.append(f"{rel}: first line {len(first)} chars: {first[:60]!r}...{first[-20:]!r}")
+            elif len(lines) > 1 and lines[1].strip():
+                offenders.append(f"{rel}: the first line continues on the next: {lines[1][:60]!r}")
+    assert offenders == [], "\n".join(offenders)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import rt_artifacts
 
-from ditdeploy import metrics
-from ditdeploy.artifacts import write_json_atomic
+from ditdeploy.artifact.files import write_json_atomic
+from ditdeploy.artifact.manifest import make_manifest
+from ditdeploy.config.variants import DIGITS
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
-from ditdeploy.manifest import make_manifest
+from ditdeploy.proof import distances
 from ditdeploy.runtimes import Decoder, Denoiser, Timed, load, load_decoder, resolve_backend
 from ditdeploy.runtimes.onnxruntime import choose_providers
 from ditdeploy.runtimes.openvino import compile_config
-from ditdeploy.variants import DIGITS
 
 FP32_REL_L2 = 1e-5
 
@@ -70,8 +70,8 @@ def test_backends_agree_with_torch_per_call(px):
     for art, backend in ((px["onnx"], None), (px["onnx"], "openvino"), (px["xml"], None)):
         got = load(art, backend=backend)(x, t, y)
         assert got.shape == want.shape and got.dtype == np.float32
-        assert metrics.rel_l2(got, want) < FP32_REL_L2, (art.name, backend)
-        assert metrics.cosine(got, want) > 0.999999
+        assert distances.rel_l2(got, want) < FP32_REL_L2, (art.name, backend)
+        assert distances.cosine(got, want) > 0.999999
 
 
 def test_chunking_to_max_batch_gives_the_same_output(px):
@@ -185,9 +185,9 @@ def test_openvino_precision_hint(px):
         compile_config("f32", "FAST")
     import openvino as ov
 
-    from ditdeploy.altstack import keep_sigaltstack
+    from ditdeploy.system.altstack import keep_sigaltstack
 
-    with keep_sigaltstack():  # the plugin swaps this thread's signal stack (ditdeploy.altstack)
+    with keep_sigaltstack():  # the plugin swaps this thread's signal stack (ditdeploy.system.altstack)
         caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in caps:
         pytest.skip("this CPU has no bf16: OpenVINO runs f32 whatever the hint")
@@ -197,7 +197,7 @@ def test_openvino_precision_hint(px):
     f32 = load(px["xml"])
     bf16 = load(px["xml"], precision_hint="bf16")
     assert bf16.name == "openvino:CPU:fp32->bf16"
-    e32, e16 = metrics.rel_l2(f32(x, t, y), want), metrics.rel_l2(bf16(x, t, y), want)
+    e32, e16 = distances.rel_l2(f32(x, t, y), want), distances.rel_l2(bf16(x, t, y), want)
     assert e32 < FP32_REL_L2 and 1e-4 < e16 < 5e-2 and e16 > 100 * e32
 
 
@@ -210,7 +210,7 @@ def test_decoders_agree(lt):
     for dec in (load_decoder(lt["vae_onnx"]), load_decoder(lt["vae_onnx"], backend="openvino")):
         got = dec(z)
         assert got.shape == want.shape
-        assert metrics.rel_l2(got, want) < FP32_REL_L2, dec.name
+        assert distances.rel_l2(got, want) < FP32_REL_L2, dec.name
     with pytest.raises(DitDeployError, match=r"must be \(N, 4, h, w\)"):
         load_decoder(lt["vae_onnx"])(z[:, :3])
 
@@ -219,7 +219,7 @@ def test_latent_denoiser_names_its_decoder(lt):
     den = load(lt["onnx"])
     assert den.config.space == "latent" and den.manifest["decoder"] == "vae.onnx"
     x, t, y = _inputs(den.config, n=4)
-    assert metrics.rel_l2(load(lt["xml"])(x, t, y), load(lt["ckpt"])(x, t, y)) < FP32_REL_L2
+    assert distances.rel_l2(load(lt["xml"])(x, t, y), load(lt["ckpt"])(x, t, y)) < FP32_REL_L2
 
 
 def test_tensorrt_manifest_without_gpu_fields_is_refused_before_loading(tmp_path):
@@ -236,8 +236,8 @@ def test_tensorrt_manifest_without_gpu_fields_is_refused_before_loading(tmp_path
 
 def test_shipped_onnx_was_exported_from_the_shipped_checkpoint():
     """digits.onnx must be re-exported whenever digits.safetensors changes (the manifest records its sha256)."""
-    from ditdeploy.artifacts import sha256_file
-    from ditdeploy.manifest import load_manifest
+    from ditdeploy.artifact.files import sha256_file
+    from ditdeploy.artifact.manifest import load_manifest
 
     s = rt_artifacts.shipped()
     assert s is not None, "ditdeploy/assets/digits.safetensors + digits.onnx are shipped"

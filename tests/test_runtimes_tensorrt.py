@@ -11,13 +11,13 @@ import importlib.util
 import numpy as np
 import pytest
 
-from ditdeploy.artifacts import write_json_atomic
+from ditdeploy.artifact.files import write_json_atomic
+from ditdeploy.artifact.manifest import make_manifest
+from ditdeploy.config.variants import DIGITS
 from ditdeploy.errors import ArtifactError, DitDeployError, MissingDependencyError
-from ditdeploy.manifest import make_manifest
 from ditdeploy.runtimes import load, resolve_backend
 from ditdeploy.runtimes.base import chunked
 from ditdeploy.runtimes.tensorrt import check_engine_compat, engine_build_info, pad_batch, profile_batch_range
-from ditdeploy.variants import DIGITS
 
 H100 = ("NVIDIA H100 80GB HBM3", (9, 0))
 MANIFEST = {"tensorrt": {"version": "10.13.0.35", "gpu": {"name": H100[0], "compute_capability": [9, 0]}}}
@@ -155,7 +155,7 @@ def test_fp32_engine_matches_onnx_runtime_on_gpu(digits_artifacts, tmp_path):  #
     to the minimum), 3, and 7 (chunked) against ONNX Runtime CPU fp32 on the same inputs, rel-L2 <= 1e-5 (fp32
     arithmetic both sides; TF32 would give ~1e-3)."""
     from ditdeploy.export.tensorrt import build_engine
-    from ditdeploy.parity import compare
+    from ditdeploy.proof.parity import compare
 
     plan = tmp_path / "d.plan"
     m = build_engine(digits_artifacts["onnx"], plan, min_batch=2, opt_batch=2, max_batch=4, progress=False)

@@ -19,10 +19,10 @@ import pytest
 import rt_artifacts
 from PIL import Image
 
-from ditdeploy import metrics
-from ditdeploy.artifacts import write_json_atomic
+from ditdeploy.artifact.files import write_json_atomic
+from ditdeploy.artifact.manifest import make_manifest
 from ditdeploy.cli import main
-from ditdeploy.manifest import make_manifest
+from ditdeploy.proof import distances
 
 PSNR_MIN = 40.0
 
@@ -151,7 +151,7 @@ def test_backends_agree_on_images(px, lt, tmp_path, sampler, steps):
         assert ref.std() > 10  # not a blank image set
         for backend, engine in (("onnxruntime", art["onnx"]), ("openvino", art["xml"])):
             got = _images(engine, backend, tmp_path / f"{name}-{backend}.npz", vae=vae, **kw)
-            p = metrics.psnr(got, ref)
+            p = distances.psnr(got, ref)
             report[f"{name}/{backend}"] = p
             assert p >= PSNR_MIN, (name, backend, p)
     print(f"\nPSNR vs torch ({sampler} {steps}):", {k: round(v, 2) for k, v in report.items()})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rt_artifacts
 
-from ditdeploy import metrics
+from ditdeploy.proof import distances
 from ditdeploy.runtimes import load, load_decoder
 
 BLOCK = "import sys\nsys.modules['torch'] = None\n"
@@ -81,11 +81,11 @@ np.savez({str(res)!r}, **outs)
         c = ref.config
         x = np.random.default_rng(1).standard_normal((3, c.in_channels, c.input_size, c.input_size), dtype=np.float32)
         want = ref(x, np.array([0, 500, 999]), np.array([0, 1, c.num_classes]))
-        assert metrics.rel_l2(got[key], want) < 1e-5, key
+        assert distances.rel_l2(got[key], want) < 1e-5, key
     z = np.random.default_rng(2).standard_normal((2, 4, 4, 4), dtype=np.float32)
     want = load_decoder(lt["vae_dir"])(z)
     for key in ("vae_ort", "vae_ov"):
-        assert metrics.rel_l2(got[key], want) < 1e-5, key
+        assert distances.rel_l2(got[key], want) < 1e-5, key
 
 
 def test_latent_sample_with_openvino_without_torch(lt, tmp_path):

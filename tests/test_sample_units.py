@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ditdeploy import images, sharding
 from ditdeploy.errors import DitDeployError
-from ditdeploy.generation import IMAGENET_DEMO_LABELS, parse_labels
-from ditdeploy.generation import row_len as _row_len
+from ditdeploy.run import images, noise_contract, shard_workers
+from ditdeploy.run.generation import IMAGENET_DEMO_LABELS, parse_labels
+from ditdeploy.run.generation import row_len as _row_len
 
 
 def test_labels_from_spec_and_defaults():
@@ -28,16 +28,16 @@ def test_labels_from_spec_and_defaults():
 
 def test_per_image_noise_does_not_depend_on_batching():
     shape = (2, 4, 4)
-    full = sharding.initial_noise(7, np.arange(10), shape)
-    part = sharding.initial_noise(7, [3, 4, 5], shape)
+    full = noise_contract.initial_noise(7, np.arange(10), shape)
+    part = noise_contract.initial_noise(7, [3, 4, 5], shape)
     np.testing.assert_array_equal(part, full[3:6])
     assert not np.array_equal(full[0], full[1])
-    assert not np.array_equal(full, sharding.initial_noise(8, np.arange(10), shape))
-    a, b = sharding.PerImageNoise(7, np.arange(10)), sharding.PerImageNoise(7, [4, 5])
+    assert not np.array_equal(full, noise_contract.initial_noise(8, np.arange(10), shape))
+    a, b = noise_contract.PerImageNoise(7, np.arange(10)), noise_contract.PerImageNoise(7, [4, 5])
     for step in range(3):  # the same stream per image, step after step
         np.testing.assert_array_equal(a(step, (10, *shape))[4:6], b(step, (2, *shape)))
     # per-step noise is a different stream from the initial noise
-    assert not np.array_equal(sharding.PerImageNoise(7, [0])(0, (1, *shape)), full[:1])
+    assert not np.array_equal(noise_contract.PerImageNoise(7, [0])(0, (1, *shape)), full[:1])
 
 
 def test_uint8_matches_the_official_conversion():
@@ -75,22 +75,22 @@ def test_row_len_detection():
 def test_shard_ranges_cover_everything():
     for n in (0, 1, 7, 10, 101):
         for k in (1, 2, 3, 8):
-            ranges = [sharding.shard_range(n, i, k) for i in range(k)]
+            ranges = [shard_workers.shard_range(n, i, k) for i in range(k)]
             assert ranges[0][0] == 0 and ranges[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1
-    assert sharding.parse_shard("2/4") == (2, 4)
+    assert shard_workers.parse_shard("2/4") == (2, 4)
     with pytest.raises(DitDeployError):
-        sharding.parse_shard("4/4")
+        shard_workers.parse_shard("4/4")
 
 
 def _parts(tmp_path, arr, labels, k):
     final = tmp_path / "all.npz"
     paths = []
     for i in range(k):
-        a, b = sharding.shard_range(len(arr), i, k)
-        p = sharding.part_path(final, i, k)
+        a, b = shard_workers.shard_range(len(arr), i, k)
+        p = shard_workers.part_path(final, i, k)
         perm = np.random.default_rng(i).permutation(np.arange(a, b))  # parts need not be sorted inside
         images.save_npz(p, arr[perm], labels[perm], index=perm)
         paths.append(p)
@@ -102,7 +102,7 @@ def test_merge_parts_restores_global_order(tmp_path):
     arr = rng.integers(0, 256, size=(23, 4, 4, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, size=23)
     final, paths = _parts(tmp_path, arr, labels, 3)
-    n, shape = sharding.merge_parts(final, paths[::-1], n=23)  # any order of parts
+    n, shape = shard_workers.merge_parts(final, paths[::-1], n=23)  # any order of parts
     assert (n, shape) == (23, (4, 4, 3))
     z = images.load_npz(final)
     np.testing.assert_array_equal(z["arr_0"], arr)
@@ -115,10 +115,10 @@ def test_merge_refuses_gaps_and_missing_parts(tmp_path):
     arr = np.zeros((10, 2, 2, 1), np.uint8)
     final, paths = _parts(tmp_path, arr, np.zeros(10, np.int64), 2)
     with pytest.raises(DitDeployError, match="gaps"):
-        sharding.merge_parts(final, paths[:1], n=10)
+        shard_workers.merge_parts(final, paths[:1], n=10)
     paths[1].unlink()
     with pytest.raises(DitDeployError, match="missing"):
-        sharding.merge_parts(final, paths, n=10)
+        shard_workers.merge_parts(final, paths, n=10)
     assert not final.exists()
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, copy_artifact, edit_manifest, run_main
 
-from ditdeploy.artifacts import atomic_path, manifest_path, safe_member, sha256_file, write_json_atomic
+from ditdeploy.artifact.files import atomic_path, manifest_path, safe_member, sha256_file, write_json_atomic
+from ditdeploy.artifact.manifest import load_manifest, make_manifest
 from ditdeploy.errors import ArtifactError
-from ditdeploy.manifest import load_manifest, make_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("ditdeploy", "export", "runtimes", "calibration", "bench")
@@ -196,17 +196,17 @@ def test_golden_npz_with_a_pickle_is_refused_without_running(digits_artifacts, t
 def test_sample_shard_parts_with_a_pickle_are_not_unpickled(tmp_path):
     """Sharded sampling merges .npz parts written by worker processes: a part whose image array is a pickled object
     is refused by np.load (pickles off), and the payload never runs."""
-    from ditdeploy import sharding
+    from ditdeploy.run import shard_workers
 
     marker = tmp_path / "PWNED"
     final = tmp_path / "s.npz"
-    part = sharding.part_path(final, 0, 1)
+    part = shard_workers.part_path(final, 0, 1)
     evil = np.empty(1, dtype=object)
     evil[0] = _Evil(marker)
     with open(part, "wb") as f:
         np.savez(f, arr_0=evil, labels=np.zeros(1, np.int64), index=np.zeros(1, np.int64))
     with pytest.raises(ValueError, match="allow_pickle"):
-        sharding.merge_parts(final, [part], 1)
+        shard_workers.merge_parts(final, [part], 1)
     assert not marker.exists() and not final.exists()
 
 
@@ -214,7 +214,7 @@ def test_sample_shard_parts_with_a_pickle_are_not_unpickled(tmp_path):
 def test_safetensors_with_a_lying_header_is_refused(tmp_path):
     """A header length of 1 TiB, or tensors claiming 40 GB of data in a 100-byte file: one-line refusal, no
     allocation of what the header claims."""
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
 
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 1 << 40) + b'{"a": 1}')

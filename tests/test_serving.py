@@ -26,7 +26,7 @@ import psutil
 import pytest
 from conftest import cmdline_of
 
-from ditdeploy import generation
+from ditdeploy.run import generation
 from ditdeploy.serving import client
 from ditdeploy.serving.protocol import GenerateRequest
 
@@ -140,8 +140,9 @@ def _stats(url: str) -> dict:
 
 def _local(labels: list[int], first_index: int = 0, **settings) -> np.ndarray:
     """The uint8 images a local `sample` makes for these labels at these global indices (the shipped model)."""
-    from ditdeploy import images, shipped
+    from ditdeploy.run import images
     from ditdeploy.runtimes import load
+    from ditdeploy.sources import shipped
 
     req = generation.SampleRequest(out=None, **settings)
     den = load(shipped.default_model(), threads=1)
@@ -186,9 +187,9 @@ def test_generate_image_follows_the_noise_contract(server):
 
 def test_denoise_model_equals_the_artifact(server):
     """`denoise` returns the artifact's own output for x, t, y (rows batched with whatever else is in flight)."""
-    from ditdeploy import shipped
-    from ditdeploy.parity import THRESHOLDS
+    from ditdeploy.proof.parity import THRESHOLDS
     from ditdeploy.runtimes import load
+    from ditdeploy.sources import shipped
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 1, 8, 8), dtype=np.float32)

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from ditdeploy.generation import SampleRequest
+from ditdeploy.run.generation import SampleRequest
 from ditdeploy.serving.batcher import BatchedDenoiser, RowBatcher, Stopped
 from ditdeploy.serving.protocol import GenerateRequest, WireError, decode_error
 
@@ -68,8 +68,8 @@ def _in_sessions(batcher: RowBatcher, jobs: list) -> dict[int, object]:
 
 @pytest.fixture(scope="module")
 def digits():
-    from ditdeploy import shipped
     from ditdeploy.runtimes import load
+    from ditdeploy.sources import shipped
 
     return load(shipped.default_model(), threads=1)
 
@@ -77,7 +77,7 @@ def digits():
 def test_rows_of_requests_at_different_steps_share_one_call_and_come_back_right(digits):
     """Three open sessions submit rows at three different timesteps: one call holds all of them (the worker waits
     for the open sessions), and each caller gets the rows a direct call gives (fp32 batch-shape noise only)."""
-    from ditdeploy.parity import THRESHOLDS
+    from ditdeploy.proof.parity import THRESHOLDS
 
     b = RowBatcher({"plain": digits}, max_rows=16, max_delay_s=30.0)
     rng = np.random.default_rng(1)

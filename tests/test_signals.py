@@ -203,7 +203,7 @@ def test_deferred_holds_a_signal_until_the_import_is_done(sig, exc):
     """A signal inside ``interrupts.deferred()`` (the exporter's first import of onnx/onnxscript: interrupting that
     import crashed the interpreter at exit, SIGSEGV in 2 of 12 early-interrupted exports) is raised at the block's
     end, not inside it; outside the block it is raised at once as before."""
-    from ditdeploy import interrupts
+    from ditdeploy.system import interrupts
 
     old = {s: signal.getsignal(s) for s in interrupts.HANDLED}
     try:

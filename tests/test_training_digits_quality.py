@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditdeploy.shipped import DIGITS_CHECKPOINT as ASSET
+from ditdeploy.sources.shipped import DIGITS_CHECKPOINT as ASSET
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _restore_threads():
 
 @pytest.mark.skipif(not ASSET.exists(), reason="shipped digits model not present")
 def test_shipped_digits_model_quality():
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
     from experiments.digits_quality import evaluate
 
     m = load_model(ASSET)

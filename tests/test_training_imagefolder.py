@@ -73,7 +73,7 @@ def test_latent_cache_matches_on_the_fly(tmp_path, image_folder, tiny_vae):
     assert len(a) == len(b) == 4
     np.testing.assert_allclose(a, b, rtol=1e-5)
     # the on-the-fly model config: latent 4x4x4, 3 classes
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
 
     m = load_model(fly / "ema.safetensors")
     assert (m.config.input_size, m.config.in_channels, m.config.num_classes) == (4, 4, 3)

@@ -145,7 +145,7 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path):
 
 
 def test_checkpoint_contents_are_plain_and_resumable(tmp_path):
-    from ditdeploy.checkpoints import load_model
+    from ditdeploy.sources.checkpoints import load_model
 
     out = tmp_path / "run"
     run_cli(*TINY, "--steps", "6", "--ckpt-every", "2", "--keep", "2", "--log-every", "3", "--out", str(out))

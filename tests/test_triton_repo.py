@@ -90,7 +90,7 @@ def test_every_config_parses_against_the_model_config_schema(digits_repo):
 
 
 def test_generate_config_carries_model_and_labels(digits_repo):
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     cfg = parse(digits_repo / "generate" / "config.pbtxt")
     assert (cfg.backend, cfg.max_batch_size) == ("python", 0)
@@ -150,7 +150,7 @@ def test_labels_with_quotes_and_non_ascii_survive_the_text_format(tmp_path):
 
 
 def test_refusals_leave_nothing_behind(latent, tmp_path):
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -184,7 +184,7 @@ def test_cli_export_triton_writes_the_repository(tmp_path):
 # ------------------------------------------------------------------------------------------ on a real tritonserver
 def _server_env():
     from ditdeploy.serving.env import ServeEnvError
-    from ditdeploy.triton_local import ServerEnv
+    from ditdeploy.serving.triton_local import ServerEnv
 
     try:
         return ServerEnv.probe()
@@ -194,7 +194,7 @@ def _server_env():
 
 def _generate(url: str, labels: list[int | str], seed: int, steps: int, cfg: float) -> np.ndarray:
     """One request through ditdeploy serve's own client (the repository speaks its wire protocol)."""
-    from ditdeploy.generation import SampleRequest
+    from ditdeploy.run.generation import SampleRequest
     from ditdeploy.serving.client import generate
     from ditdeploy.serving.protocol import GenerateRequest
 
@@ -204,7 +204,7 @@ def _generate(url: str, labels: list[int | str], seed: int, steps: int, cfg: flo
 
 
 def _local(engine: Path, labels: list[int], seed: int, steps: int, cfg: float) -> np.ndarray:
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.run.generation import SampleRequest, generate
 
     return generate(SampleRequest(engine=engine, labels=labels, seed=seed, steps=steps, cfg_scale=cfg,
                                   out=None)).images
@@ -224,8 +224,8 @@ def test_python_backend_models_on_the_bundled_server(digits_repo):
     """generate + the python variant of denoise on PyTriton's tritonserver: images equal to the library's, rows of
     concurrent requests batched into shared denoiser calls, a bad request refused while the others are served."""
     from ditdeploy.serving.client import ServerError, server_info
-    from ditdeploy.shipped import DIGITS_ONNX
-    from ditdeploy.triton_local import LocalTriton
+    from ditdeploy.serving.triton_local import LocalTriton
+    from ditdeploy.sources.shipped import DIGITS_ONNX
 
     env = _server_env()
     with LocalTriton(env, digits_repo, config_name="python") as t:
@@ -260,7 +260,7 @@ def test_python_backend_models_on_the_bundled_server(digits_repo):
 def test_latent_repository_on_the_bundled_server(latent, tmp_path):
     """The decoder path: generate -> denoise (BLS) -> vae_decoder (BLS), equal to the library's sample; with
     max_batch 2 a guided 2-image step (4 rows) is split into two denoiser calls."""
-    from ditdeploy.triton_local import LocalTriton
+    from ditdeploy.serving.triton_local import LocalTriton
 
     env = _server_env()
     repo = tmp_path / "repo"

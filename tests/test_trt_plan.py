@@ -20,7 +20,9 @@ import pytest
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from ditdeploy.artifacts import manifest_path, write_json_atomic  # noqa: E402
+from ditdeploy.artifact.files import manifest_path, write_json_atomic  # noqa: E402
+from ditdeploy.artifact.manifest import make_manifest  # noqa: E402
+from ditdeploy.config.variants import DIGITS  # noqa: E402
 from ditdeploy.errors import ArtifactError, DitDeployError  # noqa: E402
 from ditdeploy.export.trt_plan import (  # noqa: E402
     BatchProfile,
@@ -30,8 +32,6 @@ from ditdeploy.export.trt_plan import (  # noqa: E402
     engine_metadata,
     make_build_plan,
 )
-from ditdeploy.manifest import make_manifest  # noqa: E402
-from ditdeploy.variants import DIGITS  # noqa: E402
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

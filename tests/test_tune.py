@@ -33,7 +33,7 @@ def engines(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tuned(engines):
-    from ditdeploy.tuning import TuneRequest, tune
+    from ditdeploy.proof.tuner import TuneRequest, tune
 
     d, fp32, q = engines
     req = TuneRequest(engines=[fp32, q], state=d / "state.json", **SMALL)
@@ -62,9 +62,9 @@ def test_pick_meets_the_budget_and_is_the_fastest_that_does(tuned):
 
 def test_quality_numbers_equal_an_independent_computation(tuned, engines):
     """Drift and FID of the interval row from plain generate + fid.evaluate runs with the same settings."""
-    from ditdeploy import metrics
     from ditdeploy.fid.evaluate import DIGITS_REF, FidRequest, evaluate
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.proof import distances
+    from ditdeploy.run.generation import SampleRequest, generate
 
     req, res = tuned
     d, fp32, _ = engines
@@ -73,7 +73,7 @@ def test_quality_numbers_equal_an_independent_computation(tuned, engines):
                          steps=10, out=None)
     full = generate(base).latents
     less = generate(dataclasses.replace(base, cfg_interval=[150, 750])).latents
-    assert row["drift"]["rel_l2"] == pytest.approx(metrics.rel_l2(less, full), rel=1e-6)
+    assert row["drift"]["rel_l2"] == pytest.approx(distances.rel_l2(less, full), rel=1e-6)
     assert 0 < row["drift"]["rel_l2"] < 1
     npz = d / "fid.npz"
     generate(dataclasses.replace(base, labels=[i % 10 for i in range(100)], cfg_interval=[150, 750], npz=npz))
@@ -82,7 +82,7 @@ def test_quality_numbers_equal_an_independent_computation(tuned, engines):
 
 
 def test_interrupted_run_resumes_reusing_measured_rows(engines, tmp_path):
-    from ditdeploy.tuning import TuneRequest, tune
+    from ditdeploy.proof.tuner import TuneRequest, tune
 
     _, fp32, q = engines
     req = TuneRequest(engines=[fp32, q], state=tmp_path / "s.json", **{**SMALL, "fid_samples": 20})
@@ -107,9 +107,9 @@ def test_interrupted_run_resumes_reusing_measured_rows(engines, tmp_path):
 
 
 def test_recipe_round_trip_and_sample_recipe(tuned, engines, tmp_path):
-    from ditdeploy.generation import SampleRequest, generate
-    from ditdeploy.recipes import apply_recipe, load_recipe, save_recipe
-    from ditdeploy.tuning import recipe_of
+    from ditdeploy.proof.tuner import recipe_of
+    from ditdeploy.run.generation import SampleRequest, generate
+    from ditdeploy.run.recipes import apply_recipe, load_recipe, save_recipe
 
     _, res = tuned
     d, _, _ = engines
@@ -157,10 +157,10 @@ def test_tune_cli_writes_recipe_table_and_plot(engines, tmp_path):
 def test_recipe_fills_serve_options_and_server_requests(tuned, engines):
     """`serve --recipe` takes the artifact, backend and options; a request to a server only the less-work settings
     (the server chose its artifact)."""
-    from ditdeploy.generation import SampleRequest
-    from ditdeploy.recipes import apply_recipe, save_recipe
+    from ditdeploy.proof.tuner import recipe_of
+    from ditdeploy.run.generation import SampleRequest
+    from ditdeploy.run.recipes import apply_recipe, save_recipe
     from ditdeploy.serving.options import ServeOptions
-    from ditdeploy.tuning import recipe_of
 
     _, res = tuned
     d, _, _ = engines

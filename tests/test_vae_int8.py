@@ -9,13 +9,13 @@ import pytest
 from test_export import tiny_model
 from test_export_vae import make_tiny_vae
 
-from ditdeploy.calibration.vae_int8 import quantize_decoder_int8
-from ditdeploy.cpu_isa import detect
 from ditdeploy.diffusion import sample
 from ditdeploy.errors import NumericsError
 from ditdeploy.export.vae import export_vae_decoder_onnx
 from ditdeploy.runtimes import load_decoder
 from ditdeploy.runtimes.torch import TorchDenoiser
+from ditdeploy.system.cpu_isa import detect
+from experiments.vae_int8 import quantize_decoder_int8
 
 
 def _latents(seed: int, n: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_main
 
-from ditdeploy.artifacts import sha256_file
+from ditdeploy.artifact.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "ditdeploy" / "assets"
@@ -60,8 +60,8 @@ def _npz_with_zeros(path: Path, nbytes: int) -> None:
 
 
 def test_npz_member_sizes_checked_before_inflating(tmp_path):
-    from ditdeploy.bounds import check_npz
     from ditdeploy.errors import ArtifactError
+    from ditdeploy.system.bounds import check_npz
 
     p = tmp_path / "bomb.npz"
     _npz_with_zeros(p, 256 << 20)
@@ -75,8 +75,8 @@ def test_npz_member_sizes_checked_before_inflating(tmp_path):
 
 
 def test_npz_member_whose_header_disagrees_with_the_zip_is_refused(tmp_path):
-    from ditdeploy.bounds import check_npz
     from ditdeploy.errors import ArtifactError
+    from ditdeploy.system.bounds import check_npz
 
     p = tmp_path / "lie.npz"
     with zipfile.ZipFile(p, "w") as zf, zf.open("x.npy", "w") as f:
@@ -139,7 +139,7 @@ def _with_external_data(model: Path, listed: bool) -> Path:
 
     import onnx
 
-    from ditdeploy.artifacts import sha256_file
+    from ditdeploy.artifact.files import sha256_file
 
     m = onnx.load(str(model))
     ext = model.with_name("ext.onnx")
@@ -220,7 +220,7 @@ def test_absurd_thread_count_is_refused_before_any_work(model, tmp_path, cmd):
             "bench": ["--no-torch", "--no-probe", "--steps", "1", "--repeats", "1", "--batch", "1"]}[cmd]
     t0 = time.perf_counter()
     code, _, err = run_main([cmd, "--engine", model, "--threads", "100000", *args])
-    from ditdeploy.bounds import max_threads
+    from ditdeploy.system.bounds import max_threads
 
     assert_one_line_error(code, err, ("--threads", str(max_threads())), strict=False)
     assert time.perf_counter() - t0 < 30 and list(tmp_path.glob("[gc].*")) == []

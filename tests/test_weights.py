@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from ditdeploy.errors import ArtifactError, DitDeployError
-from ditdeploy.weights import (
+from ditdeploy.sources.official_weights import (
     OFFICIAL_WEIGHTS,
     cached_official,
     fetch_official,

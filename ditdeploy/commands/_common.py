@@ -1,9 +1,12 @@
-"""The CLI vocabulary shared by every command: one definition of each common option, its choices and ranges, the
-progress default and the deprecation line for old spellings. (README "CLI conventions" documents it.)
+"""The CLI vocabulary shared by every command (README "CLI conventions" documents it).
+
+One definition of each common option, its choices and ranges, the progress default and the deprecation line
+for old spellings.
 
 Typer + stdlib only at import time. The ``--sampler``, ``--backend`` and ``--fmt`` choices are read from their
-registries (``ditdeploy.diffusion.registry``, ``ditdeploy.runtimes.registry``, ``ditdeploy.formats``) when
-the parser needs them, so a registered sampler/backend/format appears in every command's choices and --help.
+registries (``ditdeploy.diffusion.registry``, ``ditdeploy.runtimes.registry``, ``ditdeploy.artifact.formats``)
+when the parser needs them, so a registered sampler/backend/format appears in every command's choices and
+--help.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def backend_names() -> tuple[str, ...]:
 
 
 def format_names() -> tuple[str, ...]:
-    from ditdeploy.formats import format_names as names
+    from ditdeploy.artifact.formats import format_names as names
 
     return names()
 
@@ -80,7 +83,7 @@ def backend_option() -> Any:
 
 
 def threads_option() -> Any:
-    from ditdeploy.bounds import max_threads
+    from ditdeploy.system.bounds import max_threads
 
     return typer.Option(None, "--threads", min=1, max=max_threads(), help="Intra-op threads (default: physical cores).",
                         rich_help_panel=PANEL_MODEL)
@@ -129,7 +132,7 @@ def cuda_graph_option(help: str) -> Any:
 
 
 def trust_native_code_option() -> Any:
-    """``--trust-native-code``: load a .pt2 / TensorRT engine that this installation did not build (``ditdeploy.trust``;
+    """``--trust-native-code``: load a .pt2 / TensorRT engine that this installation did not build (``ditdeploy.artifact.trust``;
     like transformers' ``trust_remote_code``). Data formats (ONNX, OpenVINO IR, safetensors) ignore it."""
     return typer.Option(False, "--trust-native-code", help="Load a .pt2 or TensorRT engine (they run native code) "
                         "that this installation did not build and the trusted list does not name. Only for "

@@ -91,7 +91,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Benchmark denoiser latency, end-to-end throughput, memory, size and FLOP/s per backend and batch; with
         --server, load-test a running server (images/s, latency percentiles, mean denoiser batch)."""
-        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.artifact.files import write_json_atomic
         from ditdeploy.bench import harness, report
         from ditdeploy.diffusion import check_settings
         from ditdeploy.errors import DitDeployError
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
 
         spec = c.deprecated("--batch", "--batch-sizes", batch, batch_sizes, default="1,2,8")
         batches = harness.parse_batches(spec, "--batch" if batch is not None else "--batch-sizes")
-        from ditdeploy.outputs import check_outputs
+        from ditdeploy.artifact.output_policy import check_outputs
 
         check_outputs({"--engine": engine, "--reference": reference, "--vae": vae},
                       {"--json": json_out, "--csv": csv_out, "--plot": plot})
@@ -148,11 +148,11 @@ def _load_test(server: str, engine, rate: str | None, concurrency: str | None, d
                cfg_scale: float, json_out: Path | None, plot: Path | None, csv_out: Path | None,
                progress: bool | None) -> None:
     """``bench --server``: the load test of ``ditdeploy.bench.load``."""
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
+    from ditdeploy.artifact.output_policy import check_outputs
     from ditdeploy.bench import load
     from ditdeploy.bench.machine import machine_info
     from ditdeploy.errors import DitDeployError
-    from ditdeploy.outputs import check_outputs
 
     if engine:
         raise DitDeployError("--server load-tests a running server: drop --engine (the server chose its model)")
@@ -191,10 +191,10 @@ def _targets(engines: list[Path], backends: str | None, threads: int | None, vae
              trust_native_code: bool = False) -> list:
     """One harness target per (engine, backend), torch eager baselines first (one per model config)."""
     from ditdeploy.bench import harness
-    from ditdeploy.checking import has_torch
-    from ditdeploy.deployment import backend_options, open_deployment
     from ditdeploy.errors import DitDeployError
-    from ditdeploy.shipped import default_model
+    from ditdeploy.proof.reference_check import has_torch
+    from ditdeploy.run.deployment import backend_options, open_deployment
+    from ditdeploy.sources.shipped import default_model
 
     engines = engines or [default_model(None)]
     targets: list[harness.Target] = []

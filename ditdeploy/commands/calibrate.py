@@ -56,10 +56,10 @@ def register(app: typer.Typer) -> None:
         """Capture denoiser inputs (x_t, t, y) of both CFG halves over whole sampling trajectories for INT8."""
         import time
 
-        from ditdeploy.artifacts import sha256_file
+        from ditdeploy.artifact.files import sha256_file
+        from ditdeploy.artifact.manifest import Manifest
         from ditdeploy.calibration.capture import CaptureSettings, capture_calibration_set, describe
-        from ditdeploy.manifest import Manifest
-        from ditdeploy.shipped import default_model
+        from ditdeploy.sources.shipped import default_model
 
         settings = CaptureSettings(samples=samples, steps=steps, sampler=c.value(sampler), cfg_scale=cfg_scale,
                                    eta=eta, seed=seed, timesteps=timesteps, batch_size=batch_size,
@@ -71,11 +71,11 @@ def register(app: typer.Typer) -> None:
             src = default_model(b)
             typer.echo(f"no --engine: calibrating the shipped default model {src.name}", err=True)
         c.existing(src)
-        from ditdeploy.deployment import open_deployment
+        from ditdeploy.run.deployment import open_deployment
 
         dep = open_deployment(src, b, {"threads": threads, "image_size": image_size,
                                        "trust_native_code": trust_native_code or None})
-        from ditdeploy.outputs import check_outputs
+        from ditdeploy.artifact.output_policy import check_outputs
 
         check_outputs({"--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
         den = dep.denoiser
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
 
 def _check_memory(settings, cfg) -> None:
     """The captured inputs are held in memory: refuse a count that cannot fit before sampling."""
-    from ditdeploy.bounds import check_memory
+    from ditdeploy.system.bounds import check_memory
 
     calls = min(settings.timesteps, settings.steps) * (2 if settings.cfg_scale != 1 else 1)
     n = (settings.samples + settings.resolved_val_samples()) * calls

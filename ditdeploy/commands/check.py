@@ -1,6 +1,6 @@
 """`ditdeploy check`: prove an exported artifact computes what the PyTorch reference computes.
 
-The comparison itself lives in ``ditdeploy.checking``; this module only wires the CLI (typer + stdlib at import).
+The comparison itself lives in ``ditdeploy.proof.reference_check``; this module only wires the CLI (typer + stdlib at import).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ditdeploy.commands import _common as c
 
 
 class Precision(str, Enum):
-    """Precisions with a thresholds table in ``ditdeploy.checking``."""
+    """Precisions with a thresholds table in ``ditdeploy.proof.reference_check``."""
 
     fp32 = "fp32"
     fp16 = "fp16"
@@ -107,10 +107,10 @@ def register(app: typer.Typer) -> None:
             raise DitDeployError("--fid-ref samples the artifact and its PyTorch reference: it needs --engine and "
                                  "does not combine with --golden")
         batch_size = c.deprecated("--batch", "--batch-size", batch, batch_size, default=4)
-        from ditdeploy.bounds import check_batch
+        from ditdeploy.system.bounds import check_batch
 
         check_batch(batch_size, "--batch-size")
-        from ditdeploy.outputs import check_outputs
+        from ditdeploy.artifact.output_policy import check_outputs
 
         check_outputs({"--engine": engine, "--reference": reference, "--golden": golden, "--vae": vae,
                        "--inception": inception, "--fid-ref": _fid_ref_path(fid_ref)},
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
         interval = check_settings(c.value(sampler), steps, cfg_scale, 0.0, cfg_interval, cache_interval, flags=True)
         opts = {"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                 "device": device, "cuda_graph": cuda_graph or None, "trust_native_code": trust_native_code or None}
-        from ditdeploy.deployment import open_deployment
+        from ditdeploy.run.deployment import open_deployment
 
         dep = (open_deployment(engine, c.value(backend), opts, vae=vae)  # None: the shipped model
                if engine is not None or save_golden is None else None)
@@ -148,12 +148,12 @@ def _golden(dep, golden: Path | None, save_golden: Path | None, reference: Path 
             settings: dict):
     """The reference outputs: read from ``golden``, or computed by the PyTorch reference (and saved). ``dep``: the
     artifact's deployment (None: ``--save-golden`` from ``--reference`` alone)."""
-    from ditdeploy import checking
-    from ditdeploy.deployment import load_reference
     from ditdeploy.errors import DitDeployError
+    from ditdeploy.proof import reference_check
+    from ditdeploy.run.deployment import load_reference
 
     if golden is not None:
-        g = checking.load_golden(golden)
+        g = reference_check.load_golden(golden)
         g.meta["reference"] = f"golden {golden.name} ({g.meta.get('reference', '?')})"
         return g, None
     if dep is None and reference is None:
@@ -169,10 +169,10 @@ def _golden(dep, golden: Path | None, save_golden: Path | None, reference: Path 
             f"({art.config.variant}): configs differ; pass the right --reference")
     decoder = dep.optional_decoder() if dep is not None else _vae_alone(vae)
     typer.echo(f"reference: {ref.name} from {ref_path}", err=True)
-    g = checking.make_golden(ref, ref.config, decoder=decoder, reference_name=f"{ref.name} {ref_path.name}",
+    g = reference_check.make_golden(ref, ref.config, decoder=decoder, reference_name=f"{ref.name} {ref_path.name}",
                              extra_meta={"reference_path": str(ref_path)}, **settings)
     if save_golden is not None:
-        checking.save_golden(save_golden, g)
+        reference_check.save_golden(save_golden, g)
         typer.echo(f"golden file written: {save_golden} ({g.probe_t.shape[0]} timesteps x "
                    f"{g.probe_t.shape[1]} rows, {g.noise.shape[0]} end-to-end samples)")
     return g, ref_path
@@ -181,20 +181,20 @@ def _golden(dep, golden: Path | None, save_golden: Path | None, reference: Path 
 def _compare(dep, g, precision: str | None, overrides: dict, json_out: Path | None, run: dict,
              fid: dict | None = None) -> None:
     """Run the artifact against the golden outputs, print the report, exit 1 (NumericsError) on failure."""
-    from ditdeploy import checking
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
     from ditdeploy.errors import DitDeployError, NumericsError
+    from ditdeploy.proof import reference_check
 
     art, engine = dep.denoiser, dep.path
     if g.config != art.config:
         raise DitDeployError(f"the golden file was made for {g.config.variant} {g.config.input_size}px latents, "
                              f"the artifact is {art.config.variant} {art.config.input_size}: configs differ")
     decoder = dep.optional_decoder()
-    prec = precision or checking.effective_precision(art)
-    th = checking.thresholds_for(prec).replace(**overrides)
-    rep = checking.check(art, g, thresholds=th, precision=prec, backend=art.name, artifact=str(engine),
+    prec = precision or reference_check.effective_precision(art)
+    th = reference_check.thresholds_for(prec).replace(**overrides)
+    rep = reference_check.check(art, g, thresholds=th, precision=prec, backend=art.name, artifact=str(engine),
                          decoder=decoder, **run)
-    typer.echo(checking.format_report(rep))
+    typer.echo(reference_check.format_report(rep))
     if fid is not None:
         from ditdeploy.fid.delta import format_delta
 
@@ -202,7 +202,7 @@ def _compare(dep, g, precision: str | None, overrides: dict, json_out: Path | No
     if json_out is not None:
         write_json_atomic(json_out, {**rep.to_dict(), **({"fid": fid} if fid is not None else {})})
     if not rep.passed:
-        from ditdeploy.cpu_isa import detect
+        from ditdeploy.system.cpu_isa import detect
 
         more = f" (+{len(rep.failures) - 1} more)" if len(rep.failures) > 1 else ""
         raise NumericsError(f"check failed for {engine.name} on {art.name}: {rep.failures[0]}{more} "
@@ -229,9 +229,9 @@ def _fid_ref_path(fid_ref: str | None) -> Path | None:
 
 
 def _run_trt_lint(path: Path, json_out: Path | None) -> None:
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
+    from ditdeploy.artifact.output_policy import check_outputs
     from ditdeploy.export.trt_lint import lint_onnx, require_lint_pass
-    from ditdeploy.outputs import check_outputs
 
     check_outputs({"--trt-lint": path}, {"--json": json_out})  # the report never replaces the linted model
     rep = lint_onnx(path)

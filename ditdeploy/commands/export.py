@@ -1,7 +1,7 @@
-"""`ditdeploy export`: a DiT checkpoint (or the shipped digits model) -> verified ONNX / OpenVINO / TensorRT /
-AOTInductor (.pt2).
+"""`ditdeploy export`: a DiT checkpoint -> verified ONNX / OpenVINO / TensorRT / AOTInductor (.pt2).
 
-Imports only typer + stdlib at module import; torch and the exporters load inside the command.
+The checkpoint may also be the shipped digits model. Imports only typer + stdlib at module import; torch and
+the exporters load inside the command.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from ditdeploy.commands import _common as c
-from ditdeploy.variants import CONDITIONINGS
+from ditdeploy.config.variants import CONDITIONINGS
 
 _EPILOG = (
     "Examples: ditdeploy export --model digits | "
@@ -112,8 +112,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = c.progress_option(),
     ) -> None:
         """Export a DiT (and optionally its VAE decoder) to a verified ONNX, OpenVINO or TensorRT artifact."""
+        from ditdeploy.artifact.output_policy import check_outputs
         from ditdeploy.errors import DitDeployError
-        from ditdeploy.outputs import check_outputs
 
         fmt_, prec, int8_mode, conditioning = c.value(fmt), c.value(precision), c.value(int8_mode), \
             c.value(conditioning)
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
             c.warn_deprecated("--precision int8-dynamic", "--precision int8 --int8-mode dynamic")
             prec, int8_mode = "int8", "dynamic"
         batch_max = c.deprecated("--batch-max", "--max-batch", batch_max, max_batch)
-        from ditdeploy.bounds import check_batch
+        from ditdeploy.system.bounds import check_batch
 
         for flag, n in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", batch_max)):
             check_batch(n, flag)  # before the model is built or exported
@@ -132,11 +132,11 @@ def register(app: typer.Typer) -> None:
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
         verify = not no_verify
         if fmt_ == "diffusers" and out is not None:  # a new folder: refused before the model is built
-            from ditdeploy.outputs import check_new_folder
+            from ditdeploy.artifact.output_policy import check_new_folder
 
             check_new_folder("--out", out, {"--checkpoint": checkpoint, "--vae": vae})
+        from ditdeploy.artifact.formats import get_format
         from ditdeploy.export import pipeline
-        from ditdeploy.formats import get_format
 
         fmt_options = {"min_batch": min_batch, "opt_batch": opt_batch, "timing_cache": timing_cache,  # by format
                        "opt_level": opt_level, "dry_run": dry_run, "device": (device or "cpu").lower(),
@@ -228,8 +228,8 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
                        instances: int | None = None) -> str:
     """Refuse flag combinations that cannot work, before anything slow (warn loudly about --no-verify); returns
     the format's name (an alias such as tensorrt -> trt)."""
+    from ditdeploy.artifact.formats import FORMATS, get_format
     from ditdeploy.errors import DitDeployError
-    from ditdeploy.formats import FORMATS, get_format
 
     spec = get_format(fmt)
     fmt = spec.name
@@ -297,10 +297,10 @@ def _int8_target(fmt: str, prec: str, int8_mode: str, target: str) -> str:
 def _export_decoder_only(vae: Path, out: Path | None, fmt: str, opset: int, verify: bool, latent_size: int,
                          progress: bool) -> None:
     """``export --vae DIR`` without a denoiser: the VAE decoder alone."""
+    from ditdeploy.artifact.formats import get_format
+    from ditdeploy.artifact.output_policy import check_outputs
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export import pipeline
-    from ditdeploy.formats import get_format
-    from ditdeploy.outputs import check_outputs
 
     if fmt == "diffusers":
         raise DitDeployError("--fmt diffusers writes a DiT pipeline: pass --model or --checkpoint")
@@ -329,8 +329,8 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
                   instances: int | None, opset: int, verify: bool, seed: int, source: dict, id2label,
                   progress: bool, calibration: Path | None, int8_mode: str, exclude: str | None) -> None:
     """``--fmt triton``: a Triton model repository folder."""
+    from ditdeploy.artifact.output_policy import check_outputs
     from ditdeploy.export import pipeline
-    from ditdeploy.outputs import check_outputs
 
     target = out or Path(pipeline.slug(net.config) + "-triton")
     check_outputs({"--vae": vae, "--calibration": calibration}, {})
@@ -357,10 +357,10 @@ def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_gra
                      vae: Path | None, int8: dict | None) -> None:
     """``export --checkpoint FP32.onnx --precision int8``: quantize an existing fp32 export (plain or two-graph)
     without loading torch or exporting again (the graph `calibrate` ran is the graph quantized)."""
+    from ditdeploy.artifact.formats import get_format
+    from ditdeploy.artifact.output_policy import check_outputs
     from ditdeploy.errors import DitDeployError
     from ditdeploy.export import pipeline
-    from ditdeploy.formats import get_format
-    from ditdeploy.outputs import check_outputs
 
     c.existing(src)
     if prec != "int8" or vae is not None:
@@ -394,7 +394,7 @@ def _check_aoti(device: str | None, prec: str, calibration: Path | None, vae: Pa
 
 def _summary(path: Path, m: dict) -> None:
     """One line per artifact: path, size, parity, time."""
-    from ditdeploy.manifest import Manifest
+    from ditdeploy.artifact.manifest import Manifest
 
     m = Manifest.of(m)
     size = m.total_bytes

@@ -1,6 +1,7 @@
-"""`ditdeploy fid`: FID / Inception Score (+ sFID, precision, recall) of an ADM-layout sample npz against a reference.
+"""`ditdeploy fid`: FID / Inception Score (+ sFID, precision, recall) of a sample npz against a reference.
 
-Thin wiring: flags -> ``ditdeploy.fid.FidRequest`` -> ``ditdeploy.fid.evaluate``. typer + stdlib at import.
+The sample npz is in the ADM layout. Thin wiring: flags -> ``ditdeploy.fid.FidRequest`` ->
+``ditdeploy.fid.evaluate``. typer + stdlib at import.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def register(app: typer.Typer) -> None:
         carries what they need). Weights are never downloaded."""
         import json
 
+        from ditdeploy.artifact.output_policy import check_outputs
         from ditdeploy.fid import DIGITS_REF, FidRequest, evaluate
-        from ditdeploy.outputs import check_outputs
 
         if json_out is not None:  # before any work: the report never replaces an input
             check_outputs({"SAMPLES": samples, "--ref": None if ref == DIGITS_REF else Path(ref),
@@ -57,11 +58,11 @@ def register(app: typer.Typer) -> None:
                          progress=c.progress_on(progress))
         report = evaluate(req)
         if json_out is not None:
-            from ditdeploy.artifacts import write_json_atomic
+            from ditdeploy.artifact.files import write_json_atomic
 
             write_json_atomic(json_out, report)
         typer.echo(_summary(report))
         if json_out is None:
-            from ditdeploy.artifacts import strict_json
+            from ditdeploy.artifact.files import strict_json
 
             typer.echo(json.dumps(strict_json(report["metrics"]), sort_keys=True, allow_nan=False), err=True)

@@ -19,8 +19,8 @@ def register(app: typer.Typer) -> None:
 
         artifact = deprecated("the positional ARTIFACT", "--engine", artifact, engine)
         from ditdeploy import __version__
-        from ditdeploy.artifacts import json_text
-        from ditdeploy.manifest import load_manifest
+        from ditdeploy.artifact.files import json_text
+        from ditdeploy.artifact.manifest import load_manifest
         from ditdeploy.runtimes.registry import backends, tool_versions
 
         if artifact is not None:
@@ -33,6 +33,6 @@ def register(app: typer.Typer) -> None:
         typer.echo("runtimes:")
         for name, spec in backends().items():
             typer.echo(f"  {name:16s} {'available' if spec.installed() else 'not installed'}")
-        from ditdeploy.variants import VARIANTS
+        from ditdeploy.config.variants import VARIANTS
 
         typer.echo("variants: " + ", ".join(VARIANTS))

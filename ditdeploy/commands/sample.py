@@ -1,6 +1,6 @@
 """`ditdeploy sample`: class-conditional sampling on any backend -> labelled grid image and/or ADM-layout npz.
 
-Flags -> :class:`ditdeploy.generation.SampleRequest` -> :func:`ditdeploy.generation.generate`. Imports only typer +
+Flags -> :class:`ditdeploy.run.generation.SampleRequest` -> :func:`ditdeploy.run.generation.generate`. Imports only typer +
 stdlib at module import; numpy, the sampler and the chosen runtime load inside the command, and nothing on the path
 imports torch unless ``--backend torch`` is chosen.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from ditdeploy.commands import _common as c
-from ditdeploy.generation import DEFAULT_BATCH, DEFAULT_CFG, GRID_FORMATS
+from ditdeploy.run.generation import DEFAULT_BATCH, DEFAULT_CFG, GRID_FORMATS
 
 GridFormat = Enum("GridFormat", {k: k for k in GRID_FORMATS}, type=str)  # --output-format choices
 
@@ -83,8 +83,8 @@ def register(app: typer.Typer) -> None:
 
         With no arguments: the shipped digits model on ONNX Runtime CPU, all 10 classes -> samples.png.
         """
-        from ditdeploy import generation, sharding
         from ditdeploy.errors import DitDeployError
+        from ditdeploy.run import generation, shard_workers
 
         if no_out and npz is None:
             raise DitDeployError("nothing to write: pass --out FILE and/or --npz FILE")
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
             labels=generation.parse_label_spec(labels) if labels is not None else None, num_per_label=num_per_label,
             sampler=c.value(sampler), steps=steps, cfg_scale=cfg_scale, eta=eta, seed=seed, batch_size=batch_size,
             out=None if no_out else out, output_format=c.value(output_format), npz=npz, shards=shards,
-            shard=list(sharding.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,
+            shard=list(shard_workers.parse_shard(shard)) if shard else None, guide_all_channels=guide_all_channels,
             progress=c.progress_on(progress),
             options={"threads": threads, "providers": provider, "precision_hint": c.value(precision_hint),
                      "image_size": image_size, "device": device and device.lower(), "cuda_graph": cuda_graph or None,
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             cache_interval=cache_interval, json_summary=json_out, server=server,
         )
         if recipe is not None:
-            from ditdeploy.recipes import apply_recipe
+            from ditdeploy.run.recipes import apply_recipe
 
             req = apply_recipe(req, recipe, say=lambda s: typer.echo(s, err=True))
         res = generation.generate(req, say=lambda s: typer.echo(s, err=True))

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
                                        "trust_native_code": trust_native_code or None}.items() if v is not None},
         )
         if recipe is not None:
-            from ditdeploy.recipes import apply_recipe
+            from ditdeploy.run.recipes import apply_recipe
 
             opts = apply_recipe(opts, recipe)
         opts.validate()

@@ -1,5 +1,7 @@
-"""`ditdeploy train`: train a DiT with the official recipe (DDP via torchrun, EMA, AMP, atomic resumable
-checkpoints), on an ImageFolder through a local diffusers VAE, or on the bundled digits (``--preset digits``).
+"""`ditdeploy train`: train a DiT with the official recipe (torchrun DDP, EMA, AMP, resumable checkpoints).
+
+DDP runs via torchrun; checkpoints are written atomically. Data: an ImageFolder through a local diffusers VAE,
+or the bundled digits (``--preset digits``).
 
 Imports only typer + stdlib at module import; torch loads inside the command.
 """
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
         """
         from pathlib import Path
 
-        from ditdeploy.outputs import check_outputs
+        from ditdeploy.artifact.output_policy import check_outputs
 
         # a --resume run folder is rewritten by design; a --resume checkpoint file is an input
         check_outputs({"--data": data, "--vae": vae, "--resume": resume if resume and Path(resume).is_file() else None},

@@ -1,8 +1,10 @@
-"""`ditdeploy tune`: time candidate recipes on this machine, price their quality, write the fastest within budget
-as a recipe file for `ditdeploy sample --recipe`.
+"""`ditdeploy tune`: time candidate recipes, price their quality, and save the fastest within budget.
 
-Flags -> :class:`ditdeploy.tuning.TuneRequest` -> :func:`ditdeploy.tuning.tune`. Imports only typer + stdlib at
-module import.
+Candidates are timed on this machine; the fastest within the quality budget is written as a recipe file for
+`ditdeploy sample --recipe`.
+
+Flags -> :class:`ditdeploy.proof.tuner.TuneRequest` -> :func:`ditdeploy.proof.tuner.tune`. Imports only typer
+and stdlib at module import.
 """
 
 from __future__ import annotations
@@ -87,29 +89,29 @@ def register(app: typer.Typer) -> None:
         progress: bool = c.progress_option(),
     ) -> None:
         """Find this machine's fastest recipe within a quality budget; write it for `sample --recipe`."""
-        from ditdeploy import tuning
-        from ditdeploy.artifacts import write_json_atomic
+        from ditdeploy.artifact.files import write_json_atomic
+        from ditdeploy.artifact.output_policy import check_outputs
         from ditdeploy.diffusion import parse_cfg_interval
-        from ditdeploy.outputs import check_outputs
-        from ditdeploy.recipes import save_recipe
+        from ditdeploy.proof import tuner
+        from ditdeploy.run.recipes import save_recipe
 
         st = state if state is not None else out.with_name(out.name + ".state.json")
         check_outputs({"--engine": list(engine), "--vae": vae},
                       {"--out": out, "--json": json_out, "--plot": plot, "--state": st})
         iv = parse_cfg_interval(cfg_interval)
-        req = tuning.TuneRequest(
+        req = tuner.TuneRequest(
             engines=list(engine), vae=vae, backends=_words(backends), hints=_words(hints),
             threads=_ints(threads, "--threads"),
             less_work=_words(less_work), cfg_interval=list(iv) if iv else [150, 750],
             cache_interval=cache_interval or 2, sampler=c.value(sampler), steps=steps, cfg_scale=cfg_scale,
             seed=seed, images=images, rounds=rounds, fid=fid, fid_samples=fid_samples, min_call_cosine=min_cosine,
             max_fid_delta=max_fid_delta, max_drift=max_drift, state=st, progress=c.progress_on(progress))
-        res = tuning.tune(req)
-        typer.echo(tuning.format_table(res))
-        save_recipe(out, tuning.recipe_of(res, out))
+        res = tuner.tune(req)
+        typer.echo(tuner.format_table(res))
+        save_recipe(out, tuner.recipe_of(res, out))
         if json_out is not None:
             write_json_atomic(json_out, res)
         if plot is not None:
-            tuning.write_plot(res, plot)
+            tuner.write_plot(res, plot)
         typer.echo(f"wrote recipe {out} ({res['pick']['key']}, {res['pick']['speedup_vs_reference']:.2f}x the "
                    f"fp32 reference); use it: ditdeploy sample --recipe {out}")

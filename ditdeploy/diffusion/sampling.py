@@ -11,7 +11,7 @@ from ditdeploy.diffusion import samplers
 from ditdeploy.diffusion.registry import SAMPLERS, get_sampler, sampling_timesteps
 from ditdeploy.diffusion.schedule import NUM_TRAIN_TIMESTEPS, base_schedule
 from ditdeploy.errors import DitDeployError, NumericsError
-from ditdeploy.watch import ensure_finite
+from ditdeploy.run.watched import ensure_finite
 
 __all__ = ["Denoiser", "GuidedModel", "check_cache_interval", "check_settings", "denoiser_name", "guided_steps",
            "parse_cfg_interval", "sample"]

@@ -1,10 +1,12 @@
-"""The FID cost of a deployment choice: an artifact and its PyTorch reference sample the same images (same seeds, same
-labels, same sampler), both are scored against one reference, and the difference is reported.
+"""The FID cost of a deployment choice: an artifact against its PyTorch reference on the same images.
 
-``fid_delta(FidDeltaRequest(...)) -> dict`` is what ``ditdeploy check --fid-ref REF`` runs. The reference model always
-does full work (no guidance interval, no feature reuse), so the artifact's ``cfg_interval`` / ``cache_interval`` are
-costed too. Both runs go through :func:`ditdeploy.generation.generate`; their npz files live in a temporary folder
-that is removed afterwards.
+The artifact and its PyTorch reference sample the same images (same seeds, same labels, same sampler), both
+are scored against one reference, and the difference is reported.
+
+``fid_delta(FidDeltaRequest(...)) -> dict`` is what ``ditdeploy check --fid-ref REF`` runs. The reference
+model always does full work (no guidance interval, no feature reuse), so the artifact's ``cfg_interval`` /
+``cache_interval`` are costed too. Both runs go through :func:`ditdeploy.run.generation.generate`; their npz
+files live in a temporary folder that is removed afterwards.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class FidDeltaRequest:
 
 def _sample(req: FidDeltaRequest, engine: Path, backend: str | None, options: dict, npz: Path, per_class: int,
             artifact_side: bool) -> dict[str, Any]:
-    from ditdeploy.generation import SampleRequest, generate
+    from ditdeploy.run.generation import SampleRequest, generate
 
     sreq = SampleRequest(engine=engine, backend=backend, options=options, vae=req.vae, num_per_label=per_class,
                          sampler=req.sampler, steps=req.steps, cfg_scale=req.cfg_scale, seed=req.seed,
@@ -53,7 +55,7 @@ def _sample(req: FidDeltaRequest, engine: Path, backend: str | None, options: di
 
 
 def _num_classes(path: Path) -> int:
-    from ditdeploy.deployment import open_deployment
+    from ditdeploy.run.deployment import open_deployment
 
     return int(open_deployment(path, "torch").denoiser.config.num_classes)
 
@@ -66,7 +68,7 @@ def fid_delta(req: FidDeltaRequest) -> dict[str, Any]:
     if req.samples < 2:
         raise DitDeployError(f"--fid-samples must be >= 2, got {req.samples}")
     per_class = max(1, req.samples // _num_classes(req.reference))
-    from ditdeploy.artifacts import temp_dir
+    from ditdeploy.artifact.files import temp_dir
 
     with temp_dir(kind="fid") as tmp:
         a_npz, r_npz = Path(tmp) / "artifact.npz", Path(tmp) / "reference.npz"

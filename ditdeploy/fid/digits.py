@@ -40,7 +40,7 @@ N_REAL = 1797  # scikit-learn's digits
 def real_digits_u8() -> tuple[np.ndarray, np.ndarray]:
     """All 1797 real digits as uint8 (N, 8, 8, 1) through the samples' conversion, and their labels."""
     from ditdeploy.errors import MissingDependencyError
-    from ditdeploy.images import to_uint8
+    from ditdeploy.run.images import to_uint8
 
     try:
         from ditdeploy.training.data import digits_arrays

@@ -1,8 +1,9 @@
-"""``ditdeploy fid``'s library call: stream samples (and a reference) through a feature extractor, report metrics.
+"""``ditdeploy fid``'s library call: stream samples (and a reference) through a feature extractor -> metrics.
 
-``evaluate(FidRequest(...)) -> dict``: FID and Inception Score always; sFID when the extractor has spatial features
-and the reference carries them (``mu_s``/``sigma_s``) or its images; precision / recall when the reference carries
-images. A reference with ADM's precomputed ``mu``/``sigma`` is used as published (what ADM's evaluator does).
+``evaluate(FidRequest(...)) -> dict``: FID and Inception Score always; sFID when the extractor has spatial
+features and the reference carries them (``mu_s``/``sigma_s``) or its images; precision / recall when the
+reference carries images. A reference with ADM's precomputed ``mu``/``sigma`` is used as published (what ADM's
+evaluator does).
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def _extractor_kind(req: FidRequest) -> str:
 
 def _check_memory(req: FidRequest, n_samples: int, ref: ImageNpz | None) -> None:
     """Precision / recall keep every feature row of both sets: their memory, from the npz headers, before any work."""
-    from ditdeploy.bounds import check_memory
     from ditdeploy.fid.digits import N_REAL
     from ditdeploy.fid.stats import precision_recall_bytes
+    from ditdeploy.system.bounds import check_memory
 
     n_ref = N_REAL if ref is None else len(ref)
     if req.precision_recall and n_ref:

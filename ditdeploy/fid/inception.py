@@ -44,7 +44,7 @@ SPATIAL_CHANNELS = 7
 
 def default_weights_path() -> Path:
     """Where the weights are looked for without ``--inception``."""
-    from ditdeploy.weights import resolve_cache_dir
+    from ditdeploy.sources.official_weights import resolve_cache_dir
 
     return resolve_cache_dir() / WEIGHTS_NAME
 
@@ -215,7 +215,7 @@ class InceptionExtractor:
     has_spatial = True
 
     def __init__(self, path: Path, device: str = "cpu"):
-        from ditdeploy.artifacts import sha256_file
+        from ditdeploy.artifact.files import sha256_file
 
         self.path = Path(path)
         self.device = device

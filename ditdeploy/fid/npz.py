@@ -89,8 +89,8 @@ class ImageNpz:
 
     def array(self, name: str) -> np.ndarray:
         """A small member (e.g. ``mu``) read whole, after its declared size was checked against the file and the
-        memory available (``ditdeploy.bounds.check_npz``)."""
-        from ditdeploy.bounds import check_npz
+        memory available (``ditdeploy.system.bounds.check_npz``)."""
+        from ditdeploy.system.bounds import check_npz
 
         check_npz(self.path, what=f"{self.what} file", only=(name,))
         try:

@@ -1,18 +1,21 @@
-"""The distribution metrics themselves (numpy only): streaming mean/covariance, Fréchet distance, Inception Score,
-and k-NN precision / recall.
+"""The distribution metrics themselves, numpy only: Fréchet distance, Inception Score, precision / recall.
 
-- ``RunningStats``: mean and covariance of feature rows fed in batches (float64 sums around a shift taken from the
-  first batch, so the mean never cancels the spread); equals ``np.mean`` / ``np.cov(rowvar=False)``.
-- ``frechet_distance(mu1, s1, mu2, s2)``: ``|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2))``. The trace of the
-  matrix square root is taken as ``sum(sqrt(eig(r s2 r)))`` with ``r = s1^(1/2)`` from a symmetric eigendecomposition:
-  ``r s2 r`` is symmetric positive semi-definite and similar to ``s1 s2``, so no general (complex) ``sqrtm`` is needed
-  and near-singular covariances (fewer samples than dimensions, dead features) stay finite. Tests compare it with
-  scipy's ``linalg.sqrtm`` on the product, the computation of the TTUR / ADM evaluators.
+The pieces: streaming mean/covariance, Fréchet distance, Inception Score, and k-NN precision / recall:
+
+- ``RunningStats``: mean and covariance of feature rows fed in batches (float64 sums around a shift taken from
+  the first batch, so the mean never cancels the spread); equals ``np.mean`` / ``np.cov(rowvar=False)``.
+- ``frechet_distance(mu1, s1, mu2, s2)``: ``|mu1-mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2))``. The trace
+  of the matrix square root is taken as ``sum(sqrt(eig(r s2 r)))`` with ``r = s1^(1/2)`` from a symmetric
+  eigendecomposition: ``r s2 r`` is symmetric positive semi-definite and similar to ``s1 s2``, so no general
+  (complex) ``sqrtm`` is needed and near-singular covariances (fewer samples than dimensions, dead features)
+  stay finite. Tests compare it with scipy's ``linalg.sqrtm`` on the product, the computation of the TTUR /
+  ADM evaluators.
 - ``InceptionScore``: ``exp(E_x KL(p(y|x) || p(y)))`` per split of ``split_size`` consecutive samples (ADM's
   evaluator: 5000), averaged over splits; fed class probabilities batch by batch.
 - ``precision_recall``: Kynkäänniemi et al. 2019 as ADM's evaluator runs it: a reference (sample) feature's
-  hypersphere reaches its k-th nearest neighbour (k = 3) among the reference (samples); precision = fraction of
-  samples inside some reference hypersphere, recall = fraction of references inside some sample hypersphere.
+  hypersphere reaches its k-th nearest neighbour (k = 3) among the reference (samples); precision = fraction
+  of samples inside some reference hypersphere, recall = fraction of references inside some sample
+  hypersphere.
 """
 
 from __future__ import annotations

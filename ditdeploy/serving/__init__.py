@@ -1,2 +1,4 @@
-"""``ditdeploy serve``: a Triton Inference Server (through PyTriton) with step-level batching across requests, and
-the client that talks to it (``sample --server``). See docs/serving.md."""
+"""``ditdeploy serve``: a Triton Inference Server with step-level batching across requests, and its client.
+
+The server runs through PyTriton; the client (``sample --server``) talks to it. See docs/serving.md.
+"""

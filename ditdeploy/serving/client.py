@@ -1,10 +1,10 @@
-"""The client of ``ditdeploy serve`` (``sample --server URL``): KServe v2 over HTTP with the standard library only.
+"""The client of ``ditdeploy serve`` (``sample --server URL``): KServe v2 over HTTP, standard library only.
 
 :func:`server_info` asks the ``info`` model for the model's config, class names and limits; :func:`generate`
 sends one ``generate`` request and returns its images (the response's tensors travel in Triton's binary-data
-extension); :func:`sample_labels` runs a whole ``sample`` request's images as per-batch requests, a few in flight
-at once, and returns them in global index order as a :class:`~ditdeploy.generation.SampleResult`. No PyTriton,
-no tritonclient, no torch.
+extension); :func:`sample_labels` runs a whole ``sample`` request's images as per-batch requests, a few in
+flight at once, and returns them in global index order as a :class:`~ditdeploy.run.generation.SampleResult`.
+No PyTriton, no tritonclient, no torch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.generation import DEFAULT_BATCH, SampleRequest, SampleResult, Timings
+from ditdeploy.run.generation import DEFAULT_BATCH, SampleRequest, SampleResult, Timings
 from ditdeploy.serving.protocol import GenerateRequest
 
 IN_FLIGHT = 4  # generate requests one `sample --server` keeps open at once
@@ -112,7 +112,7 @@ def _outputs(header: dict[str, Any], tail: bytes) -> dict[str, np.ndarray]:
 
 def server_info(url: str, timeout: float = 30.0) -> ServerInfo:
     """The deployment behind ``url`` (the ``info`` model)."""
-    from ditdeploy.variants import DiTConfig
+    from ditdeploy.config.variants import DiTConfig
 
     url = base_url(url)
     header, _ = _post(url, "info", {"inputs": [{"name": "query", "datatype": "INT64", "shape": [1], "data": [0]}]},

@@ -48,8 +48,8 @@ class ServingCore:
     """The loaded deployment, the denoiser and decoder batchers, and admission."""
 
     def __init__(self, opts: ServeOptions):
-        from ditdeploy import generation
-        from ditdeploy.deployment import open_deployment
+        from ditdeploy.run import generation
+        from ditdeploy.run.deployment import open_deployment
 
         self.opts = opts
         self.deployment = open_deployment(opts.engine, opts.backend, opts.options, vae=opts.vae)
@@ -86,8 +86,8 @@ class ServingCore:
         if self.stopping.is_set():
             raise busy("the server is stopping")
         req = GenerateRequest.from_wire(labels, parameters, self.opts.max_batch)
+        from ditdeploy.config.labels import resolve_items
         from ditdeploy.diffusion import check_cache_interval
-        from ditdeploy.labels import resolve_items
 
         s = req.sampling
         cfg = self.den.config
@@ -111,7 +111,7 @@ class ServingCore:
 
     def run(self, req: GenerateRequest) -> dict[str, np.ndarray]:
         """Sample and decode an admitted request (blocking; frees its slot)."""
-        from ditdeploy import generation, images
+        from ditdeploy.run import generation, images
 
         admitted = time.monotonic()
         cancel_file = self.cancel_dir / req.token if self.cancel_dir is not None and req.token else None

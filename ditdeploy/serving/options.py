@@ -1,5 +1,7 @@
-"""``ditdeploy serve``'s settings: what the command hands the server process (as JSON). Stdlib only (the CLI
-imports it to build ``--help``)."""
+"""``ditdeploy serve``'s settings: what the command hands the server process (as JSON).
+
+Stdlib only (the CLI imports it to build ``--help``).
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """What travels between ``sample --server`` and ``ditdeploy serve``: KServe v2 requests to three Triton models.
 
 - ``generate``: input ``labels`` INT64 ``[n]`` (class ids), or instead the request parameter ``class_names``
-  (names or ids separated by ``|``: "golden retriever|volcano"); request ``parameters`` carry the sampling settings (:data:`WIRE_FIELDS`, the names of :class:`~ditdeploy.generation.SampleRequest`'s
+  (names or ids separated by ``|``: "golden retriever|volcano"); request ``parameters`` carry the sampling settings (:data:`WIRE_FIELDS`, the names of :class:`~ditdeploy.run.generation.SampleRequest`'s
   fields) plus ``first_index`` (the global index of the first image: image i's noise comes from ``(seed,
   first_index + i)``, as in a local ``sample``) and ``timeout_s`` (the server drops the request after that).
   Outputs ``images`` UINT8 ``[n, H, W, C]`` and ``labels`` INT64 ``[n]``.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ditdeploy.errors import DitDeployError
-from ditdeploy.generation import SampleRequest
+from ditdeploy.run.generation import SampleRequest
 
 # SampleRequest fields a generate request carries as KServe parameters; a new sampling option (e.g. a recipe)
 # joins this tuple and travels with no other change

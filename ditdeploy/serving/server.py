@@ -1,15 +1,17 @@
-"""The server process: Triton Inference Server (PyTriton's bundled tritonserver) serving ``generate``, ``denoise``
-and ``info`` from one :class:`~ditdeploy.serving.core.ServingCore`.
+"""The server process: Triton Inference Server serving the ``generate``, ``denoise`` and ``info`` models.
+
+The server is PyTriton's bundled tritonserver; all three models are served from one
+:class:`~ditdeploy.serving.core.ServingCore`.
 
 ``python -m ditdeploy.serving.server OPTIONS_JSON`` (``ditdeploy serve`` starts it, in the server environment:
 ``ditdeploy/serving/env.py``). Prints one ready line on stdout; SIGINT / SIGTERM stop tritonserver (and its
-Python-backend stubs), the batchers and the runtime, remove the workspace, and exit 130 / 143. Errors before ready
-are one ``error:`` line, exit 2 (1 for a runtime failure).
+Python-backend stubs), the batchers and the runtime, remove the workspace, and exit 130 / 143. Errors before
+ready are one ``error:`` line, exit 2 (1 for a runtime failure).
 
 Concurrency: Triton hands a model instance one request at a time when the model is not decoupled (and Triton's
-HTTP endpoint refuses decoupled models), so ``generate`` gets ``max_queue + 1`` instances: ``max_queue`` admitted
-requests plus one that answers the next with 503 at once. ``denoise`` gets a few instances; its rows go through
-the same batcher as generate's steps.
+HTTP endpoint refuses decoupled models), so ``generate`` gets ``max_queue + 1`` instances: ``max_queue``
+admitted requests plus one that answers the next with 503 at once. ``denoise`` gets a few instances; its rows
+go through the same batcher as generate's steps.
 """
 
 from __future__ import annotations

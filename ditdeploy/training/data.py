@@ -1,10 +1,11 @@
-"""Training data: ImageFolder (ImageNet layout) with the ADM center crop + flip, scikit-learn's 8x8 digits, and a
-deterministic per-step data order.
+"""Training data: ImageNet-layout ImageFolder, scikit-learn's 8x8 digits, and a deterministic per-step order.
 
-The order is a pure function of ``(seed, epoch)``: each epoch is a permutation of the dataset (plus one flip bit
-per image), cut into global batches (the remainder is dropped, like ``drop_last``); rank r of W takes the r-th
-W-th of each global batch. So a run can resume at any step and get exactly the batches it would have seen, and
-the union of all ranks' batches is independent of the number of ranks.
+ImageFolder images get the ADM center crop + flip.
+
+The order is a pure function of ``(seed, epoch)``: each epoch is a permutation of the dataset (plus one flip
+bit per image), cut into global batches (the remainder is dropped, like ``drop_last``); rank r of W takes the
+r-th W-th of each global batch. So a run can resume at any step and get exactly the batches it would have
+seen, and the union of all ranks' batches is independent of the number of ranks.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     ``device``: "auto" (CUDA if there is a GPU per local rank, else CPU), "cpu" or "cuda". The backend is nccl on
     CUDA, gloo on CPU.
     """
-    from ditdeploy.sharding import dist_env
+    from ditdeploy.run.shard_workers import dist_env
 
     rank, world = dist_env() or (0, 1)  # stray RANK/WORLD_SIZE without a launcher: one line, no endless wait
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,10 +1,12 @@
-"""SD-VAE latents for training: load a diffusers ``AutoencoderKL`` from a local folder, encode images to the latent
-distribution, and a precomputed latent cache (``--precompute-latents``).
+"""SD-VAE latents for training: a local diffusers ``AutoencoderKL`` encoding images, and a latent cache.
 
-A latent is ``encode(x).latent_dist.sample() * 0.18215``, i.e. ``(mean + exp(logvar / 2) * eps) * 0.18215``. The
-cache stores the distribution's *moments* (mean, logvar) of every image, for both horizontal orientations when
-flipping is on, so training from the cache still draws a fresh latent sample and a random flip each time, exactly as
-encoding on the fly would (eps comes from the same per-step generator either way).
+The ``AutoencoderKL`` is loaded from a local folder and encodes images to the latent distribution; the cache
+is precomputed with ``--precompute-latents``.
+
+A latent is ``encode(x).latent_dist.sample() * 0.18215``, i.e. ``(mean + exp(logvar / 2) * eps) * 0.18215``.
+The cache stores the distribution's *moments* (mean, logvar) of every image, for both horizontal orientations
+when flipping is on, so training from the cache still draws a fresh latent sample and a random flip each time,
+exactly as encoding on the fly would (eps comes from the same per-step generator either way).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise DitDeployError(f"--vae {p} is not a diffusers AutoencoderKL folder (no config.json): pass a local "
                              "folder saved with save_pretrained, e.g. a download of stabilityai/sd-vae-ft-ema")
     require("diffusers", "vae", "loading the VAE")
-    from ditdeploy.diffusers_io import load_autoencoder
+    from ditdeploy.sources.diffusers_snapshot import load_autoencoder
 
     vae = load_autoencoder(p)
     vae.requires_grad_(False)
@@ -103,7 +105,7 @@ def build_latent_cache(index, vae, path: str | os.PathLike, image_size: int, fli
     moved into place with meta.json last), so an interrupted extraction never leaves a usable-looking cache."""
     from tqdm import tqdm
 
-    from ditdeploy.artifacts import atomic_dir
+    from ditdeploy.artifact.files import atomic_dir
     from ditdeploy.training.data import load_image
 
     path = Path(path)

@@ -119,7 +119,7 @@ def _validate(a: TrainArgs) -> None:
         raise DitDeployError(f"--model {a.model}: the digits preset trains the 'digits' model; drop --model "
                              "(resize it with --hidden-size / --depth / --num-heads)")
     if a.preset is None:
-        from ditdeploy.variants import variant_config
+        from ditdeploy.config.variants import variant_config
 
         variant_config(a.model)  # an unknown variant name fails here, before the data and the VAE load
     if a.precision not in PRECISIONS:
@@ -197,8 +197,8 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def _build_source(args: TrainArgs, info: DistInfo, out: Path):
     """(source, config) for the run."""
+    from ditdeploy.config.variants import variant_config
     from ditdeploy.models import DiTConfig  # noqa: F401  (torch path; keeps import order obvious)
-    from ditdeploy.variants import variant_config
 
     overrides = {k: getattr(args, k) for k in ("hidden_size", "depth", "num_heads") if getattr(args, k) is not None}
     if args.preset == "digits":
@@ -262,7 +262,7 @@ def _batches(source, order: EpochOrder, start: int, stop: int, num_workers: int,
 
 def _truncate_metrics(path: Path, upto: int) -> None:
     """Keep the metrics lines of steps <= ``upto`` (a resumed run rewrites the rest); drop partial lines."""
-    from ditdeploy.artifacts import write_bytes_atomic
+    from ditdeploy.artifact.files import write_bytes_atomic
 
     if not path.exists():
         return
@@ -278,8 +278,8 @@ def _truncate_metrics(path: Path, upto: int) -> None:
 
 
 def export_ema(ema: torch.nn.Module, cfg, path: Path, extra: dict[str, Any]) -> Path:
-    """EMA weights -> safetensors with the DiTConfig JSON in metadata "config" (via ditdeploy.checkpoints)."""
-    from ditdeploy.checkpoints import save_safetensors
+    """EMA weights -> safetensors with the DiTConfig JSON in metadata "config" (via ditdeploy.sources.checkpoints)."""
+    from ditdeploy.sources.checkpoints import save_safetensors
 
     save_safetensors(ema, path, cfg, extra_metadata={k: str(v) for k, v in extra.items()})
     return path
@@ -391,7 +391,7 @@ def _model_fn(args: TrainArgs, info: DistInfo, model: torch.nn.Module):
 
 def _start_metrics(args: TrainArgs, info: DistInfo, out: Path, cfg, ck: dict[str, Any] | None, start: int) -> Path:
     """metrics.jsonl cut back to the resumed step (or removed on a fresh run) and args.json written."""
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
 
     metrics_path = out / "metrics.jsonl"
     if info.is_main:
@@ -493,7 +493,7 @@ def _loop(args: TrainArgs, info: DistInfo, run: _Run, model_fn, source, cfg, ord
 
 def _finish(args: TrainArgs, info: DistInfo, run: _Run, cfg, out: Path) -> Path:
     """Per-rank replica digests (DDP) and the EMA weights exported as safetensors (main rank)."""
-    from ditdeploy.artifacts import write_json_atomic
+    from ditdeploy.artifact.files import write_json_atomic
 
     if info.distributed:  # every rank records what it holds, so replica agreement can be checked after the run
         write_json_atomic(out / "ranks" / f"rank{info.rank}.json", {

@@ -1,5 +1,8 @@
-"""Where a training batch's x0 comes from: pixel arrays (digits), images encoded by a VAE on the fly, or a latent
-cache. ``load`` runs in data-loader workers (numpy only); ``to_x0`` runs in the training process on the device."""
+"""Where a training batch's x0 comes from: pixel arrays, VAE-encoded images, or a latent cache.
+
+Pixel arrays are the digits; images are encoded by a VAE on the fly. ``load`` runs in data-loader workers
+(numpy only); ``to_x0`` runs in the training process on the device.
+"""
 
 from __future__ import annotations
 

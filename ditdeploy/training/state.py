@@ -1,11 +1,13 @@
-"""Training checkpoints: ``{model, ema, opt, scaler, args, config, step, rng, data, log}`` written atomically and
-read back with ``torch.load(weights_only=True)`` (plain dicts, numbers, strings and tensors only).
+"""Training checkpoints: written atomically, read back with ``torch.load(weights_only=True)``.
 
-Files are ``<out>/checkpoints/<step:07d>.pt``. A new checkpoint is written to a temporary file in the same folder
-and renamed into place; only then are older ones pruned to the last ``keep``. A SIGKILL at any moment therefore
-leaves the previous checkpoints intact and never a partial file under a final name (a stray ``.*.tmp`` may remain;
-it is removed at the next start). A failed write (disk full, file-size limit) raises a one-line error and likewise
-leaves the previous checkpoint as it was.
+A checkpoint is ``{model, ema, opt, scaler, args, config, step, rng, data, log}`` (plain dicts, numbers,
+strings and tensors only).
+
+Files are ``<out>/checkpoints/<step:07d>.pt``. A new checkpoint is written to a temporary file in the same
+folder and renamed into place; only then are older ones pruned to the last ``keep``. A SIGKILL at any moment
+therefore leaves the previous checkpoints intact and never a partial file under a final name (a stray
+``.*.tmp`` may remain; it is removed at the next start). A failed write (disk full, file-size limit) raises a
+one-line error and likewise leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditdeploy.artifacts import atomic_path
+from ditdeploy.artifact.files import atomic_path
 from ditdeploy.errors import ArtifactError, DitDeployError
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")

@@ -1,0 +1,1 @@
+"""Artifacts on disk: atomic files, manifests, the output-path policy, formats and trust."""

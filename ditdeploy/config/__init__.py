@@ -1,0 +1,1 @@
+"""What describes a model, torch-free: architecture configs and variants, class names, MAC counts."""

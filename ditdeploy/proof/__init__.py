@@ -1,0 +1,1 @@
+"""Proof: parity against the reference, comparison distances, the recipe tuner."""

@@ -1,0 +1,1 @@
+"""Where weights come from: official .pt, own checkpoints, diffusers snapshots, shipped assets."""
