@@ -5,7 +5,8 @@ real sampling runs, per-channel symmetric INT8 weights, with its accuracy agains
 ``per_channel=True``, weights int8 symmetric, activations uint8 by min/max over the calibration latents) on the
 decoder's convolutions only (GroupNorm, SiLU, the mid-block attention and the up-sampling interpolation stay fp32).
 Verification on ``val_latents`` (sampled with other seeds): PSNR of the INT8 decoder's images against the fp32
-decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` nothing is written. The weight
+decoder's (pixels 0..255, after the [-1, 1] clamp) and rel-L2; below ``min_psnr_db`` (default: the ``int8-decoder``
+row of ``ditdeploy.proof.parity.THRESHOLDS``, 30 dB) nothing is written. The weight
 form follows ``target`` like the denoiser's (``calibration.quantize``): ``cpu-avx2`` (x86 without VNNI, the default
 there) quantizes the weights to 7 bits (``reduce_range``) so the AVX2 u8s8 convolution kernels cannot saturate. The result is
 a ``kind: decoder`` artifact with ``precision: int8`` that ``runtimes.load_decoder`` runs on ONNX Runtime or OpenVINO.

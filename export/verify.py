@@ -2,8 +2,8 @@
 
 The inputs are ``ditdeploy.proof.parity.probe_inputs`` (seeded; both CFG halves; timesteps over 0..999), one
 ``session.run`` per batch size on the same file, so the dynamic batch dimension is exercised too. The gates are the
-per-call rows of ``ditdeploy.proof.parity.THRESHOLDS`` (:func:`tolerance_for`); the numbers come from
-``ditdeploy.proof.parity.compare``.
+per-call rows of ``ditdeploy.proof.parity.THRESHOLDS``; the runs, numbers and verdict come from
+``ditdeploy.proof.parity.compare_runs``.
 """
 
 from __future__ import annotations

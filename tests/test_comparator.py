@@ -1,4 +1,4 @@
-"""ditdeploy.parity.compare_runs: the one "run A and B on these probe inputs and compare".
+"""ditdeploy.proof.parity.compare_runs: the one "run A and B on these probe inputs and compare".
 
 Real runtimes (ONNX Runtime sessions of a small two-layer network and of a perturbed copy, the same network in torch),
 numbers checked against rel-L2 / cosine / max-abs / PSNR written out here in numpy, gates from THRESHOLDS; and a
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ditdeploy.errors import NumericsError
-from ditdeploy.parity import THRESHOLDS, compare_runs
+from ditdeploy.proof.parity import THRESHOLDS, compare_runs
 
 D_IN, D_HID, D_OUT = 6, 8, 5
 
@@ -173,10 +173,10 @@ PLACES = [
     ("ditdeploy.export.aoti", "verify_package"),
     ("ditdeploy.calibration.quantize", "_verify"),
     ("ditdeploy.calibration.pair_int8", "_pair_parity"),
-    ("ditdeploy.calibration.vae_int8", "_accuracy"),
+    ("experiments.vae_int8", "_accuracy"),
     ("ditdeploy.calibration.report", "error_curve"),
-    ("ditdeploy.diffusers_io", "_written_parity"),
-    ("ditdeploy.tuning", "_call_cosine"),
+    ("ditdeploy.sources.diffusers_snapshot", "_written_parity"),
+    ("ditdeploy.proof.tuner", "_call_cosine"),
 ]
 OWN_MATH = {"compare", "rel_l2", "cosine", "max_abs", "psnr", "norm"}
 

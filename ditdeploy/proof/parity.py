@@ -4,6 +4,9 @@
   of ``actual`` against ``reference`` (float64, via the elementwise primitives of ``ditdeploy.proof.distances``).
 * :data:`THRESHOLDS`: one table of pass/fail limits per precision (fp32, fp16, bf16, fp8, int8) with the reason for each
   number. Export verification, INT8 quantization, OpenVINO conversion and ``ditdeploy check`` all read it.
+* :func:`compare_runs` -> :class:`RunParity`: the one "run A and B on these probe inputs and compare" (export
+  verification, OpenVINO conversion, cache graphs, AOTInductor, INT8 quantization of the denoiser and the decoder,
+  the diffusers snapshot): both runs on every probe, :func:`compare` per output, judged against a THRESHOLDS row.
 * :func:`probe_inputs` / :func:`decoder_probe_inputs` / :func:`trajectory_probes`: the inputs parity is measured on
   (seeded random denoiser feeds when there is no reference trajectory; forward-noised reference samples when there
   is one).
