@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {".venv", ".git", "build", "results", "ditdeploy.egg-info"}
 
@@ -39,6 +41,24 @@ def test_experiments_are_not_installed_and_bench_keeps_the_harness():
     bench = sorted(p.name for p in (ROOT / "bench").glob("*.py"))
     assert bench == ["__init__.py", "harness.py", "load.py", "machine.py", "report.py"]
     assert (ROOT / "experiments" / "__init__.py").is_file()
+
+
+def test_every_package_folder_is_installed():
+    """Each folder with an ``__init__.py`` under the five package roots is in pyproject's package list (a missing one
+    works in an editable checkout and is absent from a wheel: ``ditdeploy.serving`` was, before issue 22's layout)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, roots = set(setuptools["packages"]), {v: k for k, v in setuptools["package-dir"].items()}
+    found = set()
+    for folder, pkg in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            if set(rel.parts) & SKIP or (folder == "ditdeploy" and rel.parts and rel.parts[0] in roots):
+                continue
+            found.add(".".join([pkg, *rel.parts]))
+    assert "ditdeploy.serving" in found and "ditdeploy.export" in found  # the scan sees nested and mapped packages
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
 
 
 def test_every_module_opens_with_one_line_saying_its_job():
