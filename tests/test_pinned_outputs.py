@@ -1,4 +1,4 @@
-"""Pins the outputs of `sample`, `check`, `bench` and `export` on the shipped digits model, so that refactors of the
+"""Pins the outputs of `sample`, `check`, `bench`, `export` and `calibrate` on the shipped digits model, so that refactors of the
 command layer and the library under it stay bit-identical (issue 13: "behaviour unchanged").
 
 What is pinned (tests/data/pinned_outputs.json):
@@ -6,7 +6,8 @@ What is pinned (tests/data/pinned_outputs.json):
 - check: every numeric field of the JSON report (per-call and end-to-end parity numbers, thresholds, settings);
 - bench: every non-timing field of the JSON rows (config, FLOPs, batch, counts, finiteness, sizes) and settings;
 - export: sha256 of the exported digits ONNX (deterministic: two runs gave the same bytes) and its manifest's
-  parity numbers and graph op counts.
+  parity numbers and graph op counts;
+- calibrate: sha256 of the npz and the manifest's counts with the defaults (the digits model's set).
 
 What is compared, so that a pin means the same on every CPU (issue 20: AVX2-only vs AVX-512 machines):
 - bit for bit: the sha256 of the PNG, the npz and the exported ONNX, and every structural field (graph op counts,
@@ -199,6 +200,20 @@ def test_export_digits_pinned(tmp_path):
     _pin("export", {"sha256_onnx": _sha(out), "parity": m["parity"], "graph": m["graph"], "io": m["io"],
                     "batch": m["batch"], "source_checkpoint": m["source_checkpoint"], "precision": m["precision"],
                     "opset": m["opset"], "weight_bytes": m["weight_bytes"]}, m["precision"])
+
+
+def test_calibrate_defaults_pinned(tmp_path):
+    """`ditdeploy calibrate` with its defaults on the shipped digits model: the npz bit for bit and the counts (the
+    work budget resolves to the old 32 trajectories + 8 validation trajectories there, issue 24 item 4)."""
+    out = tmp_path / "calib.npz"
+    code, _, err = run_main(["calibrate", "--out", out, "--no-progress"])
+    assert code == 0, err
+    m = json.loads(out.with_name(out.name + ".json").read_text())
+    v = m["validation"]
+    _pin("calibrate", {"sha256_npz": _sha(out), "counts": m["counts"], "per_timestep": m["per_timestep"],
+                       "labels": m["labels"], "sampler": m["sampler"], "seed": m["seed"],
+                       "timesteps_per_trajectory": m["timesteps_per_trajectory"], "batch_size": m["batch_size"],
+                       "validation": {"seed": v["seed"], "counts": v["counts"], "per_timestep": v["per_timestep"]}})
 
 
 def test_pins_judge_noise_by_thresholds_and_structure_exactly():
