@@ -9,7 +9,14 @@ model running ``ditdeploy.diffusion.sample`` with the deployment's sampler, step
 - the whole trajectory: of the ``steps`` denoiser calls of each trajectory, ``timesteps`` calls evenly spread from the
   first (t near 999) to the last (t near 0) are kept (all of them when ``steps <= timesteps``);
 - labels spread evenly over all classes (each class equally often, order shuffled by the seed);
-- a held-out validation set drawn the same way from another seed, for error curves and quantizer checks.
+- a held-out validation set, for error curves and quantizer checks: extra trajectories drawn the same way from
+  another seed, or, when the work budget has no room for them, the calibration trajectories' own denoiser calls that
+  the ``timesteps`` selection did not keep (their inputs and outputs are computed anyway: no extra denoiser call).
+
+How many trajectories (``samples`` unset): as many as fit a fixed work budget of denoiser multiply-accumulates
+(:data:`BUDGET_MACS`, counted by ``ditdeploy.config.macs`` for the model, steps and guidance), 1..32: not wall-clock,
+so the same command gives the same set on every machine (issue 24 item 4: the digits model and S/2 256 keep 32,
+XL/2 256 at 50 guided steps gets 1, about 2 minutes of its 5-minute calibrate + INT8 export chain here).
 
 Stored as an ``.npz`` (arrays ``x, t, y, step, sample`` and ``val_x, val_t, val_y, val_step, val_sample``) with a JSON
 manifest beside it (seed, sampler, counts, per-timestep counts, source artifact and sha256), written atomically.
@@ -33,6 +40,7 @@ from ditdeploy.errors import ArtifactError, DitDeployError
 
 __all__ = [
     "CalibrationSet",
+    "CapturePlan",
     "CaptureSettings",
     "capture_calibration_set",
     "capture_inputs",
@@ -47,15 +55,22 @@ VAL_PREFIX = "val_"
 MIN_TIMESTEPS = 25  # docs/reference.md §3: at least 25 timesteps spread over the trajectory
 VAL_SEED_OFFSET = 1_000_003  # default validation seed = seed + this (a different noise stream)
 # validation budget: by default a quarter of the calibration trajectories (at least 1, at most 8), sampled in the
-# same batches; its outputs are kept (``val_out``) so the INT8 check needs no second fp32 pass
+# same batches; its outputs are kept (``val_out``) so the INT8 check needs no second fp32 pass. Where those extra
+# trajectories do not fit the work budget, the calibration trajectories' unkept calls are the validation set.
 VAL_SHARE, VAL_MAX = 4, 8
+# the default work budget: denoiser multiply-accumulates of every trajectory sampled (calibration + validation).
+# 20e12 = 20 T: 32 trajectories for S/2 256 (0.61 T each at DDIM 50, cfg 4) and everything smaller (the digits model:
+# 1.3 G each), 1 for XL/2 256 (11.9 T: 100 rows, ~130 s on the 2-core Xeon of bench/results/xl2_int8_chain.json)
+BUDGET_MACS = 20e12
+MAX_SAMPLES = 32
+VAL_TRAJECTORIES, VAL_UNKEPT = "trajectories", "unkept calls"
 
 
 @dataclass(frozen=True)
 class CaptureSettings:
     """How a calibration set is drawn. Defaults match ``ditdeploy sample`` (DDIM, 50 steps, cfg 4)."""
 
-    samples: int = 32
+    samples: int | None = None  # None: as many as fit budget_macs (1..MAX_SAMPLES)
     steps: int = 50
     sampler: str = "ddim"
     cfg_scale: float = 4.0
@@ -63,15 +78,47 @@ class CaptureSettings:
     seed: int = 0
     timesteps: int = MIN_TIMESTEPS
     batch_size: int = 16
-    val_samples: int | None = None  # None: the validation budget, VAL_SHARE of samples (1..VAL_MAX)
+    val_samples: int | None = None  # None: VAL_SHARE of samples (1..VAL_MAX) if they fit, else the unkept calls
     val_seed: int | None = None
     guide_all_channels: bool = False
+    budget_macs: float = BUDGET_MACS
 
-    def resolved_val_samples(self) -> int:
-        """Validation trajectories: as given, else a quarter of the calibration trajectories, 1..VAL_MAX."""
+    def calls(self) -> tuple[int, int, int]:
+        """Per trajectory: (denoiser calls, of them kept for calibration, rows per call)."""
+        return self.steps, min(self.timesteps, self.steps), 2 if self.cfg_scale != 1 else 1
+
+    def plan(self, config: Any) -> CapturePlan:
+        """Resolve the trajectory counts and the validation source for a model ``config`` (module doc)."""
+        from ditdeploy.config.macs import full_macs
+
+        calls, kept, rows = self.calls()
+        per = calls * rows * full_macs(config)  # multiply-accumulates of one trajectory
+        fit = int(self.budget_macs // per) if per else MAX_SAMPLES
+        n = int(self.samples) if self.samples is not None else min(MAX_SAMPLES, max(1, fit))
+
+        def share(k: int) -> int:
+            return min(VAL_MAX, max(1, -(-k // VAL_SHARE)))
+
         if self.val_samples is not None:
-            return int(self.val_samples)
-        return min(VAL_MAX, max(1, -(-self.samples // VAL_SHARE)))
+            nv, source = int(self.val_samples), VAL_TRAJECTORIES
+        else:
+            if self.samples is None and calls == kept:  # validation needs extra trajectories: leave them room
+                while n > 1 and n + share(n) > fit:
+                    n -= 1
+            nv, source = share(n), VAL_TRAJECTORIES
+            if n + nv > fit:
+                if calls > kept:  # zero-cost validation: the calls the timestep selection left out
+                    nv, source = 0, VAL_UNKEPT
+                else:
+                    nv = max(1, min(nv, fit - n))
+        if source == VAL_TRAJECTORIES and nv == 0:
+            source = None
+        return CapturePlan(samples=n, val_samples=nv, val_source=source, trajectory_macs=per,
+                           budget_macs=self.budget_macs, samples_from="budget" if self.samples is None else "--samples")
+
+    def resolved_val_samples(self, config: Any) -> int:
+        """Extra validation trajectories for ``config`` (0 where the validation is the unkept calls, or none)."""
+        return self.plan(config).val_samples
 
     def resolved_val_seed(self) -> int:
         return self.seed + VAL_SEED_OFFSET if self.val_seed is None else int(self.val_seed)
@@ -81,7 +128,7 @@ class CaptureSettings:
         from ditdeploy.diffusion import check_settings
 
         check_settings(self.sampler, self.steps, self.cfg_scale, self.eta, flags=True)
-        if self.samples < 1:
+        if self.samples is not None and self.samples < 1:
             raise DitDeployError(f"--samples must be >= 1, got {self.samples}")
         if self.val_samples is not None and self.val_samples < 0:
             raise DitDeployError(f"--val-samples must be >= 0, got {self.val_samples}")
@@ -91,8 +138,33 @@ class CaptureSettings:
             raise DitDeployError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seed < 0 or self.resolved_val_seed() < 0:
             raise DitDeployError("seeds must be >= 0")
-        if self.resolved_val_samples() and self.resolved_val_seed() == self.seed:
+        if self.val_samples != 0 and self.resolved_val_seed() == self.seed:
             raise DitDeployError("the validation seed must differ from --seed (a held-out set needs other noise)")
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """What :meth:`CaptureSettings.plan` resolved: trajectories, validation trajectories and source, the budget."""
+
+    samples: int
+    val_samples: int  # extra validation trajectories (0 with the unkept-calls validation)
+    val_source: str | None  # VAL_TRAJECTORIES, VAL_UNKEPT, or None (no validation set)
+    trajectory_macs: int
+    budget_macs: float
+    samples_from: str  # "budget" or "--samples"
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``budget`` block."""
+        return {"macs": self.budget_macs, "macs_per_trajectory": self.trajectory_macs,
+                "samples": self.samples, "samples_from": self.samples_from,
+                "spent_macs": (self.samples + self.val_samples) * self.trajectory_macs,
+                "validation": self.val_source}
+
+    def captured_rows(self, settings: CaptureSettings) -> int:
+        """Denoiser input rows the capture keeps in memory (calibration + validation)."""
+        calls, kept, rows = settings.calls()
+        unkept = self.samples * (calls - kept) if self.val_source == VAL_UNKEPT else 0
+        return ((self.samples + self.val_samples) * kept + unkept) * rows
 
 
 def spread_labels(n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -160,9 +232,11 @@ class _Set:
 
 def _capture_sets(denoiser: Callable[..., np.ndarray], config: Any, sets: list[_Set], *, steps: int, sampler: str,
                   cfg_scale: float, eta: float, timesteps: int, batch_size: int, guide_all_channels: bool,
-                  progress: Any) -> list[dict[str, np.ndarray]]:
+                  progress: Any, unkept: bool = False) -> list[dict[str, np.ndarray]]:
     """Sample every trajectory of ``sets`` together, ``batch_size`` trajectories per sampler run (a set's tail
     shares a run with the next set's head), and return the kept inputs of each set (+ ``out`` where asked).
+    With ``unkept`` one more dict follows: the first set's calls that the timestep selection did not keep, with the
+    model's outputs on them (the zero-cost validation set).
     The sampler's own randomness (DDPM, DDIM eta > 0) of run ``r`` comes from ``default_rng([seed0, r, 1])``."""
     from ditdeploy.diffusion import sample as diffusion_sample
 
@@ -170,7 +244,7 @@ def _capture_sets(denoiser: Callable[..., np.ndarray], config: Any, sets: list[_
     index = np.concatenate([np.arange(len(st.labels)) for st in sets]).astype(np.int64)
     noise_all = np.concatenate([st.noise for st in sets])
     labels_all = np.concatenate([st.labels for st in sets]).astype(np.int64)
-    kept: list[dict[str, list[np.ndarray]]] = [{k: [] for k in (*ARRAYS, "out")} for _ in sets]
+    kept: list[dict[str, list[np.ndarray]]] = [{k: [] for k in (*ARRAYS, "out")} for _ in (*sets, *([0] * unkept))]
     for r, start in enumerate(range(0, len(labels_all), batch_size)):
         sl = slice(start, start + batch_size)
         n = labels_all[sl].shape[0]
@@ -178,20 +252,25 @@ def _capture_sets(denoiser: Callable[..., np.ndarray], config: Any, sets: list[_
         diffusion_sample(rec, noise_all[sl], labels_all[sl], method=sampler, steps=steps, cfg_scale=cfg_scale,
                          eta=eta, rng=np.random.default_rng([sets[0].seed, r, 1]), num_classes=config.num_classes,
                          guide_all_channels=guide_all_channels)
-        for i in select_steps(len(rec.calls), timesteps):
-            x, t, y, out = rec.calls[int(i)]
+        chosen = set(select_steps(len(rec.calls), timesteps).tolist())
+        for i, (x, t, y, out) in enumerate(rec.calls):
             rows = np.arange(x.shape[0]) % n  # with guidance the call holds [cond; uncond] of the same images
-            for k, st in enumerate(sets):
-                sel = owner[sl][rows] == k
+            who = owner[sl][rows]
+            if i in chosen:
+                targets = [(kept[k], who == k, st.keep_out) for k, st in enumerate(sets)]
+            elif unkept:
+                targets = [(kept[-1], who == 0, True)]
+            else:
+                continue
+            for d, sel, keep_out in targets:
                 if not sel.any():
                     continue
-                d = kept[k]
                 d["x"].append(x[sel])
                 d["t"].append(t[sel])
                 d["y"].append(y[sel])
                 d["step"].append(np.full(int(sel.sum()), i, dtype=np.int32))
                 d["sample"].append(index[sl][rows][sel].astype(np.int32))
-                if st.keep_out:
+                if keep_out:
                     d["out"].append(np.asarray(out, dtype=np.float32)[sel])
     return [{k: np.concatenate(v) for k, v in d.items() if v} for d in kept]
 
@@ -267,13 +346,19 @@ def capture_calibration_set(
     if cfg is None:
         raise DitDeployError("the calibration source has no model config: load it with ditdeploy.runtimes.load")
     out, val_out = _check_paths(out, val_out)
-    val_seed = settings.resolved_val_seed()
-    calib, val = _capture_both(denoiser, cfg, settings, val_seed, progress)
+    plan = settings.plan(cfg)
+    val_seed = settings.resolved_val_seed() if plan.val_source == VAL_TRAJECTORIES else settings.seed
+    calib, val = _capture_both(denoiser, cfg, settings, plan, val_seed, progress)
     base_fields = _base_fields(cfg, settings, source or {"name": getattr(denoiser, "name", "denoiser")})
-    calib_fields = {**base_fields, "role": "calibration", "seed": settings.seed, **_set_record(calib, cfg)}
+    calib_fields = {**base_fields, "role": "calibration", "seed": settings.seed, "budget": plan.record(),
+                    **_set_record(calib, cfg)}
     if val is not None:
         calib_fields["validation"] = {
             "seed": val_seed,
+            "source": (f"{VAL_UNKEPT}: the denoiser calls of the calibration trajectories that --timesteps did not "
+                       "keep (inputs and outputs recorded while sampling, no extra calls)"
+                       if plan.val_source == VAL_UNKEPT else
+                       f"{VAL_TRAJECTORIES}: {plan.val_samples} extra trajectories from the validation seed"),
             "file": val_out.name if val_out is not None else out.name,
             "prefix": "" if val_out is not None else VAL_PREFIX,
             "counts": _summary(val, cfg.null_class),
@@ -306,30 +391,30 @@ def _check_paths(out: str | os.PathLike, val_out: str | os.PathLike | None) -> t
     return out, val
 
 
-def _capture_both(denoiser: Callable[..., np.ndarray], cfg: Any, settings: CaptureSettings, val_seed: int,
-                  progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+def _capture_both(denoiser: Callable[..., np.ndarray], cfg: Any, settings: CaptureSettings, plan: CapturePlan,
+                  val_seed: int, progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """The calibration inputs and (if asked) the held-out validation inputs with the model's outputs on them,
-    sampled in shared batches under one progress bar."""
-    nv, bs = settings.resolved_val_samples(), settings.batch_size
-    sets = [_Set(_noise(settings.samples, settings.seed, bs, cfg),
-                 spread_labels(settings.samples, cfg.num_classes, settings.seed), settings.seed)]
+    sampled in shared batches under one progress bar: extra trajectories, or the unkept calls of the same ones."""
+    n, nv, bs = plan.samples, plan.val_samples, settings.batch_size
+    sets = [_Set(_noise(n, settings.seed, bs, cfg), spread_labels(n, cfg.num_classes, settings.seed), settings.seed)]
     if nv:
         sets.append(_Set(_noise(nv, val_seed, bs, cfg), spread_labels(nv, cfg.num_classes, val_seed), val_seed,
                          keep_out=True))
+    unkept = plan.val_source == VAL_UNKEPT
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=-(-(settings.samples + nv) // bs) * settings.steps, desc="calibrate", unit="call",
-                   dynamic_ncols=True)
+        bar = tqdm(total=-(-(n + nv) // bs) * settings.steps, desc="calibrate", unit="call", dynamic_ncols=True)
     try:
         got = _capture_sets(denoiser, cfg, sets, steps=settings.steps, sampler=settings.sampler,
                             cfg_scale=settings.cfg_scale, eta=settings.eta, timesteps=settings.timesteps,
-                            batch_size=bs, guide_all_channels=settings.guide_all_channels, progress=bar)
+                            batch_size=bs, guide_all_channels=settings.guide_all_channels, progress=bar,
+                            unkept=unkept)
     finally:
         if bar is not None:
             bar.close()
-    return got[0], (got[1] if nv else None)
+    return got[0], (got[1] if (nv or unkept) else None)
 
 
 def _base_fields(cfg: Any, settings: CaptureSettings, source: dict[str, Any]) -> dict[str, Any]:
@@ -477,7 +562,12 @@ def describe(m: dict[str, Any]) -> str:
     m = Manifest.of(m)
     c, s, val = m.section("counts"), m.section("sampler"), m.section("validation")
     v = val.get("counts") if isinstance(val.get("counts"), dict) else {}
+    src = str(val.get("source") or "")
+    where = "the unkept calls of the same trajectories" if src.startswith(VAL_UNKEPT) else f"seed {val.get('seed', '-')}"
+    b = m.section("budget")
+    budget = (f" (the work budget: {b.get('macs', 0) / 1e12:g} T MACs, {b.get('macs_per_trajectory', 0) / 1e12:.3g} T "
+              "each)" if b.get("samples_from") == "budget" else "")
     return (f"{c.get('inputs')} inputs ({c.get('cond')} cond + {c.get('uncond')} uncond) from {c.get('samples')} "
-            f"trajectories x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
+            f"trajectories{budget} x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
             f"{c.get('timesteps')} distinct t, cfg {s.get('cfg_scale')}; validation {v.get('inputs', 0)} inputs "
-            f"(seed {val.get('seed', '-')})")
+            f"({where})")

@@ -39,6 +39,12 @@ into the manifest's ``int8`` block.
 
 Every output is checked at the end against its source on ONNX Runtime CPU (held-out validation inputs, per
 timestep); the numbers go into the manifest's ``parity``.
+
+Work budgets (issue 24 item 4, the XL/2 calibrate + INT8 export chain in 5 minutes on 2 cores): the range pass runs at
+most ``max_inputs`` calibration inputs and at most :data:`RANGE_BUDGET_MACS` denoiser multiply-accumulates
+(``ditdeploy.config.macs``: 32 XL/2 256 rows; all 512 for S/2 and smaller), and the check at most
+:data:`CHECK_BUDGET_MACS` (16 XL/2 rows; every validation input of a small model), both balanced over timesteps; the
+manifest says how many of how many were used.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from ditdeploy.artifact.files import (
 )
 from ditdeploy.artifact.manifest import Manifest, make_manifest
 from ditdeploy.calibration.nodes import NodeRole, classify_nodes, resolve_exclusions, role_counts
+from ditdeploy.config.macs import full_macs
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 from ditdeploy.export.ort_fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.proof.parity import compare_runs, stacked_probe_inputs
@@ -79,10 +86,14 @@ __all__ = [
     "int8_form",
     "external_data_files",
     "quantize_int8",
+    "budget_rows",
     "stratified_subset",
 ]
 
 MODES = ("static", "dynamic")
+# work budgets of the range pass and of the check (module doc); rows rounded down to whole batches, at least one
+RANGE_BUDGET_MACS = 4e12
+CHECK_BUDGET_MACS = 2e12
 FP16_QDQ_OPSET = 19
 ACTIVATIONS = ("int8", "uint8")
 METHODS = ("percentile", "entropy", "minmax")
@@ -105,6 +116,8 @@ class Int8Options:
     per_channel: bool = True
     max_inputs: int = 512
     batch_size: int = 8
+    range_macs: float | None = RANGE_BUDGET_MACS  # None: no budget (max_inputs only)
+    check_macs: float | None = CHECK_BUDGET_MACS  # None: every validation input
     num_bins: int = 2048
     seed: int = 0
     quantize_outputs: bool = False  # ORT's default placement (Q/DQ on GEMM outputs too): for comparison only
@@ -127,6 +140,8 @@ class Int8Options:
             raise DitDeployError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.max_inputs < 1 or self.batch_size < 1:
             raise DitDeployError("max_inputs and batch_size must be >= 1")
+        if any(b is not None and b <= 0 for b in (self.range_macs, self.check_macs)):
+            raise DitDeployError("the range and check work budgets must be > 0 (None: no budget)")
         if self.target not in INT8_TARGETS:
             raise DitDeployError(f"unknown INT8 target {self.target!r}: choose auto, {', '.join(INT8_TARGETS)}")
         if self.target == "trt" and (self.mode != "static" or self.activations != "int8"):
@@ -244,6 +259,17 @@ def stratified_subset(t: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
                     break
         depth += 1
     return np.sort(np.asarray(out, dtype=np.int64))
+
+
+def budget_rows(available: int, macs_per_row: float, budget: float | None, batch_size: int,
+                cap: int | None = None) -> int:
+    """Rows that fit ``budget`` multiply-accumulates (whole batches, at least one batch), at most ``cap`` and
+    ``available``; all of them with no budget."""
+    n = available if cap is None else min(available, cap)
+    if budget is None or macs_per_row <= 0:
+        return n
+    fit = int(budget // macs_per_row)
+    return min(n, fit - fit % batch_size if fit >= batch_size else max(1, fit))
 
 
 def _feeds(x: np.ndarray, t: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -432,6 +458,8 @@ def quantize_int8(
     target: str | None = "auto",
     max_inputs: int = 512,
     batch_size: int = 8,
+    range_macs: float | None = RANGE_BUDGET_MACS,
+    check_macs: float | None = CHECK_BUDGET_MACS,
     verify: bool = True,
     progress: bool = True,
     log_fn: Callable[[str], None] | None = None,
@@ -441,7 +469,8 @@ def quantize_int8(
     ``mode="static"`` needs ``calibration`` (an .npz from ``ditdeploy calibrate``) and writes explicit Q/DQ
     (TensorRT-ready with the default ``activations="int8"``); ``mode="dynamic"`` needs none (ORT CPU only).
     ``exclude``: see :func:`ditdeploy.calibration.nodes.resolve_exclusions` (None = embedders, adaLN, final layer,
-    attention). ``max_inputs`` calibration inputs (balanced over timesteps) are used for the ranges.
+    attention). At most ``max_inputs`` calibration inputs (balanced over timesteps) and ``range_macs`` denoiser
+    multiply-accumulates are used for the ranges, at most ``check_macs`` for the check (None: no budget; module doc).
     ``verify`` compares the result with the source on ONNX Runtime CPU and records ``parity``.
     ``ort_fusions``: fuse GELU into ONNX Runtime's ``FastGelu`` first (faster on CPU; a ``com.microsoft`` op that
     ONNX Runtime and OpenVINO read, TensorRT does not). None (default): on for the CPU-only artifacts (dynamic, or
@@ -451,6 +480,7 @@ def quantize_int8(
     """
     opts = Int8Options(mode=mode, activations=activations, calibrate_method=calibrate_method, percentile=percentile,
                        per_channel=per_channel, max_inputs=max_inputs, batch_size=batch_size,
+                       range_macs=range_macs, check_macs=check_macs,
                        quantize_outputs=quantize_outputs, target=resolve_int8_target(target))
     ort_fusions = _resolve_fusions(opts, ort_fusions)
     say = log_fn or (lambda s: log.info(s))
@@ -482,7 +512,7 @@ def quantize_int8(
             if opts.mode == "static":
                 assert calib is not None
                 fields.update(_static(staged, model, tmp_q, work, calib, quantized, excluded, opts, ext, progress,
-                                      say))
+                                      say, full_macs(cfg)))
             else:
                 _dynamic(staged, tmp_q, quantized, excluded, opts, ext)
         qmodel = onnx.load(str(tmp_q), load_external_data=False)
@@ -606,6 +636,13 @@ def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options
     if calib is not None and calib.val is not None:
         vin = calib.val
         vsrc = "calibration set's held-out validation inputs"
+        n_val = len(vin["x"])
+        n = budget_rows(n_val, full_macs(cfg), opts.check_macs, opts.batch_size)
+        if n < n_val:
+            idx = stratified_subset(vin["t"], n, seed=opts.seed)
+            vin = {k: v[idx] for k, v in vin.items()}
+            vsrc = (f"{n} of the calibration set's {n_val} held-out validation inputs (balanced over timesteps: the "
+                    f"check's work budget, {opts.check_macs / 1e12:g} T MACs)")
     elif calib is not None:
         idx = stratified_subset(calib.t, 32, seed=1)
         vin = {"x": calib.x[idx], "t": calib.t[idx], "y": calib.y[idx]}
@@ -613,7 +650,7 @@ def _parity_fields(staged: Path, tmp_q: Path, calib, cfg: Any, opts: Int8Options
     else:
         vin = stacked_probe_inputs(cfg, 16)
         vsrc = "16 synthetic inputs (x ~ N(0,1), t spread over 0..999)"
-    recorded = recorded if vin is getattr(calib, "val", None) else None
+    recorded = recorded if "out" in vin and calib is not None and calib.val is not None else None
     p = {"inputs_from": vsrc, **_verify(staged, tmp_q, vin, opts.batch_size, src_precision, recorded)}
     say(f"int8 vs fp32 on {p['inputs']} inputs: cosine {p['cosine']:.6f} (per call min "
         f"{p['per_call_cosine_min']:.6f}), rel-L2 {p['rel_l2']:.4f}")
@@ -673,7 +710,7 @@ def _publish(out: Path, files: list[Path], tmp_q: Path, fields: dict[str, Any]) 
 
 def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequence[NodeRole],
             excluded: Sequence[NodeRole], opts: Int8Options, ext: bool, progress: bool,
-            say: Callable[[str], None]) -> dict[str, Any]:
+            say: Callable[[str], None], row_macs: float) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     inits = {i.name for i in model.graph.initializer}
@@ -686,14 +723,15 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
                 tensors.append(i)
         if opts.quantize_outputs:
             tensors.extend(o for o in by_name[r.name].output if o not in tensors)
-    idx = stratified_subset(calib.t, opts.max_inputs, seed=opts.seed)
+    n_rows = budget_rows(len(calib), row_macs, opts.range_macs, opts.batch_size, opts.max_inputs)
+    idx = stratified_subset(calib.t, n_rows, seed=opts.seed)
     feeds = list(_feeds(calib.x[idx], calib.t[idx], calib.y[idx], opts.batch_size))
     symmetric = opts.activations == "int8"
     t0 = time.perf_counter()
     ranges = collect_ranges(staged, model, tensors, feeds, method=opts.calibrate_method, percentile=opts.percentile,
                             symmetric=symmetric, num_bins=opts.num_bins, progress=progress)
     t_ranges = time.perf_counter() - t0
-    say(f"activation ranges of {len(tensors)} tensors from {idx.shape[0]} calibration inputs "
+    say(f"activation ranges of {len(tensors)} tensors from {idx.shape[0]} of {len(calib)} calibration inputs "
         f"({opts.calibrate_method}) in {t_ranges:.1f} s")
     cache = work / "ranges.json"
     method = _write_cache(cache, ranges, opts.calibrate_method, _elem_types(model, tensors))
@@ -720,7 +758,8 @@ def _static(staged: Path, model, tmp_q: Path, work: Path, calib, quantized: Sequ
         extra_options=extra,
     )
     amax = {n: float(max(abs(float(lo)), abs(float(hi)))) for n, (lo, hi) in ranges.items()}
-    return {"ranges": {"tensors": len(tensors), "inputs": int(idx.shape[0]), "seconds": round(t_ranges, 2),
+    return {"ranges": {"tensors": len(tensors), "inputs": int(idx.shape[0]), "of": len(calib),
+                       "budget_macs": opts.range_macs, "seconds": round(t_ranges, 2),
                        "amax_max": max(amax.values()) if amax else 0.0,
                        "amax_median": float(np.median(list(amax.values()))) if amax else 0.0}}
 

@@ -3,6 +3,7 @@ validation seeds, manifest + sha256, atomic writes, the `ditdeploy calibrate` CL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -156,6 +157,73 @@ def test_failure_leaves_nothing_at_the_final_path(digits_denoiser, tmp_path):
     with pytest.raises(RuntimeError):
         capture_calibration_set(Failing(), out, CaptureSettings(samples=2, steps=10, val_samples=0), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_work_budget_resolves_trajectories_per_model():
+    """Default --samples: as many trajectories as fit the work budget (MACs, not seconds), 1..32; the validation
+    rides on the unkept calls where extra trajectories do not fit; an explicit --samples is kept."""
+    from ditdeploy.calibration.capture import BUDGET_MACS, VAL_TRAJECTORIES, VAL_UNKEPT
+    from ditdeploy.config.macs import full_macs
+    from ditdeploy.config.variants import DIGITS, variant_config
+
+    xl2, s2 = variant_config("XL/2", image_size=256), variant_config("S/2", image_size=256)
+    p = CaptureSettings().plan(DIGITS)  # the digits model: the old defaults, 32 + 8 validation trajectories
+    assert (p.samples, p.val_samples, p.val_source, p.samples_from) == (32, 8, VAL_TRAJECTORIES, "budget")
+    assert p.trajectory_macs == 50 * 2 * full_macs(DIGITS)  # 50 DDIM calls of 2 rows (cfg 4: both halves)
+    p = CaptureSettings().plan(xl2)  # XL/2 256, 50 guided steps: 11.9 T each -> 1, validated on its unkept calls
+    assert (p.samples, p.val_samples, p.val_source) == (1, 0, VAL_UNKEPT)
+    assert p.record()["spent_macs"] == p.trajectory_macs <= BUDGET_MACS
+    assert CaptureSettings().plan(s2).samples == 32  # 0.61 T each: still 32
+    p = CaptureSettings(samples=2).plan(xl2)  # explicit: kept as given (over the budget), validation still free
+    assert (p.samples, p.val_samples, p.val_source, p.samples_from) == (2, 0, VAL_UNKEPT, "--samples")
+    assert CaptureSettings(samples=2, val_samples=3).plan(xl2).val_samples == 3  # explicit validation kept
+    # --steps <= --timesteps: every call is kept, so the validation needs extra trajectories; both fit the budget
+    p = CaptureSettings(steps=25).plan(xl2)
+    assert (p.samples, p.val_samples, p.val_source) == (2, 1, VAL_TRAJECTORIES)
+    assert p.record()["spent_macs"] == 3 * 25 * 2 * full_macs(xl2) <= BUDGET_MACS
+    p = CaptureSettings(steps=25, cfg_scale=1.0).plan(xl2)  # one row per call: 6 fit, 4 + a quarter of 4 validate
+    assert (p.samples, p.val_samples) == (4, 1)
+
+
+def test_unkept_calls_are_a_free_validation_set(digits_denoiser, tmp_path):
+    """With no room for extra trajectories the validation set is the trajectories' unkept calls: exactly the
+    inputs of the steps --timesteps left out, disjoint from the calibration rows, their recorded outputs equal to an
+    independent run of the model, and not one denoiser call more than the calibration alone."""
+    from ditdeploy.calibration.capture import capture_inputs
+
+    class Counting:
+        config, name = digits_denoiser.config, "counting"
+        calls = rows = 0
+
+        def __call__(self, x, t, y):
+            Counting.calls += 1
+            Counting.rows += x.shape[0]
+            return digits_denoiser(x, t, y)
+
+    steps, keep, n = 12, 5, 3
+    s = CaptureSettings(steps=steps, timesteps=keep, batch_size=4, seed=2, budget_macs=1.0)  # room for 1 only
+    m = capture_calibration_set(Counting(), tmp_path / "c.npz", s, progress=False)
+    assert m["budget"]["samples"] == 1 and m["validation"]["source"].startswith("unkept calls")
+    assert (Counting.calls, Counting.rows) == (steps, steps * 2)  # one trajectory, both halves, nothing extra
+    cs = load_calibration(tmp_path / "c.npz")
+    v = cs.validation()
+    kept = set(select_steps(steps, keep).tolist())
+    assert set(cs.step.tolist()) == kept and set(v["step"].tolist()) == set(range(steps)) - kept
+    assert len(v["x"]) == (steps - keep) * 2 and m["validation"]["seed"] == s.seed
+    # an independent capture that keeps every call of the same trajectory: calibration + validation = all of it
+    full = capture_inputs(digits_denoiser, digits_denoiser.config, samples=1, seed=2, steps=steps, timesteps=steps,
+                          batch_size=4)
+    for part in (cs.validation(), {"x": cs.x, "t": cs.t, "y": cs.y, "step": cs.step}):
+        for i in range(len(part["x"])):
+            j = np.flatnonzero((full["step"] == part["step"][i]) & (full["y"] == part["y"][i]))
+            assert j.size == 1 and np.array_equal(full["x"][j[0]], part["x"][i]) and full["t"][j[0]] == part["t"][i]
+    ref = digits_denoiser(v["x"], v["t"], v["y"])
+    assert np.abs(v["out"] - ref).max() <= 1e-5  # fp32 batch-composition noise only
+    # an explicit --samples with the same budget: 3 trajectories, still validated on their own unkept calls
+    Counting.calls = Counting.rows = 0
+    m = capture_calibration_set(Counting(), tmp_path / "d.npz", dataclasses.replace(s, samples=n), progress=False)
+    assert m["budget"]["samples_from"] == "--samples" and m["validation"]["counts"]["inputs"] == n * (steps - keep) * 2
+    assert (Counting.calls, Counting.rows) == (steps, steps * 2 * n)
 
 
 @pytest.mark.parametrize("kw, msg", [

@@ -160,10 +160,11 @@ def test_calibrate_validation_budget_shared_batches_and_recorded_outputs(pair, t
     from ditdeploy.runtimes import load
 
     den = load(pair["fp32"])
-    assert CaptureSettings(samples=1).resolved_val_samples() == 1
-    assert CaptureSettings(samples=32).resolved_val_samples() == 8  # the old default where it was affordable
-    assert CaptureSettings(samples=100).resolved_val_samples() == 8
-    assert CaptureSettings(samples=5, val_samples=0).resolved_val_samples() == 0
+    cfg = den.config  # a digits-sized model: extra validation trajectories always fit the work budget
+    assert CaptureSettings(samples=1).resolved_val_samples(cfg) == 1
+    assert CaptureSettings(samples=32).resolved_val_samples(cfg) == 8  # the old default where it was affordable
+    assert CaptureSettings(samples=100).resolved_val_samples(cfg) == 8
+    assert CaptureSettings(samples=5, val_samples=0).resolved_val_samples(cfg) == 0
     c = _Counting(den)
     out = tmp_path / "c.npz"
     capture_calibration_set(c, out, CaptureSettings(samples=1, steps=10), progress=False)

@@ -177,6 +177,42 @@ def test_int8_runs_through_the_runtime_and_matches_fp32(work, static):
     assert float(np.abs(oo - ref).max()) > 1e-4  # quantized arithmetic, not an fp32 fallback
 
 
+def test_budget_rows():
+    from ditdeploy.calibration.quantize import budget_rows
+
+    assert budget_rows(400, 1.0, None, 8) == 400 and budget_rows(400, 1.0, None, 8, cap=64) == 64
+    assert budget_rows(400, 1e10, 2e12, 8) == 200  # whole batches within the budget
+    assert budget_rows(50, 118.6e9, 2e12, 8) == 16  # XL/2 256: 16.9 rows fit -> 2 batches
+    assert budget_rows(50, 118.6e9, 4e12, 8, cap=512) == 32
+    assert budget_rows(50, 1e13, 2e12, 8) == 1  # never nothing
+    assert budget_rows(50, 4e11, 2e12, 8) == 5
+
+
+def test_work_budgets_cap_ranges_and_check(work, tmp_path):
+    """With budgets for 16 range rows and 8 check rows the export uses that many (balanced over timesteps, said in
+    the manifest), and the recorded check equals an independent comparison on exactly those validation rows."""
+    from ditdeploy.calibration.capture import load_calibration
+    from ditdeploy.calibration.quantize import stratified_subset
+    from ditdeploy.calibration.report import error_curve
+    from ditdeploy.config.macs import full_macs
+    from ditdeploy.runtimes.onnxruntime import make_session
+
+    cs = load_calibration(work["calib"])
+    row = full_macs(cs.manifest.config)
+    out = tmp_path / "b.onnx"
+    man = quantize_int8(work["fp32"], out, work["calib"], range_macs=16.5 * row, check_macs=8.5 * row,
+                        progress=False)
+    assert (man["ranges"]["inputs"], man["ranges"]["of"]) == (16, len(cs))
+    p = man["parity"]
+    assert p["inputs"] == 8 and p["inputs_from"].startswith(f"8 of the calibration set's {len(cs.val['x'])} held-out")
+    idx = stratified_subset(cs.val["t"], 8, seed=0)
+    ref_s, q_s = make_session(work["fp32"]), make_session(out)
+    fresh = error_curve(lambda x, t, y: ref_s.run(None, {"x": x, "t": t, "y": y})[0],
+                        lambda x, t, y: q_s.run(None, {"x": x, "t": t, "y": y})[0],
+                        cs.val["x"][idx], cs.val["t"][idx], cs.val["y"][idx], batch_size=8)["overall"]
+    assert abs(fresh["cosine"] - p["cosine"]) < 1e-6 and abs(fresh["rel_l2"] - p["rel_l2"]) < 1e-5
+
+
 def test_exclusion_overrides(work, tmp_path):
     m = onnx.load(str(work["fp32"]), load_external_data=False)
     roles = classify_nodes(m)

@@ -13,6 +13,7 @@ from ditdeploy.commands import _common as c
 
 _EPILOG = (
     "Examples: ditdeploy calibrate --out calib.npz (the shipped digits model) | "
+    "ditdeploy calibrate --engine dit-xl-2-256-fp32.onnx --out xl-calib.npz (1 trajectory: the work budget) | "
     "ditdeploy calibrate --engine dit-xl-2-256-fp32.onnx --samples 16 --steps 50 --cfg-scale 4 --out xl-calib.npz | "
     "ditdeploy calibrate --engine digits.safetensors --sampler ddpm --steps 250 --out calib.npz"
 )
@@ -31,8 +32,12 @@ def register(app: typer.Typer) -> None:
         trust_native_code: bool = c.trust_native_code_option(),
         image_size: int = typer.Option(None, "--image-size", min=8, help="Image size for bare official .pt "
                                        "checkpoints.", rich_help_panel=c.PANEL_MODEL),
-        samples: int = typer.Option(32, "--samples", "-n", min=1, help="Trajectories (images) for the "
-                                    "calibration set.", rich_help_panel=c.PANEL_SAMPLING),
+        samples: int = typer.Option(None, "--samples", "-n", min=1, help="Trajectories (images) for the "
+                                    "calibration set. Default: as many as fit a work budget of 20 T denoiser "
+                                    "multiply-accumulates (calibration + validation trajectories, counted for the "
+                                    "model, --steps and guidance; the same on every machine), 1..32: 32 for the "
+                                    "digits model and S/2 256, 1 for XL/2 256 at 50 guided steps.",
+                                    show_default=False, rich_help_panel=c.PANEL_SAMPLING),
         steps: int = c.steps_option(50, "Sampling steps, as deployed."),
         sampler: c.Sampler = c.sampler_option("Sampler, as deployed."),
         cfg_scale: float = typer.Option(4.0, "--cfg-scale", min=0.0, help="Guidance scale, as deployed (both "
@@ -46,7 +51,9 @@ def register(app: typer.Typer) -> None:
                                        rich_help_panel=c.PANEL_SAMPLING),
         val_samples: int = typer.Option(None, "--val-samples", min=0, help="Trajectories of the held-out validation "
                                         "set, sampled in the same batches (0: none; default: a quarter of --samples,"
-                                        " 1..8).", rich_help_panel=c.PANEL_OUTPUT),
+                                        " 1..8, where they fit the work budget, else the calibration trajectories' "
+                                        "calls that --timesteps did not keep: no extra denoiser calls).",
+                                        show_default=False, rich_help_panel=c.PANEL_OUTPUT),
         val_seed: int = typer.Option(None, "--val-seed", "--val-seeds", min=0, help="Seed of the validation "
                                      "trajectories (default: --seed + 1000003).", rich_help_panel=c.PANEL_OUTPUT),
         val_out: Path = typer.Option(None, "--val-out", help="Write the validation set to this .npz instead of "
@@ -79,7 +86,8 @@ def register(app: typer.Typer) -> None:
 
         check_outputs({"--engine": src}, {}, sets={"--out": out, "--val-out": val_out})
         den = dep.denoiser
-        _check_memory(settings, den.config)
+        plan = settings.plan(den.config)
+        _check_memory(settings, plan, den.config)
         precision = Manifest.of(den.manifest).precision
         if precision != "fp32":
             typer.secho(f"warning: {Path(src).name} is {precision}; calibrate from the fp32 model you will quantize",
@@ -91,15 +99,14 @@ def register(app: typer.Typer) -> None:
             progress=c.progress_on(progress),
         )
         typer.echo(f"wrote {out}: {describe(m)} in {time.perf_counter() - t0:.1f} s")
-        if val_out is not None and settings.resolved_val_samples():
+        if val_out is not None and plan.val_source:
             typer.echo(f"wrote {val_out} (validation set)")
 
 
-def _check_memory(settings, cfg) -> None:
+def _check_memory(settings, plan, cfg) -> None:
     """The captured inputs are held in memory: refuse a count that cannot fit before sampling."""
     from ditdeploy.system.bounds import check_memory
 
-    calls = min(settings.timesteps, settings.steps) * (2 if settings.cfg_scale != 1 else 1)
-    n = (settings.samples + settings.resolved_val_samples()) * calls
+    n = plan.captured_rows(settings)
     check_memory(n, 4 * cfg.in_channels * cfg.input_size ** 2, f"{n} captured denoiser inputs",
                  "lower --samples / --timesteps / --val-samples")
