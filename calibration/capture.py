@@ -568,6 +568,6 @@ def describe(m: dict[str, Any]) -> str:
     budget = (f" (the work budget: {b.get('macs', 0) / 1e12:g} T MACs, {b.get('macs_per_trajectory', 0) / 1e12:.3g} T "
               "each)" if b.get("samples_from") == "budget" else "")
     return (f"{c.get('inputs')} inputs ({c.get('cond')} cond + {c.get('uncond')} uncond) from {c.get('samples')} "
-            f"trajectories{budget} x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
+            f"trajector{'y' if c.get('samples') == 1 else 'ies'}{budget} x {m.get('timesteps_per_trajectory')} of {s.get('steps')} {s.get('method')} steps, "
             f"{c.get('timesteps')} distinct t, cfg {s.get('cfg_scale')}; validation {v.get('inputs', 0)} inputs "
             f"({where})")
