@@ -244,7 +244,12 @@ def _stage(src: Path, workdir: Path, transform: Callable[[Any], Any] | None = No
 
 
 def stratified_subset(t: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Indices of ``n`` items balanced over the distinct values of ``t`` (round-robin over shuffled groups)."""
+    """Indices of ``n`` items balanced over the distinct values of ``t`` (round-robin over shuffled groups).
+
+    A round that cannot take one item from every group takes them from groups evenly spread over the sorted values
+    of ``t`` (both ends included), not from the smallest values: 16 check rows of 25 timesteps span t = 20..960."""
+    from ditdeploy.calibration.capture import select_steps
+
     if n >= t.shape[0]:
         return np.arange(t.shape[0])
     rng = np.random.default_rng(seed)
@@ -252,11 +257,11 @@ def stratified_subset(t: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     out: list[int] = []
     depth = 0
     while len(out) < n:
-        for g in groups:
-            if depth < g.shape[0]:
-                out.append(int(g[depth]))
-                if len(out) == n:
-                    break
+        live = [g for g in groups if depth < g.shape[0]]
+        left = n - len(out)
+        if left < len(live):
+            live = [live[int(i)] for i in select_steps(len(live), left)]
+        out.extend(int(g[depth]) for g in live)
         depth += 1
     return np.sort(np.asarray(out, dtype=np.int64))
 

@@ -188,6 +188,19 @@ def test_budget_rows():
     assert budget_rows(50, 4e11, 2e12, 8) == 5
 
 
+def test_stratified_subset_spreads_a_partial_round_over_t():
+    """Fewer rows than timesteps: the rows span the whole trajectory (first and last t), not its low-t end (the
+    XL/2 check used to judge t <= 600 only and under-reported its rel-L2 by 7x); full rounds stay balanced."""
+    from ditdeploy.calibration.quantize import stratified_subset
+
+    t = np.repeat(np.arange(20, 1000, 40), 2)  # the 25 unkept timesteps of DDIM 50, both CFG halves
+    sub = t[stratified_subset(t, 16)]
+    assert np.unique(sub).size == 16 and sub.min() == 20 and sub.max() == 980
+    assert abs(np.median(sub) - np.median(t)) <= 40
+    sub = t[stratified_subset(t, 32)]
+    assert np.unique(sub).size == 25 and np.bincount(np.unique(sub, return_counts=True)[1]).tolist() == [0, 18, 7]
+
+
 def test_work_budgets_cap_ranges_and_check(work, tmp_path):
     """With budgets for 16 range rows and 8 check rows the export uses that many (balanced over timesteps, said in
     the manifest), and the recorded check equals an independent comparison on exactly those validation rows."""
