@@ -59,6 +59,10 @@ def machine_info() -> dict[str, Any]:
     with contextlib.suppress(OSError, AttributeError):
         info["load_avg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     info["hypervisor"] = "hypervisor" in ci.get("flags", "").split()
+    if os.environ.get("DITDEPLOY_CPUID_MASK"):  # experiments/cpu_mask.py: CPUID reports an AVX2-only CPU
+        info["cpuid_mask"] = {"isa": os.environ["DITDEPLOY_CPUID_MASK"], "how": (
+            "experiments/cpuid_mask.c (LD_PRELOAD, CPUID faulting): the runtimes ran their AVX2 kernels on this "
+            "machine's cores; 'cpu' and 'cpu_id' name the host, 'flags' what the masked CPU reports")}
     versions = tool_versions()
     import importlib.metadata as md
 
