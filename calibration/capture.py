@@ -138,7 +138,13 @@ class CaptureSettings:
             raise DitDeployError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seed < 0 or self.resolved_val_seed() < 0:
             raise DitDeployError("seeds must be >= 0")
-        if self.val_samples != 0 and self.resolved_val_seed() == self.seed:
+        if self.val_samples and self.resolved_val_seed() == self.seed:
+            self.check_seeds(VAL_TRAJECTORIES)
+
+    def check_seeds(self, val_source: str | None) -> None:
+        """Validation trajectories need their own noise: a one-line error when they would reuse ``--seed`` (the
+        unkept-calls validation draws no noise, so any --val-seed is fine there)."""
+        if val_source == VAL_TRAJECTORIES and self.resolved_val_seed() == self.seed:
             raise DitDeployError("the validation seed must differ from --seed (a held-out set needs other noise)")
 
 
@@ -347,6 +353,7 @@ def capture_calibration_set(
         raise DitDeployError("the calibration source has no model config: load it with ditdeploy.runtimes.load")
     out, val_out = _check_paths(out, val_out)
     plan = settings.plan(cfg)
+    settings.check_seeds(plan.val_source)
     val_seed = settings.resolved_val_seed() if plan.val_source == VAL_TRAJECTORIES else settings.seed
     calib, val = _capture_both(denoiser, cfg, settings, plan, val_seed, progress)
     base_fields = _base_fields(cfg, settings, source or {"name": getattr(denoiser, "name", "denoiser")})

@@ -228,11 +228,28 @@ def test_unkept_calls_are_a_free_validation_set(digits_denoiser, tmp_path):
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(steps=0), "steps"), (dict(samples=0), "samples"), (dict(sampler="euler"), "unknown sampler"),
-    (dict(eta=0.5, sampler="ddpm"), "eta"), (dict(val_seed=0), "validation seed"),
+    (dict(eta=0.5, sampler="ddpm"), "eta"), (dict(val_seed=0, val_samples=2), "validation seed"),
 ])
 def test_bad_settings(kw, msg):
     with pytest.raises(DitDeployError, match=msg):
         CaptureSettings(**kw).validate()
+
+
+def test_val_seed_equal_to_seed_only_refused_where_validation_draws_noise():
+    """--val-seed equal to --seed: refused for validation trajectories (the same noise is no held-out set), accepted
+    where the validation is the unkept calls (no noise drawn) or there is none."""
+    from ditdeploy.calibration.capture import VAL_TRAJECTORIES, VAL_UNKEPT
+    from ditdeploy.config.variants import DIGITS, variant_config
+
+    same = CaptureSettings(val_seed=0)
+    same.validate()  # the source is only known once the model is: not refused early
+    assert same.plan(DIGITS).val_source == VAL_TRAJECTORIES
+    with pytest.raises(DitDeployError, match="validation seed"):
+        same.check_seeds(same.plan(DIGITS).val_source)
+    xl2 = variant_config("XL/2", image_size=256)
+    assert same.plan(xl2).val_source == VAL_UNKEPT
+    same.check_seeds(same.plan(xl2).val_source)  # no noise drawn: accepted
+    CaptureSettings(val_seed=0, val_samples=0).validate()
 
 
 def test_calibrate_cli(digits_denoiser, tmp_path, capsys):
