@@ -406,20 +406,28 @@ def write_plot(res: dict[str, Any], path: str | os.PathLike) -> None:
     from ditdeploy.artifact.files import atomic_path
 
     use_fid = res["budget"]["max_fid_delta"] is not None
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in res["rows"]:
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [3, 2]})
+    legend = []
+    for i, r in enumerate(res["rows"], 1):
         q = r["fid_delta"] if use_fid else (r["drift"] or {}).get("rel_l2")
         if q is None:
             continue
         ax.scatter(r["speedup_vs_reference"], q, marker="*" if r["picked"] else "o",
                    s=160 if r["picked"] else 30, c="C3" if r["picked"] else ("C0" if r["within_budget"] else "C7"))
-        ax.annotate(r["key"], (r["speedup_vs_reference"], q), fontsize=6)
+        ax.annotate(str(i), (r["speedup_vs_reference"], q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        legend.append(f"{i:>2}{'*' if r['picked'] else ' '} {r['speedup_vs_reference']:5.2f}x  {r['key']}")
     lim = res["budget"]["max_fid_delta"] if use_fid else res["budget"]["max_drift_rel_l2"]
     if lim is not None:
         ax.axhline(lim, ls="--", c="C3", lw=1)
     ax.set_xlabel("speed-up vs the reference (fp32, ONNX Runtime, full work), same images, interleaved")
     ax.set_ylabel("FID delta vs the reference" if use_fid else "latent drift rel-L2 vs the reference")
-    ax.set_title(f"ditdeploy tune: {res['machine'].get('cpu')}", fontsize=9)
+    m = res.get("machine") or {}
+    isa = ",".join(m.get("flags") or []) or "?"
+    masked = " (CPUID masked: experiments/cpu_mask.py)" if m.get("cpuid_mask") else ""
+    ax.set_title(f"ditdeploy tune: {m.get('cpu')}\nISA {isa}{masked}", fontsize=8)
+    side.axis("off")
+    side.text(0, 1, "\n".join(legend), va="top", ha="left", family="monospace", fontsize=6.5,
+              transform=side.transAxes)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
