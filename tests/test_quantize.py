@@ -309,6 +309,34 @@ def test_cli_calibrate_export_int8_sample(work, tmp_path, capsys):
     assert "int8" in capsys.readouterr().out
 
 
+def test_cli_uint8_activations_cpu_form(work, tmp_path):
+    """`export --checkpoint FP32.onnx --precision int8 --int8-activations uint8`: the static CPU form (uint8
+    asymmetric activations, ONNX Runtime's fused CPU ops, not TensorRT-compatible), within the int8 gate; refused
+    for TensorRT, dynamic INT8 and OpenVINO IR, with nothing written."""
+    from conftest import assert_one_line_error, run_main
+
+    out = tmp_path / "u8.onnx"
+    code, stdout, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8", "--calibration",
+                 str(work["calib"]), "--int8-activations", "uint8", "--int8-target", "cpu-avx2", "--out", str(out)])
+    assert code == 0, err
+    man = json.loads(manifest_path(out).read_text())
+    i8 = man["int8"]
+    assert i8["activations"] == "uint8 asymmetric" and i8["tensorrt_compatible"] is False, i8
+    assert i8["ort_fusions"] and i8["weight_bits"] == 7 and i8["target"] == "cpu-avx2"
+    assert man["parity"]["per_call_cosine_min"] > 0.999, ON
+    zps = [numpy_helper.to_array(i) for i in _load(out).graph.initializer if i.data_type == onnx.TensorProto.UINT8]
+    assert zps and any(int(z.max()) > 0 for z in zps)  # asymmetric: uint8 zero points, not all 0
+    for extra, msg in ((["--int8-target", "trt"], "TensorRT needs int8 activations"),
+                       (["--int8-mode", "dynamic"], "static CPU form"),
+                       (["--fmt", "openvino"], "writes ONNX")):
+        bad = tmp_path / "bad.onnx"
+        code, _, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8",
+                                 "--calibration", str(work["calib"]), "--int8-activations", "uint8", *extra,
+                                 "--out", str(bad)])
+        assert_one_line_error(code, err, msg, strict=False)
+        assert not bad.exists()
+
+
 def test_int8_samples_match_fp32_samples(work, static):
     """INT8 vs fp32 samples from the same seeds: classifier agreement / accuracy drop and PSNR.
 

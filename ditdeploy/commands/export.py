@@ -40,6 +40,11 @@ class Int8Mode(str, Enum):
     dynamic = "dynamic"
 
 
+class Int8Activations(str, Enum):
+    int8 = "int8"
+    uint8 = "uint8"
+
+
 class Int8Target(str, Enum):
     auto = "auto"
     cpu_vnni = "cpu-vnni"
@@ -91,6 +96,10 @@ def register(app: typer.Typer) -> None:
                                                "artifact runs on: auto (this CPU's ISA) | cpu-vnni (full-range int8 "
                                                "weights) | cpu-avx2 (x86 without VNNI: 7-bit weights, no int16 "
                                                "saturation) | trt (TensorRT Q/DQ; the default for --fmt trt)."),
+        int8_activations: Int8Activations = typer.Option(
+            Int8Activations.int8, "--int8-activations", help="Static INT8 activations: int8 (symmetric Q/DQ, "
+            "TensorRT-ready) | uint8 (asymmetric, with ONNX Runtime's CPU fusions; CPU runtimes only: "
+            "docs/export.md 'INT8 forms by CPU' has the speeds)."),
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
                                     "adaln, final, attention, linear, other), 'default', 'none', or node/module "
                                     "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
@@ -117,7 +126,7 @@ def register(app: typer.Typer) -> None:
 
         fmt_, prec, int8_mode, conditioning = c.value(fmt), c.value(precision), c.value(int8_mode), \
             c.value(conditioning)
-        int8_target = c.value(int8_target)
+        int8_target, int8_acts = c.value(int8_target), c.value(int8_activations)
         if prec == "int8-dynamic":
             c.warn_deprecated("--precision int8-dynamic", "--precision int8 --int8-mode dynamic")
             prec, int8_mode = "int8", "dynamic"
@@ -129,7 +138,7 @@ def register(app: typer.Typer) -> None:
         show_progress = c.progress_on(progress)
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify, instances)
-        int8_target = _int8_target(fmt_, prec, int8_mode, int8_target)
+        int8_target = _int8_target(fmt_, prec, int8_mode, int8_target, int8_acts)
         verify = not no_verify
         if fmt_ == "diffusers" and out is not None:  # a new folder: refused before the model is built
             from ditdeploy.artifact.output_policy import check_new_folder
@@ -150,7 +159,7 @@ def register(app: typer.Typer) -> None:
             return
         if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":  # quantize an fp32 export as is
             _quantize_export(Path(checkpoint), out, fmt_, prec, cache_graphs, verify, vae,
-                             _int8_args(prec, calibration, int8_mode, exclude, show_progress, int8_target))
+                             _int8_args(prec, calibration, int8_mode, exclude, show_progress, int8_target, int8_acts))
             return
 
         net, source = pipeline.load_denoiser_model(
@@ -201,7 +210,7 @@ def register(app: typer.Typer) -> None:
             m = pipeline.export_cache_pair(net, target, fmt_, opset=opset, verify=verify, source=source,
                                            decoder=decoder_name, seed=seed,
                                            int8=_int8_args(prec, calibration, int8_mode, exclude, show_progress,
-                                                           int8_target))
+                                                           int8_target, int8_acts))
             _summary(target, m)
             return
         with pipeline.removed_on_failure(dec_out if decoder_name else None):
@@ -209,7 +218,7 @@ def register(app: typer.Typer) -> None:
                 net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
                 decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
                 seed=seed, progress=show_progress,
-                int8_options={"target": int8_target,
+                int8_options={"target": int8_target, **({"activations": "uint8"} if int8_acts == "uint8" else {}),
                               **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
                 if prec == "int8" else None,
                 id2label=id2label,
@@ -276,14 +285,21 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
     return fmt
 
 
-def _int8_target(fmt: str, prec: str, int8_mode: str, target: str) -> str:
+def _int8_target(fmt: str, prec: str, int8_mode: str, target: str, activations: str = "int8") -> str:
     """The INT8 target: ``trt`` for --fmt trt, else the one asked for (auto: this CPU's); mismatches refused."""
     from ditdeploy.errors import DitDeployError
 
     if prec != "int8":
-        if target != "auto":
-            raise DitDeployError("--int8-target applies to --precision int8")
+        if target != "auto" or activations != "int8":
+            raise DitDeployError(f"--int8-{'target' if target != 'auto' else 'activations'} applies to --precision "
+                                 "int8")
         return target
+    if activations == "uint8" and (fmt == "trt" or target == "trt" or int8_mode != "static"):
+        raise DitDeployError("--int8-activations uint8 is the static CPU form: TensorRT needs int8 activations, and "
+                             "dynamic INT8 always quantizes activations to uint8 at run time")
+    if activations == "uint8" and fmt != "onnx":
+        raise DitDeployError("--int8-activations uint8 writes ONNX (--fmt onnx) with ONNX Runtime's fused CPU ops; "
+                             "OpenVINO runs the int8-activation form")
     if fmt == "trt":
         if target not in ("auto", "trt"):
             raise DitDeployError(f"--fmt trt builds the TensorRT INT8 form: drop --int8-target {target} (or use "
@@ -345,12 +361,13 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
 
 
 def _int8_args(prec: str, calibration: Path | None, int8_mode: str, exclude: str | None, progress: bool,
-               target: str) -> dict | None:
+               target: str, activations: str = "int8") -> dict | None:
     """``quantize_int8`` arguments of an INT8 export (None for other precisions)."""
     if prec != "int8":
         return None
     return {"calibration": str(calibration) if calibration else None, "mode": int8_mode, "progress": progress,
-            "target": target, **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
+            "target": target, **({"activations": "uint8"} if activations == "uint8" else {}),
+            **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
 
 
 def _quantize_export(src: Path, out: Path | None, fmt: str, prec: str, cache_graphs: bool, verify: bool,
