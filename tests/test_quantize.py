@@ -310,14 +310,17 @@ def test_cli_calibrate_export_int8_sample(work, tmp_path, capsys):
 
 
 def test_cli_uint8_activations_cpu_form(work, tmp_path):
-    """`export --checkpoint FP32.onnx --precision int8 --int8-activations uint8`: the static CPU form (uint8
-    asymmetric activations, ONNX Runtime's fused CPU ops, not TensorRT-compatible), within the int8 gate; refused
-    for TensorRT, dynamic INT8 and OpenVINO IR, with nothing written."""
+    """`export --checkpoint FP32.onnx --precision int8 --int8-target cpu-avx2`: the static form for CPUs without
+    VNNI has uint8 asymmetric activations by default (`--int8-activations auto`; ONNX Runtime's fused CPU ops, not
+    TensorRT-compatible), within the int8 gate; cpu-vnni keeps the int8 Q/DQ. An explicit uint8 is refused for
+    TensorRT, dynamic INT8 and OpenVINO IR, with nothing written."""
     from conftest import assert_one_line_error, run_main
 
+    from ditdeploy.calibration.quantize import resolve_activations
+
     out = tmp_path / "u8.onnx"
-    code, stdout, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8", "--calibration",
-                 str(work["calib"]), "--int8-activations", "uint8", "--int8-target", "cpu-avx2", "--out", str(out)])
+    code, stdout, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8",
+                                  "--calibration", str(work["calib"]), "--int8-target", "cpu-avx2", "--out", str(out)])
     assert code == 0, err
     man = json.loads(manifest_path(out).read_text())
     i8 = man["int8"]
@@ -326,6 +329,10 @@ def test_cli_uint8_activations_cpu_form(work, tmp_path):
     assert man["parity"]["per_call_cosine_min"] > 0.999, ON
     zps = [numpy_helper.to_array(i) for i in _load(out).graph.initializer if i.data_type == onnx.TensorProto.UINT8]
     assert zps and any(int(z.max()) > 0 for z in zps)  # asymmetric: uint8 zero points, not all 0
+    assert [resolve_activations(None, t, m) for t, m in (("cpu-avx2", "static"), ("cpu-vnni", "static"),
+                                                         ("trt", "static"), ("cpu-avx2", "dynamic"))] == \
+        ["uint8", "int8", "int8", "int8"]
+    assert resolve_activations("int8", "cpu-avx2", "static") == "int8"  # explicit wins
     for extra, msg in ((["--int8-target", "trt"], "TensorRT needs int8 activations"),
                        (["--int8-mode", "dynamic"], "static CPU form"),
                        (["--fmt", "openvino"], "writes ONNX")):

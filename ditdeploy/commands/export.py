@@ -41,6 +41,7 @@ class Int8Mode(str, Enum):
 
 
 class Int8Activations(str, Enum):
+    auto = "auto"
     int8 = "int8"
     uint8 = "uint8"
 
@@ -97,9 +98,9 @@ def register(app: typer.Typer) -> None:
                                                "weights) | cpu-avx2 (x86 without VNNI: 7-bit weights, no int16 "
                                                "saturation) | trt (TensorRT Q/DQ; the default for --fmt trt)."),
         int8_activations: Int8Activations = typer.Option(
-            Int8Activations.int8, "--int8-activations", help="Static INT8 activations: int8 (symmetric Q/DQ, "
-            "TensorRT-ready) | uint8 (asymmetric, with ONNX Runtime's CPU fusions; CPU runtimes only: "
-            "docs/export.md 'INT8 forms by CPU' has the speeds)."),
+            Int8Activations.auto, "--int8-activations", help="Static INT8 activations: auto (uint8 for the cpu-avx2 "
+            "target, else int8) | int8 (symmetric Q/DQ, TensorRT-ready) | uint8 (asymmetric, with ONNX Runtime's "
+            "CPU fusions; CPU runtimes: docs/export.md 'INT8 forms by CPU' has the speeds)."),
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
                                     "adaln, final, attention, linear, other), 'default', 'none', or node/module "
                                     "globs such as 'blocks.27.*' (default: embedder,adaln,final,attention)."),
@@ -139,6 +140,8 @@ def register(app: typer.Typer) -> None:
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify, instances)
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target, int8_acts)
+        if int8_acts == "auto" and fmt_ != "onnx":
+            int8_acts = "int8"  # the uint8 form carries ONNX Runtime's fused ops: ONNX files only
         verify = not no_verify
         if fmt_ == "diffusers" and out is not None:  # a new folder: refused before the model is built
             from ditdeploy.artifact.output_policy import check_new_folder
@@ -218,7 +221,7 @@ def register(app: typer.Typer) -> None:
                 net, target, fmt_, prec, opset=opset, verify=verify, batch_max=batch_max, source=source,
                 decoder=decoder_name, calibration=str(calibration) if calibration else None, int8_mode=int8_mode,
                 seed=seed, progress=show_progress,
-                int8_options={"target": int8_target, **({"activations": "uint8"} if int8_acts == "uint8" else {}),
+                int8_options={"target": int8_target, "activations": int8_acts,
                               **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
                 if prec == "int8" else None,
                 id2label=id2label,
@@ -285,12 +288,12 @@ def _check_combination(fmt: str, prec: str, int8_mode: str, device: str | None, 
     return fmt
 
 
-def _int8_target(fmt: str, prec: str, int8_mode: str, target: str, activations: str = "int8") -> str:
+def _int8_target(fmt: str, prec: str, int8_mode: str, target: str, activations: str = "auto") -> str:
     """The INT8 target: ``trt`` for --fmt trt, else the one asked for (auto: this CPU's); mismatches refused."""
     from ditdeploy.errors import DitDeployError
 
     if prec != "int8":
-        if target != "auto" or activations != "int8":
+        if target != "auto" or activations != "auto":
             raise DitDeployError(f"--int8-{'target' if target != 'auto' else 'activations'} applies to --precision "
                                  "int8")
         return target
@@ -361,12 +364,12 @@ def _write_triton(net, out: Path | None, prec: str, vae: Path | None, max_batch:
 
 
 def _int8_args(prec: str, calibration: Path | None, int8_mode: str, exclude: str | None, progress: bool,
-               target: str, activations: str = "int8") -> dict | None:
+               target: str, activations: str = "auto") -> dict | None:
     """``quantize_int8`` arguments of an INT8 export (None for other precisions)."""
     if prec != "int8":
         return None
     return {"calibration": str(calibration) if calibration else None, "mode": int8_mode, "progress": progress,
-            "target": target, **({"activations": "uint8"} if activations == "uint8" else {}),
+            "target": target, "activations": activations,
             **({"exclude": [e.strip() for e in exclude.split(",")]} if exclude else {})}
 
 
