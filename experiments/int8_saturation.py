@@ -38,9 +38,10 @@ def _const(name: str, arr: np.ndarray):
     return numpy_helper.from_array(np.asarray(arr), name)
 
 
-def emulate_avx2(model) -> tuple[Any, list[str]]:
+def emulate_avx2(model, saturate: bool = True) -> tuple[Any, list[str]]:
     """A copy of ``model`` whose ``MatMulInteger`` nodes compute the AVX2 u8s8 result (module doc); returns it and
-    the names of the per-GEMM saturation-count outputs (int64 scalars) added to the graph."""
+    the names of the per-GEMM saturation-count outputs (int64 scalars) added to the graph. ``saturate=False``: the
+    same integer ops without the int16 clip, i.e. the exact result (what VNNI/AMX compute) on any CPU."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -49,7 +50,8 @@ def emulate_avx2(model) -> tuple[Any, list[str]]:
     g = m.graph
     inits = {i.name: i for i in g.initializer}
     new_nodes, counts = [], []
-    lo, hi = _const("avx2_int16_min", np.array(INT16[0], np.int32)), _const("avx2_int16_max", np.array(INT16[1], np.int32))
+    bounds = INT16 if saturate else (np.iinfo(np.int32).min, np.iinfo(np.int32).max)
+    lo, hi = _const("avx2_int16_min", np.array(bounds[0], np.int32)), _const("avx2_int16_max", np.array(bounds[1], np.int32))
     g.initializer.extend([lo, hi, _const("avx2_axis_pair", np.array([-2], np.int64))])
     for n in g.node:
         if n.op_type != "MatMulInteger":
@@ -104,10 +106,10 @@ def run(path: Path, feeds: dict[str, np.ndarray], emulate: bool) -> tuple[np.nda
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(path))
-    counts: list[str] = []
-    if emulate:
-        model, counts = emulate_avx2(model)
+    # both in exact integer ops (no MatMulInteger kernel of this CPU involved: without VNNI it would saturate too)
+    model, counts = emulate_avx2(onnx.load(str(path)), saturate=emulate)
+    if not emulate:
+        counts = []
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the integer ops as written
     so.log_severity_level = 3
@@ -122,7 +124,7 @@ def run(path: Path, feeds: dict[str, np.ndarray], emulate: bool) -> tuple[np.nda
 
 def measure(src: Path, work: Path, n_inputs: int = 64) -> dict[str, Any]:
     """Quantize ``src`` (fp32 denoiser ONNX) for cpu-vnni and cpu-avx2, and compare each with fp32, as computed
-    exactly (VNNI / u8u8) and as an AVX2 CPU computes it (emulated)."""
+    exactly (the same integer ops without the int16 clip: what VNNI/AMX compute, on any CPU) and as an AVX2 CPU computes it (emulated)."""
     from ditdeploy.calibration.quantize import quantize_int8
     from ditdeploy.proof.distances import cosine, rel_l2
 

@@ -311,7 +311,7 @@ def test_cli_calibrate_export_int8_sample(work, tmp_path, capsys):
 
 def test_cli_uint8_activations_cpu_form(work, tmp_path):
     """`export --checkpoint FP32.onnx --precision int8 --int8-target cpu-avx2`: the static form for CPUs without
-    VNNI has uint8 asymmetric activations by default (`--int8-activations auto`; ONNX Runtime's fused CPU ops, not
+    VNNI has uint8 asymmetric activations by default (`--activations auto`; ONNX Runtime's fused CPU ops, not
     TensorRT-compatible), within the int8 gate; cpu-vnni keeps the int8 Q/DQ. An explicit uint8 is refused for
     TensorRT, dynamic INT8 and OpenVINO IR, with nothing written."""
     from conftest import assert_one_line_error, run_main
@@ -338,7 +338,7 @@ def test_cli_uint8_activations_cpu_form(work, tmp_path):
                        (["--fmt", "openvino"], "writes ONNX")):
         bad = tmp_path / "bad.onnx"
         code, _, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8",
-                                 "--calibration", str(work["calib"]), "--int8-activations", "uint8", *extra,
+                                 "--calibration", str(work["calib"]), "--activations", "uint8", *extra,
                                  "--out", str(bad)])
         assert_one_line_error(code, err, msg, strict=False)
         assert not bad.exists()

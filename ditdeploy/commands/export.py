@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
                                                "weights) | cpu-avx2 (x86 without VNNI: 7-bit weights, no int16 "
                                                "saturation) | trt (TensorRT Q/DQ; the default for --fmt trt)."),
         int8_activations: Int8Activations = typer.Option(
-            Int8Activations.auto, "--int8-activations", help="Static INT8 activations: auto (uint8 for the cpu-avx2 "
+            Int8Activations.auto, "--activations", help="INT8 (static) activations: auto (uint8 for the cpu-avx2 "
             "target, else int8) | int8 (symmetric Q/DQ, TensorRT-ready) | uint8 (asymmetric, with ONNX Runtime's "
             "CPU fusions; CPU runtimes: docs/export.md 'INT8 forms by CPU' has the speeds)."),
         exclude: str = typer.Option(None, "--exclude", help="INT8: comma-separated roles kept in float (embedder, "
@@ -298,10 +298,10 @@ def _int8_target(fmt: str, prec: str, int8_mode: str, target: str, activations: 
                                  "int8")
         return target
     if activations == "uint8" and (fmt == "trt" or target == "trt" or int8_mode != "static"):
-        raise DitDeployError("--int8-activations uint8 is the static CPU form: TensorRT needs int8 activations, and "
+        raise DitDeployError("--activations uint8 is the static CPU form: TensorRT needs int8 activations, and "
                              "dynamic INT8 always quantizes activations to uint8 at run time")
     if activations == "uint8" and fmt != "onnx":
-        raise DitDeployError("--int8-activations uint8 writes ONNX (--fmt onnx) with ONNX Runtime's fused CPU ops; "
+        raise DitDeployError("--activations uint8 writes ONNX (--fmt onnx) with ONNX Runtime's fused CPU ops; "
                              "OpenVINO runs the int8-activation form")
     if fmt == "trt":
         if target not in ("auto", "trt"):
