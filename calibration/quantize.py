@@ -6,7 +6,7 @@ quantized (Q/DQ) graph with ``onnxruntime.quantization.quantize_static`` (QDQ fo
 - weights: int8, per output channel, symmetric (zero point 0);
 - activations: int8 symmetric by default (what TensorRT's explicit quantization needs: zero point 0), or uint8
   asymmetric (``activations="uint8"``, CPU runtimes; ``"auto"``: uint8 for the ``cpu-avx2`` target, where it is the
-  faster form, see :func:`resolve_activations`); ranges from the calibration set by percentile
+  faster form, see ``ditdeploy.system.cpu_isa.resolve_activations``); ranges from the calibration set by percentile
   (default 99.99 % of |x|) or entropy over histograms, not by plain max;
 - only the GEMM inputs are quantized (Q/DQ on the activation and the weight of MatMul/Gemm/Conv, none on their
   outputs): the bias add, LayerNorm, modulation, GELU and softmax stay in floating point, and ONNX Runtime fuses
@@ -77,7 +77,7 @@ from ditdeploy.config.macs import full_macs
 from ditdeploy.errors import ArtifactError, DitDeployError, NumericsError, require
 from ditdeploy.export.ort_fusions import ort_cpu_fusions, quiet_ort_logging
 from ditdeploy.proof.parity import compare_runs, stacked_probe_inputs
-from ditdeploy.system.cpu_isa import INT8_TARGETS, detect, resolve_int8_target
+from ditdeploy.system.cpu_isa import INT8_TARGETS, detect, resolve_activations, resolve_int8_target
 
 __all__ = [
     "MODES",
@@ -148,19 +148,6 @@ class Int8Options:
         if self.target == "trt" and (self.mode != "static" or self.activations != "int8"):
             raise DitDeployError("the TensorRT INT8 target is the static symmetric int8 Q/DQ: use --int8-mode static "
                                  "with int8 activations, or a CPU target (--int8-target cpu-vnni|cpu-avx2)")
-
-
-def resolve_activations(activations: str | None, target: str, mode: str) -> str:
-    """``auto``/None -> the static form's activations for a resolved ``target``: uint8 (asymmetric, ONNX Runtime's
-    u8s8 kernels and CPU fusions) for ``cpu-avx2``, int8 (symmetric, TensorRT-ready, OpenVINO's int8 path)
-    otherwise. Measured on XL/2 per call at batch 2 (docs/export.md "INT8 forms by CPU"): on AVX2-only kernels uint8
-    activations are 1.74x fp32 vs 1.58x for int8 ones (and as fast as dynamic INT8); on a VNNI/AMX CPU OpenVINO's
-    int8 path with the bf16 hint is the fastest form, so ``cpu-vnni`` keeps int8. Dynamic INT8 quantizes activations
-    to uint8 at run time whatever this says."""
-    a = (activations or "auto").strip().lower()
-    if a != "auto":
-        return a
-    return "uint8" if target == "cpu-avx2" and mode == "static" else "int8"
 
 
 def int8_form(reduce_range: bool, target: str) -> dict[str, Any]:

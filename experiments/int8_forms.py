@@ -15,7 +15,6 @@ fp32=xl2.onnx@onnxruntime int8-7bit=xl2-int8-avx2.onnx@onnxruntime ...``
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -92,12 +91,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default="")
     a = ap.parse_args(argv)
     from bench.machine import machine_info
+    from ditdeploy.artifact.files import write_json_atomic
+    from ditdeploy.artifact.output_policy import check_outputs
+    from ditdeploy.errors import DitDeployError
 
-    load_before = machine_info()["load_avg_1_5_15"]
-    res = measure([_parse(c) for c in a.candidates], a.batch, a.rounds)
+    cands = [_parse(c) for c in a.candidates]
+    try:
+        check_outputs({"candidate": [p for _, p, _ in cands]}, {"--out": a.out})
+        load_before = machine_info()["load_avg_1_5_15"]
+        res = measure(cands, a.batch, a.rounds)
+    except DitDeployError as e:
+        raise SystemExit(f"error: {e}") from None
     res.update(machine=machine_info(), load_before=load_before, note=a.note,
                command="python -m experiments.int8_forms " + " ".join(sys.argv[1:] if argv is None else argv))
-    a.out.write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    write_json_atomic(a.out, res)
     for label, row in res["rows"].items():
         print(f"{label:28s} {row['backend']:22s} median {row['median_s']:.3f} s  x{row['speedup_vs_ref']:.2f}  "
               f"cos {row['cosine_vs_ref']:.6f}  relL2 {row['rel_l2_vs_ref']:.2e}")

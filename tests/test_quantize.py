@@ -316,7 +316,7 @@ def test_cli_uint8_activations_cpu_form(work, tmp_path):
     TensorRT, dynamic INT8 and OpenVINO IR, with nothing written."""
     from conftest import assert_one_line_error, run_main
 
-    from ditdeploy.calibration.quantize import resolve_activations
+    from ditdeploy.system.cpu_isa import resolve_activations
 
     out = tmp_path / "u8.onnx"
     code, stdout, err = run_main(["export", "--checkpoint", str(work["fp32"]), "--precision", "int8",

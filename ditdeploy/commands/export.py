@@ -140,8 +140,10 @@ def register(app: typer.Typer) -> None:
         fmt_ = _check_combination(fmt_, prec, int8_mode, device, calibration, vae, dry_run, cache_graphs,
                                   model is not None or checkpoint is not None, no_verify, instances)
         int8_target = _int8_target(fmt_, prec, int8_mode, int8_target, int8_acts)
-        if int8_acts == "auto" and fmt_ != "onnx":
-            int8_acts = "int8"  # the uint8 form carries ONNX Runtime's fused ops: ONNX files only
+        if prec == "int8":
+            from ditdeploy.system.cpu_isa import resolve_activations, resolve_int8_target
+
+            int8_acts = resolve_activations(int8_acts, resolve_int8_target(int8_target), int8_mode, fmt_)
         verify = not no_verify
         if fmt_ == "diffusers" and out is not None:  # a new folder: refused before the model is built
             from ditdeploy.artifact.output_policy import check_new_folder
@@ -294,7 +296,7 @@ def _int8_target(fmt: str, prec: str, int8_mode: str, target: str, activations: 
 
     if prec != "int8":
         if target != "auto" or activations != "auto":
-            raise DitDeployError(f"--int8-{'target' if target != 'auto' else 'activations'} applies to --precision "
+            raise DitDeployError(f"{'--int8-target' if target != 'auto' else '--activations'} applies to --precision "
                                  "int8")
         return target
     if activations == "uint8" and (fmt == "trt" or target == "trt" or int8_mode != "static"):

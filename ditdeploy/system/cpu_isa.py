@@ -27,7 +27,7 @@ from typing import Any
 
 from ditdeploy.errors import DitDeployError
 
-__all__ = ["ENV", "INT8_TARGETS", "ISA_FLAGS", "CpuIsa", "cpuinfo", "detect", "resolve_int8_target"]
+__all__ = ["ENV", "INT8_TARGETS", "ISA_FLAGS", "CpuIsa", "cpuinfo", "detect", "resolve_activations", "resolve_int8_target"]
 
 ENV = "DITDEPLOY_CPU_ISA"
 # The flags that decide inference kernels, in the order they are reported (Linux /proc/cpuinfo names).
@@ -135,3 +135,16 @@ def resolve_int8_target(target: str | None) -> str:
     if t not in INT8_TARGETS:
         raise DitDeployError(f"unknown INT8 target {target!r}: choose auto, {', '.join(INT8_TARGETS)}")
     return t
+
+
+def resolve_activations(activations: str | None, target: str, mode: str, fmt: str = "onnx") -> str:
+    """``auto``/None -> the static INT8 activations for a resolved ``target``: uint8 (asymmetric, ONNX Runtime's
+    u8s8 kernels and CPU fusions) for ``cpu-avx2`` written as ONNX, int8 (symmetric Q/DQ: TensorRT-ready,
+    OpenVINO's int8 path, OpenVINO IR) otherwise. Measured on XL/2 per call at batch 2 (docs/export.md "INT8 forms
+    by CPU"): on AVX2-only kernels uint8 activations are 1.74x fp32 vs 1.58x for int8 ones (as fast as dynamic
+    INT8); on a VNNI/AMX CPU OpenVINO's int8 path with the bf16 hint is the fastest form, so ``cpu-vnni`` keeps
+    int8. Dynamic INT8 quantizes activations to uint8 at run time whatever this says."""
+    a = (activations or "auto").strip().lower()
+    if a != "auto":
+        return a
+    return "uint8" if target == "cpu-avx2" and mode == "static" and fmt == "onnx" else "int8"
